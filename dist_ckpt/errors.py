@@ -1,0 +1,47 @@
+"""The exception hierarchy of dist_ckpt.
+
+Every error the library raises on purpose is a :class:`CheckpointError`. Messages say what was
+expected, what was found, and what to do; they name the file, key or option involved.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every dist_ckpt error."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """No committed checkpoint exists where one was asked for."""
+
+
+class StepAlreadyExists(CheckpointError, FileExistsError):
+    """A committed checkpoint for this step exists already; committed steps are never overwritten."""
+
+
+class CorruptCheckpoint(CheckpointError, ValueError):
+    """A checkpoint file failed a check: checksum, truncation, bad header, unsafe content."""
+
+
+class IncompatibleCheckpoint(CheckpointError, ValueError):
+    """The checkpoint's keys, shapes or dtypes do not match the state being loaded."""
+
+
+class StorageError(CheckpointError, OSError):
+    """The storage backend failed; the backend's exception is kept as ``__cause__``."""
+
+
+class UnsupportedValue(CheckpointError, TypeError):
+    """A non-tensor value in the state cannot be stored as JSON (pickle is never used)."""
+
+
+class ConfigError(CheckpointError, ValueError):
+    """A dist_ckpt option or argument is invalid."""
+
+
+class ConfigChanged(CheckpointError, ValueError):
+    """The run config differs from the checkpoint's and ``strict_config`` is set."""
+
+
+class RunLocked(CheckpointError):
+    """Another job holds the run's writer lock."""

@@ -1,0 +1,138 @@
+"""Low-level ``save`` / ``load`` of a DCP state dict to one checkpoint URI.
+
+``uri`` names one checkpoint folder (``/data/run1/step_000000100``,
+``s3://bucket/run1/step_000000100``). With no process group initialised these run in one
+process; under ``torchrun`` every rank calls them together (collectives on ``process_group``,
+the default group when None).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from dist_ckpt.errors import CheckpointError, ConfigError, StorageError
+from dist_ckpt.format.shard import ChunkCodec
+from dist_ckpt.planner import JsonLoadPlanner, JsonSavePlanner
+from dist_ckpt.storage import DistCkptWriter
+from dist_ckpt.storage_reader import DistCkptReader
+from storage_backends import Backend, open_backend, split_uri
+
+
+def split_checkpoint_uri(uri: str) -> tuple[str, str]:
+    """``(root uri, checkpoint folder name)`` of a checkpoint URI."""
+    try:
+        scheme, rest = split_uri(str(uri))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    rest = rest.rstrip("/")
+    if "/" not in rest.strip("/"):
+        if scheme == "s3":
+            raise ConfigError(f"{uri!r}: expected s3://bucket/path/to/checkpoint (a folder below the bucket)")
+        rest = "./" + rest
+    parent, name = rest.rsplit("/", 1)
+    root = f"s3://{parent}" if scheme == "s3" else (parent or "/")
+    return root, name
+
+
+def resolve_codec(compression: str | ChunkCodec | None, level: int = 1) -> ChunkCodec | None:
+    if compression in (None, "none"):
+        return None
+    if compression == "zstd":
+        from dist_ckpt.format.zstd_codec import ZstdCodec
+
+        return ZstdCodec(level=level)
+    if isinstance(compression, str):
+        raise ConfigError(f"compression={compression!r}: expected 'none' or 'zstd'")
+    return compression
+
+
+def unwrap(e: CheckpointException) -> CheckpointError:
+    """Turn DCP's per-rank failure report into one of our errors (the first rank's)."""
+    for rank in sorted(e.failures):
+        exc = e.failures[rank][0]
+        if isinstance(exc, CheckpointError):
+            return exc
+    rank = min(e.failures)
+    exc = e.failures[rank][0]
+    return StorageError(f"checkpoint failed on rank {rank}: {exc.__class__.__name__}: {exc}")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def save_to(
+    backend: Backend,
+    prefix: str,
+    state_dict: dict[str, Any],
+    *,
+    codec: ChunkCodec | None = None,
+    commit_info: dict[str, Any] | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> None:
+    writer = DistCkptWriter(backend, prefix, codec=codec, commit_info=commit_info)
+    try:
+        dcp.save(
+            state_dict,
+            storage_writer=writer,
+            planner=JsonSavePlanner(),
+            process_group=process_group,
+            no_dist=not _distributed(),
+        )
+    except CheckpointException as e:
+        err = unwrap(e)
+        raise err.with_traceback(None) from e
+
+
+def load_from(
+    backend: Backend,
+    prefix: str,
+    state_dict: dict[str, Any],
+    *,
+    allow_partial_load: bool = False,
+    process_group: dist.ProcessGroup | None = None,
+) -> None:
+    reader = DistCkptReader(backend, prefix)
+    try:
+        dcp.load(
+            state_dict,
+            storage_reader=reader,
+            planner=JsonLoadPlanner(allow_partial_load=allow_partial_load),
+            process_group=process_group,
+            no_dist=not _distributed(),
+        )
+    except CheckpointException as e:
+        err = unwrap(e)
+        raise err.with_traceback(None) from e
+
+
+def save(
+    state_dict: dict[str, Any],
+    uri: str,
+    *,
+    compression: str | ChunkCodec | None = "none",
+    process_group: dist.ProcessGroup | None = None,
+    **backend_options: Any,
+) -> None:
+    """Save ``state_dict`` (tensors, DTensors, JSON-able values) as a committed checkpoint at
+    ``uri``. Raises :class:`StepAlreadyExists` if one is committed there already."""
+    root, name = split_checkpoint_uri(uri)
+    save_to(open_backend(root, **backend_options), name, state_dict, codec=resolve_codec(compression), process_group=process_group)
+
+
+def load(
+    state_dict: dict[str, Any],
+    uri: str,
+    *,
+    allow_partial_load: bool = False,
+    process_group: dist.ProcessGroup | None = None,
+    **backend_options: Any,
+) -> None:
+    """Load the committed checkpoint at ``uri`` into ``state_dict`` in place (tensors are
+    copied into, values replaced), resharding as needed."""
+    root, name = split_checkpoint_uri(uri)
+    load_from(open_backend(root, **backend_options), name, state_dict, allow_partial_load=allow_partial_load, process_group=process_group)

@@ -1,0 +1,103 @@
+"""DCP planners that store non-tensor values as JSON and check keys and shapes on load.
+
+DCP's default planners ``torch.save`` non-tensor values and ``torch.load`` them back, which
+unpickles whatever a checkpoint file holds. Ours encode them with
+:mod:`dist_ckpt.format.json_values` and decode them without ever calling pickle. Every value
+is encoded in ``set_up_planner``, so an unsupported one fails on every rank before a byte is
+written.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, WriteItem, WriteItemType
+from torch.distributed.checkpoint._nested_dict import set_element
+
+from dist_ckpt.errors import IncompatibleCheckpoint
+from dist_ckpt.format import json_values
+
+_MAX_LISTED = 20
+
+
+class JsonSavePlanner(DefaultSavePlanner):
+    """Saves tensors as DCP does and every other value as tagged JSON."""
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("dedup_save_to_lowest_rank", False)
+        super().__init__(**kwargs)
+        self._encoded: dict[str, bytes] = {}
+
+    def set_up_planner(
+        self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False
+    ) -> None:
+        super().set_up_planner(state_dict, storage_meta, is_coordinator)
+        self._encoded = {
+            fqn: json_values.encode(value, fqn)
+            for fqn, value in self.state_dict.items()
+            if not isinstance(value, torch.Tensor)
+        }
+
+    def transform_object(self, write_item: WriteItem, object: Any) -> torch.Tensor | io.BytesIO:
+        if write_item.type == WriteItemType.BYTE_IO:
+            return io.BytesIO(self._encoded[write_item.index.fqn])
+        return object
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.size())  # DTensor.size() is the global shape
+    return None
+
+
+class JsonLoadPlanner(DefaultLoadPlanner):
+    """Loads JSON values without unpickling and reports key/shape mismatches by name."""
+
+    def __init__(self, *, allow_partial_load: bool = False, **kwargs: Any):
+        super().__init__(allow_partial_load=allow_partial_load, **kwargs)
+
+    def create_local_plan(self) -> LoadPlan:
+        assert self.metadata is not None
+        self._check_compatible(self.metadata)
+        return super().create_local_plan()
+
+    def _check_compatible(self, metadata: Metadata) -> None:
+        stored = metadata.state_dict_metadata
+        missing = [] if self.allow_partial_load else sorted(k for k in self.state_dict if k not in stored)
+        mismatched: list[str] = []
+        for fqn, value in self.state_dict.items():
+            md = stored.get(fqn)
+            if md is None:
+                continue
+            want = _shape(value)
+            if isinstance(md, TensorStorageMetadata):
+                if want is None:
+                    mismatched.append(f"{fqn}: checkpoint has a tensor {list(md.size)}, state has a {type(value).__name__}")
+                elif tuple(md.size) != want:
+                    mismatched.append(f"{fqn}: checkpoint shape {list(md.size)}, state shape {list(want)}")
+            elif isinstance(md, BytesStorageMetadata) and want is not None:
+                mismatched.append(f"{fqn}: checkpoint has a non-tensor value, state has a tensor {list(want)}")
+        if missing or mismatched:
+            parts = []
+            if missing:
+                more = f" (+{len(missing) - _MAX_LISTED} more)" if len(missing) > _MAX_LISTED else ""
+                parts.append(f"keys missing from the checkpoint: {', '.join(missing[:_MAX_LISTED])}{more}")
+            if mismatched:
+                parts.append("shape/type mismatches: " + "; ".join(mismatched[:_MAX_LISTED]))
+            raise IncompatibleCheckpoint(
+                "the checkpoint does not fit the state being loaded — " + " | ".join(parts)
+                + ". Load into a state with the same keys and shapes (same model and optimizer "
+                "configuration), or use load_weights() for a partial, weights-only load."
+            )
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        decoded = json_values.decode(value.getvalue(), where=f"value {fqn!r}")
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], decoded)
+        else:
+            self.state_dict[fqn] = decoded

@@ -1,0 +1,248 @@
+"""DCP ``StorageWriter`` / ``StorageReader`` over any :class:`storage_backends.Backend`.
+
+Save call order (DCP drives it; "coordinator" is rank 0 of the process group):
+
+1. every rank: ``set_up_storage_writer`` → ``prepare_local_plan``;
+2. coordinator: ``prepare_global_plan`` refuses a step that is already committed, picks a
+   fresh attempt id and the staging prefix, and tells each rank its shard file name;
+3. every rank: ``write_data`` streams its items into one safetensors shard (checksums computed
+   while writing) and reports where each item went;
+4. coordinator: ``finish`` writes ``metadata.json`` (create-if-absent, so of two racing jobs
+   only one proceeds), then ``COMMITTED``, then publishes the staging prefix
+   (local: rename ``step_X.tmp-<attempt>`` → ``step_X``).
+
+Load: every rank reads ``metadata.json`` (only after checking ``COMMITTED``), then reads the
+entries its plan needs. Nothing is unpickled; values are JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import uuid
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
+
+from dist_ckpt.errors import CheckpointNotFound, CorruptCheckpoint, StepAlreadyExists, StorageError
+from dist_ckpt.format import metadata_json
+from dist_ckpt.format.metadata_json import CheckpointMetadata, EntryRef, FileRecord
+from dist_ckpt.format.shard import ChunkCodec, PendingEntry, ShardReader, save_shard
+from storage_backends import Backend, BackendError, ObjectExists, ObjectNotFound, join_key
+
+log = logging.getLogger(__name__)
+
+COMMITTED = "COMMITTED"
+METADATA = "metadata.json"
+_READ_THREADS = 8
+
+ST_DTYPE: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL",
+}  # fmt: skip
+TORCH_DTYPE = {v: k for k, v in ST_DTYPE.items()}
+
+
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """A C-contiguous CPU tensor's bytes without a copy."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def entry_name(index: MetadataIndex) -> str:
+    if index.offset is None or not any(index.offset):
+        return index.fqn
+    return f"{index.fqn}@{','.join(map(str, index.offset))}"
+
+
+@dataclass(frozen=True)
+class _Assignment:
+    """What the coordinator tells each rank in ``prepare_global_plan``."""
+
+    staging: str
+    file: str
+    rank: int
+
+
+@dataclass(frozen=True)
+class _ItemResult:
+    ref: EntryRef
+    file: FileRecord
+
+
+def wrap_backend_error(e: BaseException, uri: str) -> StorageError:
+    return StorageError(f"storage failed at {uri}: {e}")
+
+
+class DistCkptWriter(StorageWriter):
+    """Writes one checkpoint (one step) below ``prefix`` of ``backend``."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        prefix: str,
+        *,
+        codec: ChunkCodec | None = None,
+        commit_info: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.backend, self.prefix, self.codec = backend, prefix.strip("/"), codec
+        self.commit_info = dict(commit_info or {})
+        self.is_coordinator = False
+        self._staging = ""
+
+    @property
+    def uri(self) -> str:
+        return f"{self.backend.uri}/{self.prefix}"
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return True
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.uri)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        if self.backend.exists(join_key(self.prefix, COMMITTED)):
+            raise StepAlreadyExists(
+                f"{self.uri} is already committed; a committed step is never overwritten. "
+                "Save under a new step, or delete that checkpoint first (dist-ckpt prune)."
+            )
+        attempt = uuid.uuid4().hex[:12]
+        staging = self.backend.staging_prefix(self.prefix, attempt)
+        # Where shards are written straight to the final prefix (S3), a racing job of the same
+        # step must not overwrite our files: the attempt id goes into their names.
+        suffix = f"-{attempt}" if staging == self.prefix else ""
+        self._staging = staging
+        return [
+            replace(plan, storage_data=_Assignment(staging, f"rank_{rank:05d}{suffix}.safetensors", rank))
+            for rank, plan in enumerate(plans)
+        ]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        fut: Future[list[WriteResult]] = Future()
+        try:
+            fut.set_result(self._write(plan, planner))
+        except BackendError as e:
+            raise wrap_backend_error(e, self.uri) from e
+        return fut
+
+    def _write(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
+        if not plan.items:
+            return []
+        assignment: _Assignment = plan.storage_data
+        entries: list[PendingEntry] = []
+        for item in plan.items:
+            data = planner.resolve_data(item)
+            name = entry_name(item.index)
+            if item.type == WriteItemType.BYTE_IO:
+                entries.append(PendingEntry(name, "U8", (len(data.getvalue()),), memoryview(data.getvalue()), "json"))
+                continue
+            tensor = data.detach()
+            if tensor.device.type != "cpu":
+                tensor = tensor.cpu()
+            tensor = tensor.contiguous()
+            if tensor.dtype not in ST_DTYPE:
+                raise CorruptCheckpoint(f"{item.index.fqn}: dtype {tensor.dtype} cannot be stored in safetensors")
+            entries.append(PendingEntry(name, ST_DTYPE[tensor.dtype], tuple(tensor.shape), raw_bytes(tensor)))
+        key = join_key(assignment.staging, assignment.file)
+        written = save_shard(self.backend, key, entries, self.codec)
+        record = FileRecord(assignment.rank, written.size, written.checksum)
+        return [
+            WriteResult(
+                index=item.index,
+                size_in_bytes=written.stored_bytes[e.name],
+                storage_data=_ItemResult(
+                    EntryRef(assignment.file, e.name, written.entry_checksums[e.name], written.stored_bytes[e.name]),
+                    record,
+                ),
+            )
+            for item, e in zip(plan.items, entries)
+        ]
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        try:
+            refs: dict[MetadataIndex, EntryRef] = {}
+            files: dict[str, FileRecord] = {}
+            for rank_results in results:
+                for wr in rank_results:
+                    refs[wr.index] = wr.storage_data.ref
+                    files[wr.storage_data.ref.file] = wr.storage_data.file
+            metadata.storage_data = refs
+            staging = self._staging
+            versions = {"torch": torch.__version__, "dist_ckpt": _version()}
+            doc = metadata_json.dumps(metadata, files, len(results), self.codec.name if self.codec else "none", versions)
+            try:
+                self.backend.create_if_absent(join_key(staging, METADATA), doc)
+            except ObjectExists as e:
+                raise StepAlreadyExists(f"{self.uri}: another job is saving or has saved this step") from e
+            info = {**self.commit_info, "world_size": len(results), "files": len(files),
+                    "bytes": sum(f.size for f in files.values())}  # fmt: skip
+            try:
+                self.backend.create_if_absent(join_key(staging, COMMITTED), json.dumps(info).encode())
+            except ObjectExists as e:
+                raise StepAlreadyExists(f"{self.uri} was committed by another job first") from e
+            try:
+                self.backend.publish(staging, self.prefix)
+            except ObjectExists as e:
+                self.backend.delete_prefix(staging + "/")
+                raise StepAlreadyExists(f"{self.uri} was committed by another job first") from e
+        except BackendError as e:
+            raise wrap_backend_error(e, self.uri) from e
+
+
+def _version() -> str:
+    from dist_ckpt import __version__
+
+    return __version__
+
+
+def step_committed(backend: Backend, prefix: str) -> bool:
+    return backend.exists(join_key(prefix, COMMITTED))
+
+
+def read_checkpoint_metadata(backend: Backend, prefix: str) -> CheckpointMetadata:
+    """metadata.json of a committed checkpoint; :class:`CheckpointNotFound` if not committed."""
+    uri = f"{backend.uri}/{prefix}"
+    try:
+        if not backend.exists(join_key(prefix, COMMITTED)):
+            if ".tmp-" in prefix or backend.exists(join_key(prefix, METADATA)) or backend.list(prefix + "/"):
+                raise CheckpointNotFound(
+                    f"{uri}: this step was not committed (no COMMITTED marker): it is an "
+                    "interrupted save and is never loaded. Load an earlier checkpoint; "
+                    "`dist-ckpt gc` removes the leftovers."
+                )
+            raise CheckpointNotFound(f"{uri}: no checkpoint here (expected {COMMITTED} and {METADATA})")
+        try:
+            data = backend.read(join_key(prefix, METADATA))
+        except ObjectNotFound as e:
+            raise CorruptCheckpoint(f"{uri}/{METADATA} is missing although the step is committed") from e
+    except BackendError as e:
+        raise wrap_backend_error(e, uri) from e
+    return metadata_json.loads(data, f"{uri}/{METADATA}")

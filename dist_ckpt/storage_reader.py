@@ -1,0 +1,150 @@
+"""DCP ``StorageReader`` over any backend (the load half of :mod:`dist_ckpt.storage`).
+
+Every rank calls ``read_metadata`` (which refuses uncommitted steps), then ``read_data`` with
+its own plan: it opens each shard it needs once (size checked against the file table, header
+checked), and reads for each item only the bytes the item needs — for a compressed entry, only
+the chunks covering them. Whole-entry reads are checked against the entry's checksum. On a
+local file system, uncompressed full-entry reads go straight into the destination tensor.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from dist_ckpt.errors import CorruptCheckpoint
+from dist_ckpt.format.metadata_json import CheckpointMetadata, EntryRef
+from dist_ckpt.format.shard import ChunkCodec, ShardReader
+from dist_ckpt.storage import TORCH_DTYPE, raw_bytes, read_checkpoint_metadata, wrap_backend_error
+from storage_backends import Backend, BackendError, join_key
+
+log = logging.getLogger(__name__)
+_READ_THREADS = 8
+
+
+def _flat_span(shape: tuple[int, ...], offsets: tuple[int, ...], lengths: tuple[int, ...]) -> tuple[int, int, tuple[int, ...]]:
+    """First and last flat element index of a box in a row-major tensor, and its strides."""
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    first = sum(o * s for o, s in zip(offsets, strides))
+    last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides))
+    return first, last, tuple(strides)
+
+
+class DistCkptReader(StorageReader):
+    """Reads one committed checkpoint below ``prefix`` of ``backend``."""
+
+    def __init__(self, backend: Backend, prefix: str, *, codecs: dict[str, ChunkCodec] | None = None):
+        super().__init__()
+        self.backend, self.prefix = backend, prefix.strip("/")
+        self.codecs = codecs
+        self.checkpoint: CheckpointMetadata | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"{self.backend.uri}/{self.prefix}"
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return True
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self.checkpoint is None:
+            self.checkpoint = read_checkpoint_metadata(self.backend, self.prefix)
+        return self.checkpoint.dcp
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.storage_data: dict[Any, EntryRef] = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        try:
+            self._read(plan, planner)
+        except BackendError as e:
+            raise wrap_backend_error(e, self.uri) from e
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read(self, plan: LoadPlan, planner: LoadPlanner) -> None:
+        assert self.checkpoint is not None
+        by_file: dict[str, list[ReadItem]] = defaultdict(list)
+        for item in plan.items:
+            by_file[self.storage_data[item.storage_index].file].append(item)
+        # Open (size + header check) every shard before copying anything, so a truncated or
+        # damaged file fails by name before any tensor of the state is overwritten.
+        shards = {}
+        for file in by_file:
+            record = self.checkpoint.files[file]
+            shards[file] = ShardReader(self.backend, join_key(self.prefix, file), record.size, self.codecs)
+        tensor_items: list[tuple[ShardReader, ReadItem]] = []
+        for file, items in by_file.items():
+            for item in items:
+                if item.type == LoadItemType.BYTE_IO:
+                    ref = self.storage_data[item.storage_index]
+                    data = shards[file].read(ref.entry, checksum=ref.checksum)
+                    planner.load_bytes(item, io.BytesIO(bytes(data)))
+                else:
+                    tensor_items.append((shards[file], item))
+        if len(tensor_items) <= 1:
+            for shard, item in tensor_items:
+                self._read_tensor(shard, item, planner)
+            return
+        with ThreadPoolExecutor(min(_READ_THREADS, len(tensor_items)), thread_name_prefix="dist_ckpt-read") as pool:
+            for fut in [pool.submit(self._read_tensor, shard, item, planner) for shard, item in tensor_items]:
+                fut.result()
+
+    def _read_tensor(self, shard: ShardReader, item: ReadItem, planner: LoadPlanner) -> None:
+        ref = self.storage_data[item.storage_index]
+        info = shard.entry(ref.entry)
+        if info.kind != "tensor" or info.dtype not in TORCH_DTYPE:
+            raise CorruptCheckpoint(f"{shard.header.file}, entry {ref.entry!r}: expected a tensor, found {info.kind}/{info.dtype}")
+        dtype = TORCH_DTYPE[info.dtype]
+        target = planner.resolve_tensor(item).detach()
+        lengths, offsets = tuple(item.lengths), tuple(item.storage_offsets)
+        if tuple(target.shape) != lengths:
+            raise CorruptCheckpoint(f"{shard.header.file}, entry {ref.entry!r}: read box {list(lengths)} does not fit target {list(target.shape)}")
+        if math.prod(lengths) == 0:
+            planner.commit_tensor(item, target)
+            return
+        whole = offsets == (0,) * len(info.shape) and lengths == info.shape
+        if (
+            whole
+            and info.codec == "none"
+            and hasattr(shard.backend, "read_into")
+            and target.device.type == "cpu"
+            and target.dtype == dtype
+            and target.is_contiguous()
+        ):
+            out = raw_bytes(target)
+            n = shard.backend.read_into(shard.key, info.begin, out)
+            if n != len(out):
+                raise CorruptCheckpoint(f"{shard.header.file}, entry {ref.entry!r}: short read (truncated file)")
+            shard.check(info, out, ref.checksum)
+        else:
+            first, last, strides = _flat_span(info.shape, offsets, lengths)
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            span = shard.read(ref.entry, first * itemsize, (last + 1) * itemsize, checksum=ref.checksum if whole else None)
+            flat = torch.frombuffer(bytearray(span), dtype=torch.uint8).view(dtype)
+            source = torch.as_strided(flat, lengths, strides) if lengths else flat.reshape(())
+            target.copy_(source)
+        planner.commit_tensor(item, target)

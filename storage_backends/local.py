@@ -1,0 +1,446 @@
+"""POSIX directories: local disks and NFS mounts.
+
+Durability and atomicity rest on the few operations NFS implements faithfully:
+
+- every object is written to a temp file beside its final name, fsynced, then ``rename``d over
+  it, and the directory is fsynced — readers see the old object or the whole new one;
+- ``create_if_absent`` writes a temp file and ``link``s it to the final name: ``link`` fails
+  atomically when the name exists, on local file systems and NFS alike (``O_EXCL`` is only
+  reliable on NFSv3+, ``link`` everywhere);
+- ``compare_and_swap`` takes an exclusive lock file (``O_CREAT|O_EXCL``, holding owner and
+  time as JSON), compares the content hash, renames the new content in, and drops the lock.
+  A lock older than ``lock_stale_after`` seconds is taken over: its holder is presumed dead
+  (the critical section lasts milliseconds). Takeover renames the stale lock away first, so of
+  two processes judging it stale only one wins the rename.
+
+No ``flock``/``fcntl`` locks (unreliable on NFS) and no ``mmap`` (a truncated file would
+SIGBUS). ``ESTALE`` — an NFS file handle invalidated by another client's rename — is retried.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import xxhash
+
+from storage_backends.base import ObjectInfo, Versioned, validate_key
+from storage_backends.errors import BackendError, ObjectExists, ObjectNotFound, PreconditionFailed
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_PART_MARK = ".part-"
+_ESTALE_RETRIES = 5
+
+
+def _retry_estale(fn: Callable[[], T]) -> T:
+    for attempt in range(_ESTALE_RETRIES):
+        try:
+            return fn()
+        except OSError as e:
+            if e.errno != errno.ESTALE or attempt == _ESTALE_RETRIES - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalWriter:
+    """Streams one object into a temp file; ``commit`` patches the head, fsyncs and renames."""
+
+    def __init__(self, backend: LocalBackend, key: str, reserve_head: int):
+        self._backend = backend
+        self._key = key
+        self._final = backend.path_of(key)
+        self._reserve = reserve_head
+        backend.make_dirs(os.path.dirname(self._final))
+        name = os.path.basename(self._final)
+        self._tmp = os.path.join(os.path.dirname(self._final), f".{name}{_PART_MARK}{uuid.uuid4().hex[:12]}")
+        self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._size = reserve_head
+        if reserve_head:
+            os.lseek(self._fd, reserve_head, os.SEEK_SET)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._fd is None:
+            raise BackendError(f"write to {self._key!r} after commit/abort", key=self._key)
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+                self._size += written
+        except OSError as e:
+            self.abort()
+            raise self._backend.wrap(e, self._key, "write") from e
+
+    def commit(self, head: bytes = b"") -> int:
+        if self._fd is None:
+            raise BackendError(f"commit of {self._key!r} after commit/abort", key=self._key)
+        if len(head) != self._reserve:
+            self.abort()
+            raise BackendError(
+                f"head of {self._key!r} is {len(head)} bytes, but {self._reserve} were reserved",
+                key=self._key,
+            )
+        fd, self._fd = self._fd, None
+        try:
+            if head:
+                os.pwrite(fd, head, 0)
+            if self._backend.fsync:
+                os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.rename(self._tmp, self._final)
+            if self._backend.fsync:
+                _fsync_dir(os.path.dirname(self._final))
+        except OSError as e:
+            if fd >= 0:
+                os.close(fd)
+            self._remove_tmp()
+            raise self._backend.wrap(e, self._key, "commit") from e
+        return self._size
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                log.warning("closing the aborted temp file of %s failed", self._key, exc_info=True)
+        self._remove_tmp()
+
+    def _remove_tmp(self) -> None:
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
+
+
+class LocalBackend:
+    """A run root on a POSIX file system (local disk or NFS). See the module docstring."""
+
+    def __init__(self, root: str, *, fsync: bool = True, lock_stale_after: float = 30.0):
+        if root.startswith("file://"):
+            root = root[len("file://") :]
+        self.root = os.path.abspath(root)
+        self.uri = self.root
+        self.fsync = fsync
+        self.lock_stale_after = lock_stale_after
+
+    # -- paths -----------------------------------------------------------------------------
+    def path_of(self, key: str) -> str:
+        validate_key(key)
+        return os.path.join(self.root, *key.rstrip("/").split("/"))
+
+    def make_dirs(self, path: str) -> None:
+        """Create ``path`` and missing parents, fsyncing each parent so the entries survive a crash."""
+        missing: list[str] = []
+        p = path
+        while not os.path.isdir(p):
+            missing.append(p)
+            parent = os.path.dirname(p)
+            if parent == p:
+                break
+            p = parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                continue
+            if self.fsync:
+                _fsync_dir(os.path.dirname(d))
+
+    def wrap(self, e: OSError, key: str, op: str) -> BackendError:
+        if isinstance(e, BackendError):
+            return e
+        if e.errno == errno.ENOENT:
+            return ObjectNotFound(f"{os.path.join(self.root, key)}: not found ({op})", key=key, code="ENOENT")
+        code = errno.errorcode.get(e.errno or 0, str(e.errno))
+        return BackendError(f"{op} of {os.path.join(self.root, key)} failed: {e.strerror or e} [{code}]", key=key, code=code)
+
+    # -- objects ---------------------------------------------------------------------------
+    def open_writer(self, key: str, *, reserve_head: int = 0) -> LocalWriter:
+        try:
+            return LocalWriter(self, key, reserve_head)
+        except OSError as e:
+            raise self.wrap(e, key, "open for writing") from e
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        writer = self.open_writer(key)
+        writer.write(data)
+        writer.commit()
+
+    def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        path = self.path_of(key)
+
+        def _read() -> bytes:
+            with open(path, "rb", buffering=0) as f:
+                if length is None:
+                    f.seek(start)
+                    return f.read()
+                return os.pread(f.fileno(), length, start)
+
+        try:
+            return _retry_estale(_read)
+        except OSError as e:
+            raise self.wrap(e, key, "read") from e
+
+    def read_into(self, key: str, start: int, out: memoryview) -> int:
+        """Read ``len(out)`` bytes at ``start`` straight into ``out`` (no intermediate copy)."""
+        path = self.path_of(key)
+
+        def _read() -> int:
+            with open(path, "rb", buffering=0) as f:
+                f.seek(start)
+                total = 0
+                while total < len(out):
+                    n = f.readinto(out[total:])
+                    if not n:
+                        break
+                    total += n
+                return total
+
+        try:
+            return _retry_estale(_read)
+        except OSError as e:
+            raise self.wrap(e, key, "read") from e
+
+    def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        path = self.path_of(key)
+
+        def _read() -> list[bytes]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                return [os.pread(fd, length, start) for start, length in ranges]
+            finally:
+                os.close(fd)
+
+        try:
+            return _retry_estale(_read)
+        except OSError as e:
+            raise self.wrap(e, key, "read") from e
+
+    def size(self, key: str) -> int:
+        try:
+            return _retry_estale(lambda: os.stat(self.path_of(key)).st_size)
+        except OSError as e:
+            raise self.wrap(e, key, "stat") from e
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self.path_of(key))
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        if prefix:
+            validate_key(prefix)
+        base_dir = self.root
+        if "/" in prefix:
+            base_dir = os.path.join(self.root, *prefix.rsplit("/", 1)[0].split("/"))
+        found: list[ObjectInfo] = []
+        for dirpath, _dirs, files in _retry_estale(lambda: list(os.walk(base_dir))):
+            rel_dir = os.path.relpath(dirpath, self.root)
+            for name in files:
+                key = name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
+                if not key.startswith(prefix) or _PART_MARK in name:
+                    continue
+                try:
+                    found.append(ObjectInfo(key, os.stat(os.path.join(dirpath, name)).st_size))
+                except FileNotFoundError:
+                    continue  # deleted while listing
+        return sorted(found, key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self.path_of(key))
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise self.wrap(e, key, "delete") from e
+
+    def delete_prefix(self, prefix: str) -> int:
+        validate_key(prefix)
+        if prefix.endswith("/"):
+            return self._remove_tree(self.path_of(prefix))
+        count = 0
+        for obj in self.list(prefix):
+            self.delete(obj.key)
+            count += 1
+        return count
+
+    def _remove_tree(self, path: str) -> int:
+        count = 0
+        if not os.path.isdir(path):
+            return 0
+        for dirpath, dirs, files in os.walk(path, topdown=False):
+            for name in files:
+                os.unlink(os.path.join(dirpath, name))
+                count += 1
+            for name in dirs:
+                os.rmdir(os.path.join(dirpath, name))
+        os.rmdir(path)
+        if self.fsync:
+            _fsync_dir(os.path.dirname(path))
+        return count
+
+    # -- small objects: create-if-absent and compare-and-swap -----------------------------
+    def create_if_absent(self, key: str, data: bytes) -> None:
+        final = self.path_of(key)
+        self.make_dirs(os.path.dirname(final))
+        tmp = f"{final}{_PART_MARK}{uuid.uuid4().hex[:12]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+            try:
+                os.link(tmp, final)
+            except FileExistsError as e:
+                raise ObjectExists(f"{final} already exists", key=key, code="EEXIST") from e
+            if self.fsync:
+                _fsync_dir(os.path.dirname(final))
+        except OSError as e:
+            raise self.wrap(e, key, "create") from e
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def read_versioned(self, key: str) -> Versioned | None:
+        try:
+            data = self.read(key)
+        except ObjectNotFound:
+            return None
+        return Versioned(data, xxhash.xxh3_128_hexdigest(data))
+
+    def compare_and_swap(self, key: str, data: bytes, expected_version: str | None) -> str:
+        with self.lock(f"{key}.lock"):
+            current = self.read_versioned(key)
+            current_version = current.version if current else None
+            if current_version != expected_version:
+                raise PreconditionFailed(
+                    f"{self.path_of(key)} changed since it was read (expected version "
+                    f"{expected_version}, found {current_version})",
+                    key=key,
+                    code="PreconditionFailed",
+                )
+            self.write_bytes(key, data)
+        return xxhash.xxh3_128_hexdigest(data)
+
+    def lock(self, key: str, timeout: float = 30.0) -> _LockFile:
+        return _LockFile(self, key, timeout)
+
+    # -- staging and publishing a step -----------------------------------------------------
+    def staging_prefix(self, final_prefix: str, attempt: str) -> str:
+        return f"{final_prefix.rstrip('/')}.tmp-{attempt}"
+
+    def publish(self, staging_prefix: str, final_prefix: str) -> None:
+        staged, final = self.path_of(staging_prefix), self.path_of(final_prefix)
+        try:
+            if self.fsync:
+                _fsync_dir(staged)
+            if os.path.exists(final):
+                raise ObjectExists(f"{final} already exists", key=final_prefix, code="EEXIST")
+            os.rename(staged, final)
+            if self.fsync:
+                _fsync_dir(os.path.dirname(final))
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise ObjectExists(f"{final} already exists", key=final_prefix, code="EEXIST") from e
+            raise self.wrap(e, staging_prefix, "publish") from e
+
+    def abandoned_uploads(self, prefix: str = "") -> Iterator[str]:
+        for dirpath, _dirs, files in os.walk(self.root):
+            rel_dir = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            for name in files:
+                if _PART_MARK in name:
+                    key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                    if key.startswith(prefix):
+                        yield key
+
+    def abort_uploads(self, prefix: str = "") -> int:
+        keys = list(self.abandoned_uploads(prefix))
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+
+class _LockFile:
+    """An exclusive lock file (``O_CREAT|O_EXCL``) holding ``{"owner", "time"}`` as JSON."""
+
+    def __init__(self, backend: LocalBackend, key: str, timeout: float):
+        self._backend = backend
+        self._key = key
+        self._path = backend.path_of(key)
+        self._timeout = timeout
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> _LockFile:
+        deadline = time.monotonic() + self._timeout
+        self._backend.make_dirs(os.path.dirname(self._path))
+        body = json.dumps({"owner": self._owner, "time": time.time()}).encode()
+        while True:
+            try:
+                fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                if time.monotonic() > deadline:
+                    raise BackendError(
+                        f"lock {self._path} is held by another writer ({self._describe_holder()}); "
+                        f"waited {self._timeout:.0f}s. If that job is dead, delete the file.",
+                        key=self._key,
+                        code="Locked",
+                    ) from None
+                time.sleep(0.01)
+                continue
+            try:
+                os.write(fd, body)
+                if self._backend.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            os.unlink(self._path)
+        except FileNotFoundError:
+            log.warning("lock %s vanished while held (taken over as stale?)", self._path)
+
+    def _describe_holder(self) -> str:
+        try:
+            with open(self._path) as f:
+                return f.read(200)
+        except OSError:
+            return "unknown holder"
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            age = time.time() - os.stat(self._path).st_mtime
+        except FileNotFoundError:
+            return
+        if age <= self._backend.lock_stale_after:
+            return
+        aside = f"{self._path}.stale-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(self._path, aside)
+        except FileNotFoundError:
+            return  # another process took it over first
+        log.warning("took over stale lock %s (%.0fs old): %s", self._path, age, self._describe_holder())
+        os.unlink(aside)

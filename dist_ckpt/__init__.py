@@ -4,7 +4,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import logging
+
 from dist_ckpt.api import load, save
+from dist_ckpt.config import ManagerConfig
+from dist_ckpt.manager import CheckpointInfo, CheckpointManager, ResumeInfo
+from dist_ckpt.state import TrainingState
 from dist_ckpt.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -16,7 +21,14 @@ from dist_ckpt.errors import (
     UnsupportedValue,
 )
 
+logging.getLogger(__name__).addHandler(logging.NullHandler())  # the library never prints
+
 __all__ = [
+    "CheckpointInfo",
+    "CheckpointManager",
+    "ManagerConfig",
+    "ResumeInfo",
+    "TrainingState",
     "CheckpointError",
     "CheckpointNotFound",
     "ConfigError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from storage_backends.base import Backend, ObjectInfo, ObjectWriter, Versioned, join_key, validate_key
@@ -28,6 +29,8 @@ __all__ = [
     "split_uri",
     "validate_key",
 ]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _SCHEMES = ("file", "s3")
 

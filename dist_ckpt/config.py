@@ -1,0 +1,143 @@
+"""Configuration of a :class:`~dist_ckpt.CheckpointManager`, validated on construction."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dist_ckpt.errors import ConfigError, UnsupportedValue
+from dist_ckpt.format import json_values
+
+_MODES = ("min", "max")
+_COMPRESSION = ("none", "zstd")
+_ASYNC_MODES = ("thread", "process")
+_IF_BUSY = ("wait", "skip")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManagerConfig:
+    keep_last: int | None = None
+    """Keep the newest N checkpoints (plus every pointed-to one); None keeps all."""
+
+    best: Mapping[str, str] = field(default_factory=dict)
+    """Metrics to keep a best checkpoint for: ``{"val_loss": "min", "pck": "max"}``. Each gets
+    its own ``best:<metric>`` pointer, kept by retention."""
+
+    keep_every_n_steps: int | None = None
+    """Also keep every checkpoint whose step is a multiple of this (milestones)."""
+
+    save_every_n_steps: int | None = None
+    """``save()`` writes only on multiples of this — or when a tracked metric improves, or
+    with ``force=True``; other calls only update the best/patience bookkeeping."""
+
+    config: Mapping[str, Any] | None = None
+    """The run's configuration (e.g. ``vars(args)``), stored as JSON in every checkpoint and
+    compared key by key on resume."""
+
+    strict_config: bool = False
+    """Refuse to resume (:class:`ConfigChanged`) when the config changed, except the keys in
+    ``config_may_change``; otherwise changes are logged as warnings."""
+
+    config_may_change: tuple[str, ...] = ()
+    """Dotted config keys allowed to change on resume under ``strict_config``."""
+
+    tracker_run_id: str | None = None
+    """Experiment tracker run id (e.g. W&B); restored on resume so the run continues under it."""
+
+    compression: str = "none"
+    """Shard codec: ``"none"`` (plain safetensors) or ``"zstd"`` (chunked, byte-grouped)."""
+
+    compression_level: int = 1
+    """zstd level when ``compression="zstd"``."""
+
+    async_save: bool = False
+    """Return from ``save()`` once tensors are staged; write and commit in the background."""
+
+    async_mode: str = "thread"
+    """Background worker: ``"thread"`` or ``"process"``."""
+
+    if_busy: str = "wait"
+    """When a save is still in flight: ``"wait"`` for it, or ``"skip"`` the new one (logged)."""
+
+    max_staging_bytes: int | None = None
+    """Cap on staging memory for async saves; above it ``save()`` stages in pieces and blocks longer."""
+
+    save_on_sigterm: bool = False
+    """On SIGTERM, finish the in-flight save; ``should_stop()`` then turns True so the loop
+    saves the current step and exits."""
+
+    total_steps: int | None = None
+    """The run's planned length; resuming at or past it warns."""
+
+    total_epochs: int | None = None
+    """The run's planned epochs; resuming at or past the last warns."""
+
+    collect_garbage_on_start: bool = True
+    """Remove leftovers of crashed saves when the manager starts (coordinator only)."""
+
+    backend_options: Mapping[str, Any] = field(default_factory=dict)
+    """Passed to the storage backend (e.g. S3 ``part_size``, ``max_concurrency``, ``endpoint_url``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("keep_last", "keep_every_n_steps", "save_every_n_steps", "total_steps", "total_epochs", "max_staging_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name}={value!r}: expected a positive integer or None")
+        if not isinstance(self.best, Mapping):
+            raise ConfigError(f"best={self.best!r}: expected a dict like {{'val_loss': 'min'}}")
+        for metric, mode in self.best.items():
+            if not isinstance(metric, str) or not metric or ":" in metric:
+                raise ConfigError(f"best: metric name {metric!r} must be a non-empty string without ':'")
+            if mode not in _MODES:
+                raise ConfigError(f"best[{metric!r}]={mode!r}: expected 'min' or 'max'")
+        if self.compression not in _COMPRESSION:
+            raise ConfigError(f"compression={self.compression!r}: expected one of {_COMPRESSION}")
+        if self.async_mode not in _ASYNC_MODES:
+            raise ConfigError(f"async_mode={self.async_mode!r}: expected one of {_ASYNC_MODES}")
+        if self.if_busy not in _IF_BUSY:
+            raise ConfigError(f"if_busy={self.if_busy!r}: expected one of {_IF_BUSY}")
+        if not isinstance(self.compression_level, int) or not -7 <= self.compression_level <= 22:
+            raise ConfigError(f"compression_level={self.compression_level!r}: expected an int in [-7, 22]")
+        if self.tracker_run_id is not None and not isinstance(self.tracker_run_id, str):
+            raise ConfigError(f"tracker_run_id={self.tracker_run_id!r}: expected a string")
+        if self.config is not None:
+            if not isinstance(self.config, Mapping):
+                raise ConfigError(f"config: expected a dict (e.g. vars(args)), got {type(self.config).__name__}")
+            try:
+                json_values.encode(dict(self.config), "config")
+            except UnsupportedValue as e:
+                raise ConfigError(f"config is not JSON-serialisable: {e}") from e
+
+    def config_hash(self) -> str | None:
+        if self.config is None:
+            return None
+        canonical = json.dumps(json_values.to_json(dict(self.config)), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def flatten_config(config: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in (config or {}).items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_config(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def config_changes(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> list[str]:
+    """Changes as ``"key: old -> new"`` lines, sorted by key."""
+    old, new = flatten_config(saved), flatten_config(current)
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if key not in new:
+            lines.append(f"{key}: {old[key]!r} -> (removed)")
+        elif key not in old:
+            lines.append(f"{key}: (absent) -> {new[key]!r}")
+        elif old[key] != new[key]:
+            lines.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return lines

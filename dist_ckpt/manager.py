@@ -1,0 +1,356 @@
+"""CheckpointManager: when to save, best/last pointers, retention, exact resume.
+
+Every rank calls every method together (they run collectives). Decisions — whether a step is
+saved, which checkpoint ``which`` names, the metrics recorded — are taken on rank 0 and
+broadcast, so ranks can never disagree; rank 0's ``metrics`` are the ones recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+from dist_ckpt import manifest as mf
+from dist_ckpt import rng
+from dist_ckpt.api import load_from, resolve_codec, save_to, split_checkpoint_uri
+from dist_ckpt.config import ManagerConfig, config_changes
+from dist_ckpt.errors import CheckpointError, CheckpointNotFound, ConfigChanged, ConfigError, StorageError
+from dist_ckpt.progress import KEY, Progress, check_metrics
+from dist_ckpt.run_store import RunStore, parse_step_prefix, step_prefix
+from dist_ckpt.state import TrainingState
+from dist_ckpt.storage import read_checkpoint_metadata
+from storage_backends import Backend, open_backend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResumeInfo:
+    """What ``restore`` brought back. ``step``/``epoch`` are those of the checkpoint."""
+
+    step: int
+    epoch: int | None
+    metrics: Mapping[str, float]
+    best: Mapping[str, float]
+    epochs_without_improvement: Mapping[str, int]
+    tracker_run_id: str | None
+    config_changes: tuple[str, ...]
+    world_size: int
+    uri: str
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One committed checkpoint of the run, as ``checkpoints()`` and ``dist-ckpt list`` show it."""
+
+    step: int
+    epoch: int | None
+    metrics: Mapping[str, float]
+    time: float
+    size: int
+    world_size: int
+    codec: str
+    pointers: tuple[str, ...]
+    uri: str
+
+
+class CheckpointManager:
+    """Saves and restores a run's whole training state under ``root`` (a path or ``s3://`` URI).
+
+    Options are the fields of :class:`ManagerConfig`; ``process_group`` defaults to the
+    default group (or none, in a single process)."""
+
+    def __init__(self, root: str, *, process_group: dist.ProcessGroup | None = None, **options: Any):
+        try:
+            self.config = ManagerConfig(**options)
+        except TypeError as e:
+            raise ConfigError(f"CheckpointManager: {e}; valid options are the fields of ManagerConfig") from e
+        self.root = str(root)
+        self._pg = process_group
+        self._distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank(process_group) if self._distributed else 0
+        self.world_size = dist.get_world_size(process_group) if self._distributed else 1
+        try:
+            self.backend: Backend = open_backend(self.root, **dict(self.config.backend_options))
+        except ValueError as e:
+            raise ConfigError(f"CheckpointManager root {self.root!r}: {e}") from e
+        self.store = RunStore(self.backend)
+        self._codec = resolve_codec(self.config.compression, self.config.compression_level)
+        self._progress = Progress(tracker_run_id=self.config.tracker_run_id, config=self.config.config)
+        self._closed = False
+        self._agree(self._start if self.rank == 0 else None)
+
+    # -- collectives ------------------------------------------------------------------------
+    def _agree(self, compute: Any) -> Any:
+        """Run ``compute`` on rank 0 and hand its result (or its error) to every rank."""
+        outcome: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                outcome = [("ok", compute() if compute is not None else None)]
+            except CheckpointError as e:
+                outcome = [("err", e)]
+        if self._distributed:
+            dist.broadcast_object_list(outcome, src=dist.get_global_rank(self._pg, 0) if self._pg else 0, group=self._pg)
+        status, value = outcome[0]
+        if status == "err":
+            raise value
+        return value
+
+    def _start(self) -> None:
+        if self.config.collect_garbage_on_start:
+            found = self.store.collect_garbage()
+            if found.temp_dirs or found.uncommitted_steps or found.unfinished_uploads:
+                log.warning("removed leftovers of interrupted saves in %s: %s", self.root, found)
+        self.store.reconciled_manifest(self.config.best)
+
+    # -- public API -------------------------------------------------------------------------
+    def track(self, **objects: Any) -> TrainingState:
+        """Name the objects that make up the training state (models, optimizers, schedulers,
+        scalers, Stateful loaders/samplers, dicts of counters)."""
+        return TrainingState(objects)
+
+    @property
+    def best(self) -> Mapping[str, float]:
+        """Best value so far of each tracked metric (restored on resume)."""
+        return dict(self._progress.best)
+
+    @property
+    def epochs_without_improvement(self) -> Mapping[str, int]:
+        """Per tracked metric: reports since it last improved (patience; restored on resume)."""
+        return dict(self._progress.since_improvement)
+
+    @property
+    def tracker_run_id(self) -> str | None:
+        return self._progress.tracker_run_id
+
+    def save(
+        self,
+        step: int,
+        state: TrainingState,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        epoch: int | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Report ``metrics`` for ``step`` and save the state if it is due (every
+        ``save_every_n_steps``, when a tracked metric improves, or ``force``). Returns whether
+        a checkpoint was written."""
+        self._check_open()
+        if not isinstance(state, TrainingState):
+            raise ConfigError("save(step, state): state must come from mgr.track(...)")
+        prefix = step_prefix(step)  # validates step
+        decision = self._agree(lambda: self._decide(step, check_metrics(metrics), epoch, force))
+        progress, due = decision
+        if not due:
+            self._progress = progress
+            return False
+        sd = state.state_dict()
+        sd[KEY] = replace(progress, objects=state.describe(), values=_values_of(state)).encode()
+        sd[rng.PREFIX] = {rng.rank_key(self.rank): rng.capture()}
+        commit_info = {
+            "step": step,
+            "epoch": epoch,
+            "metrics": dict(progress.metrics),
+            "time": time.time(),
+            "codec": self._codec.name if self._codec else "none",
+        }
+        save_to(self.backend, prefix, sd, codec=self._codec, commit_info=commit_info, process_group=self._pg)
+        self._agree(lambda: self._after_commit(step, commit_info))
+        self._progress = progress
+        return True
+
+    def _decide(self, step: int, metrics: dict[str, float], epoch: int | None, force: bool) -> tuple[Progress, bool]:
+        progress, improved = self._progress.observe(metrics, self.config.best)
+        progress = replace(progress, step=step, epoch=epoch, metrics=metrics)
+        every = self.config.save_every_n_steps
+        return progress, bool(force or every is None or step % every == 0 or improved)
+
+    def _after_commit(self, step: int, info: dict[str, Any]) -> None:
+        entry = mf.Entry(step, info["epoch"], info["metrics"], info["time"], 0, self.world_size, info["codec"])
+        entry = self._entry_with_size(entry)
+        drops: list[int] = []
+
+        def change(current: mf.Manifest | None) -> mf.Manifest:
+            nonlocal drops
+            base = current if current is not None else mf.rebuild(self.store.committed_entries(), self.config.best)
+            new = mf.with_entry(base, entry, self.config.best)
+            new = replace(new, tracker_run_id=self._progress.tracker_run_id, config_hash=self.config.config_hash())
+            drops = mf.retention_drops(new, self.config.keep_last, self.config.keep_every_n_steps)
+            return mf.without_steps(new, drops)
+
+        self.store.update_manifest(change)
+        for dropped in drops:  # only now: the manifest that no longer lists them is durable
+            try:
+                self.store.delete_step(dropped)
+            except StorageError:
+                log.exception("retention could not delete step %d of %s; `dist-ckpt gc` will", dropped, self.root)
+
+    def _entry_with_size(self, entry: mf.Entry) -> mf.Entry:
+        from dist_ckpt.run_store import entry_from_committed
+
+        key = f"{step_prefix(entry.step)}/COMMITTED"
+        return replace(entry, size=entry_from_committed(entry.step, self.backend.read(key), key).size)
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """The run's committed checkpoints, oldest first, with the pointers naming each."""
+        manifest, _ = self.store.read_manifest()
+        if manifest is None:
+            manifest = self.store.reconciled_manifest(self.config.best)
+        names: dict[int, list[str]] = {}
+        for name, step in manifest.pointers.items():
+            names.setdefault(step, []).append(name)
+        return [
+            CheckpointInfo(e.step, e.epoch, dict(e.metrics), e.time, e.size, e.world_size, e.codec,
+                           tuple(sorted(names.get(e.step, []))), f"{self.backend.uri}/{step_prefix(e.step)}")  # fmt: skip
+            for e in manifest.entries
+        ]
+
+    # -- resume -----------------------------------------------------------------------------
+    def _resolve(self, which: Any) -> tuple[str, str] | None:
+        """(root uri, checkpoint prefix) named by ``which``; None for a new run's "last"."""
+        if isinstance(which, bool) or not isinstance(which, (int, str)):
+            raise ConfigError(f"which={which!r}: expected 'last', 'best:<metric>', a step number, or a checkpoint path/URI")
+        manifest, _ = self.store.read_manifest()
+        if manifest is None:
+            manifest = self.store.reconciled_manifest(self.config.best)
+        if which == "last":
+            step = manifest.pointers.get(mf.LAST)
+            return None if step is None else (self.backend.uri, step_prefix(step))
+        if isinstance(which, str) and which.startswith(mf.BEST_PREFIX):
+            metric = which[len(mf.BEST_PREFIX) :]
+            step = manifest.pointers.get(which)
+            if step is None:
+                if metric not in self.config.best and metric not in manifest.best_modes:
+                    raise ConfigError(f"which={which!r}: metric {metric!r} is not tracked (best={dict(self.config.best)})")
+                raise CheckpointNotFound(f"{self.root}: no checkpoint has a value for {metric!r} yet")
+            return self.backend.uri, step_prefix(step)
+        if isinstance(which, str) and which.isdigit():
+            which = int(which)
+        if isinstance(which, int):
+            if manifest.entry(which) is None and not self.backend.exists(f"{step_prefix(which)}/COMMITTED"):
+                have = ", ".join(str(s) for s in manifest.steps()[-10:]) or "none"
+                raise CheckpointNotFound(f"{self.root}: no committed checkpoint for step {which} (latest steps: {have})")
+            return self.backend.uri, step_prefix(which)
+        if parse_step_prefix(which) is not None:
+            return self.backend.uri, which
+        if "/" in which:
+            return split_checkpoint_uri(which)
+        raise ConfigError(
+            f"which={which!r}: expected 'last', 'best:<metric>', a step number, or the path/URI of one checkpoint"
+        )
+
+    def restore(self, state: TrainingState, which: Any = "last") -> ResumeInfo | None:
+        """Restore every tracked object, the RNG states and the manager's bookkeeping from the
+        checkpoint ``which`` names. Returns None when ``which="last"`` and the run is new."""
+        self._check_open()
+        target = self._agree(lambda: self._resolve(which))
+        if target is None:
+            return None
+        root, prefix = target
+        backend = self.backend if root == self.backend.uri else open_backend(root, **dict(self.config.backend_options))
+        meta = read_checkpoint_metadata(backend, prefix)
+        stored = meta.dcp.state_dict_metadata
+        sd = state.state_dict()
+        sd[KEY] = ""
+        own_rng = f"{rng.PREFIX}.{rng.rank_key(self.rank)}.torch" in stored
+        if own_rng:
+            template = rng.template()
+            if f"{rng.PREFIX}.{rng.rank_key(self.rank)}.cuda.0" not in stored:
+                template.pop("cuda", None)
+            sd[rng.PREFIX] = {rng.rank_key(self.rank): template}
+        load_from(backend, prefix, sd, process_group=self._pg)
+        progress = Progress.decode(sd.pop(KEY), f"{backend.uri}/{prefix}")
+        for name, value in progress.values.items():
+            if name in state.kinds and state.kinds[name] == "values":
+                sd[name] = value
+        state.load_state_dict(sd)
+        if own_rng:
+            rng.apply(sd[rng.PREFIX][rng.rank_key(self.rank)])
+        else:
+            rng.reseed(progress.step, self.rank)
+        rng.warn_world_size_change(meta.world_size, self.world_size, self.rank, not own_rng, progress.step)
+        changes = tuple(config_changes(progress.config, self.config.config)) if self.config.config is not None else ()
+        self._report_config_changes(changes)
+        self._progress = replace(progress, config=self.config.config, tracker_run_id=progress.tracker_run_id or self.config.tracker_run_id)
+        self._warn_if_finished(progress)
+        return ResumeInfo(progress.step, progress.epoch, dict(progress.metrics), dict(progress.best),
+                          dict(progress.since_improvement), self._progress.tracker_run_id, changes,
+                          meta.world_size, f"{backend.uri}/{prefix}")  # fmt: skip
+
+    def _report_config_changes(self, changes: tuple[str, ...]) -> None:
+        if not changes:
+            return
+        allowed = set(self.config.config_may_change)
+        blocking = [c for c in changes if c.split(":", 1)[0] not in allowed]
+        if self.config.strict_config and blocking:
+            raise ConfigChanged(
+                "the run config changed since the checkpoint (strict_config=True): " + "; ".join(blocking)
+                + ". Restore the old values or list the keys in config_may_change."
+            )
+        msg = "run config changed since the checkpoint: " + "; ".join(changes)
+        warnings.warn(msg, stacklevel=3)
+        log.warning(msg)
+
+    def _warn_if_finished(self, progress: Progress) -> None:
+        cfg = self.config
+        if (cfg.total_steps is not None and progress.step >= cfg.total_steps - 1) or (
+            cfg.total_epochs is not None and progress.epoch is not None and progress.epoch >= cfg.total_epochs - 1
+        ):
+            msg = f"resumed at step {progress.step}, epoch {progress.epoch}: the run's target is already reached"
+            warnings.warn(msg, stacklevel=3)
+            log.warning(msg)
+
+    def load_weights(self, module: nn.Module, which: Any = "last", *, name: str | None = None) -> int:
+        """Load only a model's weights from a checkpoint (fresh start from trained weights:
+        optimizer, schedulers, counters untouched). ``name`` is the name the model was tracked
+        under; it may be omitted when the checkpoint holds one model. Returns the step."""
+        self._check_open()
+        target = self._agree(lambda: self._resolve(which))
+        if target is None:
+            raise CheckpointNotFound(f"{self.root}: no committed checkpoint to load weights from")
+        root, prefix = target
+        backend = self.backend if root == self.backend.uri else open_backend(root, **dict(self.config.backend_options))
+        progress_holder = {KEY: ""}
+        load_from(backend, prefix, progress_holder, process_group=self._pg, allow_partial_load=True)
+        progress = Progress.decode(progress_holder[KEY], f"{backend.uri}/{prefix}")
+        models = [n for n, kind in progress.objects.items() if kind == "model"]
+        if name is None:
+            if len(models) != 1:
+                raise ConfigError(f"load_weights: the checkpoint holds models {models}; pass name=<one of them>")
+            name = models[0]
+        elif name not in models:
+            raise ConfigError(f"load_weights(name={name!r}): the checkpoint holds models {models}")
+        sd = {name: get_model_state_dict(module)}
+        load_from(backend, prefix, sd, process_group=self._pg)
+        set_model_state_dict(module, sd[name])
+        return progress.step
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until no save is in flight (a no-op for synchronous saves)."""
+        self._check_open()
+
+    def close(self) -> None:
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigError("this CheckpointManager is closed; create a new one")
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _values_of(state: TrainingState) -> dict[str, Any]:
+    return {name: dict(obj) for name, obj in state.objects.items() if state.kinds[name] == "values"}

@@ -1,0 +1,176 @@
+"""A run root on a backend: its committed steps, its manifest, its leftovers.
+
+Shared by the manager and the CLI. The truth is the set of ``step_*/COMMITTED`` markers; the
+manifest is read, rebuilt when missing, corrupt or stale, and updated with compare-and-swap.
+Deletion happens only after the manifest that no longer lists a step is durable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from dist_ckpt import manifest as mf
+from dist_ckpt.errors import CorruptCheckpoint, StorageError
+from dist_ckpt.storage import COMMITTED
+from storage_backends import Backend, BackendError, PreconditionFailed, join_key
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STEP_RE = re.compile(r"^step_(\d{9,})$")
+TMP_RE = re.compile(r"^step_\d+\.tmp-[0-9a-f]+$")
+_CAS_ATTEMPTS = 20
+
+
+def step_prefix(step: int) -> str:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return f"step_{step:09d}"
+
+
+def parse_step_prefix(name: str) -> int | None:
+    m = STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def entry_from_committed(step: int, data: bytes, where: str) -> mf.Entry:
+    try:
+        info = json.loads(data.decode("utf-8"))
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+        return mf.Entry(
+            step=step,
+            epoch=info.get("epoch"),
+            metrics={str(k): float(v) for k, v in (info.get("metrics") or {}).items()},
+            time=float(info.get("time") or 0.0),
+            size=int(info.get("bytes") or 0),
+            world_size=int(info.get("world_size") or 1),
+            codec=str(info.get("codec") or "none"),
+        )
+    except (UnicodeDecodeError, ValueError, TypeError) as e:
+        raise CorruptCheckpoint(f"{where}: COMMITTED marker is not valid JSON ({e})") from e
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """What a crash can leave behind; invisible to readers, removed by :func:`collect_garbage`."""
+
+    temp_dirs: tuple[str, ...]
+    uncommitted_steps: tuple[str, ...]
+    unfinished_uploads: tuple[str, ...]
+
+
+class RunStore:
+    """The run root at ``backend``."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    @property
+    def uri(self) -> str:
+        return self.backend.uri
+
+    def _wrap(self, e: BackendError) -> StorageError:
+        return StorageError(f"storage failed for run {self.uri}: {e}")
+
+    def committed_entries(self) -> list[mf.Entry]:
+        """Every committed checkpoint, from its COMMITTED marker."""
+        try:
+            markers = [o.key for o in self.backend.list("step_") if o.key.endswith("/" + COMMITTED)]
+            entries = []
+            for key in markers:
+                step = parse_step_prefix(key.split("/", 1)[0])
+                if step is None or key.count("/") != 1:
+                    continue
+                entries.append(entry_from_committed(step, self.backend.read(key), f"{self.uri}/{key}"))
+        except BackendError as e:
+            raise self._wrap(e) from e
+        return sorted(entries, key=lambda e: e.step)
+
+    def leftovers(self) -> Leftovers:
+        try:
+            objects = self.backend.list("step_")
+            uploads = tuple(self.backend.abandoned_uploads("step_"))
+        except BackendError as e:
+            raise self._wrap(e) from e
+        folders: dict[str, set[str]] = {}
+        for o in objects:
+            top, _, rest = o.key.partition("/")
+            folders.setdefault(top, set()).add(rest)
+        temp = tuple(sorted(f for f in folders if TMP_RE.match(f)))
+        uncommitted = tuple(sorted(f for f, names in folders.items() if STEP_RE.match(f) and COMMITTED not in names))
+        return Leftovers(temp, uncommitted, uploads)
+
+    def collect_garbage(self, dry_run: bool = False) -> Leftovers:
+        found = self.leftovers()
+        if dry_run:
+            return found
+        try:
+            for folder in found.temp_dirs + found.uncommitted_steps:
+                log.info("gc: removing %s/%s", self.uri, folder)
+                self.backend.delete_prefix(folder + "/")
+            self.backend.abort_uploads("step_")
+        except BackendError as e:
+            raise self._wrap(e) from e
+        return found
+
+    def read_manifest(self) -> tuple[mf.Manifest | None, str | None]:
+        """The stored manifest and its version; ``(None, version)`` when it is corrupt,
+        ``(None, None)`` when absent."""
+        try:
+            current = self.backend.read_versioned(MANIFEST)
+        except BackendError as e:
+            raise self._wrap(e) from e
+        if current is None:
+            return None, None
+        try:
+            return mf.loads(current.data, f"{self.uri}/{MANIFEST}"), current.version
+        except CorruptCheckpoint as e:
+            log.warning("%s", e)
+            return None, current.version
+
+    def reconciled_manifest(self, best_modes: Mapping[str, str]) -> mf.Manifest:
+        """The manifest as the COMMITTED markers say it must be, written back if it differed
+        (missing, corrupt, stale: a crash between COMMITTED and the manifest update)."""
+        entries = self.committed_entries()
+
+        def fix(current: mf.Manifest | None) -> mf.Manifest:
+            base = current or mf.Manifest()
+            modes = {**base.best_modes, **best_modes}
+            return mf.rebuild(entries, modes, base.tracker_run_id, base.config_hash)
+
+        return self.update_manifest(fix, only_if_changed=True)
+
+    def update_manifest(
+        self, change: Callable[[mf.Manifest | None], mf.Manifest], *, only_if_changed: bool = False
+    ) -> mf.Manifest:
+        """Apply ``change`` with compare-and-swap, re-reading and retrying when another writer
+        got there first. Returns the manifest that is now durable."""
+        for _ in range(_CAS_ATTEMPTS):
+            current, version = self.read_manifest()
+            new = change(current)
+            if only_if_changed and current is not None and mf.dumps(new) == mf.dumps(current):
+                return new
+            try:
+                self.backend.compare_and_swap(MANIFEST, mf.dumps(new), version)
+                return new
+            except PreconditionFailed:
+                log.info("manifest of %s changed concurrently; retrying", self.uri)
+                continue
+            except BackendError as e:
+                raise self._wrap(e) from e
+        raise StorageError(f"{self.uri}/{MANIFEST}: gave up after {_CAS_ATTEMPTS} concurrent updates")
+
+    def delete_step(self, step: int) -> None:
+        """Delete a checkpoint: its COMMITTED marker first, so a half-deleted step is never
+        mistaken for a committed one."""
+        prefix = step_prefix(step)
+        try:
+            self.backend.delete(join_key(prefix, COMMITTED))
+            self.backend.delete_prefix(prefix + "/")
+        except BackendError as e:
+            raise self._wrap(e) from e

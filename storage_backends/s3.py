@@ -1,0 +1,467 @@
+"""S3 and S3-compatible stores through boto3, for ``s3://bucket/prefix`` run roots.
+
+Retries of failed requests are boto3's own (``retry_mode`` / ``max_attempts``); the backend
+only re-reads a GET whose *body* broke off mid-stream, which boto3 does not retry. Every
+botocore error surfaces as :class:`BackendError` (or a subclass) naming bucket, key and code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from storage_backends.base import ObjectInfo, Versioned, validate_key
+from storage_backends.errors import BackendError, ObjectExists, PreconditionFailed, UnsafeKey
+from storage_backends.s3_multipart import S3ObjectWriter
+from storage_backends.s3_util import (
+    BODY_READ_ERRORS,
+    MIN_PART_SIZE,
+    MiB,
+    RequestStats,
+    build_client,
+    coalesce,
+    error_code,
+    http_status,
+    parse_total_size,
+    retry_attempts,
+    split_span,
+    translate,
+)
+
+log = logging.getLogger(__name__)
+
+_CONFLICT_STATUSES = (409, 412)
+_DELETE_BATCH = 1000
+
+
+class S3Backend:
+    """A :class:`~storage_backends.base.Backend` on one ``s3://bucket/prefix`` root.
+
+    ``client`` is a boto3 S3 client to use as is; when None one is built with
+    ``endpoint_url`` (or boto3's standard configuration: ``AWS_ENDPOINT_URL_S3``, profiles, ...)
+    and boto3 retries in ``retry_mode`` with ``max_attempts``. Writes of at least
+    ``multipart_threshold`` bytes become multipart uploads of ``part_size`` parts, up to
+    ``max_concurrency`` at once; reads fetch ``part_size`` pieces in parallel and
+    ``read_ranges`` merges ranges less than ``coalesce_gap`` bytes apart into one GET.
+
+    Extra attributes: ``bucket``, ``prefix``, ``client``, ``stats`` (a :class:`RequestStats`
+    counting requests by operation).
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        client: Any = None,
+        endpoint_url: str | None = None,
+        part_size: int = 16 * MiB,
+        max_concurrency: int = 8,
+        retry_mode: str = "standard",
+        max_attempts: int = 5,
+        multipart_threshold: int = 16 * MiB,
+        coalesce_gap: int = 1 * MiB,
+    ) -> None:
+        if not bucket or "/" in bucket:
+            raise ValueError(f"invalid S3 bucket name {bucket!r}")
+        prefix = prefix.strip("/")
+        if prefix:
+            validate_key(prefix)
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least 5 MiB ({MIN_PART_SIZE} bytes) for S3, got {part_size}")
+        if max_concurrency < 1 or max_attempts < 1 or multipart_threshold < 0 or coalesce_gap < 0:
+            raise ValueError("max_concurrency and max_attempts must be >= 1, thresholds and gaps >= 0")
+        self.bucket = bucket
+        self.prefix = prefix
+        self.uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        self.part_size = part_size
+        self.max_concurrency = max_concurrency
+        self.multipart_threshold = multipart_threshold
+        self.coalesce_gap = coalesce_gap
+        self.max_attempts = max_attempts
+        self.stats = RequestStats()
+        self._options: dict[str, Any] = dict(
+            endpoint_url=endpoint_url, part_size=part_size, max_concurrency=max_concurrency,
+            retry_mode=retry_mode, max_attempts=max_attempts,
+            multipart_threshold=multipart_threshold, coalesce_gap=coalesce_gap,
+        )
+        self._injected = client is not None
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = os.getpid()
+        self._client = client if client is not None else self._new_client()
+
+    @classmethod
+    def from_uri(cls, uri: str, **options: Any) -> S3Backend:
+        """``S3Backend`` for ``s3://bucket[/prefix]``; ``options`` go to the constructor."""
+        if not isinstance(uri, str) or not uri.startswith("s3://"):
+            raise ValueError(f"not an S3 URI: {uri!r} (expected s3://bucket/prefix)")
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        if not bucket:
+            raise ValueError(f"S3 URI {uri!r} names no bucket (expected s3://bucket/prefix)")
+        return cls(bucket, prefix, **options)
+
+    def __repr__(self) -> str:
+        return f"S3Backend({self.uri!r})"
+
+    @property
+    def client(self) -> Any:
+        self._check_fork()
+        return self._client
+
+    def close(self) -> None:
+        """Stop the backend's thread pool (it is recreated on next use)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._injected:
+            raise TypeError(
+                f"{self!r} was given a boto3 client and cannot be pickled; in the child process "
+                "open it with S3Backend.from_uri() or storage_backends.open_backend()"
+            )
+        return {"bucket": self.bucket, "prefix": self.prefix, "options": self._options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["bucket"], state["prefix"], **state["options"])  # type: ignore[misc]
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _new_client(self) -> Any:
+        o = self._options
+        return build_client(
+            endpoint_url=o["endpoint_url"], retry_mode=o["retry_mode"], max_attempts=o["max_attempts"],
+            max_pool_connections=2 * self.max_concurrency + 4,
+        )
+
+    def _check_fork(self) -> None:
+        """After ``fork()`` the parent's threads are gone and its sockets must not be shared."""
+        if os.getpid() != self._pid:
+            with self._lock:
+                if os.getpid() != self._pid:
+                    self._pool = None
+                    if not self._injected:
+                        self._client = self._new_client()
+                    self._pid = os.getpid()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        self._check_fork()
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="s3-backend")
+            return self._pool
+
+    def _full(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _full_prefix(self, prefix: str) -> str:
+        if prefix:
+            validate_key(prefix)
+        root = f"{self.prefix}/" if self.prefix else ""
+        return root + prefix
+
+    def _relative(self, full_key: str) -> str:
+        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
+
+    def _error(self, e: BaseException, op: str, key: str | None, full_key: str) -> BackendError:
+        endpoint = getattr(getattr(self._client, "meta", None), "endpoint_url", None)
+        return translate(e, op=op, bucket=self.bucket, full_key=full_key, key=key, endpoint=endpoint)
+
+    def _call(self, op: str, key: str | None, full_key: str, **kwargs: Any) -> Any:
+        """``client.<op>(Bucket=..., **kwargs)``, counted, with errors translated."""
+        self.stats.incr(op)
+        try:
+            return getattr(self.client, op)(Bucket=self.bucket, **kwargs)
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, op, key, full_key) from e
+
+    def _put(self, key: str, full_key: str, body: bytes | bytearray, **conditions: str) -> str:
+        return str(self._call("put_object", key, full_key, Key=full_key, Body=body, **conditions)["ETag"])
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def open_writer(self, key: str, *, reserve_head: int = 0) -> S3ObjectWriter:
+        return S3ObjectWriter(self, key, self._full(key), reserve_head)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        full = self._full(key)
+        if len(data) < max(self.multipart_threshold, self.part_size):
+            self._put(key, full, data)
+            return
+        with self.open_writer(key) as w:
+            w.write(data)
+            w.commit()
+
+    def create_if_absent(self, key: str, data: bytes) -> None:
+        full = self._full(key)
+        try:
+            self._put(key, full, data, IfNoneMatch="*")
+        except BackendError as e:
+            cause = e.__cause__
+            if cause is None or http_status(cause) not in _CONFLICT_STATUSES:
+                raise
+            if retry_attempts(cause) and self._holds(key, full, data):
+                return  # our own first attempt went through before the connection failed
+            raise ObjectExists(f"s3://{self.bucket}/{full} already exists ({e.code})", key=key, code=e.code) from cause
+
+    def read_versioned(self, key: str) -> Versioned | None:
+        full = self._full(key)
+        try:
+            data, etag = self._get_whole(key, full)
+        except FileNotFoundError:
+            return None
+        return Versioned(data, etag)
+
+    def compare_and_swap(self, key: str, data: bytes, expected_version: str | None) -> str:
+        full = self._full(key)
+        cond = {"IfNoneMatch": "*"} if expected_version is None else {"IfMatch": expected_version}
+        try:
+            return self._put(key, full, data, **cond)
+        except BackendError as e:
+            cause = e.__cause__
+            if cause is None or http_status(cause) not in _CONFLICT_STATUSES:
+                raise
+            if retry_attempts(cause):
+                current = self.read_versioned(key)
+                if current is not None and current.data == data:
+                    return current.version  # our own first attempt went through
+            raise PreconditionFailed(
+                f"s3://{self.bucket}/{full} changed since version {expected_version!r} was read "
+                f"({e.code}); read it again and retry",
+                key=key, code=e.code,
+            ) from cause
+
+    def _holds(self, key: str, full: str, data: bytes) -> bool:
+        try:
+            return self._get_whole(key, full)[0] == data
+        except BackendError:
+            return False
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _get(
+        self, key: str, full: str, start: int, end: int, if_match: str | None = None
+    ) -> tuple[bytes, int | None, str]:
+        """GET bytes ``[start, end)``: ``(data, object size, etag)``; ``(b"", None, "")`` when
+        ``start`` is at or past the end. A body that breaks off is fetched again."""
+        kwargs: dict[str, Any] = {"Key": full, "Range": f"bytes={start}-{end - 1}"}
+        if if_match:
+            kwargs["IfMatch"] = if_match
+        for attempt in range(1, self.max_attempts + 1):
+            self.stats.incr("get_object")
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, **kwargs)
+            except (ClientError, BotoCoreError) as e:
+                if http_status(e) == 416 or error_code(e) == "InvalidRange":
+                    return b"", None, ""
+                raise self._error(e, "GetObject", key, full) from e
+            body = resp["Body"]
+            try:
+                data = body.read()
+            except BODY_READ_ERRORS as e:
+                if attempt == self.max_attempts:
+                    raise self._error(e, "GetObject (reading body)", key, full) from e
+                log.warning("s3://%s/%s: GET body broke off (%s), retrying", self.bucket, full, type(e).__name__)
+                kwargs["IfMatch"] = resp["ETag"]
+                continue
+            finally:
+                body.close()
+            total = parse_total_size(resp.get("ContentRange"))
+            if total is None:  # a store that ignored Range and sent the whole object
+                total, data = len(data), data[start:end]
+            return data, total, str(resp.get("ETag", ""))
+        raise AssertionError("unreachable")
+
+    def _get_whole(self, key: str, full: str) -> tuple[bytes, str]:
+        """A small object's bytes and ETag with one plain GET (an empty object included)."""
+        self.stats.incr("get_object")
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=full)
+            with resp["Body"] as body:
+                return body.read(), str(resp["ETag"])
+        except (ClientError, BotoCoreError, *BODY_READ_ERRORS) as e:
+            raise self._error(e, "GetObject", key, full) from e
+
+    def _get_many(self, key: str, full: str, pieces: list[tuple[int, int]], if_match: str | None) -> list[bytes]:
+        """GET several ``[start, end)`` pieces, in parallel when there are several."""
+        if len(pieces) == 1:
+            return [self._get(key, full, *pieces[0], if_match)[0]]
+        futures: list[Future[tuple[bytes, int | None, str]]] = [
+            self._executor().submit(self._get, key, full, s, e, if_match) for s, e in pieces
+        ]
+        try:
+            return [f.result()[0] for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        full = self._full(key)
+        if start < 0 or (length is not None and length < 0):
+            raise ValueError(f"invalid range start={start} length={length} for {key!r}")
+        if length == 0:
+            self.size(key)  # raises ObjectNotFound
+            return b""
+        if start == 0 and length is None:
+            first, total, etag = self._get(key, full, 0, self.part_size)
+            if total is None:  # an empty object answers a ranged GET with 416
+                return self._get_whole(key, full)[0]
+        else:
+            first_len = self.part_size if length is None else min(length, self.part_size)
+            first, total, etag = self._get(key, full, start, start + first_len)
+            if total is None:  # start is at or past the end
+                return b""
+        stop = total if length is None else min(start + length, total)
+        pos = start + len(first)
+        if pos >= stop:
+            return first
+        rest = self._get_many(key, full, split_span(pos, stop, self.part_size), etag or None)
+        return b"".join([first, *rest])
+
+    def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        full = self._full(key)
+        for start, length in ranges:
+            if start < 0 or length < 0:
+                raise ValueError(f"invalid range start={start} length={length} for {key!r}")
+        if not ranges:
+            return []
+        spans = coalesce(ranges, self.coalesce_gap)
+        pieces: list[tuple[int, int]] = []
+        owners: list[int] = []
+        for i, (s, e, _) in enumerate(spans):
+            for piece in split_span(s, max(e, s + 1), self.part_size):
+                pieces.append(piece)
+                owners.append(i)
+        blobs = self._get_many(key, full, pieces, None)
+        joined: list[list[bytes]] = [[] for _ in spans]
+        for i, blob in zip(owners, blobs):
+            joined[i].append(blob)
+        out: list[bytes] = [b""] * len(ranges)
+        for (s, _, idx), parts in zip(spans, joined):
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            for j in idx:
+                r_start, r_len = ranges[j]
+                out[j] = data[r_start - s : r_start - s + r_len]
+        return out
+
+    def size(self, key: str) -> int:
+        full = self._full(key)
+        return int(self._call("head_object", key, full, Key=full)["ContentLength"])
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        full_prefix = self._full_prefix(prefix)
+        out: list[ObjectInfo] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full_prefix):
+                self.stats.incr("list_objects_v2")
+                out.extend(ObjectInfo(self._relative(o["Key"]), int(o["Size"])) for o in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, "ListObjectsV2", prefix, full_prefix) from e
+        out.sort(key=lambda o: o.key)
+        return out
+
+    # -- deleting ---------------------------------------------------------------------------
+
+    def delete(self, key: str) -> None:
+        full = self._full(key)
+        self._call("delete_object", key, full, Key=full)
+
+    def delete_prefix(self, prefix: str) -> int:
+        if not prefix.strip("/"):
+            raise UnsafeKey("refusing to delete_prefix('') — that would delete the whole run root", key=prefix)
+        folder = prefix.rstrip("/") + "/"
+        keys = [self._full(o.key) for o in self.list(folder)]
+        for i in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[i : i + _DELETE_BATCH]
+            resp = self._call(
+                "delete_objects", folder, self._full_prefix(folder),
+                Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+            )
+            errors = resp.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise BackendError(
+                    f"S3 DeleteObjects under s3://{self.bucket}/{self._full_prefix(folder)} failed for "
+                    f"{len(errors)} keys, e.g. {first.get('Key')}: {first.get('Code')}: {first.get('Message')}",
+                    key=self._relative(str(first.get("Key", ""))), code=first.get("Code"),
+                )
+        return len(keys)
+
+    # -- commit protocol --------------------------------------------------------------------
+
+    def staging_prefix(self, final_prefix: str, attempt: str) -> str:
+        """S3 uploads are invisible until complete, so files go straight to ``final_prefix``."""
+        return final_prefix
+
+    def publish(self, staging_prefix: str, final_prefix: str) -> None:
+        """Nothing to do when staging and final are the same (always, for S3). Otherwise copy
+        server-side and delete the staging objects (not atomic; only for callers that chose a
+        separate staging prefix themselves)."""
+        if staging_prefix.rstrip("/") == final_prefix.rstrip("/"):
+            return
+        src, dst = staging_prefix.rstrip("/") + "/", final_prefix.rstrip("/") + "/"
+        if self.list(dst):
+            raise ObjectExists(f"s3://{self.bucket}/{self._full_prefix(dst)} already holds objects", key=dst)
+        for obj in self.list(src):
+            target = dst + obj.key[len(src) :]
+            full_target = self._full(target)
+            self.stats.incr("copy")
+            try:
+                self.client.copy({"Bucket": self.bucket, "Key": self._full(obj.key)}, self.bucket, full_target)
+            except (ClientError, BotoCoreError) as e:
+                raise self._error(e, "CopyObject", target, full_target) from e
+        self.delete_prefix(src)
+
+    def _uploads(self, prefix: str) -> Iterator[tuple[str, str, datetime | None]]:
+        full_prefix = self._full_prefix(prefix)
+        try:
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=full_prefix):
+                self.stats.incr("list_multipart_uploads")
+                for up in page.get("Uploads", []) or []:
+                    yield up["Key"], up["UploadId"], up.get("Initiated")
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, "ListMultipartUploads", prefix, full_prefix) from e
+
+    def abandoned_uploads(self, prefix: str = "", *, older_than: float | None = None) -> Iterator[str]:
+        """Keys of unfinished multipart uploads below ``prefix``; with ``older_than`` (seconds)
+        only those started that long ago, so uploads of a running job can be spared."""
+        for full_key, _, _ in self._old_uploads(prefix, older_than):
+            yield self._relative(full_key)
+
+    def abort_uploads(self, prefix: str = "", *, older_than: float | None = None) -> int:
+        count = 0
+        for full_key, upload_id, _ in list(self._old_uploads(prefix, older_than)):
+            self.stats.incr("abort_multipart_upload")
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
+            except (ClientError, BotoCoreError) as e:
+                if error_code(e) == "NoSuchUpload":
+                    continue  # someone else aborted or completed it meanwhile
+                raise self._error(e, "AbortMultipartUpload", self._relative(full_key), full_key) from e
+            log.info("aborted unfinished upload of s3://%s/%s", self.bucket, full_key)
+            count += 1
+        return count
+
+    def _old_uploads(self, prefix: str, older_than: float | None) -> Iterator[tuple[str, str, datetime | None]]:
+        now = datetime.now(timezone.utc)
+        for up in self._uploads(prefix):
+            started = up[2]
+            if older_than is None or started is None or (now - started).total_seconds() >= older_than:
+                yield up

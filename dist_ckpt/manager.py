@@ -22,7 +22,14 @@ from dist_ckpt import manifest as mf
 from dist_ckpt import rng
 from dist_ckpt.api import load_from, resolve_codec, save_to, split_checkpoint_uri
 from dist_ckpt.config import ManagerConfig, config_changes
-from dist_ckpt.errors import CheckpointError, CheckpointNotFound, ConfigChanged, ConfigError, StorageError
+from dist_ckpt.errors import (
+    CheckpointError,
+    CheckpointNotFound,
+    ConfigChanged,
+    ConfigError,
+    StepAlreadyExists,
+    StorageError,
+)
 from dist_ckpt.progress import KEY, Progress, check_metrics
 from dist_ckpt.run_store import RunStore, parse_step_prefix, step_prefix
 from dist_ckpt.state import TrainingState
@@ -92,16 +99,19 @@ class CheckpointManager:
     def _agree(self, compute: Any) -> Any:
         """Run ``compute`` on rank 0 and hand its result (or its error) to every rank."""
         outcome: list[Any] = [None]
+        error: BaseException | None = None
         if self.rank == 0:
             try:
                 outcome = [("ok", compute() if compute is not None else None)]
-            except CheckpointError as e:
-                outcome = [("err", e)]
+            except Exception as e:  # any error must reach every rank, or they wait forever
+                error = e
+                shared = e if isinstance(e, CheckpointError) else CheckpointError(f"rank 0 failed: {type(e).__name__}: {e}")
+                outcome = [("err", shared)]
         if self._distributed:
             dist.broadcast_object_list(outcome, src=dist.get_global_rank(self._pg, 0) if self._pg else 0, group=self._pg)
         status, value = outcome[0]
         if status == "err":
-            raise value
+            raise error if error is not None else value
         return value
 
     def _start(self) -> None:
@@ -171,7 +181,14 @@ class CheckpointManager:
         progress, improved = self._progress.observe(metrics, self.config.best)
         progress = replace(progress, step=step, epoch=epoch, metrics=metrics)
         every = self.config.save_every_n_steps
-        return progress, bool(force or every is None or step % every == 0 or improved)
+        due = bool(force or every is None or step % every == 0 or improved)
+        if due and self.backend.exists(f"{step_prefix(step)}/COMMITTED"):
+            raise StepAlreadyExists(
+                f"{self.root}: step {step} is already committed and is never overwritten. This happens "
+                "after resuming from an earlier checkpoint than the run's last: continue such a branch "
+                "in a new run root (restore(which=<checkpoint path>) from there), or prune the later steps."
+            )
+        return progress, due
 
     def _after_commit(self, step: int, info: dict[str, Any]) -> None:
         entry = mf.Entry(step, info["epoch"], info["metrics"], info["time"], 0, self.world_size, info["codec"])
@@ -258,6 +275,12 @@ class CheckpointManager:
         backend = self.backend if root == self.backend.uri else open_backend(root, **dict(self.config.backend_options))
         meta = read_checkpoint_metadata(backend, prefix)
         stored = meta.dcp.state_dict_metadata
+        if self.config.strict_config and self.config.config is not None:
+            # refuse before a single tracked object (or RNG) is modified
+            holder = {KEY: ""}
+            load_from(backend, prefix, holder, process_group=self._pg, allow_partial_load=True)
+            saved = Progress.decode(holder[KEY], f"{backend.uri}/{prefix}")
+            self._report_config_changes(tuple(config_changes(saved.config, self.config.config)), warn=False)
         sd = state.state_dict()
         sd[KEY] = ""
         own_rng = f"{rng.PREFIX}.{rng.rank_key(self.rank)}.torch" in stored
@@ -285,7 +308,7 @@ class CheckpointManager:
                           dict(progress.since_improvement), self._progress.tracker_run_id, changes,
                           meta.world_size, f"{backend.uri}/{prefix}")  # fmt: skip
 
-    def _report_config_changes(self, changes: tuple[str, ...]) -> None:
+    def _report_config_changes(self, changes: tuple[str, ...], *, warn: bool = True) -> None:
         if not changes:
             return
         allowed = set(self.config.config_may_change)
@@ -295,6 +318,8 @@ class CheckpointManager:
                 "the run config changed since the checkpoint (strict_config=True): " + "; ".join(blocking)
                 + ". Restore the old values or list the keys in config_may_change."
             )
+        if not warn:
+            return
         msg = "run config changed since the checkpoint: " + "; ".join(changes)
         warnings.warn(msg, stacklevel=3)
         log.warning(msg)

@@ -35,6 +35,7 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     p.add_argument("--crash-at-step", type=int, default=None, help="rank 0 SIGKILLs itself after this step (tests, demo)")
     p.add_argument("--losses-out", default=None, help="write per-step losses (JSON lines, rank 0)")
     p.add_argument("--final-out", default=None, help="write final full parameters and optimizer state (safetensors, rank 0)")
+    p.add_argument("--loaded-out", default=None, help="write the state right after resuming (safetensors, rank 0)")
     return p.parse_args(argv)
 
 
@@ -80,9 +81,10 @@ def record_loss(args: argparse.Namespace, rank: int, step: int, loss: float) -> 
             f.write(json.dumps({"step": step, "loss": loss.hex() if isinstance(loss, float) else loss}) + "\n")
 
 
-def write_final(args: argparse.Namespace, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> None:
-    """Full (unsharded) parameters and optimizer state to one safetensors file (rank 0)."""
-    if not args.final_out:
+def write_full_state(path: str | None, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    """Full (unsharded) parameters and optimizer state to one safetensors file (rank 0).
+    Every rank must call it (gathering FSDP shards is a collective)."""
+    if not path:
         return
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -97,7 +99,7 @@ def write_final(args: argparse.Namespace, model: torch.nn.Module, optimizers: di
                 if isinstance(v, torch.Tensor):
                     tensors[f"{name}.{fqn}.{k}"] = v.reshape(-1) if v.dim() == 0 else v
     if not dist.is_initialized() or dist.get_rank() == 0:
-        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, args.final_out)
+        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, path)
 
 
 def resume_which(args: argparse.Namespace) -> str | int | None:

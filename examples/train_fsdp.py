@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         mgr.load_weights(model, which=args.fresh_start_from)
     elif (which := common.resume_which(args)) is not None and (info := mgr.restore(state, which)) is not None:
         start = info.step + 1
+    common.write_full_state(args.loaded_out, model, {"optimizer": opt})
     for step, (x, y) in common.batches_from(loader, sampler, start):
         if step >= args.steps:
             break
@@ -61,10 +62,10 @@ def main(argv: list[str] | None = None) -> None:
             dist.all_reduce(value)
             value /= world
         common.record_loss(args, rank, step, value.item())
-        mgr.save(step, state, metrics={"loss": value.item()})
+        mgr.save(step, state, metrics={"loss": value.item()}, force=step == args.steps - 1)
         common.crash_if_asked(args, step, rank)
     mgr.close()
-    common.write_final(args, model, {"optimizer": opt})
+    common.write_full_state(args.final_out, model, {"optimizer": opt})
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     start = 0
     if (which := common.resume_which(args)) is not None and (info := mgr.restore(state, which)) is not None:
         start = info.step + 1
+    common.write_full_state(args.loaded_out, gen, {"opt_g": opt_g})
     for step, (real, _) in common.batches_from(loader, sampler, start):
         if step >= args.steps:
             break
@@ -65,11 +66,10 @@ def main(argv: list[str] | None = None) -> None:
             dist.all_reduce(value)
             value /= world
         common.record_loss(args, rank, step, value.item())
-        mgr.save(step, state, metrics={"g_loss": value.item(), "d_loss": d_loss.item()})
+        mgr.save(step, state, metrics={"g_loss": value.item(), "d_loss": d_loss.item()}, force=step == args.steps - 1)
         common.crash_if_asked(args, step, rank)
     mgr.close()
-    if args.final_out:
-        common.write_final(args, gen, {"opt_g": opt_g})
+    common.write_full_state(args.final_out, gen, {"opt_g": opt_g})
     if dist.is_initialized():
         dist.destroy_process_group()
 

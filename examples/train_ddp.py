@@ -30,7 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     model = build_model()
     if dist.is_initialized():
-        model = DDP(model)
+        # DDP rebuilds its gradient buckets after a process's first backward, which changes the
+        # summation order of the all-reduce on more than 2 ranks: a resumed process would differ
+        # from the uninterrupted one in the last bit. Without bucket rebuilding (what
+        # find_unused_parameters=True implies) the order is fixed and resume is bit-exact.
+        model = DDP(model, find_unused_parameters=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
     loader, sampler = common.make_loader(args.seed, args.batch_size, rank, world)

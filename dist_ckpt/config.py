@@ -78,6 +78,14 @@ class ManagerConfig:
     collect_garbage_on_start: bool = True
     """Remove leftovers of crashed saves when the manager starts (coordinator only)."""
 
+    read_only: bool = False
+    """Open the run for reading only (listing, restoring, loading weights): no writer lock,
+    no garbage collection, ``save()`` refused. Tools and evaluation jobs use this."""
+
+    lock_stale_after: float = 600.0
+    """Seconds without a heartbeat after which another job's run lock counts as abandoned
+    (a lock of a dead process on this host is taken over at once)."""
+
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     """Passed to the storage backend (e.g. S3 ``part_size``, ``max_concurrency``, ``endpoint_url``)."""
 
@@ -93,6 +101,8 @@ class ManagerConfig:
                 raise ConfigError(f"best: metric name {metric!r} must be a non-empty string without ':'")
             if mode not in _MODES:
                 raise ConfigError(f"best[{metric!r}]={mode!r}: expected 'min' or 'max'")
+        if not isinstance(self.lock_stale_after, (int, float)) or self.lock_stale_after <= 0:
+            raise ConfigError(f"lock_stale_after={self.lock_stale_after!r}: expected a positive number of seconds")
         if self.compression not in _COMPRESSION:
             raise ConfigError(f"compression={self.compression!r}: expected one of {_COMPRESSION}")
         if self.async_mode not in _ASYNC_MODES:

@@ -31,6 +31,7 @@ from dist_ckpt.errors import (
     StorageError,
 )
 from dist_ckpt.progress import KEY, Progress, check_metrics
+from dist_ckpt.run_lock import RunLock
 from dist_ckpt.run_store import RunStore, parse_step_prefix, step_prefix
 from dist_ckpt.state import TrainingState
 from dist_ckpt.storage import read_checkpoint_metadata
@@ -73,9 +74,17 @@ class CheckpointManager:
     """Saves and restores a run's whole training state under ``root`` (a path or ``s3://`` URI).
 
     Options are the fields of :class:`ManagerConfig`; ``process_group`` defaults to the
-    default group (or none, in a single process)."""
+    default group (or none, in a single process); ``backend`` replaces the one ``root`` would
+    open (e.g. an ``S3Backend`` built around your own boto3 client)."""
 
-    def __init__(self, root: str, *, process_group: dist.ProcessGroup | None = None, **options: Any):
+    def __init__(
+        self,
+        root: str,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        backend: Backend | None = None,
+        **options: Any,
+    ):
         try:
             self.config = ManagerConfig(**options)
         except TypeError as e:
@@ -86,13 +95,15 @@ class CheckpointManager:
         self.rank = dist.get_rank(process_group) if self._distributed else 0
         self.world_size = dist.get_world_size(process_group) if self._distributed else 1
         try:
-            self.backend: Backend = open_backend(self.root, **dict(self.config.backend_options))
+            # An injected backend (a wrapper, a preconfigured S3 client) is used as is.
+            self.backend: Backend = backend or open_backend(self.root, **dict(self.config.backend_options))
         except ValueError as e:
             raise ConfigError(f"CheckpointManager root {self.root!r}: {e}") from e
         self.store = RunStore(self.backend)
         self._codec = resolve_codec(self.config.compression, self.config.compression_level)
         self._progress = Progress(tracker_run_id=self.config.tracker_run_id, config=self.config.config)
         self._closed = False
+        self._lock: RunLock | None = None
         self._agree(self._start if self.rank == 0 else None)
 
     # -- collectives ------------------------------------------------------------------------
@@ -115,6 +126,11 @@ class CheckpointManager:
         return value
 
     def _start(self) -> None:
+        if self.config.read_only:
+            return
+        # The lock comes first: garbage collection must never touch another live job's saves.
+        self._lock = RunLock(self.backend, self.config.lock_stale_after)
+        self._lock.acquire()
         if self.config.collect_garbage_on_start:
             found = self.store.collect_garbage()
             if found.temp_dirs or found.uncommitted_steps or found.unfinished_uploads:
@@ -154,6 +170,8 @@ class CheckpointManager:
         ``save_every_n_steps``, when a tracked metric improves, or ``force``). Returns whether
         a checkpoint was written."""
         self._check_open()
+        if self.config.read_only:
+            raise ConfigError(f"{self.root} was opened with read_only=True; save() needs a writable manager")
         if not isinstance(state, TrainingState):
             raise ConfigError("save(step, state): state must come from mgr.track(...)")
         prefix = step_prefix(step)  # validates step
@@ -203,6 +221,8 @@ class CheckpointManager:
             drops = mf.retention_drops(new, self.config.keep_last, self.config.keep_every_n_steps)
             return mf.without_steps(new, drops)
 
+        if self._lock is not None:
+            self._lock.heartbeat()
         self.store.update_manifest(change)
         for dropped in drops:  # only now: the manifest that no longer lists them is durable
             try:
@@ -364,7 +384,12 @@ class CheckpointManager:
         self._check_open()
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _check_open(self) -> None:
         if self._closed:

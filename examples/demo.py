@@ -35,7 +35,7 @@ def main() -> int:
     rc = torchrun("train_ddp.py", 2, ["--ckpt", str(work / "run_b"), *common, "--crash-at-step", str(crash),
                                       "--losses-out", str(work / "b.jsonl")], log=log)  # fmt: skip
     print(f"   job exited with code {rc} (killed)")
-    listing = CheckpointManager(str(work / "run_b"), collect_garbage_on_start=False).checkpoints()
+    listing = CheckpointManager(str(work / "run_b"), read_only=True).checkpoints()
     for c in listing:
         print(f"   checkpoint step {c.step:>3}  loss={c.metrics.get('loss', float('nan')):.6f}  {' '.join(c.pointers)}")
 

@@ -37,7 +37,7 @@ def test_killed_and_resumed_run_is_bit_identical(script: str, tmp_path: Path) ->
     crash = random.Random().randrange(5, STEPS - 3)
     rc = _run(script, 2, ["--ckpt", str(tmp_path / "b"), "--crash-at-step", str(crash), "--losses-out", str(tmp_path / "b.jsonl")], tmp_path / "log")
     assert rc != 0, "the job was SIGKILLed and must not exit cleanly"
-    last_before = max(c.step for c in CheckpointManager(str(tmp_path / "b"), collect_garbage_on_start=False).checkpoints())
+    last_before = max(c.step for c in CheckpointManager(str(tmp_path / "b"), read_only=True).checkpoints())
     assert last_before <= crash
     rc = _run(script, 2, ["--ckpt", str(tmp_path / "b"), "--resume", "auto", "--losses-out", str(tmp_path / "b.jsonl"),
                           "--final-out", str(tmp_path / "b.st")], tmp_path / "log")  # fmt: skip
@@ -64,5 +64,5 @@ def test_resume_at_another_world_size(nproc: int, tmp_path: Path) -> None:
     assert "world size changed: the checkpoint was saved by 2 ranks" in log.read_text()
     if nproc == 4:
         assert "reseeded from (step=" in log.read_text()
-    steps = [c.step for c in CheckpointManager(str(tmp_path / "a"), collect_garbage_on_start=False).checkpoints()]
+    steps = [c.step for c in CheckpointManager(str(tmp_path / "a"), read_only=True).checkpoints()]
     assert steps[-1] == STEPS + 3, steps

@@ -49,6 +49,9 @@ def to_json(value: Any, path: str = "") -> Any:
     """The JSON-compatible form of ``value``; raises :class:`UnsupportedValue` naming ``path``."""
     if value is None or isinstance(value, (bool, str)):
         return value
+    # Before the int/float checks: numpy.float64 subclasses float (and would be refused there).
+    if isinstance(value, np.generic) and not isinstance(value, np.object_):
+        return {_TAG: "npscalar", "dtype": value.dtype.str, "v": to_json(value.item(), path)}
     if isinstance(value, int) and not isinstance(value, bool):
         if type(value) is not int:  # IntEnum and friends: refuse rather than lose the type
             raise _unsupported(path, value)
@@ -81,8 +84,6 @@ def to_json(value: Any, path: str = "") -> Any:
             "shape": list(value.shape),
             "b64": base64.b64encode(np.ascontiguousarray(value).tobytes()).decode("ascii"),
         }
-    if isinstance(value, np.generic) and not isinstance(value, np.object_):
-        return {_TAG: "npscalar", "dtype": value.dtype.str, "v": to_json(value.item(), path)}
     raise _unsupported(path, value)
 
 
@@ -147,4 +148,9 @@ def decode(data: bytes, where: str = "value") -> Any:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _bad(where, f"not UTF-8 JSON ({e.__class__.__name__}: {e})") from e
-    return from_json(obj, where)
+    except RecursionError as e:
+        raise _bad(where, "JSON nested too deeply") from e
+    try:
+        return from_json(obj, where)
+    except RecursionError as e:
+        raise _bad(where, "value nested too deeply") from e

@@ -133,7 +133,7 @@ def loads(data: bytes, where: str) -> CheckpointMetadata:
         raise CorruptCheckpoint(f"{where}: {len(data)} bytes exceeds the metadata size limit")
     try:
         doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CorruptCheckpoint(
             f"{where}: not valid JSON ({e.__class__.__name__}); dist_ckpt metadata is always JSON, "
             "never a pickle — this file is damaged or was replaced"

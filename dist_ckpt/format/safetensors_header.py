@@ -109,7 +109,7 @@ def parse_header(raw: bytes, file: str, file_size: int) -> ShardHeader:
         raise _corrupt(file, f"header truncated: {len(raw)} of {hlen} bytes")
     try:
         doc = json.loads(raw[8:hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise _corrupt(file, f"header is not valid JSON ({e})") from e
     if not isinstance(doc, dict):
         raise _corrupt(file, "header is not a JSON object")
@@ -118,7 +118,7 @@ def parse_header(raw: bytes, file: str, file_size: int) -> ShardHeader:
     if isinstance(meta, dict) and META_KEY in meta:
         try:
             extra = json.loads(meta[META_KEY])
-        except (TypeError, json.JSONDecodeError) as e:
+        except (TypeError, json.JSONDecodeError, RecursionError) as e:
             raise _corrupt(file, f"__metadata__[{META_KEY!r}] is not valid JSON ({e})") from e
         if not isinstance(extra, dict):
             raise _corrupt(file, f"__metadata__[{META_KEY!r}] is not a JSON object")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,6 +28,8 @@ from storage_backends.base import Backend, ObjectWriter
 SMALL_ENTRY_BYTES = 4096  # below this, compressing costs more than it saves
 _HEADER_PROBE = 64 * 1024
 _PLACEHOLDER = 10**15  # wider than any real offset or length
+_HASH_PIECE = 8 << 20  # bytes hashed per call (xxhash holds the GIL during a call)
+_OVERLAP_HASH_BYTES = 4 << 20  # below this a shard is hashed inline, without a helper thread
 
 
 class ChunkCodec(Protocol):
@@ -38,7 +41,13 @@ class ChunkCodec(Protocol):
     def encode(self, raw: memoryview, dtype: str) -> Iterator[tuple[bytes, int]]: ...
 
     def decode_into(
-        self, chunks: Sequence[bytes | memoryview], raw_lens: Sequence[int], dtype: str, out: memoryview
+        self,
+        chunks: Sequence[bytes | memoryview],
+        raw_lens: Sequence[int],
+        dtype: str,
+        out: memoryview,
+        *,
+        first_index: int = 0,
     ) -> None: ...
 
 
@@ -90,17 +99,43 @@ def _plain_header(entries: Sequence[PendingEntry]) -> tuple[bytes, list[int]]:
     return build_header(specs, extra), ends
 
 
-def _write_plain(writer: ObjectWriter, entries: Sequence[PendingEntry]) -> WrittenShard:
-    header, _ = _plain_header(entries)
-    writer.write(header)
+def _hash_entries(entries: Sequence[PendingEntry]) -> tuple[str, dict[str, str]]:
+    """xxh3-128 of all entries' bytes in order, and each entry's xxh3-64."""
     data_hash = xxhash.xxh3_128()
     sums: dict[str, str] = {}
     for e in entries:
-        data_hash.update(e.data)
-        sums[e.name] = xxhash.xxh3_64_hexdigest(e.data)
-        writer.write(e.data)
-    size = writer.commit()
-    checksum = f"xxh3_128:{xxhash.xxh3_128_hexdigest(header)}:{data_hash.hexdigest()}"
+        entry_hash = xxhash.xxh3_64()
+        data = e.data.cast("B") if e.data.format != "B" or e.data.ndim != 1 else e.data
+        for pos in range(0, max(len(data), 1), _HASH_PIECE):
+            piece = data[pos : pos + _HASH_PIECE]
+            data_hash.update(piece)
+            entry_hash.update(piece)
+        sums[e.name] = entry_hash.hexdigest()
+    return data_hash.hexdigest(), sums
+
+
+def _write_plain(writer: ObjectWriter, entries: Sequence[PendingEntry]) -> WrittenShard:
+    header, _ = _plain_header(entries)
+    writer.write(header)
+    total = sum(e.data.nbytes for e in entries)
+    if total < _OVERLAP_HASH_BYTES:
+        data_digest, sums = _hash_entries(entries)
+        for e in entries:
+            writer.write(e.data)
+        size = writer.commit()
+    else:
+        # Hash on a helper thread while this one writes: the writes (and the fsync in
+        # commit) release the GIL, so the checksums cost no wall time on top of the I/O.
+        # xxhash holds the GIL per call, hence the hashing in pieces.
+        with ThreadPoolExecutor(1, thread_name_prefix="dist_ckpt-hash") as pool:
+            hashed = pool.submit(_hash_entries, entries)
+            try:
+                for e in entries:
+                    writer.write(e.data)
+                size = writer.commit()
+            finally:
+                data_digest, sums = hashed.result()
+    checksum = f"xxh3_128:{xxhash.xxh3_128_hexdigest(header)}:{data_digest}"
     return WrittenShard(size, checksum, sums, {e.name: e.data.nbytes for e in entries})
 
 
@@ -227,7 +262,10 @@ class ShardReader:
         return self._read_chunked(info, start, stop, checksum if whole else None)
 
     def check(self, info: EntryInfo, stored: bytes | memoryview, checksum: str) -> None:
-        found = xxhash.xxh3_64_hexdigest(stored)
+        self.check_digest(info, xxhash.xxh3_64_hexdigest(stored), checksum)
+
+    def check_digest(self, info: EntryInfo, found: str, checksum: str) -> None:
+        """Compare the xxh3-64 ``found`` over an entry's stored bytes with metadata.json's."""
         if found != checksum:
             raise CorruptCheckpoint(
                 f"{self.header.file}, entry {info.name!r}: checksum mismatch (expected {checksum}, "
@@ -257,7 +295,7 @@ class ShardReader:
             pos += n
         out = bytearray(sum(raw_lens[first:last]))
         try:
-            codec.decode_into(pieces, raw_lens[first:last], info.dtype, memoryview(out))
+            codec.decode_into(pieces, raw_lens[first:last], info.dtype, memoryview(out), first_index=first)
         except CorruptCheckpoint as e:
             raise CorruptCheckpoint(f"{self.header.file}, entry {info.name!r}: {e}") from e
         offset = sum(raw_lens[:first])

@@ -35,6 +35,7 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
@@ -65,7 +66,21 @@ _MIN_GAIN = 64  # keep a zstd frame only if it saves >= 1/64 of the stream: near
 _local = threading.local()  # ZstdCompressor/ZstdDecompressor are not thread-safe: one per thread
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
-_pools_pid = os.getpid()
+_idle_work: list[bg.Workspace] = []
+_work_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has the parent's pools but none of their threads, and locks that may
+    have been held at the fork: start from scratch."""
+    global _pools_lock, _work_lock
+    _pools.clear()
+    _idle_work.clear()
+    _pools_lock, _work_lock = threading.Lock(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _cctx(level: int) -> zstandard.ZstdCompressor:
@@ -78,6 +93,26 @@ def _cctx(level: int) -> zstandard.ZstdCompressor:
     return cctx
 
 
+@contextmanager
+def _borrowed_workspace() -> Iterator[bg.Workspace]:
+    """Scratch buffers for one chunk (~6x its raw size for BF16/F32), from a free list: reused
+    chunk after chunk (fresh multi-MB numpy temporaries page-fault: 10x the arithmetic), yet
+    never more of them than chunks in flight, and dropped by :func:`release_buffers`."""
+    with _work_lock:
+        work = _idle_work.pop() if _idle_work else bg.Workspace()
+    try:
+        yield work
+    finally:
+        with _work_lock:
+            _idle_work.append(work)
+
+
+def release_buffers() -> None:
+    """Free the idle scratch buffers (e.g. after a save, to give the memory back)."""
+    with _work_lock:
+        _idle_work.clear()
+
+
 def _dctx() -> zstandard.ZstdDecompressor:
     dctx: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
     if dctx is None:
@@ -86,13 +121,8 @@ def _dctx() -> zstandard.ZstdDecompressor:
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    """The module's pool for this thread count, created on first use (and anew after a fork:
-    a forked child has the parent's pool object but none of its threads)."""
-    global _pools_pid
+    """The module's pool for this thread count, created on first use."""
     with _pools_lock:
-        if os.getpid() != _pools_pid:
-            _pools.clear()
-            _pools_pid = os.getpid()
         pool = _pools.get(threads)
         if pool is None:
             log.debug("starting a %d-thread zstd pool", threads)
@@ -137,6 +167,11 @@ def _pack_stream(data: np.ndarray, level: int) -> tuple[int, bytes | np.ndarray]
 
 def encode_chunk(piece: memoryview, dtype: str, level: int) -> bytes:
     """Transform and compress one chunk (whole elements, plus a partial tail in the last one)."""
+    with _borrowed_workspace() as work:  # the streams may live in it until the join below
+        return _encode_chunk(piece, dtype, level, work)
+
+
+def _encode_chunk(piece: memoryview, dtype: str, level: int, work: bg.Workspace) -> bytes:
     transform, itemsize = _transform_of(dtype)
     body = np.frombuffer(piece, dtype=np.uint8)
     n = body.size // itemsize
@@ -145,23 +180,32 @@ def encode_chunk(piece: memoryview, dtype: str, level: int) -> bytes:
     if transform == T_NONE:
         streams = [body]
     elif transform == T_SPLIT:
-        base, streams = bg.split_float(whole, itemsize)
+        base, streams = bg.split_float(whole, itemsize, work)
     else:
         if transform == T_ROT_GROUP:
-            whole = bg.rotate_left1(whole.view(np.uint16)).view(np.uint8)
-        planes = bg.byte_group(whole, itemsize)
+            words = whole.view("<u2")
+            whole = bg.rotate_left1(words, out=work.get("rotated", n, "<u2"), work=work).view(np.uint8)
+        planes = bg.byte_group(whole, itemsize, work)
         streams = [planes[j * n : (j + 1) * n] for j in range(itemsize)]
     tail = body[n * itemsize :] if transform != T_NONE else body[:0]
     packed = [_pack_stream(s, level) for s in streams] + [(MODE_RAW, tail)]
     parts: list[bytes | np.ndarray] = [_HEAD.pack(FORMAT_VERSION, transform, itemsize, len(packed), body.size, base)]
     parts += [_STREAM.pack(mode, len(payload)) for mode, payload in packed]
     parts += [payload for _, payload in packed]
-    blob = b"".join(parts)
-    return blob + _TRAILER.pack(xxhash.xxh3_64_intdigest(blob))
+    digest = xxhash.xxh3_64()
+    for part in parts:  # hashing the parts spares one copy of the whole chunk
+        digest.update(part)
+    parts.append(_TRAILER.pack(digest.intdigest()))
+    return b"".join(parts)
 
 
 def _corrupt(index: int, what: str) -> CorruptCheckpoint:
     return CorruptCheckpoint(f"chunk {index}: {what}; the stored data is damaged")
+
+
+def _check_raw_len(index: int, raw_len: int) -> None:
+    if not 0 <= raw_len <= CHUNK_BYTES_MAX:
+        raise _corrupt(index, f"declared raw length {raw_len} is outside [0, {CHUNK_BYTES_MAX}]; refusing to allocate")
 
 
 def _unpack_stream(index: int, which: int, mode: int, payload: memoryview, expected: int) -> np.ndarray:
@@ -186,20 +230,31 @@ def _unpack_stream(index: int, which: int, mode: int, payload: memoryview, expec
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def decode_chunk_into(stored: bytes | memoryview, raw_len: int, dtype: str, dst: np.ndarray, index: int = 0) -> None:
+def decode_chunk_into(
+    stored: bytes | memoryview, raw_len: int, dtype: str, dst: np.ndarray, index: int = 0
+) -> None:
     """Decode one stored chunk into ``dst`` (uint8, ``raw_len`` long); raises CorruptCheckpoint."""
-    if raw_len > CHUNK_BYTES_MAX or raw_len < 0:
-        raise _corrupt(index, f"declared raw length {raw_len} is outside [0, {CHUNK_BYTES_MAX}]; refusing to allocate")
+    with _borrowed_workspace() as work:
+        _decode_chunk_into(stored, raw_len, dtype, dst, index, work)
+
+
+def _decode_chunk_into(
+    stored: bytes | memoryview, raw_len: int, dtype: str, dst: np.ndarray, index: int, work: bg.Workspace
+) -> None:
+    _check_raw_len(index, raw_len)
+    if dst.size != raw_len:
+        raise ValueError(f"chunk {index}: output buffer holds {dst.size} bytes, the chunk decodes to {raw_len}")
     transform, itemsize = _transform_of(dtype)
     view = memoryview(stored).cast("B")
     fixed = _HEAD.size + _TRAILER.size
     if len(view) < fixed:
-        raise _corrupt(index, f"truncated: {len(view)} bytes, less than the {fixed}-byte chunk header and trailer")
+        raise _corrupt(index, f"truncated: {len(view)} bytes, shorter than a chunk's {fixed}-byte header and trailer")
     body = view[: -_TRAILER.size]
     (want,) = _TRAILER.unpack(view[-_TRAILER.size :])
     found = xxhash.xxh3_64_intdigest(body)
     if found != want:
-        raise _corrupt(index, f"checksum mismatch (expected xxh3_64 {want:016x}, found {found:016x}) — truncated or altered")
+        what = f"checksum mismatch (expected xxh3_64 {want:016x}, found {found:016x}), truncated or altered"
+        raise _corrupt(index, what)
     version, t, isz, nstreams, hdr_raw, base = _HEAD.unpack(body[: _HEAD.size])
     if version != FORMAT_VERSION:
         raise _corrupt(index, f"format version {version}, this build reads {FORMAT_VERSION}")
@@ -210,9 +265,10 @@ def decode_chunk_into(stored: bytes | memoryview, raw_len: int, dtype: str, dst:
     pos = _HEAD.size + nstreams * _STREAM.size
     if nstreams < 1 or pos > len(body):
         raise _corrupt(index, f"bad stream count {nstreams}")
-    table = [_STREAM.unpack(body[_HEAD.size + i * _STREAM.size : _HEAD.size + (i + 1) * _STREAM.size]) for i in range(nstreams)]
-    if pos + sum(length for _, length in table) != len(body):
-        raise _corrupt(index, f"stream lengths sum to {sum(length for _, length in table)}, chunk holds {len(body) - pos}")
+    table = [_STREAM.unpack_from(body, _HEAD.size + i * _STREAM.size) for i in range(nstreams)]
+    listed = sum(length for _, length in table)
+    if pos + listed != len(body):
+        raise _corrupt(index, f"stream lengths sum to {listed}, the chunk holds {len(body) - pos}")
     payloads = []
     for _, length in table:
         payloads.append(body[pos : pos + length])
@@ -234,14 +290,15 @@ def decode_chunk_into(stored: bytes | memoryview, raw_len: int, dtype: str, dst:
             raise _corrupt(index, f"base exponent {base} out of range")
         joint = stream(0, n)
         sizes = bg.split_float_sizes(itemsize, n, bg.count_escapes(joint))
-        bg.merge_float(base, [joint] + [stream(i, sizes[i]) for i in range(1, len(sizes))], itemsize, whole)
+        streams = [joint] + [stream(i, sizes[i]) for i in range(1, len(sizes))]
+        bg.merge_float(base, streams, itemsize, whole, work)
     else:
         grid = whole.reshape(n, itemsize)
         for j in range(itemsize):
             grid[:, j] = stream(j, n)
         if transform == T_ROT_GROUP:
-            words = whole.view(np.uint16)
-            words[...] = bg.rotate_right1(words)
+            words = whole.view("<u2")
+            bg.rotate_right1(words, out=words, work=work)
     dst[raw_len - tail_len : raw_len] = stream(nstreams - 1, tail_len)
 
 
@@ -259,7 +316,7 @@ class ZstdCodec:
 
     def __post_init__(self) -> None:
         if not zstandard.MAX_COMPRESSION_LEVEL >= self.level >= -(1 << 17):
-            raise ConfigError(f"zstd level must be at most {zstandard.MAX_COMPRESSION_LEVEL}, got {self.level}")
+            raise ConfigError(f"zstd level must be in [-131072, {zstandard.MAX_COMPRESSION_LEVEL}], got {self.level}")
         if not 1 <= self.chunk_bytes <= CHUNK_BYTES_MAX:
             raise ConfigError(f"chunk_bytes must be in [1, {CHUNK_BYTES_MAX}], got {self.chunk_bytes}")
         if self.threads is not None and self.threads < 1:
@@ -276,9 +333,9 @@ class ZstdCodec:
 
     def encode(self, raw: memoryview, dtype: str) -> Iterator[tuple[bytes, int]]:
         """Yield (stored_chunk_bytes, raw_len) for each chunk of `raw`, in order. Chunks are
-        byte-grouped then zstd-compressed on a shared thread pool, at most ~2×threads chunks
-        ahead of the consumer (bounded memory: the whole entry is never compressed at once).
-        An empty entry has no chunks."""
+        transformed (byte_group / split_float) then zstd-compressed on a shared thread pool, at
+        most 2×threads chunks ahead of the consumer (bounded memory: the whole entry is never
+        compressed at once). An empty entry has no chunks."""
         view = memoryview(raw).cast("B")
         step, total = self.step(dtype), len(view)
         offsets = range(0, total, step)
@@ -306,8 +363,7 @@ class ZstdCodec:
 
     def decode_chunk(self, stored: bytes | memoryview, raw_len: int, dtype: str, *, index: int = 0) -> bytes:
         """Decode one chunk; ``index`` only names the chunk in error messages."""
-        if raw_len > CHUNK_BYTES_MAX or raw_len < 0:  # before allocating the output
-            raise _corrupt(index, f"declared raw length {raw_len} is outside [0, {CHUNK_BYTES_MAX}]; refusing to allocate")
+        _check_raw_len(index, raw_len)  # before allocating the output
         out = bytearray(raw_len)
         decode_chunk_into(stored, raw_len, dtype, np.frombuffer(out, dtype=np.uint8), index)
         return bytes(out)
@@ -326,8 +382,7 @@ class ZstdCodec:
         if len(chunks) != len(raw_lens):
             raise ValueError(f"{len(chunks)} chunks but {len(raw_lens)} raw lengths")
         for i, raw_len in enumerate(raw_lens):
-            if raw_len > CHUNK_BYTES_MAX or raw_len < 0:
-                raise _corrupt(first_index + i, f"declared raw length {raw_len} is outside [0, {CHUNK_BYTES_MAX}]")
+            _check_raw_len(first_index + i, raw_len)
         dst = np.frombuffer(memoryview(out).cast("B"), dtype=np.uint8)
         if dst.size != sum(raw_lens):
             raise ValueError(f"out holds {dst.size} bytes but the chunks decode to {sum(raw_lens)}")
@@ -338,7 +393,8 @@ class ZstdCodec:
             for c, raw_len, part, idx in jobs:
                 decode_chunk_into(c, raw_len, dtype, part, idx)
             return
-        futures = [_pool(threads).submit(decode_chunk_into, c, raw_len, dtype, part, idx) for c, raw_len, part, idx in jobs]
+        pool = _pool(threads)
+        futures = [pool.submit(decode_chunk_into, c, raw_len, dtype, part, idx) for c, raw_len, part, idx in jobs]
         errors = [f.exception() for f in futures]  # wait for all: none may still write into `out`
         for err in errors:
             if err is not None:

@@ -111,6 +111,16 @@ class ManagerConfig:
             raise ConfigError(f"if_busy={self.if_busy!r}: expected one of {_IF_BUSY}")
         if not isinstance(self.compression_level, int) or not -7 <= self.compression_level <= 22:
             raise ConfigError(f"compression_level={self.compression_level!r}: expected an int in [-7, 22]")
+        for name in ("strict_config", "async_save", "save_on_sigterm", "collect_garbage_on_start"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: expected True or False")
+        may_change = self.config_may_change
+        if not isinstance(may_change, (tuple, list, set, frozenset)) or not all(isinstance(k, str) for k in may_change):
+            # a bare string would silently allow its letters: config_may_change="lr" → ("l", "r")
+            raise ConfigError(f"config_may_change={may_change!r}: expected a tuple of dotted keys, e.g. ('optim.lr',)")
+        object.__setattr__(self, "config_may_change", tuple(may_change))
+        if not isinstance(self.backend_options, Mapping):
+            raise ConfigError(f"backend_options={self.backend_options!r}: expected a dict of storage backend options")
         if self.tracker_run_id is not None and not isinstance(self.tracker_run_id, str):
             raise ConfigError(f"tracker_run_id={self.tracker_run_id!r}: expected a string")
         if self.config is not None:

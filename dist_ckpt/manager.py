@@ -99,12 +99,21 @@ class CheckpointManager:
             self.backend: Backend = backend or open_backend(self.root, **dict(self.config.backend_options))
         except ValueError as e:
             raise ConfigError(f"CheckpointManager root {self.root!r}: {e}") from e
+        except TypeError as e:  # an option the backend does not take
+            raise ConfigError(f"CheckpointManager backend_options={dict(self.config.backend_options)!r}: {e}") from e
         self.store = RunStore(self.backend)
         self._codec = resolve_codec(self.config.compression, self.config.compression_level)
         self._progress = Progress(tracker_run_id=self.config.tracker_run_id, config=self.config.config)
         self._closed = False
         self._lock: RunLock | None = None
+        self._last_step: int | None = None  # rank 0: the run's newest committed step
+        self._engine: Any = None  # async saves and SIGTERM handling (dist_ckpt.async_engine)
         self._agree(self._start if self.rank == 0 else None)
+        if self.config.async_save or self.config.save_on_sigterm:
+            from dist_ckpt.async_engine import AsyncEngine
+
+            self._engine = AsyncEngine(self.config, self.backend, self._codec, process_group=self._pg,
+                                       rank=self.rank, world_size=self.world_size)  # fmt: skip
 
     # -- collectives ------------------------------------------------------------------------
     def _agree(self, compute: Any) -> Any:
@@ -135,7 +144,7 @@ class CheckpointManager:
             found = self.store.collect_garbage()
             if found.temp_dirs or found.uncommitted_steps or found.unfinished_uploads:
                 log.warning("removed leftovers of interrupted saves in %s: %s", self.root, found)
-        self.store.reconciled_manifest(self.config.best)
+        self._last_step = self.store.reconciled_manifest(self.config.best).pointers.get(mf.LAST)
 
     # -- public API -------------------------------------------------------------------------
     def track(self, **objects: Any) -> TrainingState:
@@ -175,9 +184,15 @@ class CheckpointManager:
         if not isinstance(state, TrainingState):
             raise ConfigError("save(step, state): state must come from mgr.track(...)")
         prefix = step_prefix(step)  # validates step
+        # async: raises a finished background save's failure (on every rank); True while one runs
+        busy = self._engine.poll() if self._engine is not None else False
         decision = self._agree(lambda: self._decide(step, check_metrics(metrics), epoch, force))
         progress, due = decision
         if not due:
+            self._progress = progress
+            return False
+        if busy and self.config.if_busy == "skip":
+            log.warning("step %d not saved: the previous save is still in flight (if_busy='skip')", step)
             self._progress = progress
             return False
         sd = state.state_dict()
@@ -190,6 +205,11 @@ class CheckpointManager:
             "time": time.time(),
             "codec": self._codec.name if self._codec else "none",
         }
+        if self._engine is not None and self.config.async_save:
+            # returns once the tensors are staged; write, commit and _after_commit run in the background
+            self._engine.submit(step, prefix, sd, commit_info, lambda: self._after_commit(step, commit_info))
+            self._progress = progress
+            return True
         save_to(self.backend, prefix, sd, codec=self._codec, commit_info=commit_info, process_group=self._pg)
         self._agree(lambda: self._after_commit(step, commit_info))
         self._progress = progress
@@ -205,6 +225,15 @@ class CheckpointManager:
                 f"{self.root}: step {step} is already committed and is never overwritten. This happens "
                 "after resuming from an earlier checkpoint than the run's last: continue such a branch "
                 "in a new run root (restore(which=<checkpoint path>) from there), or prune the later steps."
+            )
+        if due and self._last_step is not None and step < self._last_step:
+            # Retention keeps the newest *step*: a checkpoint behind it could be deleted as soon
+            # as it is committed, and "last" would still resume from the later step.
+            raise ConfigError(
+                f"{self.root}: step {step} is behind the run's last checkpoint (step {self._last_step}); a run's "
+                "steps only go forward. This happens after resuming from an earlier checkpoint than the run's "
+                "last: continue such a branch in a new run root (restore(which=<checkpoint path>) from there), "
+                "or prune the later steps."
             )
         return progress, due
 
@@ -223,7 +252,7 @@ class CheckpointManager:
 
         if self._lock is not None:
             self._lock.heartbeat()
-        self.store.update_manifest(change)
+        self._last_step = self.store.update_manifest(change).pointers.get(mf.LAST)
         for dropped in drops:  # only now: the manifest that no longer lists them is durable
             try:
                 self.store.delete_step(dropped)
@@ -380,16 +409,35 @@ class CheckpointManager:
 
     # -- lifecycle --------------------------------------------------------------------------
     def wait(self) -> None:
-        """Block until no save is in flight (a no-op for synchronous saves)."""
+        """Block until no save is in flight (a no-op for synchronous saves); raises the
+        failure of a background save (on every rank)."""
         self._check_open()
+        if self._engine is not None:
+            self._engine.drain()
+
+    def should_stop(self) -> bool:
+        """With ``save_on_sigterm=True``: True on every rank once any rank received SIGTERM
+        (a collective; call it on every rank, e.g. once per step). Then save the current step
+        with ``force=True`` and call :meth:`exit_after_preemption`. Always False otherwise."""
+        self._check_open()
+        return self._engine.should_stop() if self._engine is not None else False
+
+    def exit_after_preemption(self, code: int = 143) -> None:
+        """Wait for the in-flight save, close the manager and exit with ``code`` (128+SIGTERM)."""
+        self.close()
+        raise SystemExit(code)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        try:
+            if self._engine is not None:
+                self._engine.close()  # waits for the in-flight save; raises its failure after cleaning up
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def _check_open(self) -> None:
         if self._closed:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from dist_ckpt import manifest as mf
-from dist_ckpt.errors import CorruptCheckpoint, StorageError
+from dist_ckpt.errors import ConfigError, CorruptCheckpoint, StorageError
 from dist_ckpt.storage import COMMITTED
 from storage_backends import Backend, BackendError, PreconditionFailed, join_key
 
@@ -28,7 +28,8 @@ _CAS_ATTEMPTS = 20
 
 def step_prefix(step: int) -> str:
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
+        # ConfigError (a ValueError): inside the manager's rank-0 decisions it reaches every rank
+        raise ConfigError(f"step must be a non-negative int, got {step!r}")
     return f"step_{step:09d}"
 
 

@@ -1,12 +1,13 @@
 """DDP training on CPU with dist_ckpt: resumes exactly where a killed run stopped.
 
     torchrun --nproc-per-node 2 examples/train_ddp.py --ckpt /tmp/run1 --steps 40
-    torchrun --nproc-per-node 2 examples/train_ddp.py --ckpt /tmp/run1 --resume best:loss
+    torchrun --nproc-per-node 2 examples/train_ddp.py --ckpt /tmp/run2 --fresh-start-from /tmp/run1/step_000000039
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
 
     mgr = CheckpointManager(
         args.ckpt, keep_last=args.keep_last, save_every_n_steps=args.save_every, best={"loss": "min"},
-        compression=args.compression, config=vars(args) | {"crash_at_step": None}, total_steps=args.steps,
+        compression=args.compression, config=vars(args) | {"crash_at_step": None, "step_delay": None}, total_steps=args.steps,
+        async_save=args.async_save, async_mode=args.async_mode, save_on_sigterm=args.save_on_sigterm,
     )  # fmt: skip
     state = mgr.track(model=model, optimizer=opt, scheduler=sched)
     start = 0
@@ -63,8 +65,13 @@ def main(argv: list[str] | None = None) -> None:
             dist.all_reduce(value)
             value /= world
         common.record_loss(args, rank, step, value.item())
-        mgr.save(step, state, metrics={"loss": value.item()}, force=step == args.steps - 1)
+        stop = mgr.should_stop()  # with --save-on-sigterm: True on every rank once any rank got SIGTERM
+        mgr.save(step, state, metrics={"loss": value.item()}, force=stop or step == args.steps - 1)
         common.crash_if_asked(args, step, rank)
+        if stop:
+            mgr.exit_after_preemption()  # waits for that save, closes, exits with 143
+        if args.step_delay:
+            time.sleep(args.step_delay)
     mgr.close()
     common.write_full_state(args.final_out, model, {"optimizer": opt})
     if dist.is_initialized():

@@ -1,7 +1,7 @@
 """FSDP2 (fully_shard) training on CPU with dist_ckpt: sharded save, exact resume, any world size.
 
     torchrun --nproc-per-node 2 examples/train_fsdp.py --ckpt /tmp/run1 --steps 40
-    torchrun --nproc-per-node 2 examples/train_fsdp.py --ckpt /tmp/run1 --resume best:loss
+    torchrun --nproc-per-node 2 examples/train_fsdp.py --ckpt /tmp/run2 --resume /tmp/run1/step_000000039
 """
 
 from __future__ import annotations

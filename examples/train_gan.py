@@ -2,7 +2,7 @@
 restored together, from the same step, with a best checkpoint by generator loss.
 
     torchrun --nproc-per-node 2 examples/train_gan.py --ckpt /tmp/gan --steps 40
-    python examples/train_gan.py --ckpt /tmp/gan --resume best:g_loss
+    python examples/train_gan.py --ckpt /tmp/gan2 --resume /tmp/gan/step_000000039  # branch a new run from a checkpoint
 """
 
 from __future__ import annotations

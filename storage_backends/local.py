@@ -378,7 +378,26 @@ class LocalBackend:
         keys = list(self.abandoned_uploads(prefix))
         for key in keys:
             self.delete(key)
+        self._remove_empty_staging_dirs(prefix)
         return len(keys)
+
+    def _remove_empty_staging_dirs(self, prefix: str) -> None:
+        """Staging folders (``step_X.tmp-<attempt>``) left empty by a failed or killed save
+        (its temp files aborted, or killed right after the ``mkdir``) hold no object, so no
+        listing shows them; they are unfinished uploads too."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return
+        for name in names:
+            top = os.path.join(self.root, name)
+            if ".tmp-" not in name or not name.startswith(prefix.split("/", 1)[0]) or not os.path.isdir(top):
+                continue
+            for dirpath, _dirs, _files in os.walk(top, topdown=False):
+                try:
+                    os.rmdir(dirpath)  # only succeeds on an empty folder
+                except OSError:
+                    continue
 
 
 class _LockFile:

@@ -11,27 +11,24 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from storage_backends import s3_read
 from storage_backends.base import ObjectInfo, Versioned, validate_key
 from storage_backends.errors import BackendError, ObjectExists, PreconditionFailed, UnsafeKey
 from storage_backends.s3_multipart import S3ObjectWriter
 from storage_backends.s3_util import (
-    BODY_READ_ERRORS,
     MIN_PART_SIZE,
     MiB,
     RequestStats,
     build_client,
-    coalesce,
     error_code,
     http_status,
-    parse_total_size,
     retry_attempts,
-    split_span,
     translate,
 )
 
@@ -88,9 +85,13 @@ class S3Backend:
         self.max_attempts = max_attempts
         self.stats = RequestStats()
         self._options: dict[str, Any] = dict(
-            endpoint_url=endpoint_url, part_size=part_size, max_concurrency=max_concurrency,
-            retry_mode=retry_mode, max_attempts=max_attempts,
-            multipart_threshold=multipart_threshold, coalesce_gap=coalesce_gap,
+            endpoint_url=endpoint_url,
+            part_size=part_size,
+            max_concurrency=max_concurrency,
+            retry_mode=retry_mode,
+            max_attempts=max_attempts,
+            multipart_threshold=multipart_threshold,
+            coalesce_gap=coalesce_gap,
         )
         self._injected = client is not None
         self._lock = threading.Lock()
@@ -139,7 +140,9 @@ class S3Backend:
     def _new_client(self) -> Any:
         o = self._options
         return build_client(
-            endpoint_url=o["endpoint_url"], retry_mode=o["retry_mode"], max_attempts=o["max_attempts"],
+            endpoint_url=o["endpoint_url"],
+            retry_mode=o["retry_mode"],
+            max_attempts=o["max_attempts"],
             max_pool_connections=2 * self.max_concurrency + 4,
         )
 
@@ -217,7 +220,7 @@ class S3Backend:
     def read_versioned(self, key: str) -> Versioned | None:
         full = self._full(key)
         try:
-            data, etag = self._get_whole(key, full)
+            data, etag = s3_read.get_whole(self, key, full)
         except FileNotFoundError:
             return None
         return Versioned(data, etag)
@@ -235,124 +238,29 @@ class S3Backend:
                 current = self.read_versioned(key)
                 if current is not None and current.data == data:
                     return current.version  # our own first attempt went through
+            what = "already exists" if expected_version is None else f"is no longer version {expected_version}"
             raise PreconditionFailed(
-                f"s3://{self.bucket}/{full} changed since version {expected_version!r} was read "
-                f"({e.code}); read it again and retry",
-                key=key, code=e.code,
+                f"s3://{self.bucket}/{full} {what} ({e.code}): another writer got there first; read it again and retry",
+                key=key,
+                code=e.code,
             ) from cause
 
     def _holds(self, key: str, full: str, data: bytes) -> bool:
         try:
-            return self._get_whole(key, full)[0] == data
+            return s3_read.get_whole(self, key, full)[0] == data
         except BackendError:
             return False
 
     # -- reading ----------------------------------------------------------------------------
 
-    def _get(
-        self, key: str, full: str, start: int, end: int, if_match: str | None = None
-    ) -> tuple[bytes, int | None, str]:
-        """GET bytes ``[start, end)``: ``(data, object size, etag)``; ``(b"", None, "")`` when
-        ``start`` is at or past the end. A body that breaks off is fetched again."""
-        kwargs: dict[str, Any] = {"Key": full, "Range": f"bytes={start}-{end - 1}"}
-        if if_match:
-            kwargs["IfMatch"] = if_match
-        for attempt in range(1, self.max_attempts + 1):
-            self.stats.incr("get_object")
-            try:
-                resp = self.client.get_object(Bucket=self.bucket, **kwargs)
-            except (ClientError, BotoCoreError) as e:
-                if http_status(e) == 416 or error_code(e) == "InvalidRange":
-                    return b"", None, ""
-                raise self._error(e, "GetObject", key, full) from e
-            body = resp["Body"]
-            try:
-                data = body.read()
-            except BODY_READ_ERRORS as e:
-                if attempt == self.max_attempts:
-                    raise self._error(e, "GetObject (reading body)", key, full) from e
-                log.warning("s3://%s/%s: GET body broke off (%s), retrying", self.bucket, full, type(e).__name__)
-                kwargs["IfMatch"] = resp["ETag"]
-                continue
-            finally:
-                body.close()
-            total = parse_total_size(resp.get("ContentRange"))
-            if total is None:  # a store that ignored Range and sent the whole object
-                total, data = len(data), data[start:end]
-            return data, total, str(resp.get("ETag", ""))
-        raise AssertionError("unreachable")
-
-    def _get_whole(self, key: str, full: str) -> tuple[bytes, str]:
-        """A small object's bytes and ETag with one plain GET (an empty object included)."""
-        self.stats.incr("get_object")
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=full)
-            with resp["Body"] as body:
-                return body.read(), str(resp["ETag"])
-        except (ClientError, BotoCoreError, *BODY_READ_ERRORS) as e:
-            raise self._error(e, "GetObject", key, full) from e
-
-    def _get_many(self, key: str, full: str, pieces: list[tuple[int, int]], if_match: str | None) -> list[bytes]:
-        """GET several ``[start, end)`` pieces, in parallel when there are several."""
-        if len(pieces) == 1:
-            return [self._get(key, full, *pieces[0], if_match)[0]]
-        futures: list[Future[tuple[bytes, int | None, str]]] = [
-            self._executor().submit(self._get, key, full, s, e, if_match) for s, e in pieces
-        ]
-        try:
-            return [f.result()[0] for f in futures]
-        finally:
-            for f in futures:
-                f.cancel()
-
     def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
-        full = self._full(key)
-        if start < 0 or (length is not None and length < 0):
-            raise ValueError(f"invalid range start={start} length={length} for {key!r}")
-        if length == 0:
-            self.size(key)  # raises ObjectNotFound
-            return b""
-        if start == 0 and length is None:
-            first, total, etag = self._get(key, full, 0, self.part_size)
-            if total is None:  # an empty object answers a ranged GET with 416
-                return self._get_whole(key, full)[0]
-        else:
-            first_len = self.part_size if length is None else min(length, self.part_size)
-            first, total, etag = self._get(key, full, start, start + first_len)
-            if total is None:  # start is at or past the end
-                return b""
-        stop = total if length is None else min(start + length, total)
-        pos = start + len(first)
-        if pos >= stop:
-            return first
-        rest = self._get_many(key, full, split_span(pos, stop, self.part_size), etag or None)
-        return b"".join([first, *rest])
+        """Ranged GETs; a large read is fetched as ``part_size`` pieces in parallel."""
+        return s3_read.read(self, key, start, length)
 
     def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-        full = self._full(key)
-        for start, length in ranges:
-            if start < 0 or length < 0:
-                raise ValueError(f"invalid range start={start} length={length} for {key!r}")
-        if not ranges:
-            return []
-        spans = coalesce(ranges, self.coalesce_gap)
-        pieces: list[tuple[int, int]] = []
-        owners: list[int] = []
-        for i, (s, e, _) in enumerate(spans):
-            for piece in split_span(s, max(e, s + 1), self.part_size):
-                pieces.append(piece)
-                owners.append(i)
-        blobs = self._get_many(key, full, pieces, None)
-        joined: list[list[bytes]] = [[] for _ in spans]
-        for i, blob in zip(owners, blobs):
-            joined[i].append(blob)
-        out: list[bytes] = [b""] * len(ranges)
-        for (s, _, idx), parts in zip(spans, joined):
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            for j in idx:
-                r_start, r_len = ranges[j]
-                out[j] = data[r_start - s : r_start - s + r_len]
-        return out
+        """Ranges less than ``coalesce_gap`` apart share one GET; large spans are split into
+        ``part_size`` GETs; all run in parallel. Results come in the order of ``ranges``."""
+        return s3_read.read_ranges(self, key, ranges)
 
     def size(self, key: str) -> int:
         full = self._full(key)
@@ -391,7 +299,9 @@ class S3Backend:
         for i in range(0, len(keys), _DELETE_BATCH):
             batch = keys[i : i + _DELETE_BATCH]
             resp = self._call(
-                "delete_objects", folder, self._full_prefix(folder),
+                "delete_objects",
+                folder,
+                self._full_prefix(folder),
                 Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
             )
             errors = resp.get("Errors") or []
@@ -400,7 +310,8 @@ class S3Backend:
                 raise BackendError(
                     f"S3 DeleteObjects under s3://{self.bucket}/{self._full_prefix(folder)} failed for "
                     f"{len(errors)} keys, e.g. {first.get('Key')}: {first.get('Code')}: {first.get('Message')}",
-                    key=self._relative(str(first.get("Key", ""))), code=first.get("Code"),
+                    key=self._relative(str(first.get("Key", ""))),
+                    code=first.get("Code"),
                 )
         return len(keys)
 
@@ -432,7 +343,8 @@ class S3Backend:
     def _uploads(self, prefix: str) -> Iterator[tuple[str, str, datetime | None]]:
         full_prefix = self._full_prefix(prefix)
         try:
-            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=full_prefix):
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=full_prefix)
+            for page in pages:
                 self.stats.incr("list_multipart_uploads")
                 for up in page.get("Uploads", []) or []:
                     yield up["Key"], up["UploadId"], up.get("Initiated")

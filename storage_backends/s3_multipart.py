@@ -7,6 +7,7 @@ The first part (which starts with the reserved head) stays in memory and is uplo
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from concurrent.futures import Future, wait
@@ -121,16 +122,17 @@ class S3ObjectWriter:
         if self.upload_id is not None:
             try:
                 self._b.stats.incr("abort_multipart_upload")
-                self._b._client.abort_multipart_upload(
-                    Bucket=self._b.bucket, Key=self._full, UploadId=self.upload_id
-                )
+                self._b._client.abort_multipart_upload(Bucket=self._b.bucket, Key=self._full, UploadId=self.upload_id)
                 log.debug("aborted multipart upload of s3://%s/%s", self._b.bucket, self._full)
             except (ClientError, BotoCoreError) as e:
                 if error_code(e) != "NoSuchUpload":
                     log.warning(
                         "could not abort multipart upload %s of s3://%s/%s (%s); "
                         "`dist-ckpt gc` or abort_uploads() will remove it",
-                        self.upload_id, self._b.bucket, self._full, error_code(e),
+                        self.upload_id,
+                        self._b.bucket,
+                        self._full,
+                        error_code(e),
                     )
 
     @property
@@ -162,7 +164,8 @@ class S3ObjectWriter:
             raise BackendError(
                 f"s3://{self._b.bucket}/{self._full} needs more than {MAX_PARTS} parts of "
                 f"{self._part_size} bytes; open the backend with a larger part_size",
-                key=self.key, code="TooManyParts",
+                key=self.key,
+                code="TooManyParts",
             )
         self._next_part += 1
         return num
@@ -204,9 +207,9 @@ class S3ObjectWriter:
         self._note_buffered()
         fut = self._b._executor().submit(self._upload_part, num, part)
         self._pending[num] = fut
-        fut.add_done_callback(lambda f, n=len(part): self._part_done(num, f, n))
+        fut.add_done_callback(functools.partial(self._part_done, num, len(part)))
 
-    def _part_done(self, num: int, fut: Future[str], nbytes: int) -> None:
+    def _part_done(self, num: int, nbytes: int, fut: Future[str]) -> None:
         with self._lock:
             self._inflight_bytes -= nbytes
             if fut.cancelled():
@@ -237,8 +240,8 @@ class S3ObjectWriter:
         first = self._first
         assert first is not None
         first[: self._reserve] = head
+        self._first = None  # from here on it is counted as in flight
         self._submit(1, first)
-        self._first = None
         wait(list(self._pending.values()))
         self._raise_if_failed()
         self._pending.clear()

@@ -41,9 +41,7 @@ BODY_READ_ERRORS: tuple[type[BaseException], ...] = (
 headers arrived, so these are retried by the backend itself (as s3transfer does)."""
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
-_AUTH_CODES = frozenset(
-    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
-)
+_AUTH_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"})
 
 
 def build_client(
@@ -55,14 +53,16 @@ def build_client(
     config: botocore.config.Config | None = None,
     **client_kwargs: Any,
 ) -> Any:
-    """A new boto3 S3 client with boto3's own retries (``retry_mode``, ``max_attempts``).
+    """A new boto3 S3 client with boto3's own retries (``retry_mode``; ``max_attempts`` counts
+    the first attempt too, like ``AWS_MAX_ATTEMPTS``: botocore's ``total_max_attempts``).
 
     The endpoint, credentials and region come from boto3's standard configuration
     (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, profiles, ...)
     unless given here; ``client_kwargs`` go to ``Session.client`` (e.g. ``aws_access_key_id``).
     """
+    retries: Any = {"mode": retry_mode, "total_max_attempts": max_attempts}
     base = botocore.config.Config(
-        retries={"mode": retry_mode, "max_attempts": max_attempts},
+        retries=retries,
         max_pool_connections=max_pool_connections,
     )
     if config is not None:

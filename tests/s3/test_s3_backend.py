@@ -1,0 +1,474 @@
+"""S3Backend against a real S3 server (SeaweedFS, see tests/support/s3server.py); fault tests go
+through a real HTTP proxy that injects 503/500/connection resets (tests/support/faulty_proxy.py)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import threading
+import tracemalloc
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+from support.faulty_proxy import COMPLETE_UPLOAD, GET, PUT_OBJECT, UPLOAD_PART, FaultyProxy
+from support.s3server import S3Server, make_s3_backend
+
+from storage_backends import (
+    BackendError,
+    ObjectExists,
+    ObjectNotFound,
+    PreconditionFailed,
+    UnsafeKey,
+    open_backend,
+)
+from storage_backends.base import Backend, ObjectWriter, Versioned
+from storage_backends.s3 import S3Backend
+from storage_backends.s3_util import coalesce, split_span
+
+MiB = 1024 * 1024
+PART = 5 * MiB
+
+
+def _bucket(uri: str) -> str:
+    return uri[len("s3://") :].split("/", 1)[0]
+
+
+def _uploads(server: S3Server, bucket: str) -> list[dict]:
+    return server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) or []
+
+
+@pytest.fixture
+def backend(s3_server: S3Server, s3_uri: str) -> S3Backend:
+    return make_s3_backend(s3_server, s3_uri, part_size=PART, multipart_threshold=PART, max_concurrency=4)
+
+
+@pytest.fixture
+def proxy(s3_server: S3Server) -> Iterator[FaultyProxy]:
+    with FaultyProxy(s3_server.endpoint_url) as p:
+        yield p
+
+
+def _proxied(s3_server: S3Server, s3_uri: str, proxy: FaultyProxy, max_attempts: int = 3) -> S3Backend:
+    return make_s3_backend(
+        s3_server,
+        s3_uri,
+        endpoint_url=proxy.url,
+        max_attempts=max_attempts,
+        part_size=PART,
+        multipart_threshold=PART,
+        max_concurrency=4,
+    )
+
+
+# -- pure helpers and construction ----------------------------------------------------------------
+
+
+def test_coalesce_merges_near_ranges_and_keeps_indices() -> None:
+    ranges = [(100, 10), (0, 10), (15, 5), (5000, 1), (95, 30)]
+    assert coalesce(ranges, gap=10) == [(0, 20, [1, 2]), (95, 125, [4, 0]), (5000, 5001, [3])]
+    assert coalesce(ranges, gap=0) == [(0, 10, [1]), (15, 20, [2]), (95, 125, [4, 0]), (5000, 5001, [3])]
+    assert split_span(0, 10, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_constructor_validates_and_normalises() -> None:
+    client = object()
+    b = S3Backend.from_uri("s3://bkt/runs/exp1/", client=client)
+    assert (b.uri, b.bucket, b.prefix) == ("s3://bkt/runs/exp1", "bkt", "runs/exp1")
+    assert S3Backend("bkt", client=client).uri == "s3://bkt"
+    assert isinstance(b, Backend)
+    with pytest.raises(ValueError, match="5 MiB"):
+        S3Backend("bkt", client=client, part_size=4 * MiB)
+    with pytest.raises(ValueError, match="no bucket"):
+        S3Backend.from_uri("s3:///x", client=client)
+    with pytest.raises(UnsafeKey):
+        S3Backend.from_uri("s3://bkt/a/../b", client=client)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(b)
+
+
+def test_open_backend_uses_standard_config_and_pickles(s3_uri: str) -> None:
+    b = open_backend(s3_uri)  # endpoint and credentials from AWS_ENDPOINT_URL_S3 & co (s3_env)
+    assert isinstance(b, S3Backend) and b.uri == s3_uri
+    b.write_bytes("hello.txt", b"hi")
+    clone = pickle.loads(pickle.dumps(b))
+    assert clone.read("hello.txt") == b"hi"
+
+
+# -- basic object operations ----------------------------------------------------------------------
+
+
+def test_small_objects_read_size_exists(backend: S3Backend) -> None:
+    backend.write_bytes("a/b.bin", bytes(range(256)))
+    backend.write_bytes("empty", b"")
+    assert backend.read("a/b.bin") == bytes(range(256))
+    assert backend.read("a/b.bin", 10, 5) == bytes(range(10, 15))
+    assert backend.read("a/b.bin", 250, 100) == bytes(range(250, 256))  # past the end: what exists
+    assert backend.read("a/b.bin", 256) == b"" and backend.read("a/b.bin", 300, 4) == b""
+    assert backend.read("a/b.bin", 3, 0) == b""
+    assert backend.read("empty") == b"" and backend.size("empty") == 0
+    assert backend.open_writer("empty2").commit() == 0 and backend.read("empty2") == b""
+    assert backend.size("a/b.bin") == 256
+    assert backend.exists("a/b.bin") and not backend.exists("a/nope")
+    for call in (
+        lambda: backend.read("nope"),
+        lambda: backend.read("nope", 5, 5),
+        lambda: backend.size("nope"),
+        lambda: backend.read("nope", 0, 0),
+        lambda: backend.read_ranges("nope", [(0, 1)]),
+    ):
+        with pytest.raises(ObjectNotFound) as info:
+            call()
+        assert "nope" in str(info.value) and isinstance(info.value, FileNotFoundError)
+
+
+def test_key_validation_refuses_escaping_keys(backend: S3Backend) -> None:
+    for bad in ("../x", "/abs", "a/../b", "", "a//b", "./a"):
+        for call in (
+            backend.read,
+            backend.open_writer,
+            backend.exists,
+            backend.delete,
+            backend.size,
+            lambda k: backend.write_bytes(k, b"x"),
+            lambda k: backend.create_if_absent(k, b"x"),
+            lambda k: backend.read_ranges(k, [(0, 1)]),
+            lambda k: backend.compare_and_swap(k, b"", None),
+        ):
+            with pytest.raises(UnsafeKey):
+                call(bad)
+    with pytest.raises(UnsafeKey):
+        backend.list("../")
+    with pytest.raises(UnsafeKey):
+        backend.delete_prefix("")
+    assert backend.stats.snapshot() == {}  # refused before any request
+
+
+def test_streaming_upload_bounded_memory_and_patched_head(backend: S3Backend, s3_uri: str, s3_server: S3Server) -> None:
+    rng = random.Random(1)
+    pieces = [rng.randbytes(MiB) for _ in range(8)]
+    head = b"H" * 100
+    tracemalloc.start()
+    try:
+        writer = backend.open_writer("step_1/rank_0.bin", reserve_head=len(head))
+        assert isinstance(writer, ObjectWriter)
+        for i in range(40):
+            writer.write(memoryview(pieces[i % 8]))
+        size = writer.commit(head)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    bound = (backend.max_concurrency + 2) * PART
+    assert size == 40 * MiB + 100
+    assert writer.max_buffered_bytes <= bound, writer.max_buffered_bytes
+    assert peak <= bound + 4 * MiB, f"peak traced memory {peak / MiB:.1f} MiB > {bound / MiB} MiB"
+    assert writer.parts_uploaded == 9 == backend.stats["upload_part"]  # 8 full parts + the rest
+    assert _uploads(s3_server, _bucket(s3_uri)) == []
+    assert backend.size("step_1/rank_0.bin") == size
+    data = backend.read("step_1/rank_0.bin")
+    assert data[:100] == head
+    assert data[100:] == b"".join(pieces[i % 8] for i in range(40))
+    assert backend.stats["get_object"] >= 9  # the big read went as parallel ranged GETs
+    assert backend.read("step_1/rank_0.bin", 7 * MiB, 6 * MiB) == data[7 * MiB : 13 * MiB]
+    # a commit that replaces an existing object
+    with backend.open_writer("step_1/rank_0.bin", reserve_head=4) as w:
+        w.write(b"tail")
+        assert w.commit(b"head") == 8
+    assert backend.read("step_1/rank_0.bin") == b"headtail"
+
+
+def test_head_larger_than_a_part_and_wrong_head_length(backend: S3Backend, s3_uri: str, s3_server: S3Server) -> None:
+    head = os.urandom(6 * MiB)
+    body = os.urandom(7 * MiB)
+    w = backend.open_writer("big_head", reserve_head=len(head))
+    w.write(body)
+    assert w.commit(head) == 13 * MiB
+    assert backend.read("big_head") == head + body
+    w = backend.open_writer("wrong_head", reserve_head=8)
+    w.write(os.urandom(12 * MiB))
+    with pytest.raises(ValueError, match="8"):
+        w.commit(b"short")
+    assert not backend.exists("wrong_head")
+    assert _uploads(s3_server, _bucket(s3_uri)) == []
+
+
+def test_writer_abort_leaves_nothing(backend: S3Backend, s3_uri: str, s3_server: S3Server) -> None:
+    w = backend.open_writer("step_2/x.bin", reserve_head=8)
+    w.write(os.urandom(12 * MiB))  # a multipart upload is under way
+    assert w.upload_id is not None and len(_uploads(s3_server, _bucket(s3_uri))) == 1
+    w.abort()
+    w.abort()
+    with pytest.raises(ValueError):
+        w.write(b"more")
+    assert not backend.exists("step_2/x.bin")
+    assert _uploads(s3_server, _bucket(s3_uri)) == []
+    with pytest.raises(RuntimeError), backend.open_writer("step_2/y.bin") as w2:
+        w2.write(os.urandom(11 * MiB))
+        raise RuntimeError("training crashed")
+    assert backend.list() == [] and _uploads(s3_server, _bucket(s3_uri)) == []
+
+
+def test_read_ranges_coalesces_and_keeps_order(backend: S3Backend) -> None:
+    data = os.urandom(12 * MiB)
+    backend.write_bytes("blob", data)
+    near = [(i * 3000, 1000) for i in range(200)]  # gaps of 2000 bytes: one GET
+    far = [(11 * MiB, 4096), (11 * MiB + 2048, 10), (len(data) - 5, 100), (len(data) + 10, 5), (64, 0)]
+    ranges = near + far
+    random.Random(2).shuffle(ranges)
+    backend.stats.reset()
+    out = backend.read_ranges("blob", ranges)
+    assert out == [data[s : s + n] for s, n in ranges]
+    assert backend.stats["get_object"] == 2
+    # one huge range is fetched as parallel part-sized GETs
+    backend.stats.reset()
+    assert backend.read_ranges("blob", [(1, 11 * MiB)]) == [data[1 : 11 * MiB + 1]]
+    assert backend.stats["get_object"] == 3
+    assert backend.read_ranges("blob", []) == []
+
+
+def test_list_paginates_and_delete_prefix_batches(backend: S3Backend) -> None:
+    keys = [f"step_1/f{i:05d}" for i in range(1100)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: backend.write_bytes(k, b"x"), keys))
+    backend.write_bytes("step_10/keep", b"keep")
+    backend.write_bytes("manifest.json", b"{}")
+    backend.stats.reset()
+    listed = backend.list("step_1/")
+    assert [o.key for o in listed] == keys and all(o.size == 1 for o in listed)
+    assert backend.stats["list_objects_v2"] >= 2  # more than one page
+    assert [o.key for o in backend.list()][-2:] == ["step_1/f01099", "step_10/keep"]
+    assert len(backend.list("step_")) == 1101
+    assert backend.delete_prefix("step_1") == 1100  # a folder: step_10/ stays
+    assert backend.stats["delete_objects"] == 2
+    assert [o.key for o in backend.list()] == ["manifest.json", "step_10/keep"]
+    backend.delete("manifest.json")
+    backend.delete("manifest.json")  # missing: not an error
+    assert [o.key for o in backend.list()] == ["step_10/keep"]
+
+
+def test_create_if_absent(backend: S3Backend) -> None:
+    backend.create_if_absent("step_1/COMMITTED", b'{"step": 1}')
+    with pytest.raises(ObjectExists) as info:
+        backend.create_if_absent("step_1/COMMITTED", b'{"step": 2}')
+    assert info.value.code in ("PreconditionFailed", "ConditionalRequestConflict")
+    assert "step_1/COMMITTED" in str(info.value)
+    assert backend.read("step_1/COMMITTED") == b'{"step": 1}'
+
+
+def test_concurrent_create_if_absent_exactly_one_wins(backend: S3Backend) -> None:
+    # SeaweedFS serialises conditional writes of one key with a lock it polls every second, so
+    # losers may take a few seconds to hear 412; two rounds of six writers keep this short.
+    for trial in range(2):
+        barrier = threading.Barrier(6)
+
+        def attempt(i: int, key: str = f"race{trial}", barrier: threading.Barrier = barrier) -> int | None:
+            barrier.wait()
+            try:
+                backend.create_if_absent(key, f"writer {i}".encode())
+                return i
+            except ObjectExists:
+                return None
+
+        with ThreadPoolExecutor(6) as pool:
+            winners = [w for w in pool.map(attempt, range(6)) if w is not None]
+        assert len(winners) == 1, winners
+        assert backend.read(f"race{trial}") == f"writer {winners[0]}".encode()
+
+
+def test_compare_and_swap(backend: S3Backend) -> None:
+    assert backend.read_versioned("manifest.json") is None
+    v1 = backend.compare_and_swap("manifest.json", b"v1", None)
+    with pytest.raises(PreconditionFailed):
+        backend.compare_and_swap("manifest.json", b"again", None)
+    cur = backend.read_versioned("manifest.json")
+    assert cur is not None and (cur.data, cur.version) == (b"v1", v1)
+    v2 = backend.compare_and_swap("manifest.json", b"v2", v1)
+    assert v2 != v1
+    with pytest.raises(PreconditionFailed) as info:
+        backend.compare_and_swap("manifest.json", b"stale", v1)
+    assert "manifest.json" in str(info.value)
+    barrier = threading.Barrier(6)
+
+    def attempt(i: int) -> bool:
+        barrier.wait()
+        try:
+            backend.compare_and_swap("manifest.json", f"w{i}".encode(), v2)
+            return True
+        except PreconditionFailed:
+            return False
+
+    with ThreadPoolExecutor(6) as pool:
+        assert sum(pool.map(attempt, range(6))) == 1
+
+
+def test_staging_and_publish(backend: S3Backend) -> None:
+    assert backend.staging_prefix("step_000000005", "abc") == "step_000000005"
+    backend.write_bytes("step_000000005/a", b"a")
+    backend.publish("step_000000005", "step_000000005")
+    assert backend.read("step_000000005/a") == b"a"
+    backend.write_bytes("elsewhere/b", b"b")
+    backend.publish("elsewhere", "step_000000006")
+    assert [o.key for o in backend.list()] == ["step_000000005/a", "step_000000006/b"]
+    with pytest.raises(ObjectExists):
+        backend.write_bytes("other/c", b"c")
+        backend.publish("other", "step_000000006")
+
+
+def test_abandoned_uploads_are_listed_and_aborted(backend: S3Backend, s3_uri: str, s3_server: S3Server) -> None:
+    raw = s3_server.client()
+    bucket = _bucket(s3_uri)
+    up = raw.create_multipart_upload(Bucket=bucket, Key="run/step_3/rank_0.bin")
+    raw.upload_part(Bucket=bucket, Key="run/step_3/rank_0.bin", UploadId=up["UploadId"], PartNumber=1, Body=b"x" * 100)
+    raw.create_multipart_upload(Bucket=bucket, Key="other-run/step_3/rank_0.bin")  # outside our root
+    assert list(backend.abandoned_uploads()) == ["step_3/rank_0.bin"]
+    assert list(backend.abandoned_uploads("step_4/")) == []
+    assert backend.abort_uploads(older_than=3600) == 0  # too young to be abandoned
+    assert backend.abort_uploads("step_3/") == 1
+    assert list(backend.abandoned_uploads()) == []
+    assert [u["Key"] for u in _uploads(s3_server, bucket)] == ["other-run/step_3/rank_0.bin"]
+
+
+def test_errors_name_bucket_key_and_code(s3_env: S3Server) -> None:
+    s3_server = s3_env
+    b = make_s3_backend(s3_server, "s3://no-such-bucket-here/run")
+    with pytest.raises(BackendError) as info:
+        b.write_bytes("k", b"x")
+    msg = str(info.value)
+    assert "no-such-bucket-here" in msg and "run/k" in msg and "NoSuchBucket" in msg
+    assert info.value.code == "NoSuchBucket" and info.value.key == "k"
+    assert info.value.__cause__ is not None
+    dead = S3Backend("bkt", "run", endpoint_url="http://127.0.0.1:9", max_attempts=1)
+    with pytest.raises(BackendError) as info:
+        dead.read("x")
+    assert "s3://bkt/run/x" in str(info.value) and "127.0.0.1:9" in str(info.value)
+
+
+# -- faults through a real HTTP proxy -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["slowdown", "internal", "reset"])
+def test_transient_faults_are_retried(kind: str, s3_server: S3Server, s3_uri: str, proxy: FaultyProxy) -> None:
+    b = _proxied(s3_server, s3_uri, proxy, max_attempts=3)
+    data = os.urandom(12 * MiB)
+    proxy.add_fault(kind, 2, **UPLOAD_PART)
+    proxy.add_fault(kind, 1, **COMPLETE_UPLOAD)
+    proxy.add_fault(kind, 1, **PUT_OBJECT)
+    proxy.add_fault(kind, 1, **GET)
+    w = b.open_writer("big", reserve_head=4)
+    w.write(data)
+    assert w.commit(b"HEAD") == len(data) + 4
+    b.write_bytes("small", b"small")
+    assert b.read("small") == b"small"
+    assert b.read("big") == b"HEAD" + data
+    assert proxy.faults[kind] == 5
+    assert proxy.count(**UPLOAD_PART, faulted=False) == 3
+    assert _uploads(s3_server, _bucket(s3_uri)) == []
+
+
+def test_failure_beyond_retry_budget_leaves_nothing(s3_server: S3Server, s3_uri: str, proxy: FaultyProxy) -> None:
+    b = _proxied(s3_server, s3_uri, proxy, max_attempts=2)
+    proxy.add_fault("slowdown", 1000, **UPLOAD_PART)
+    w = b.open_writer("step_1/rank_0.bin", reserve_head=8)
+    with pytest.raises(BackendError) as info:
+        w.write(os.urandom(25 * MiB))
+        w.commit(b"12345678")
+    msg = str(info.value)
+    assert info.value.code == "SlowDown"
+    assert _bucket(s3_uri) in msg and "run/step_1/rank_0.bin" in msg and "SlowDown" in msg
+    assert not s3_server.client().list_objects_v2(Bucket=_bucket(s3_uri)).get("Contents")
+    assert _uploads(s3_server, _bucket(s3_uri)) == []
+    proxy.add_fault("internal", 1000, **PUT_OBJECT)
+    with pytest.raises(BackendError, match="InternalError"):
+        b.create_if_absent("step_1/COMMITTED", b"{}")
+    assert not b.exists("step_1/COMMITTED")
+
+
+def test_complete_failing_beyond_retries_aborts_upload(s3_server: S3Server, s3_uri: str, proxy: FaultyProxy) -> None:
+    b = _proxied(s3_server, s3_uri, proxy, max_attempts=2)
+    proxy.add_fault("internal", 2, **COMPLETE_UPLOAD)
+    w = b.open_writer("obj")
+    w.write(os.urandom(11 * MiB))
+    with pytest.raises(BackendError, match="CompleteMultipartUpload") as info:
+        w.commit()
+    assert info.value.code == "InternalError"
+    assert proxy.count(method="DELETE", query_has=("uploadId",)) == 1  # AbortMultipartUpload
+    assert not b.exists("obj")
+    assert _uploads(s3_server, _bucket(s3_uri)) == []
+
+
+def test_lost_answers_are_not_mistaken_for_conflicts(s3_server: S3Server, s3_uri: str, proxy: FaultyProxy) -> None:
+    """The request went through but its answer was lost: boto3 retries, the retry meets our own
+    write (412) — that is success, not a conflict."""
+    b = _proxied(s3_server, s3_uri, proxy, max_attempts=3)
+    proxy.add_fault("reset_after", 1, **PUT_OBJECT)
+    b.create_if_absent("COMMITTED", b"done")
+    v1 = b.compare_and_swap("manifest.json", b"m1", None)
+    proxy.add_fault("reset_after", 1, **PUT_OBJECT)
+    v2 = b.compare_and_swap("manifest.json", b"m2", v1)
+    assert b.read_versioned("manifest.json") == Versioned(b"m2", v2)
+    with pytest.raises(ObjectExists):
+        b.create_if_absent("COMMITTED", b"other")
+    proxy.add_fault("reset_after", 1, **COMPLETE_UPLOAD)
+    data = os.urandom(11 * MiB)
+    w = b.open_writer("obj")
+    w.write(data)
+    w.commit()
+    assert b.read("obj") == data
+    assert proxy.total_faults == 3
+
+
+def test_get_body_cut_off_is_read_again(s3_server: S3Server, s3_uri: str, proxy: FaultyProxy) -> None:
+    b = _proxied(s3_server, s3_uri, proxy, max_attempts=3)
+    data = os.urandom(3 * MiB)
+    b.write_bytes("x", data)
+    proxy.add_fault("truncate", 2, **GET)
+    assert b.read_ranges("x", [(0, MiB), (2 * MiB, MiB)]) == [data[:MiB], data[2 * MiB :]]
+    assert proxy.faults["truncate"] == 2
+    proxy.add_fault("truncate", 2, **GET)
+    assert b.read("x") == data
+    assert proxy.faults["truncate"] == 4
+    proxy.add_fault("truncate", 1, **GET)
+    assert b.read_versioned("x").data == data  # type: ignore[union-attr]
+    proxy.add_fault("truncate", 3, **GET)  # as many as max_attempts: reported
+    with pytest.raises(BackendError, match="ResponseStreamingError|IncompleteRead") as info:
+        b.read_versioned("x")
+    assert "run/x" in str(info.value)
+
+
+class _LosesCompleteAnswer:
+    """A client whose CompleteMultipartUpload goes through but answers NoSuchUpload, as a
+    store that is not idempotent would on boto3's retry after a lost answer."""
+
+    def __init__(self, real: Any, really_complete: bool) -> None:
+        self._real, self._really = real, really_complete
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def complete_multipart_upload(self, **kwargs: Any) -> Any:
+        if self._really:
+            self._real.complete_multipart_upload(**kwargs)
+        raise ClientError(
+            {"Error": {"Code": "NoSuchUpload", "Message": "gone"}, "ResponseMetadata": {"HTTPStatusCode": 404}},
+            "CompleteMultipartUpload",
+        )
+
+
+@pytest.mark.parametrize("really_complete", [True, False])
+def test_complete_answered_no_such_upload(really_complete: bool, s3_server: S3Server, s3_uri: str) -> None:
+    client = _LosesCompleteAnswer(s3_server.client(), really_complete)
+    b = S3Backend.from_uri(s3_uri, client=client, part_size=PART, multipart_threshold=PART)
+    data = os.urandom(11 * MiB)
+    w = b.open_writer("obj")
+    w.write(data)
+    if really_complete:
+        assert w.commit() == len(data)
+        assert b.read("obj") == data
+    else:
+        with pytest.raises(BackendError, match="NoSuchUpload"):
+            w.commit()
+        assert not b.exists("obj")
+    assert _uploads(s3_server, _bucket(s3_uri)) == []

@@ -8,6 +8,9 @@ the default group when None).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch.distributed as dist
@@ -58,11 +61,28 @@ def unwrap(e: CheckpointException) -> CheckpointError:
             return exc
     rank = min(e.failures)
     exc = e.failures[rank][0]
-    return StorageError(f"checkpoint failed on rank {rank}: {exc.__class__.__name__}: {exc}")
+    err = StorageError(f"checkpoint failed on rank {rank}: {exc.__class__.__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _cause(err: CheckpointError, e: CheckpointException) -> BaseException:
+    """What to chain ``err`` to when re-raising it out of DCP: its own cause (the backend's
+    error, which ``StorageError`` keeps) rather than DCP's wrapper around it."""
+    return err.__cause__ if err.__cause__ is not None else e
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every single-process save/load that it assumes one process; that is
+    exactly what we asked for with ``no_dist=True``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def save_to(
@@ -76,16 +96,17 @@ def save_to(
 ) -> None:
     writer = DistCkptWriter(backend, prefix, codec=codec, commit_info=commit_info)
     try:
-        dcp.save(
-            state_dict,
-            storage_writer=writer,
-            planner=JsonSavePlanner(),
-            process_group=process_group,
-            no_dist=not _distributed(),
-        )
+        with _quiet_single_process():
+            dcp.save(
+                state_dict,
+                storage_writer=writer,
+                planner=JsonSavePlanner(),
+                process_group=process_group,
+                no_dist=not _distributed(),
+            )
     except CheckpointException as e:
         err = unwrap(e)
-        raise err.with_traceback(None) from e
+        raise err.with_traceback(None) from _cause(err, e)
 
 
 def load_from(
@@ -97,17 +118,22 @@ def load_from(
     process_group: dist.ProcessGroup | None = None,
 ) -> None:
     reader = DistCkptReader(backend, prefix)
+    # Read (and check) metadata.json up front: inside dcp.load a failing read_metadata is
+    # logged, retried as "rank-local metadata" and replaced by a bare AssertionError, which
+    # would hide CheckpointNotFound / CorruptCheckpoint. The reader caches the result.
+    reader.read_metadata()
     try:
-        dcp.load(
-            state_dict,
-            storage_reader=reader,
-            planner=JsonLoadPlanner(allow_partial_load=allow_partial_load),
-            process_group=process_group,
-            no_dist=not _distributed(),
-        )
+        with _quiet_single_process():
+            dcp.load(
+                state_dict,
+                storage_reader=reader,
+                planner=JsonLoadPlanner(allow_partial_load=allow_partial_load),
+                process_group=process_group,
+                no_dist=not _distributed(),
+            )
     except CheckpointException as e:
         err = unwrap(e)
-        raise err.with_traceback(None) from e
+        raise err.with_traceback(None) from _cause(err, e)
 
 
 def save(

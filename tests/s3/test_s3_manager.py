@@ -1,0 +1,72 @@
+"""The manager on the real S3 server, unchanged: 2 ranks under torchrun save, are killed and
+resume from the ``s3://`` URI in new jobs (also at another world size), bit-identical; two jobs
+racing to commit one step: exactly one wins and the checkpoint holds the winner's data."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+
+from exactness import compare, torchrun  # noqa: E402
+
+import dist_ckpt  # noqa: E402
+from dist_ckpt import CheckpointManager, StepAlreadyExists  # noqa: E402
+
+STEPS = 16
+COMMON = ["--steps", str(STEPS), "--save-every", "4", "--compression", "zstd"]
+
+
+def test_kill_and_resume_from_s3_uri_also_at_another_world_size(s3_uri: str, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    run_a, run_b = f"{s3_uri}/a", f"{s3_uri}/b"
+    assert torchrun("train_ddp.py", 2, [*COMMON, "--ckpt", run_a, "--losses-out", str(tmp_path / "a.jsonl"),
+                                        "--final-out", str(tmp_path / "a.st")], log=log) == 0, log.read_text()[-3000:]  # fmt: skip
+    assert torchrun("train_ddp.py", 2, [*COMMON, "--ckpt", run_b, "--crash-at-step", "10",
+                                        "--losses-out", str(tmp_path / "b.jsonl")], log=log) != 0  # fmt: skip
+    assert torchrun("train_ddp.py", 2, [*COMMON, "--ckpt", run_b, "--losses-out", str(tmp_path / "b.jsonl"),
+                                        "--final-out", str(tmp_path / "b.st")], log=log) == 0, log.read_text()[-3000:]  # fmt: skip
+    result = compare(tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "a.st", tmp_path / "b.st")
+    assert result.identical and result.steps_compared == STEPS, result.first_difference
+
+    # A new single-rank job resumes the 2-rank run from its s3:// URI: identical state.
+    assert torchrun("train_ddp.py", 1, [*COMMON, "--ckpt", run_a, "--loaded-out", str(tmp_path / "one.st")], log=log) == 0
+    saved, loaded = load_file(str(tmp_path / "a.st")), load_file(str(tmp_path / "one.st"))
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    listing = CheckpointManager(run_a, read_only=True).checkpoints()
+    assert listing[-1].step == STEPS - 1 and listing[-1].codec == "zstd" and "last" in listing[-1].pointers
+
+
+def _racer(uri: str, value: float, barrier: multiprocessing.synchronize.Barrier, results: multiprocessing.Queue) -> None:
+    state = {"w": torch.full((256, 256), value), "who": value}
+    barrier.wait()
+    try:
+        dist_ckpt.save(state, uri)
+        results.put(("won", value))
+    except StepAlreadyExists as e:
+        results.put(("lost", str(e)))
+
+
+@pytest.mark.parametrize("attempt", range(2))
+def test_two_jobs_racing_to_commit_one_step(s3_uri: str, attempt: int) -> None:
+    uri = f"{s3_uri}/step_000000007"
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_racer, args=(uri, float(v), barrier, results)) for v in (1, 2)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    winners = [v for kind, v in outcomes if kind == "won"]
+    assert len(winners) == 1, outcomes
+    assert [kind for kind, _ in outcomes].count("lost") == 1
+    loaded = {"w": torch.zeros(256, 256), "who": None}
+    dist_ckpt.load(loaded, uri)
+    assert loaded["who"] == winners[0] and torch.equal(loaded["w"], torch.full((256, 256), winners[0]))

@@ -1,0 +1,73 @@
+"""``dist-ckpt list RUN``: the committed checkpoints of a run and the pointers naming them."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dist_ckpt import manifest as mf
+from dist_ckpt.cli.common import fmt_number, human_size, human_time, note, print_json, run_at, table
+from dist_ckpt.run_store import RunStore, step_prefix
+
+EPILOG = """\
+The truth is the set of COMMITTED markers; pointers (last, best:<metric>) follow from them and
+the metric modes recorded in manifest.json.
+
+examples:
+  dist-ckpt list /data/runs/exp1
+  dist-ckpt list s3://bucket/runs/exp1 --json | jq '.pointers'
+"""
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("list", parents=[common], help="list a run's committed checkpoints",
+                       description="List the committed checkpoints of a run: step, epoch, time, size, "
+                       "world size, codec, metrics and the pointers (last, best:<metric>) naming each.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("run", metavar="RUN", help="run root: a directory or s3://bucket/prefix")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    backend = run_at(args.run)
+    store = RunStore(backend)
+    entries = store.committed_entries()
+    manifest, version = store.read_manifest()
+    if manifest is None and entries:
+        what = "not a valid manifest" if version is not None else "missing"
+        note(args, f"note: {backend.uri}/manifest.json is {what}; best:<metric> pointers are unknown until the "
+             "manager rebuilds it")  # fmt: skip
+    elif manifest is not None and set(manifest.steps()) != {e.step for e in entries}:
+        note(args, f"note: {backend.uri}/manifest.json is stale; showing the committed checkpoints (the manager "
+             "reconciles it at its next start)")  # fmt: skip
+    modes = dict(manifest.best_modes) if manifest is not None else {}
+    pointers = mf.compute_pointers(entries, modes)
+    names: dict[int, list[str]] = {}
+    for name, step in sorted(pointers.items()):
+        names.setdefault(step, []).append(name)
+    if args.json:
+        print_json({
+            "run": backend.uri,
+            "pointers": pointers,
+            "best_modes": modes,
+            "tracker_run_id": manifest.tracker_run_id if manifest is not None else None,
+            "checkpoints": [
+                {**e.to_json(), "metrics": dict(e.metrics), "pointers": names.get(e.step, []),
+                 "uri": f"{backend.uri}/{step_prefix(e.step)}"}  # fmt: skip
+                for e in entries
+            ],
+        })  # fmt: skip
+        return 0
+    if not entries:
+        print(f"{backend.uri}: no committed checkpoints")
+        return 0
+    rows = [
+        (e.step, "-" if e.epoch is None else e.epoch, human_time(e.time), human_size(e.size), e.world_size, e.codec,
+         " ".join(f"{k}={fmt_number(v)}" for k, v in sorted(e.metrics.items())) or "-",
+         ", ".join(names.get(e.step, [])))  # fmt: skip
+        for e in entries
+    ]
+    print(f"run {backend.uri}: {len(entries)} committed checkpoints, {human_size(sum(e.size for e in entries))}")
+    print(table(("STEP", "EPOCH", "TIME", "SIZE", "WORLD", "CODEC", "METRICS", "POINTERS"), rows, right=(0, 1, 3, 4)))
+    return 0

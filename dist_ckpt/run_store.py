@@ -24,6 +24,7 @@ MANIFEST = "manifest.json"
 STEP_RE = re.compile(r"^step_(\d{9,})$")
 TMP_RE = re.compile(r"^step_\d+\.tmp-[0-9a-f]+$")
 _CAS_ATTEMPTS = 20
+_READ_ONLY_CODES = frozenset({"EROFS", "EACCES", "EPERM", "AccessDenied"})
 
 
 def step_prefix(step: int) -> str:
@@ -70,6 +71,9 @@ class RunStore:
 
     def __init__(self, backend: Backend):
         self.backend = backend
+        # Set when a manifest write failed: a step may be committed that the manifest does not
+        # list, and updates applied to that manifest would keep it stale (until a restart).
+        self._reconcile_first = False
 
     @property
     def uri(self) -> str:
@@ -144,13 +148,26 @@ class RunStore:
             modes = {**base.best_modes, **best_modes}
             return mf.rebuild(entries, modes, base.tracker_run_id, base.config_hash)
 
-        return self.update_manifest(fix, only_if_changed=True)
+        try:
+            return self.update_manifest(fix, only_if_changed=True)
+        except StorageError as e:
+            code = getattr(e.__cause__, "code", None)
+            if code not in _READ_ONLY_CODES:
+                raise
+            # A reader on read-only storage (a read-only mount, read-only credentials): the
+            # manifest is only an index, so use the rebuilt one without writing it.
+            log.warning("%s: cannot write the reconciled manifest (%s); using it in memory", self.uri, code)
+            return fix(self.read_manifest()[0])
 
     def update_manifest(
         self, change: Callable[[mf.Manifest | None], mf.Manifest], *, only_if_changed: bool = False
     ) -> mf.Manifest:
         """Apply ``change`` with compare-and-swap, re-reading and retrying when another writer
-        got there first. Returns the manifest that is now durable."""
+        got there first. Returns the manifest that is now durable. After a failed write, the
+        manifest is first reconciled with the COMMITTED markers."""
+        if self._reconcile_first:
+            self._reconcile_first = False
+            self.reconciled_manifest({})  # the stored manifest's best modes are kept
         for _ in range(_CAS_ATTEMPTS):
             current, version = self.read_manifest()
             new = change(current)
@@ -163,6 +180,7 @@ class RunStore:
                 log.info("manifest of %s changed concurrently; retrying", self.uri)
                 continue
             except BackendError as e:
+                self._reconcile_first = True
                 raise self._wrap(e) from e
         raise StorageError(f"{self.uri}/{MANIFEST}: gave up after {_CAS_ATTEMPTS} concurrent updates")
 

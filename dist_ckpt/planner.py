@@ -10,6 +10,7 @@ written.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, WriteItem, WriteItemType
 from torch.distributed.checkpoint._nested_dict import set_element
 
-from dist_ckpt.errors import IncompatibleCheckpoint
+from dist_ckpt.errors import IncompatibleCheckpoint, UnsupportedValue
 from dist_ckpt.format import json_values
 
 _MAX_LISTED = 20
@@ -35,9 +36,20 @@ class JsonSavePlanner(DefaultSavePlanner):
     def set_up_planner(
         self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False
     ) -> None:
-        super().set_up_planner(state_dict, storage_meta, is_coordinator)
+        try:
+            super().set_up_planner(state_dict, storage_meta, is_coordinator)
+        except ValueError as e:
+            if "duplicated flatten key" not in str(e):
+                raise
+            key = str(e).rsplit(" ", 1)[-1]
+            raise UnsupportedValue(
+                f"cannot store {key}: two entries of the state flatten to the same key (a dict "
+                "holding both 1 and '1', or a key containing '.' that shadows a nested one). "
+                "Rename one of them."
+            ) from e
+        mappings = getattr(self, "mappings", None) or {}
         self._encoded = {
-            fqn: json_values.encode(value, fqn)
+            fqn: json_values.encode(value, _key_path(mappings.get(fqn), fqn))
             for fqn, value in self.state_dict.items()
             if not isinstance(value, torch.Tensor)
         }
@@ -46,6 +58,17 @@ class JsonSavePlanner(DefaultSavePlanner):
         if write_item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(self._encoded[write_item.index.fqn])
         return object
+
+
+def _key_path(path: tuple[str | int, ...] | None, fqn: str) -> str:
+    """``("opt", "param_groups", 0, "fn")`` → ``opt.param_groups[0].fn`` (list indices in
+    brackets, as json_values names paths inside a value)."""
+    if not path:
+        return fqn
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
@@ -98,6 +121,31 @@ class JsonLoadPlanner(DefaultLoadPlanner):
         fqn = read_item.dest_index.fqn
         decoded = json_values.decode(value.getvalue(), where=f"value {fqn!r}")
         if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[fqn], decoded)
+            _set_value(self.original_state_dict, self.mappings[fqn], decoded)
         else:
             self.state_dict[fqn] = decoded
+
+
+def _set_value(root: dict[str, Any], path: tuple[str | int, ...], value: Any) -> None:
+    """Replace the value at ``path`` in the nested state ``root``.
+
+    DCP's flattening turns every mapping key into ``str(key)``, so its ``set_element`` would
+    add a new key ``"1"`` beside an int key ``1`` instead of replacing the value. The load
+    state was flattened from ``root`` itself, so each path element names an existing key:
+    find it (exact match first, then by ``str``)."""
+    missing = object()
+    container: Any = root
+    for i, part in enumerate(path):
+        if isinstance(container, Mapping):
+            key: Any = part if part in container else next((k for k in container if str(k) == part), missing)
+        elif isinstance(container, list) and isinstance(part, int) and 0 <= part < len(container):
+            key = part
+        else:
+            key = missing
+        if key is missing:  # not in the state (cannot happen for a flattened key); DCP's fallback
+            set_element(root, path, value)
+            return
+        if i == len(path) - 1:
+            container[key] = value
+            return
+        container = container[key]

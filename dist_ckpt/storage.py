@@ -231,8 +231,16 @@ def read_checkpoint_metadata(backend: Backend, prefix: str) -> CheckpointMetadat
     """metadata.json of a committed checkpoint; :class:`CheckpointNotFound` if not committed."""
     uri = f"{backend.uri}/{prefix}"
     try:
+        if ".tmp-" in prefix.rstrip("/").rsplit("/", 1)[-1]:
+            # A staging folder may hold COMMITTED already (crash before the rename): it is
+            # still an unpublished attempt, invisible to readers.
+            raise CheckpointNotFound(
+                f"{uri}: this step was not committed: it is the staging folder of an interrupted "
+                "save and is never loaded. Load an earlier checkpoint; `dist-ckpt gc` removes the "
+                "leftovers."
+            )
         if not backend.exists(join_key(prefix, COMMITTED)):
-            if ".tmp-" in prefix or backend.exists(join_key(prefix, METADATA)) or backend.list(prefix + "/"):
+            if backend.exists(join_key(prefix, METADATA)) or backend.list(prefix + "/"):
                 raise CheckpointNotFound(
                     f"{uri}: this step was not committed (no COMMITTED marker): it is an "
                     "interrupted save and is never loaded. Load an earlier checkpoint; "
@@ -240,6 +248,13 @@ def read_checkpoint_metadata(backend: Backend, prefix: str) -> CheckpointMetadat
                 )
             raise CheckpointNotFound(f"{uri}: no checkpoint here (expected {COMMITTED} and {METADATA})")
         try:
+            # refuse an oversized metadata.json before reading (allocating) it
+            size = backend.size(join_key(prefix, METADATA))
+            if size > metadata_json.MAX_METADATA_BYTES:
+                raise CorruptCheckpoint(
+                    f"{uri}/{METADATA}: {size} bytes exceeds the {metadata_json.MAX_METADATA_BYTES}-byte "
+                    "metadata size limit; the file is damaged or was replaced"
+                )
             data = backend.read(join_key(prefix, METADATA))
         except ObjectNotFound as e:
             raise CorruptCheckpoint(f"{uri}/{METADATA} is missing although the step is committed") from e

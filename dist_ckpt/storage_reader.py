@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata
+import xxhash
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
@@ -30,6 +31,7 @@ from storage_backends import Backend, BackendError, join_key
 
 log = logging.getLogger(__name__)
 _READ_THREADS = 8
+_READ_PIECE = 4 << 20  # bytes per read_into call of an uncompressed entry
 
 
 def _flat_span(shape: tuple[int, ...], offsets: tuple[int, ...], lengths: tuple[int, ...]) -> tuple[int, int, tuple[int, ...]]:
@@ -40,6 +42,15 @@ def _flat_span(shape: tuple[int, ...], offsets: tuple[int, ...], lengths: tuple[
     first = sum(o * s for o, s in zip(offsets, strides))
     last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides))
     return first, last, tuple(strides)
+
+
+def _chunk_at(md: TensorStorageMetadata, index: Any) -> Any:
+    """The chunk of ``md`` that ``index`` (a MetadataIndex) names, by its offsets."""
+    offsets = tuple(index.offset) if index.offset is not None else ()
+    hint = index.index
+    if hint is not None and 0 <= hint < len(md.chunks) and tuple(md.chunks[hint].offsets) == offsets:
+        return md.chunks[hint]
+    return next((c for c in md.chunks if tuple(c.offsets) == offsets), None)
 
 
 class DistCkptReader(StorageReader):
@@ -102,9 +113,15 @@ class DistCkptReader(StorageReader):
                 if item.type == LoadItemType.BYTE_IO:
                     ref = self.storage_data[item.storage_index]
                     data = shards[file].read(ref.entry, checksum=ref.checksum)
-                    planner.load_bytes(item, io.BytesIO(bytes(data)))
+                    try:
+                        planner.load_bytes(item, io.BytesIO(bytes(data)))
+                    except CorruptCheckpoint as e:  # the decoder knows the key, not the file
+                        raise CorruptCheckpoint(f"{shards[file].header.file}: {e}") from e
                 else:
                     tensor_items.append((shards[file], item))
+        # Every entry's header against metadata.json too, before the first tensor is copied.
+        for shard, item in tensor_items:
+            self._check_entry(shard, item)
         if len(tensor_items) <= 1:
             for shard, item in tensor_items:
                 self._read_tensor(shard, item, planner)
@@ -113,14 +130,40 @@ class DistCkptReader(StorageReader):
             for fut in [pool.submit(self._read_tensor, shard, item, planner) for shard, item in tensor_items]:
                 fut.result()
 
-    def _read_tensor(self, shard: ShardReader, item: ReadItem, planner: LoadPlanner) -> None:
+    def _check_entry(self, shard: ShardReader, item: ReadItem) -> tuple[EntryRef, Any, torch.dtype, tuple[int, ...], tuple[int, ...]]:
+        """The entry a tensor item reads, checked against metadata.json (header only, no data)."""
         ref = self.storage_data[item.storage_index]
         info = shard.entry(ref.entry)
         if info.kind != "tensor" or info.dtype not in TORCH_DTYPE:
             raise CorruptCheckpoint(f"{shard.header.file}, entry {ref.entry!r}: expected a tensor, found {info.kind}/{info.dtype}")
         dtype = TORCH_DTYPE[info.dtype]
-        target = planner.resolve_tensor(item).detach()
         lengths, offsets = tuple(item.lengths), tuple(item.storage_offsets)
+        # The shard's own header must agree with metadata.json: the box read lies inside the
+        # entry (else the read would run into the next entry's bytes) and the dtype matches.
+        if len(offsets) != len(info.shape) or any(o + n > s for o, n, s in zip(offsets, lengths, info.shape)):
+            raise CorruptCheckpoint(
+                f"{shard.header.file}, entry {ref.entry!r}: holds shape {list(info.shape)}, but metadata.json "
+                f"needs the box at {list(offsets)} of size {list(lengths)}"
+            )
+        md = self.checkpoint.dcp.state_dict_metadata.get(item.storage_index.fqn) if self.checkpoint else None
+        if isinstance(md, TensorStorageMetadata) and md.properties.dtype != dtype:
+            raise CorruptCheckpoint(
+                f"{shard.header.file}, entry {ref.entry!r}: holds {info.dtype}, but metadata.json says {md.properties.dtype}"
+            )
+        if isinstance(md, TensorStorageMetadata):
+            # Each entry is exactly one chunk of metadata.json: a shard declaring a bigger entry
+            # (huge shape and chunk table) must not make a partial read allocate its chunks.
+            chunk = _chunk_at(md, item.storage_index)
+            if chunk is not None and tuple(chunk.sizes) != tuple(info.shape):
+                raise CorruptCheckpoint(
+                    f"{shard.header.file}, entry {ref.entry!r}: holds shape {list(info.shape)}, but metadata.json "
+                    f"records this chunk as {list(chunk.sizes)}"
+                )
+        return ref, info, dtype, lengths, offsets
+
+    def _read_tensor(self, shard: ShardReader, item: ReadItem, planner: LoadPlanner) -> None:
+        ref, info, dtype, lengths, offsets = self._check_entry(shard, item)
+        target = planner.resolve_tensor(item).detach()
         if tuple(target.shape) != lengths:
             raise CorruptCheckpoint(f"{shard.header.file}, entry {ref.entry!r}: read box {list(lengths)} does not fit target {list(target.shape)}")
         if math.prod(lengths) == 0:
@@ -135,11 +178,16 @@ class DistCkptReader(StorageReader):
             and target.dtype == dtype
             and target.is_contiguous()
         ):
+            # Straight into the target, in pieces hashed as each arrives: the hash then reads
+            # bytes still in the CPU cache instead of making a second pass through memory.
             out = raw_bytes(target)
-            n = shard.backend.read_into(shard.key, info.begin, out)
-            if n != len(out):
-                raise CorruptCheckpoint(f"{shard.header.file}, entry {ref.entry!r}: short read (truncated file)")
-            shard.check(info, out, ref.checksum)
+            digest = xxhash.xxh3_64()
+            for pos in range(0, len(out), _READ_PIECE):
+                piece = out[pos : pos + _READ_PIECE]
+                if shard.backend.read_into(shard.key, info.begin + pos, piece) != len(piece):
+                    raise CorruptCheckpoint(f"{shard.header.file}, entry {ref.entry!r}: short read (truncated file)")
+                digest.update(piece)
+            shard.check_digest(info, digest.hexdigest(), ref.checksum)
         else:
             first, last, strides = _flat_span(info.shape, offsets, lengths)
             itemsize = torch.empty((), dtype=dtype).element_size()

@@ -65,17 +65,20 @@ class ShardHeader:
     entries: dict[str, EntryInfo] = field(default_factory=dict)
 
 
-def build_header(entries: list[dict[str, Any]], extra: dict[str, Any], size: int | None = None) -> bytes:
+def build_header(
+    entries: list[dict[str, Any]], extra: dict[str, Any], size: int | None = None, align: int = 8
+) -> bytes:
     """Serialise a header. ``entries`` hold name, stored dtype, stored shape and
     ``data_offsets``; ``extra`` is our per-entry info stored under ``__metadata__``.
-    The result (length prefix included) is space-padded to a multiple of 8, or to exactly
-    ``size`` bytes when given (the space reserved before the data was known)."""
+    The result (length prefix included) is space-padded to a multiple of ``align`` (8, or a
+    page so the data region starts page-aligned), or to exactly ``size`` bytes when given
+    (the space reserved before the data was known)."""
     doc: dict[str, Any] = {"__metadata__": {META_KEY: json.dumps(extra, separators=(",", ":"))}}
     for e in entries:
         doc[e["name"]] = {"dtype": e["dtype"], "shape": list(e["shape"]), "data_offsets": list(e["data_offsets"])}
     body = json.dumps(doc, separators=(",", ":")).encode("utf-8")
     total = 8 + len(body)
-    target = size if size is not None else total + (-total % 8)
+    target = size if size is not None else total + (-total % align)
     if target < total:
         raise ValueError(f"header needs {total} bytes but only {target} were reserved")
     body += b" " * (target - total)

@@ -30,6 +30,7 @@ _HEADER_PROBE = 64 * 1024
 _PLACEHOLDER = 10**15  # wider than any real offset or length
 _HASH_PIECE = 8 << 20  # bytes hashed per call (xxhash holds the GIL during a call)
 _OVERLAP_HASH_BYTES = 4 << 20  # below this a shard is hashed inline, without a helper thread
+_DATA_ALIGN = 4096  # uncompressed shards: the data region starts on a page boundary
 
 
 class ChunkCodec(Protocol):
@@ -96,7 +97,14 @@ def _plain_header(entries: Sequence[PendingEntry]) -> tuple[bytes, list[int]]:
             extra["entries"][e.name] = {"kind": e.kind}
         offset += e.data.nbytes
         ends.append(offset)
-    return build_header(specs, extra), ends
+    return build_header(specs, extra, align=_DATA_ALIGN), ends
+
+
+def _file_order(entries: Sequence[PendingEntry]) -> list[PendingEntry]:
+    """Entries whose size is a multiple of 64 bytes first: with the data region starting on a
+    page boundary they all start 64-byte aligned, which a read into an aligned tensor needs
+    to run at full memory speed (a misaligned copy is ~20% slower on x86)."""
+    return sorted(entries, key=lambda e: e.data.nbytes % 64 != 0)
 
 
 def _hash_entries(entries: Sequence[PendingEntry]) -> tuple[str, dict[str, str]]:
@@ -115,6 +123,7 @@ def _hash_entries(entries: Sequence[PendingEntry]) -> tuple[str, dict[str, str]]
 
 
 def _write_plain(writer: ObjectWriter, entries: Sequence[PendingEntry]) -> WrittenShard:
+    entries = _file_order(entries)
     header, _ = _plain_header(entries)
     writer.write(header)
     total = sum(e.data.nbytes for e in entries)

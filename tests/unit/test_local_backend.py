@@ -1,0 +1,438 @@
+"""storage_backends.local.LocalBackend: every Backend method on a real directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from storage_backends import (
+    Backend,
+    BackendError,
+    ObjectExists,
+    ObjectNotFound,
+    ObjectWriter,
+    PreconditionFailed,
+    UnsafeKey,
+    open_backend,
+)
+from storage_backends.local import LocalBackend
+
+
+@pytest.fixture
+def be(tmp_path: Path) -> LocalBackend:
+    return LocalBackend(str(tmp_path / "root"))
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+
+def test_satisfies_the_protocol_and_open_backend_picks_it(tmp_path):
+    b = open_backend(str(tmp_path))
+    assert isinstance(b, LocalBackend) and isinstance(b, Backend)
+    assert b.uri == str(tmp_path)
+    assert open_backend(f"file://{tmp_path}/x/").uri == str(tmp_path / "x")
+    assert isinstance(b.open_writer("w"), ObjectWriter)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def test_write_bytes_and_read(be):
+    be.write_bytes("a/b/c.bin", b"hello world")
+    assert Path(be.root, "a", "b", "c.bin").read_bytes() == b"hello world"
+    assert be.read("a/b/c.bin") == b"hello world"
+    assert be.size("a/b/c.bin") == 11
+    assert be.exists("a/b/c.bin") and not be.exists("a/b/nope")
+    be.write_bytes("a/b/c.bin", b"replaced")
+    assert be.read("a/b/c.bin") == b"replaced"
+
+
+def test_streaming_writer_is_invisible_until_commit(be):
+    w = be.open_writer("step/shard")
+    w.write(b"abc")
+    w.write(memoryview(b"defg"))
+    w.write(bytearray(b"h"))
+    assert not be.exists("step/shard")
+    assert be.list("step/") == []  # the temp file is not listed
+    assert list(be.abandoned_uploads()) != []  # ...but is an unfinished upload
+    assert w.commit() == 8
+    assert be.read("step/shard") == b"abcdefgh"
+    assert list(be.abandoned_uploads()) == []
+
+
+def test_writer_accepts_non_byte_memoryviews(be):
+    import array
+
+    w = be.open_writer("ints")
+    w.write(memoryview(array.array("i", [1, 2, 3])))
+    assert w.commit() == 12
+    assert be.read("ints") == array.array("i", [1, 2, 3]).tobytes()
+
+
+def test_reserve_head_is_filled_at_commit(be):
+    w = be.open_writer("f", reserve_head=8)
+    w.write(b"payload")
+    assert w.commit(b"HEADER!!") == 15
+    assert be.read("f") == b"HEADER!!payload"
+
+
+def test_reserve_head_size_mismatch_aborts(be, tmp_path):
+    w = be.open_writer("f", reserve_head=8)
+    w.write(b"payload")
+    with pytest.raises(BackendError, match="8 were reserved"):
+        w.commit(b"short")
+    assert not be.exists("f")
+    assert files_under(Path(be.root)) == []
+
+
+def test_abort_leaves_nothing(be):
+    w = be.open_writer("deep/dir/f", reserve_head=4)
+    w.write(b"x" * 1000)
+    w.abort()
+    w.abort()  # twice is fine
+    assert not be.exists("deep/dir/f")
+    assert files_under(Path(be.root)) == []
+    assert list(be.abandoned_uploads()) == []
+    with pytest.raises(BackendError):
+        w.write(b"more")
+    with pytest.raises(BackendError):
+        w.commit()
+
+
+def test_commit_replaces_an_existing_object_atomically(be):
+    be.write_bytes("f", b"old")
+    w = be.open_writer("f")
+    w.write(b"new content")
+    assert be.read("f") == b"old"  # untouched until commit
+    w.commit()
+    assert be.read("f") == b"new content"
+
+
+def test_large_streamed_write(be):
+    chunk = os.urandom(1 << 20)
+    w = be.open_writer("big")
+    for _ in range(8):
+        w.write(chunk)
+    assert w.commit() == 8 << 20
+    assert be.read("big", 3 << 20, 10) == chunk[:10]
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def test_read_ranges_and_past_the_end(be):
+    data = bytes(range(256))
+    be.write_bytes("r", data)
+    assert be.read("r", 10, 5) == data[10:15]
+    assert be.read("r", 250) == data[250:]
+    assert be.read("r", 250, 100) == data[250:]  # past the end: what exists
+    assert be.read("r", 300, 10) == b""
+    assert be.read("r", 0, 0) == b""
+    assert be.read_ranges("r", [(200, 3), (0, 2), (1, 1), (255, 10)]) == [data[200:203], data[0:2], data[1:2], data[255:]]
+    assert be.read_ranges("r", []) == []
+
+
+def test_read_into(be):
+    data = os.urandom(5000)
+    be.write_bytes("r", data)
+    out = bytearray(1000)
+    assert be.read_into("r", 123, memoryview(out)) == 1000
+    assert bytes(out) == data[123:1123]
+    tail = bytearray(100)
+    assert be.read_into("r", 4950, memoryview(tail)) == 50  # short read at EOF reports the count
+    assert bytes(tail[:50]) == data[4950:]
+
+
+def test_missing_objects_raise_object_not_found(be):
+    for call in (
+        lambda: be.read("nope"),
+        lambda: be.read("nope", 0, 10),
+        lambda: be.read_ranges("nope", [(0, 1)]),
+        lambda: be.read_into("nope", 0, memoryview(bytearray(1))),
+        lambda: be.size("nope"),
+    ):
+        with pytest.raises(ObjectNotFound) as info:
+            call()
+        assert info.value.key == "nope"
+        assert isinstance(info.value, FileNotFoundError)
+    assert be.read_versioned("nope") is None
+
+
+# --- listing and deleting --------------------------------------------------------------------
+
+
+def test_list_with_prefix(be):
+    for key in ["step_1/a", "step_1/b/c", "step_10/a", "step_2/a", "manifest.json", "step_1.tmp-x/a"]:
+        be.write_bytes(key, key.encode())
+    keys = lambda prefix="": [o.key for o in be.list(prefix)]  # noqa: E731
+    assert keys() == sorted(["manifest.json", "step_1.tmp-x/a", "step_1/a", "step_1/b/c", "step_10/a", "step_2/a"])
+    assert keys("step_1/") == ["step_1/a", "step_1/b/c"]
+    assert keys("step_1") == ["step_1.tmp-x/a", "step_1/a", "step_1/b/c", "step_10/a"]
+    assert keys("step_1/b/") == ["step_1/b/c"]
+    assert keys("missing/") == []
+    assert {o.key: o.size for o in be.list("step_2/")} == {"step_2/a": len(b"step_2/a")}
+    assert LocalBackend(str(Path(be.root) / "does-not-exist")).list() == []
+
+
+def test_list_refuses_unsafe_prefix(be):
+    with pytest.raises(UnsafeKey):
+        be.list("../")
+
+
+def test_delete_and_delete_prefix(be):
+    for key in ["s/a", "s/b/c", "s/b/d", "t/a", "s2/a"]:
+        be.write_bytes(key, b"x")
+    be.delete("t/a")
+    be.delete("t/a")  # missing: not an error
+    assert not be.exists("t/a")
+    assert be.delete_prefix("s/") == 3
+    assert not Path(be.root, "s").exists()  # the folder goes too
+    assert [o.key for o in be.list()] == ["s2/a"]
+    assert be.delete_prefix("nothing/") == 0
+
+
+def test_delete_prefix_without_slash_deletes_matching_keys(be):
+    for key in ["step_1/a", "step_10/a", "other/a"]:
+        be.write_bytes(key, b"x")
+    assert be.delete_prefix("step_1") == 2
+    assert [o.key for o in be.list()] == ["other/a"]
+
+
+# --- create_if_absent and compare_and_swap ---------------------------------------------------
+
+
+def test_create_if_absent(be):
+    be.create_if_absent("d/COMMITTED", b"one")
+    with pytest.raises(ObjectExists) as info:
+        be.create_if_absent("d/COMMITTED", b"two")
+    assert info.value.key == "d/COMMITTED"
+    assert be.read("d/COMMITTED") == b"one"
+    assert files_under(Path(be.root)) == ["d/COMMITTED"]  # no temp file left behind
+
+
+def test_create_if_absent_from_threads_exactly_one_wins(be):
+    n = 16
+    barrier = threading.Barrier(n)
+
+    def attempt(i: int) -> str:
+        barrier.wait()
+        try:
+            be.create_if_absent("race/COMMITTED", f"writer {i}".encode())
+            return "won"
+        except ObjectExists:
+            return "lost"
+
+    with ThreadPoolExecutor(n) as pool:
+        outcomes = list(pool.map(attempt, range(n)))
+    assert outcomes.count("won") == 1, outcomes
+    winner = outcomes.index("won")
+    assert be.read("race/COMMITTED") == f"writer {winner}".encode()
+    assert files_under(Path(be.root)) == ["race/COMMITTED"]
+
+
+def test_compare_and_swap(be):
+    v1 = be.compare_and_swap("manifest.json", b"v1", None)
+    got = be.read_versioned("manifest.json")
+    assert got is not None and got.data == b"v1" and got.version == v1
+    v2 = be.compare_and_swap("manifest.json", b"v2", v1)
+    assert v2 != v1
+    with pytest.raises(PreconditionFailed):
+        be.compare_and_swap("manifest.json", b"stale", v1)  # v1 is no longer current
+    with pytest.raises(PreconditionFailed):
+        be.compare_and_swap("manifest.json", b"again", None)  # exists already
+    assert be.read("manifest.json") == b"v2"
+    assert not be.exists("manifest.json.lock")  # the lock is dropped after every call
+
+
+def test_compare_and_swap_from_threads_no_lost_update(be):
+    be.compare_and_swap("counter", b"0", None)
+
+    def increment(_: int) -> int:
+        retries = 0
+        while True:
+            cur = be.read_versioned("counter")
+            assert cur is not None
+            try:
+                be.compare_and_swap("counter", str(int(cur.data) + 1).encode(), cur.version)
+                return retries
+            except PreconditionFailed:
+                retries += 1
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(increment, range(40)))
+    assert be.read("counter") == b"40"
+
+
+def test_lock_file_holds_owner_and_time(be):
+    before = time.time()
+    with be.lock("run.lock"):
+        doc = json.loads(Path(be.root, "run.lock").read_text())
+        assert doc["owner"].startswith(f"{socket.gethostname()}:{os.getpid()}:")
+        assert before - 1 <= doc["time"] <= time.time() + 1
+    assert not Path(be.root, "run.lock").exists()
+
+
+def test_lock_is_exclusive_and_times_out(be):
+    with be.lock("run.lock"):
+        t0 = time.monotonic()
+        with pytest.raises(BackendError, match=r"held by another writer") as info:
+            with be.lock("run.lock", timeout=0.3):
+                pass
+        assert time.monotonic() - t0 >= 0.3
+        assert info.value.code == "Locked"
+        assert "owner" in str(info.value)  # names the holder
+
+
+def test_stale_lock_is_taken_over(tmp_path):
+    be = LocalBackend(str(tmp_path), lock_stale_after=5.0)
+    path = tmp_path / "manifest.json.lock"
+    path.write_text(json.dumps({"owner": "deadhost:1:dead", "time": time.time() - 3600}))
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    v = be.compare_and_swap("manifest.json", b"data", None)  # would time out if not taken over
+    assert be.read_versioned("manifest.json").version == v
+    assert not path.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # the stale copy is removed
+
+
+def test_fresh_lock_is_not_taken_over(tmp_path):
+    be = LocalBackend(str(tmp_path), lock_stale_after=60.0)
+    (tmp_path / "manifest.json.lock").write_text(json.dumps({"owner": "alive:1:x", "time": time.time()}))
+    with pytest.raises(BackendError, match=r"alive:1:x"):
+        with be.lock("manifest.json.lock", timeout=0.2):
+            pass
+    assert (tmp_path / "manifest.json.lock").exists()
+
+
+# --- staging and publishing ------------------------------------------------------------------
+
+
+def test_staging_prefix_and_publish(be):
+    staging = be.staging_prefix("step_000000100", "abc123")
+    assert staging == "step_000000100.tmp-abc123"
+    be.write_bytes(f"{staging}/rank_00000.safetensors", b"shard")
+    be.create_if_absent(f"{staging}/COMMITTED", b"{}")
+    assert not be.exists("step_000000100/COMMITTED")
+    be.publish(staging, "step_000000100")
+    assert be.read("step_000000100/rank_00000.safetensors") == b"shard"
+    assert be.exists("step_000000100/COMMITTED")
+    assert not Path(be.root, staging).exists()
+
+
+def test_publish_onto_an_existing_final_raises_object_exists(be):
+    be.write_bytes("step_1/COMMITTED", b"first")
+    staging = be.staging_prefix("step_1", "second")
+    be.write_bytes(f"{staging}/COMMITTED", b"second")
+    with pytest.raises(ObjectExists):
+        be.publish(staging, "step_1")
+    assert be.read("step_1/COMMITTED") == b"first"  # the committed step is untouched
+    assert be.read(f"{staging}/COMMITTED") == b"second"
+
+
+def test_publish_onto_an_existing_empty_final_dir_raises_object_exists(be):
+    Path(be.root, "step_1").mkdir(parents=True)
+    be.write_bytes("step_1.tmp-a/x", b"x")
+    with pytest.raises(ObjectExists):
+        be.publish("step_1.tmp-a", "step_1")
+
+
+def test_publish_of_missing_staging_fails(be):
+    with pytest.raises(BackendError):
+        be.publish("step_9.tmp-nothing", "step_9")
+    assert not Path(be.root, "step_9").exists()
+
+
+# --- unsafe keys -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["../x", "/abs", "/etc/passwd", "a/../../x", "a/./b", "a//b", "..", ".", "", "a\\b", "a\x00b"])
+def test_unsafe_keys_are_refused_everywhere(be, tmp_path, key):
+    (tmp_path / "x").write_bytes(b"outside")
+    calls = [
+        lambda: be.read(key),
+        lambda: be.read_ranges(key, [(0, 1)]),
+        lambda: be.read_into(key, 0, memoryview(bytearray(1))),
+        lambda: be.size(key),
+        lambda: be.exists(key),
+        lambda: be.write_bytes(key, b"evil"),
+        lambda: be.open_writer(key),
+        lambda: be.delete(key),
+        lambda: be.delete_prefix(key),
+        lambda: be.create_if_absent(key, b"evil"),
+        lambda: be.read_versioned(key),
+        lambda: be.compare_and_swap(key, b"evil", None),
+        lambda: be.publish(key, "ok"),
+        lambda: be.publish("ok", key),
+    ]
+    for call in calls:
+        with pytest.raises(UnsafeKey):
+            call()
+    assert (tmp_path / "x").read_bytes() == b"outside"
+    assert not Path("/abs").exists()
+
+
+# --- unfinished uploads ----------------------------------------------------------------------
+
+
+def test_abandoned_uploads_and_abort_uploads(be):
+    w1 = be.open_writer("step_1.tmp-a/rank_00000.safetensors")
+    w1.write(b"partial")
+    w2 = be.open_writer("step_2.tmp-b/rank_00000.safetensors")
+    w2.write(b"partial")
+    be.write_bytes("step_1.tmp-a/done", b"ok")
+    found = sorted(be.abandoned_uploads())
+    assert len(found) == 2 and all(".part-" in k for k in found)
+    assert [k for k in found if k.startswith("step_1.tmp-a/")] == list(be.abandoned_uploads("step_1.tmp-a/"))
+    assert be.abort_uploads("step_1") == 1
+    assert len(list(be.abandoned_uploads())) == 1
+    assert be.read("step_1.tmp-a/done") == b"ok"  # finished objects are kept
+    assert be.abort_uploads() == 1
+    assert list(be.abandoned_uploads()) == []
+
+
+def test_fsync_can_be_disabled(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd))
+    LocalBackend(str(tmp_path / "a"), fsync=False).write_bytes("k", b"v")
+    assert calls == []
+    LocalBackend(str(tmp_path / "b")).write_bytes("k", b"v")
+    assert len(calls) >= 2  # the file and its directory
+
+
+def test_staging_folder_directory_syncs_are_left_to_publish(be, monkeypatch):
+    """Inside step_X.tmp-<id> file data is fsynced at once, but directory syncs are deferred to
+    publish(), which syncs the staged tree before the rename and the parent after it."""
+    import storage_backends.local as local
+
+    be.write_bytes("keep", b"x")  # the run root exists
+    dir_syncs: list[str] = []
+    file_syncs: list[int] = []
+    real_fsync_dir = local._fsync_dir
+    monkeypatch.setattr(local, "_fsync_dir", lambda p: (dir_syncs.append(os.path.relpath(p, be.root)), real_fsync_dir(p)))
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (file_syncs.append(fd), real_fsync(fd)))
+
+    staging = be.staging_prefix("step_7", "abc")
+    w = be.open_writer(f"{staging}/rank_00000.safetensors")
+    w.write(b"shard")
+    w.commit()
+    be.create_if_absent(f"{staging}/metadata.json", b"{}")
+    be.create_if_absent(f"{staging}/COMMITTED", b"{}")
+    assert dir_syncs == []
+    assert len(file_syncs) == 3  # every file's data, immediately
+
+    be.publish(staging, "step_7")
+    assert dir_syncs == [staging, "."]  # the staged folder, then the parent after the rename
+    assert be.in_staging(os.path.join(be.root, staging, "x")) and not be.in_staging(os.path.join(be.root, "step_7", "x"))
+
+    dir_syncs.clear()
+    be.create_if_absent("step_7/extra", b"{}")  # outside staging: synced at once
+    assert dir_syncs == ["step_7"]

@@ -29,7 +29,11 @@ class JsonSavePlanner(DefaultSavePlanner):
     """Saves tensors as DCP does and every other value as tagged JSON."""
 
     def __init__(self, **kwargs: Any):
-        kwargs.setdefault("dedup_save_to_lowest_rank", False)
+        # A replicated tensor is written by rank 0, not by whichever rank DCP's size balancing
+        # picks: replicas can differ (BatchNorm running stats after DDP's last forward are each
+        # rank's own; DDP broadcasts rank 0's at the next forward), and an exact resume needs
+        # the copy the uninterrupted run goes on with. Sharded (FSDP2) state is unaffected.
+        kwargs.setdefault("dedup_save_to_lowest_rank", True)
         super().__init__(**kwargs)
         self._encoded: dict[str, bytes] = {}
 

@@ -28,7 +28,7 @@ from storage_backends.base import Backend, ObjectWriter
 SMALL_ENTRY_BYTES = 4096  # below this, compressing costs more than it saves
 _HEADER_PROBE = 64 * 1024
 _PLACEHOLDER = 10**15  # wider than any real offset or length
-_HASH_PIECE = 8 << 20  # bytes hashed per call (xxhash holds the GIL during a call)
+_HASH_PIECE = 2 << 20  # bytes per hash call: both hashes of a piece while it is in L2; xxhash holds the GIL per call
 _OVERLAP_HASH_BYTES = 4 << 20  # below this a shard is hashed inline, without a helper thread
 _DATA_ALIGN = 4096  # uncompressed shards: the data region starts on a page boundary
 

@@ -184,9 +184,11 @@ class CheckpointManager:
         if not isinstance(state, TrainingState):
             raise ConfigError("save(step, state): state must come from mgr.track(...)")
         prefix = step_prefix(step)  # validates step
-        # async: raises a finished background save's failure (on every rank); True while one runs
-        busy = self._engine.poll() if self._engine is not None else False
-        decision = self._agree(lambda: self._decide(step, check_metrics(metrics), epoch, force))
+        engine = self._engine  # async: whether rank 0's save is still running rides on the decision
+        decision, busy = self._agree(lambda: (self._decide(step, check_metrics(metrics), epoch, force),
+                                              engine is not None and engine.busy_here()))  # fmt: skip
+        if engine is not None:  # raises a finished background save's failure (on every rank)
+            busy = engine.settle(busy)
         progress, due = decision
         if not due:
             self._progress = progress

@@ -2,6 +2,11 @@
 
     torchrun --nproc-per-node 2 examples/train_ddp.py --ckpt /tmp/run1 --steps 40
     torchrun --nproc-per-node 2 examples/train_ddp.py --ckpt /tmp/run2 --fresh-start-from /tmp/run1/step_000000039
+    torchrun --nproc-per-node 2 examples/train_ddp.py --ckpt /tmp/run3 --async --save-on-sigterm
+
+With ``--save-on-sigterm``, SIGTERM to any rank (or to torchrun) makes ``mgr.should_stop()``
+True on every rank: the loop saves the current step and exits with 143; ``--resume auto``
+continues from that step.
 """
 
 from __future__ import annotations

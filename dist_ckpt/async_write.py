@@ -1,0 +1,142 @@
+"""Writing a staged :class:`~dist_ckpt.staging.Snapshot` as one checkpoint with DCP.
+
+Runs in the background thread or in the background process (collectives on the group it is
+given). The planner is :class:`JsonSavePlanner` fed an already-flat state dict: tensors are
+the staged views, values the copies taken at ``save()`` time (JSON-encoded here, inside DCP's
+planning, so an unsupported value fails the save on every rank), DTensor shards plain
+tensors with their offsets (so a separate process needs no device mesh).
+
+Plan caching: with ``cache_key`` set, DCP's ``enable_plan_caching`` skips re-sending and
+re-planning when no rank's local plan changed. DCP then hands each rank its *cached* final
+plan — whose ``storage_data`` (our writer's staging prefix, attempt id and shard file name,
+chosen afresh by ``DistCkptWriter.prepare_global_plan`` for every save) would be the previous
+save's. :meth:`StagedSavePlanner.finish_plan` puts this save's assignment back into the plan,
+so a cached plan never writes into an old attempt's prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, StorageMeta, TensorProperties
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import _compare_save_plans, _create_write_items
+
+from dist_ckpt.api import unwrap
+from dist_ckpt.format.shard import ChunkCodec
+from dist_ckpt.planner import JsonSavePlanner
+from dist_ckpt.staging import Snapshot, encode_values
+from dist_ckpt.storage import DistCkptWriter
+from storage_backends import Backend
+
+
+def _shard_item(fqn: str, local: torch.Tensor, offsets: tuple[int, ...], global_shape: tuple[int, ...]) -> WriteItem:
+    """The write item DCP makes for a DTensor shard (``_create_write_items_for_dtensor``)."""
+    sizes, offs = torch.Size(local.shape), torch.Size(offsets)
+    return WriteItem(
+        index=MetadataIndex(fqn, offs),
+        type=WriteItemType.SHARD,
+        tensor_data=TensorWriteData(
+            chunk=ChunkStorageMetadata(offsets=offs, sizes=sizes),
+            properties=TensorProperties.create_from_tensor(local),
+            size=torch.Size(global_shape),
+        ),
+    )
+
+
+class StagedSavePlanner(JsonSavePlanner):
+    """Plans a flat, already staged state dict (see the module docstring)."""
+
+    def __init__(self, snapshot: Snapshot, *, cache_key: str | None = None):
+        super().__init__(enable_plan_caching=cache_key is not None)
+        if cache_key is not None:
+            self._cached_plans_key = cache_key
+        self._snapshot = snapshot
+        self.local_plan_reused = False  # tests: whether the cached local plan was reused
+
+    def set_up_planner(self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False) -> None:
+        self.state_dict = state_dict  # already flat; values are JSON bytes
+        self.mappings = self._snapshot.mappings
+        self.is_coordinator = is_coordinator
+        snap = self._snapshot
+        if snap.value_error is not None:
+            from dist_ckpt.async_process import rebuild_error
+
+            raise rebuild_error(*snap.value_error)
+        self._encoded = snap.encoded if snap.encoded is not None else encode_values(snap.values)
+
+    def create_local_plan(self) -> SavePlan:
+        items: list[WriteItem] = []
+        shards = self._snapshot.shards
+        for fqn, obj in self.state_dict.items():
+            if fqn in shards:
+                items.append(_shard_item(fqn, obj, *shards[fqn]))
+            else:
+                items.extend(_create_write_items(fqn, obj))
+        plan = SavePlan(items, planner_data=self.mappings)
+        self.plan = plan
+        if self._enable_plan_caching:  # as DefaultSavePlanner.create_local_plan does
+            cached = SavePlanner._cached_save_plan.get(self._cached_plans_key)
+            if cached is not None and _compare_save_plans(plan, cached):
+                self.local_plan_reused = True
+                return SavePlan([], usable=False)
+            self._pending_local_plan = plan
+        return plan
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        fresh = new_plan.storage_data  # this save's assignment, even on an unusable (cached) plan
+        plan = super().finish_plan(new_plan)
+        if fresh is not None and plan.storage_data is not fresh:
+            plan = dataclasses.replace(plan, storage_data=fresh)
+            self.plan = plan
+        return plan
+
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        if index.fqn in self._snapshot.shards:
+            return self.state_dict[index.fqn]
+        return super().lookup_object(index)
+
+    def transform_object(self, write_item: WriteItem, object: Any) -> torch.Tensor | io.BytesIO:
+        if write_item.type == WriteItemType.BYTE_IO:
+            return io.BytesIO(self._encoded[write_item.index.fqn])
+        return object
+
+
+def forget_cached_plans(cache_key: str) -> None:
+    """Drop DCP's class-level plan caches of ``cache_key``."""
+    for cache in (SavePlanner._cached_save_plan, SavePlanner._cached_all_plans, SavePlanner._cached_global_plan,
+                  SavePlanner._cached_metadata, SavePlanner._cached_final_save_plan):  # fmt: skip
+        cache.pop(cache_key, None)
+
+
+def write_snapshot(
+    backend: Backend,
+    prefix: str,
+    snapshot: Snapshot,
+    *,
+    codec: ChunkCodec | None,
+    commit_info: dict[str, Any],
+    process_group: dist.ProcessGroup | None,
+    cache_key: str | None = None,
+) -> StagedSavePlanner:
+    """Save ``snapshot`` as the committed checkpoint ``prefix`` (all ranks of the group)."""
+    writer = DistCkptWriter(backend, prefix, codec=codec, commit_info=commit_info)
+    planner = StagedSavePlanner(snapshot, cache_key=cache_key)
+    try:
+        dcp.save(
+            snapshot.flat_state_dict(),
+            storage_writer=writer,
+            planner=planner,
+            process_group=process_group,
+            no_dist=not (dist.is_available() and dist.is_initialized()),
+        )
+    except CheckpointException as e:
+        err = unwrap(e)
+        raise err.with_traceback(None) from e
+    return planner

@@ -1,0 +1,143 @@
+"""Helpers of the async-save tests: backend wrappers (slow, failing), a small training state,
+and probes for leftover processes and shared-memory segments.
+
+The wrappers are plain picklable objects around a :class:`LocalBackend`, so the writer
+process of ``async_mode="process"`` gets a working copy (it counts its own writes)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from storage_backends import BackendError
+from storage_backends.local import LocalBackend
+
+
+class _Writer:
+    def __init__(self, inner: Any, delay: float):
+        self._inner, self._delay = inner, delay
+
+    def write(self, data: Any) -> None:
+        if self._delay:  # once, before the first byte: the shard's data is read after the pause
+            time.sleep(self._delay)
+            self._delay = 0.0
+        self._inner.write(data)
+
+    def commit(self, head: bytes = b"") -> int:
+        return self._inner.commit(head)
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+
+class WrappedBackend:
+    """``LocalBackend`` whose shard writers sleep ``delay`` seconds before their first byte and whose
+    ``fail_at``-th shard (1-based, counted per process) fails with a :class:`BackendError`;
+    with ``slow_at``, only those shards are slow."""
+
+    def __init__(self, root: str, *, delay: float = 0.0, fail_at: int | None = None, slow_at: set[int] | None = None):
+        self.inner = LocalBackend(root, fsync=False)
+        self.delay, self.fail_at, self.slow_at = delay, fail_at, slow_at
+        self.shards_opened = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not yet set (unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def open_writer(self, key: str, *, reserve_head: int = 0) -> Any:
+        writer = self.inner.open_writer(key, reserve_head=reserve_head)
+        if key.endswith(".safetensors"):
+            self.shards_opened += 1
+            if self.fail_at is not None and self.shards_opened == self.fail_at:
+                writer.abort()
+                raise BackendError(f"injected failure writing {key} (shard #{self.shards_opened})", key=key)
+            if self.delay and (self.slow_at is None or self.shards_opened in self.slow_at):
+                return _Writer(writer, self.delay)
+        return writer
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.a = nn.Linear(width, width)
+        self.b = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def make_state(seed: int = 0, width: int = 32) -> tuple[nn.Module, torch.optim.Optimizer, Any, dict[str, Any]]:
+    torch.manual_seed(seed)
+    model = Net(width)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    counters = {"seen": 0, "tag": "x"}
+    return model, opt, sched, counters
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, counters: dict[str, Any]) -> None:
+    x = torch.randn(8, model.a.in_features)
+    loss = model(x).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    counters["seen"] += 8
+
+
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Every parameter and optimizer-state tensor, cloned."""
+    out = {f"p.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    for i, (p, st) in enumerate(opt.state.items()):
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                out[f"o.{i}.{k}"] = v.detach().clone()
+    return out
+
+
+def mutate_in_place(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1000.0)
+        for st in opt.state.values():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    v.add_(100.0) if k == "step" else v.fill_(0.5)
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def shm_entries() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def committed_steps(root: str | Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in Path(root).glob("step_*") if (p / "COMMITTED").exists() and ".tmp-" not in p.name)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists at all (a zombie counts as alive)."""
+    return Path(f"/proc/{pid}").exists()
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out

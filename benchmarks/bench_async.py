@@ -64,7 +64,7 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     torch.manual_seed(rank)
     sys.path.insert(0, str(ROOT))
     import torch.distributed.checkpoint  # noqa: F401  (imports count in the baseline, not in the peak)

@@ -63,7 +63,9 @@ class ManagerConfig:
     """When a save is still in flight: ``"wait"`` for it, or ``"skip"`` the new one (logged)."""
 
     max_staging_bytes: int | None = None
-    """Cap on staging memory for async saves; above it ``save()`` stages in pieces and blocks longer."""
+    """Cap on staging memory for async saves: a rank whose tensors exceed it saves
+    synchronously from the live tensors instead (no staging buffer; ``save()`` blocks for the
+    whole save) — never more memory, a longer stall."""
 
     save_on_sigterm: bool = False
     """On SIGTERM, finish the in-flight save; ``should_stop()`` then turns True so the loop

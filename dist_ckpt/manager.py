@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,19 +19,19 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from dist_ckpt import manifest as mf
 from dist_ckpt import rng
-from dist_ckpt.api import load_from, resolve_codec, save_to, split_checkpoint_uri
+from dist_ckpt.api import load_from, resolve_codec, save_to
 from dist_ckpt.config import ManagerConfig, config_changes
 from dist_ckpt.errors import (
     CheckpointError,
     CheckpointNotFound,
-    ConfigChanged,
     ConfigError,
     StepAlreadyExists,
     StorageError,
 )
 from dist_ckpt.progress import KEY, Progress, check_metrics
+from dist_ckpt.resume import report_config_changes, resolve_which, warn_if_finished
 from dist_ckpt.run_lock import RunLock
-from dist_ckpt.run_store import RunStore, parse_step_prefix, step_prefix
+from dist_ckpt.run_store import RunStore, step_prefix
 from dist_ckpt.state import TrainingState
 from dist_ckpt.storage import read_checkpoint_metadata
 from storage_backends import Backend, open_backend
@@ -267,11 +266,17 @@ class CheckpointManager:
         key = f"{step_prefix(entry.step)}/COMMITTED"
         return replace(entry, size=entry_from_committed(entry.step, self.backend.read(key), key).size)
 
-    def checkpoints(self) -> list[CheckpointInfo]:
-        """The run's committed checkpoints, oldest first, with the pointers naming each."""
+    def _manifest(self) -> mf.Manifest:
+        """The stored manifest, or the one the COMMITTED markers give when it is missing or
+        damaged — written back, unless this manager is read-only."""
         manifest, _ = self.store.read_manifest()
         if manifest is None:
-            manifest = self.store.reconciled_manifest(self.config.best)
+            manifest = self.store.reconciled_manifest(self.config.best, write=not self.config.read_only)
+        return manifest
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """The run's committed checkpoints, oldest first, with the pointers naming each."""
+        manifest = self._manifest()
         names: dict[int, list[str]] = {}
         for name, step in manifest.pointers.items():
             names.setdefault(step, []).append(name)
@@ -282,44 +287,13 @@ class CheckpointManager:
         ]
 
     # -- resume -----------------------------------------------------------------------------
-    def _resolve(self, which: Any) -> tuple[str, str] | None:
-        """(root uri, checkpoint prefix) named by ``which``; None for a new run's "last"."""
-        if isinstance(which, bool) or not isinstance(which, (int, str)):
-            raise ConfigError(f"which={which!r}: expected 'last', 'best:<metric>', a step number, or a checkpoint path/URI")
-        manifest, _ = self.store.read_manifest()
-        if manifest is None:
-            manifest = self.store.reconciled_manifest(self.config.best)
-        if which == "last":
-            step = manifest.pointers.get(mf.LAST)
-            return None if step is None else (self.backend.uri, step_prefix(step))
-        if isinstance(which, str) and which.startswith(mf.BEST_PREFIX):
-            metric = which[len(mf.BEST_PREFIX) :]
-            step = manifest.pointers.get(which)
-            if step is None:
-                if metric not in self.config.best and metric not in manifest.best_modes:
-                    raise ConfigError(f"which={which!r}: metric {metric!r} is not tracked (best={dict(self.config.best)})")
-                raise CheckpointNotFound(f"{self.root}: no checkpoint has a value for {metric!r} yet")
-            return self.backend.uri, step_prefix(step)
-        if isinstance(which, str) and which.isdigit():
-            which = int(which)
-        if isinstance(which, int):
-            if manifest.entry(which) is None and not self.backend.exists(f"{step_prefix(which)}/COMMITTED"):
-                have = ", ".join(str(s) for s in manifest.steps()[-10:]) or "none"
-                raise CheckpointNotFound(f"{self.root}: no committed checkpoint for step {which} (latest steps: {have})")
-            return self.backend.uri, step_prefix(which)
-        if parse_step_prefix(which) is not None:
-            return self.backend.uri, which
-        if "/" in which:
-            return split_checkpoint_uri(which)
-        raise ConfigError(
-            f"which={which!r}: expected 'last', 'best:<metric>', a step number, or the path/URI of one checkpoint"
-        )
-
     def restore(self, state: TrainingState, which: Any = "last") -> ResumeInfo | None:
         """Restore every tracked object, the RNG states and the manager's bookkeeping from the
         checkpoint ``which`` names. Returns None when ``which="last"`` and the run is new."""
         self._check_open()
-        target = self._agree(lambda: self._resolve(which))
+        if self._engine is not None:
+            self._engine.drain()  # restore what is committed, not what is half-written
+        target = self._agree(lambda: resolve_which(self._manifest(), self.store, which, self.config.best))
         if target is None:
             return None
         root, prefix = target
@@ -331,7 +305,7 @@ class CheckpointManager:
             holder = {KEY: ""}
             load_from(backend, prefix, holder, process_group=self._pg, allow_partial_load=True)
             saved = Progress.decode(holder[KEY], f"{backend.uri}/{prefix}")
-            self._report_config_changes(tuple(config_changes(saved.config, self.config.config)), warn=False)
+            report_config_changes(self.config, tuple(config_changes(saved.config, self.config.config)), warn=False)
         sd = state.state_dict()
         sd[KEY] = ""
         own_rng = f"{rng.PREFIX}.{rng.rank_key(self.rank)}.torch" in stored
@@ -352,44 +326,19 @@ class CheckpointManager:
             rng.reseed(progress.step, self.rank)
         rng.warn_world_size_change(meta.world_size, self.world_size, self.rank, not own_rng, progress.step)
         changes = tuple(config_changes(progress.config, self.config.config)) if self.config.config is not None else ()
-        self._report_config_changes(changes)
+        report_config_changes(self.config, changes)
         self._progress = replace(progress, config=self.config.config, tracker_run_id=progress.tracker_run_id or self.config.tracker_run_id)
-        self._warn_if_finished(progress)
+        warn_if_finished(self.config, progress)
         return ResumeInfo(progress.step, progress.epoch, dict(progress.metrics), dict(progress.best),
                           dict(progress.since_improvement), self._progress.tracker_run_id, changes,
                           meta.world_size, f"{backend.uri}/{prefix}")  # fmt: skip
-
-    def _report_config_changes(self, changes: tuple[str, ...], *, warn: bool = True) -> None:
-        if not changes:
-            return
-        allowed = set(self.config.config_may_change)
-        blocking = [c for c in changes if c.split(":", 1)[0] not in allowed]
-        if self.config.strict_config and blocking:
-            raise ConfigChanged(
-                "the run config changed since the checkpoint (strict_config=True): " + "; ".join(blocking)
-                + ". Restore the old values or list the keys in config_may_change."
-            )
-        if not warn:
-            return
-        msg = "run config changed since the checkpoint: " + "; ".join(changes)
-        warnings.warn(msg, stacklevel=3)
-        log.warning(msg)
-
-    def _warn_if_finished(self, progress: Progress) -> None:
-        cfg = self.config
-        if (cfg.total_steps is not None and progress.step >= cfg.total_steps - 1) or (
-            cfg.total_epochs is not None and progress.epoch is not None and progress.epoch >= cfg.total_epochs - 1
-        ):
-            msg = f"resumed at step {progress.step}, epoch {progress.epoch}: the run's target is already reached"
-            warnings.warn(msg, stacklevel=3)
-            log.warning(msg)
 
     def load_weights(self, module: nn.Module, which: Any = "last", *, name: str | None = None) -> int:
         """Load only a model's weights from a checkpoint (fresh start from trained weights:
         optimizer, schedulers, counters untouched). ``name`` is the name the model was tracked
         under; it may be omitted when the checkpoint holds one model. Returns the step."""
         self._check_open()
-        target = self._agree(lambda: self._resolve(which))
+        target = self._agree(lambda: resolve_which(self._manifest(), self.store, which, self.config.best))
         if target is None:
             raise CheckpointNotFound(f"{self.root}: no committed checkpoint to load weights from")
         root, prefix = target

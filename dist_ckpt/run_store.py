@@ -138,15 +138,19 @@ class RunStore:
             log.warning("%s", e)
             return None, current.version
 
-    def reconciled_manifest(self, best_modes: Mapping[str, str]) -> mf.Manifest:
+    def reconciled_manifest(self, best_modes: Mapping[str, str], *, write: bool = True) -> mf.Manifest:
         """The manifest as the COMMITTED markers say it must be, written back if it differed
-        (missing, corrupt, stale: a crash between COMMITTED and the manifest update)."""
+        (missing, corrupt, stale: a crash between COMMITTED and the manifest update) —
+        unless ``write`` is False (readers that must not change the run)."""
         entries = self.committed_entries()
 
         def fix(current: mf.Manifest | None) -> mf.Manifest:
             base = current or mf.Manifest()
             modes = {**base.best_modes, **best_modes}
             return mf.rebuild(entries, modes, base.tracker_run_id, base.config_hash)
+
+        if not write:
+            return fix(self.read_manifest()[0])
 
         try:
             return self.update_manifest(fix, only_if_changed=True)

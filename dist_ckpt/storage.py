@@ -19,31 +19,24 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import uuid
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import (
-    LoadItemType,
-    LoadPlan,
-    LoadPlanner,
-    ReadItem,
     SavePlan,
     SavePlanner,
     WriteItemType,
 )
-from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dist_ckpt.errors import CheckpointNotFound, CorruptCheckpoint, StepAlreadyExists, StorageError
 from dist_ckpt.format import metadata_json
 from dist_ckpt.format.metadata_json import CheckpointMetadata, EntryRef, FileRecord
-from dist_ckpt.format.shard import ChunkCodec, PendingEntry, ShardReader, save_shard
+from dist_ckpt.format.shard import ChunkCodec, PendingEntry, save_shard
 from storage_backends import Backend, BackendError, ObjectExists, ObjectNotFound, join_key
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from _fault_lib import QUIET, check_run, committed_steps, injected, restore_into_fresh, run_job
 
 from storage_backends import open_backend

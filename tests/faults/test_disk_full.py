@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from _fault_lib import QUIET, LocalJob, assert_named_error, check_run, committed_steps
 
 from dist_ckpt.errors import StorageError

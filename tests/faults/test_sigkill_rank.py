@@ -8,7 +8,6 @@ import os
 import signal
 from pathlib import Path
 
-import pytest
 from _fault_lib import QUIET, check_run, committed_steps, start_job, wait_for
 
 from storage_backends import open_backend

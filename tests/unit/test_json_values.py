@@ -81,7 +81,7 @@ def test_bytes_and_bytearray():
 
 
 def test_dicts_with_non_string_keys():
-    value = {1: "a", 2: {3: "b"}, (4, 5): [6], None: 0, 2.5: "f", True: "t"}
+    value = {1: "a", 2: {3: "b"}, (4, 5): [6], None: 0, 2.5: "f"}
     out = roundtrip(value)
     assert out == value
     assert list(out) == list(value)  # order kept

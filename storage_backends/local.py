@@ -22,118 +22,19 @@ SIGBUS). ``ESTALE`` — an NFS file handle invalidated by another client's renam
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-import socket
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import xxhash
 
 from storage_backends.base import ObjectInfo, Versioned, validate_key
 from storage_backends.errors import BackendError, ObjectExists, ObjectNotFound, PreconditionFailed
 
+from storage_backends.local_io import PART_MARK, STAGING_MARK, LocalWriter, LockFile, fsync_dir, retry_estale
+
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-_PART_MARK = ".part-"
-_STAGING_MARK = ".tmp-"  # staging_prefix(): step_X.tmp-<attempt>
-_ESTALE_RETRIES = 5
-
-
-def _retry_estale(fn: Callable[[], T]) -> T:
-    for attempt in range(_ESTALE_RETRIES):
-        try:
-            return fn()
-        except OSError as e:
-            if e.errno != errno.ESTALE or attempt == _ESTALE_RETRIES - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class LocalWriter:
-    """Streams one object into a temp file; ``commit`` patches the head, fsyncs and renames."""
-
-    def __init__(self, backend: LocalBackend, key: str, reserve_head: int):
-        self._backend = backend
-        self._key = key
-        self._final = backend.path_of(key)
-        self._reserve = reserve_head
-        backend.make_dirs(os.path.dirname(self._final))
-        name = os.path.basename(self._final)
-        self._tmp = os.path.join(os.path.dirname(self._final), f".{name}{_PART_MARK}{uuid.uuid4().hex[:12]}")
-        self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._size = reserve_head
-        if reserve_head:
-            os.lseek(self._fd, reserve_head, os.SEEK_SET)
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._fd is None:
-            raise BackendError(f"write to {self._key!r} after commit/abort", key=self._key)
-        view = memoryview(data).cast("B")
-        try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-                self._size += written
-        except OSError as e:
-            self.abort()
-            raise self._backend.wrap(e, self._key, "write") from e
-
-    def commit(self, head: bytes = b"") -> int:
-        if self._fd is None:
-            raise BackendError(f"commit of {self._key!r} after commit/abort", key=self._key)
-        if len(head) != self._reserve:
-            self.abort()
-            raise BackendError(
-                f"head of {self._key!r} is {len(head)} bytes, but {self._reserve} were reserved",
-                key=self._key,
-            )
-        fd, self._fd = self._fd, None
-        try:
-            if head:
-                os.pwrite(fd, head, 0)
-            if self._backend.fsync:
-                os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.rename(self._tmp, self._final)
-            if self._backend.fsync and not self._backend.in_staging(self._final):
-                _fsync_dir(os.path.dirname(self._final))
-        except OSError as e:
-            if fd >= 0:
-                os.close(fd)
-            self._remove_tmp()
-            raise self._backend.wrap(e, self._key, "commit") from e
-        return self._size
-
-    def abort(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                os.close(fd)
-            except OSError:
-                log.warning("closing the aborted temp file of %s failed", self._key, exc_info=True)
-        self._remove_tmp()
-
-    def _remove_tmp(self) -> None:
-        try:
-            os.unlink(self._tmp)
-        except FileNotFoundError:
-            pass
-
 
 class LocalBackend:
     """A run root on a POSIX file system (local disk or NFS). See the module docstring."""
@@ -159,7 +60,7 @@ class LocalBackend:
         syncs (each file's data is still fsynced). A save then costs two directory syncs,
         not one per file."""
         rel = os.path.relpath(path, self.root)
-        return not rel.startswith("..") and any(_STAGING_MARK in part for part in rel.split(os.sep))
+        return not rel.startswith("..") and any(STAGING_MARK in part for part in rel.split(os.sep))
 
     def make_dirs(self, path: str) -> None:
         """Create ``path`` and missing parents, fsyncing each parent so the entries survive a crash."""
@@ -177,7 +78,7 @@ class LocalBackend:
             except FileExistsError:
                 continue
             if self.fsync and not self.in_staging(d):
-                _fsync_dir(os.path.dirname(d))
+                fsync_dir(os.path.dirname(d))
 
     def wrap(self, e: OSError, key: str, op: str) -> BackendError:
         if isinstance(e, BackendError):
@@ -210,7 +111,7 @@ class LocalBackend:
                 return os.pread(f.fileno(), length, start)
 
         try:
-            return _retry_estale(_read)
+            return retry_estale(_read)
         except OSError as e:
             raise self.wrap(e, key, "read") from e
 
@@ -234,7 +135,7 @@ class LocalBackend:
                 os.close(fd)
 
         try:
-            return _retry_estale(_read)
+            return retry_estale(_read)
         except OSError as e:
             raise self.wrap(e, key, "read") from e
 
@@ -249,13 +150,13 @@ class LocalBackend:
                 os.close(fd)
 
         try:
-            return _retry_estale(_read)
+            return retry_estale(_read)
         except OSError as e:
             raise self.wrap(e, key, "read") from e
 
     def size(self, key: str) -> int:
         try:
-            return _retry_estale(lambda: os.stat(self.path_of(key)).st_size)
+            return retry_estale(lambda: os.stat(self.path_of(key)).st_size)
         except OSError as e:
             raise self.wrap(e, key, "stat") from e
 
@@ -269,11 +170,11 @@ class LocalBackend:
         if "/" in prefix:
             base_dir = os.path.join(self.root, *prefix.rsplit("/", 1)[0].split("/"))
         found: list[ObjectInfo] = []
-        for dirpath, _dirs, files in _retry_estale(lambda: list(os.walk(base_dir))):
+        for dirpath, _dirs, files in retry_estale(lambda: list(os.walk(base_dir))):
             rel_dir = os.path.relpath(dirpath, self.root)
             for name in files:
                 key = name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
-                if not key.startswith(prefix) or _PART_MARK in name:
+                if not key.startswith(prefix) or PART_MARK in name:
                     continue
                 try:
                     found.append(ObjectInfo(key, os.stat(os.path.join(dirpath, name)).st_size))
@@ -311,14 +212,14 @@ class LocalBackend:
                 os.rmdir(os.path.join(dirpath, name))
         os.rmdir(path)
         if self.fsync:
-            _fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))
         return count
 
     # -- small objects: create-if-absent and compare-and-swap -----------------------------
     def create_if_absent(self, key: str, data: bytes) -> None:
         final = self.path_of(key)
         self.make_dirs(os.path.dirname(final))
-        tmp = f"{final}{_PART_MARK}{uuid.uuid4().hex[:12]}"
+        tmp = f"{final}{PART_MARK}{uuid.uuid4().hex[:12]}"
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -330,7 +231,7 @@ class LocalBackend:
             except FileExistsError as e:
                 raise ObjectExists(f"{final} already exists", key=key, code="EEXIST") from e
             if self.fsync and not self.in_staging(final):
-                _fsync_dir(os.path.dirname(final))
+                fsync_dir(os.path.dirname(final))
         except OSError as e:
             raise self.wrap(e, key, "create") from e
         finally:
@@ -365,12 +266,12 @@ class LocalBackend:
             raise self.wrap(e, f"{key}.lock", "compare-and-swap lock") from e
         return xxhash.xxh3_128_hexdigest(data)
 
-    def lock(self, key: str, timeout: float = 30.0) -> _LockFile:
-        return _LockFile(self, key, timeout)
+    def lock(self, key: str, timeout: float = 30.0) -> LockFile:
+        return LockFile(self, key, timeout)
 
     # -- staging and publishing a step -----------------------------------------------------
     def staging_prefix(self, final_prefix: str, attempt: str) -> str:
-        return f"{final_prefix.rstrip('/')}{_STAGING_MARK}{attempt}"
+        return f"{final_prefix.rstrip('/')}{STAGING_MARK}{attempt}"
 
     def publish(self, staging_prefix: str, final_prefix: str) -> None:
         staged, final = self.path_of(staging_prefix), self.path_of(final_prefix)
@@ -378,12 +279,12 @@ class LocalBackend:
             if self.fsync:
                 # The one directory sync for everything written inside the staging folder.
                 for dirpath, _dirs, _files in os.walk(staged):
-                    _fsync_dir(dirpath)
+                    fsync_dir(dirpath)
             if os.path.exists(final):
                 raise ObjectExists(f"{final} already exists", key=final_prefix, code="EEXIST")
             os.rename(staged, final)
             if self.fsync:
-                _fsync_dir(os.path.dirname(final))
+                fsync_dir(os.path.dirname(final))
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise ObjectExists(f"{final} already exists", key=final_prefix, code="EEXIST") from e
@@ -393,7 +294,7 @@ class LocalBackend:
         for dirpath, _dirs, files in os.walk(self.root):
             rel_dir = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
             for name in files:
-                if _PART_MARK in name:
+                if PART_MARK in name:
                     key = name if rel_dir == "." else f"{rel_dir}/{name}"
                     if key.startswith(prefix):
                         yield key
@@ -424,66 +325,3 @@ class LocalBackend:
                     continue
 
 
-class _LockFile:
-    """An exclusive lock file (``O_CREAT|O_EXCL``) holding ``{"owner", "time"}`` as JSON."""
-
-    def __init__(self, backend: LocalBackend, key: str, timeout: float):
-        self._backend = backend
-        self._key = key
-        self._path = backend.path_of(key)
-        self._timeout = timeout
-        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> _LockFile:
-        deadline = time.monotonic() + self._timeout
-        self._backend.make_dirs(os.path.dirname(self._path))
-        body = json.dumps({"owner": self._owner, "time": time.time()}).encode()
-        while True:
-            try:
-                fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                if time.monotonic() > deadline:
-                    raise BackendError(
-                        f"lock {self._path} is held by another writer ({self._describe_holder()}); "
-                        f"waited {self._timeout:.0f}s. If that job is dead, delete the file.",
-                        key=self._key,
-                        code="Locked",
-                    ) from None
-                time.sleep(0.01)
-                continue
-            try:
-                os.write(fd, body)
-                if self._backend.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            os.unlink(self._path)
-        except FileNotFoundError:
-            log.warning("lock %s vanished while held (taken over as stale?)", self._path)
-
-    def _describe_holder(self) -> str:
-        try:
-            with open(self._path) as f:
-                return f.read(200)
-        except OSError:
-            return "unknown holder"
-
-    def _take_over_if_stale(self) -> None:
-        try:
-            age = time.time() - os.stat(self._path).st_mtime
-        except FileNotFoundError:
-            return
-        if age <= self._backend.lock_stale_after:
-            return
-        aside = f"{self._path}.stale-{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(self._path, aside)
-        except FileNotFoundError:
-            return  # another process took it over first
-        log.warning("took over stale lock %s (%.0fs old): %s", self._path, age, self._describe_holder())
-        os.unlink(aside)

@@ -411,12 +411,19 @@ def test_staging_folder_directory_syncs_are_left_to_publish(be, monkeypatch):
     """Inside step_X.tmp-<id> file data is fsynced at once, but directory syncs are deferred to
     publish(), which syncs the staged tree before the rename and the parent after it."""
     import storage_backends.local as local
+    import storage_backends.local_io as local_io
 
     be.write_bytes("keep", b"x")  # the run root exists
     dir_syncs: list[str] = []
     file_syncs: list[int] = []
-    real_fsync_dir = local._fsync_dir
-    monkeypatch.setattr(local, "_fsync_dir", lambda p: (dir_syncs.append(os.path.relpath(p, be.root)), real_fsync_dir(p)))
+    real_fsync_dir = local_io.fsync_dir
+
+    def counting_fsync_dir(p: str) -> None:
+        dir_syncs.append(os.path.relpath(p, be.root))
+        real_fsync_dir(p)
+
+    for module in (local, local_io):  # the writer lives in local_io, publish in local
+        monkeypatch.setattr(module, "fsync_dir", counting_fsync_dir)
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (file_syncs.append(fd), real_fsync(fd)))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,17 +31,22 @@ def build_model() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 1))
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = common.parse_args(__doc__ or "", argv)
+def wrap_ddp(model: nn.Module) -> nn.Module:
+    # DDP rebuilds its gradient buckets after a process's first backward, which changes the
+    # summation order of the all-reduce on more than 2 ranks: a resumed process would differ
+    # from the uninterrupted one in the last bit. Without bucket rebuilding (what
+    # find_unused_parameters=True implies) the order is fixed and resume is bit-exact.
+    return DDP(model, find_unused_parameters=True)
+
+
+def main(argv: list[str] | None = None, *, wrap: Callable[[nn.Module], nn.Module] = wrap_ddp, doc: str | None = None) -> None:
+    """The training loop; ``wrap`` makes the model distributed (DDP here, FSDP2 in train_fsdp.py)."""
+    args = common.parse_args(doc or __doc__ or "", argv)
     rank, world = common.init_distributed()
     torch.manual_seed(args.seed)
     model = build_model()
     if dist.is_initialized():
-        # DDP rebuilds its gradient buckets after a process's first backward, which changes the
-        # summation order of the all-reduce on more than 2 ranks: a resumed process would differ
-        # from the uninterrupted one in the last bit. Without bucket rebuilding (what
-        # find_unused_parameters=True implies) the order is fixed and resume is bit-exact.
-        model = DDP(model, find_unused_parameters=True)
+        model = wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
     loader, sampler = common.make_loader(args.seed, args.batch_size, rank, world)

@@ -84,7 +84,26 @@ def wrap_backend_error(e: BaseException, uri: str) -> StorageError:
     return StorageError(f"storage failed at {uri}: {e}")
 
 
-class DistCkptWriter(StorageWriter):
+class CheckpointLocation:
+    """What our writer and reader share: one checkpoint folder ``prefix`` of ``backend``,
+    fixed at construction (DCP's ``checkpoint_id`` is not used)."""
+
+    backend: Backend
+    prefix: str
+
+    @property
+    def uri(self) -> str:
+        return f"{self.backend.uri}/{self.prefix}"
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return True
+
+
+class DistCkptWriter(CheckpointLocation, StorageWriter):
     """Writes one checkpoint (one step) below ``prefix`` of ``backend``."""
 
     def __init__(
@@ -100,17 +119,6 @@ class DistCkptWriter(StorageWriter):
         self.commit_info = dict(commit_info or {})
         self.is_coordinator = False
         self._staging = ""
-
-    @property
-    def uri(self) -> str:
-        return f"{self.backend.uri}/{self.prefix}"
-
-    def reset(self, checkpoint_id: Any = None) -> None:
-        pass
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-        return True
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.uri)

@@ -26,7 +26,7 @@ from torch.futures import Future
 from dist_ckpt.errors import CorruptCheckpoint
 from dist_ckpt.format.metadata_json import CheckpointMetadata, EntryRef
 from dist_ckpt.format.shard import ChunkCodec, ShardReader
-from dist_ckpt.storage import TORCH_DTYPE, raw_bytes, read_checkpoint_metadata, wrap_backend_error
+from dist_ckpt.storage import TORCH_DTYPE, CheckpointLocation, raw_bytes, read_checkpoint_metadata, wrap_backend_error
 from storage_backends import Backend, BackendError, join_key
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def _chunk_at(md: TensorStorageMetadata, index: Any) -> Any:
     return next((c for c in md.chunks if tuple(c.offsets) == offsets), None)
 
 
-class DistCkptReader(StorageReader):
+class DistCkptReader(CheckpointLocation, StorageReader):
     """Reads one committed checkpoint below ``prefix`` of ``backend``."""
 
     def __init__(self, backend: Backend, prefix: str, *, codecs: dict[str, ChunkCodec] | None = None):
@@ -61,17 +61,6 @@ class DistCkptReader(StorageReader):
         self.backend, self.prefix = backend, prefix.strip("/")
         self.codecs = codecs
         self.checkpoint: CheckpointMetadata | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"{self.backend.uri}/{self.prefix}"
-
-    def reset(self, checkpoint_id: Any = None) -> None:
-        pass
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-        return True
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self.checkpoint is None:

@@ -106,14 +106,11 @@ def _local_throughput(doc: dict[str, Any]) -> dict[str, float]:
 
 
 def plot_stall(results: Path) -> Path | None:
-    found = newest(results, "async")
+    found = newest(results, "async_sweep")
     if found is None:
         return None
     path, doc = found
-    sizes = doc.get("stall_vs_size")
-    if not sizes:
-        print("plots: async result has no stall_vs_size series", file=sys.stderr)
-        return None
+    sizes = doc["stall_vs_size"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for series, points in sizes.items():
         xs = sorted(points, key=float)

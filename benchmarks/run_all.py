@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, store each JSON as results/<date>-<name>.json, draw plots.
 
-    python benchmarks/run_all.py [--only save,compress,s3,async,scaling] [--quick]
+    python benchmarks/run_all.py [--only save,compress,s3,async,scaling,async_sweep] [--quick]
 
 Each benchmark script prints one JSON document; see benchmarks/README.md for what each
 measures and which anchors it is compared with. ``--quick`` uses smaller states.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,14 +26,39 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
+SWEEP_MB = (32, 64, 128)
+SWEEP_METHODS = ("copy_floor", "ours_thread", "dcp_async_thread")
+
+
+def async_sweep(quick: bool) -> str:
+    """Stall per save against state size: bench_async at several sizes, one JSON with a
+    ``stall_vs_size`` series per method (median stall of saves 2..N, slower rank)."""
+    series: dict[str, dict[str, float]] = {m: {} for m in SWEEP_METHODS}
+    for mb in SWEEP_MB[:2] if quick else SWEEP_MB:
+        proc = subprocess.run([sys.executable, str(HERE / "bench_async.py"), "--mb", str(mb), "--saves", "4",
+                               "--methods", *SWEEP_METHODS], capture_output=True, text=True, check=True)  # fmt: skip
+        results = json.loads(proc.stdout)["results"]
+        for method in SWEEP_METHODS:
+            series[method][str(mb)] = results[method]["stall_s"]["median"]
+    return json.dumps({"benchmark": "async_sweep", "date": datetime.date.today().isoformat(),
+                       "sizes_mb_per_rank": list(SWEEP_MB), "stall_vs_size": series}, indent=1)  # fmt: skip
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--only", default=",".join(BENCHES))
+    p.add_argument("--only", default=",".join([*BENCHES, "async_sweep"]))
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     today = datetime.date.today().isoformat()
     failed = []
     for name in args.only.split(","):
+        if name == "async_sweep":
+            try:
+                (HERE / "results" / f"{today}-async_sweep.json").write_text(async_sweep(args.quick))
+            except (subprocess.CalledProcessError, KeyError, ValueError) as e:
+                print(f"bench: async_sweep failed: {e}", file=sys.stderr)
+                failed.append(name)
+            continue
         full, quick = BENCHES[name]
         script, *rest = quick if args.quick else full
         print(f"bench: {name} ...", file=sys.stderr, flush=True)

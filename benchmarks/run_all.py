@@ -22,6 +22,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "compress": (["bench_compress.py"], ["bench_compress.py"]),
     "s3": (["bench_s3.py"], ["bench_s3.py", "--mb", "64"]),
     "async": (["bench_async.py"], ["bench_async.py", "--mb", "64"]),
+    "compressed_save": (["bench_compressed_save.py"], ["bench_compressed_save.py", "--mb", "32"]),
     "scaling": (["bench_scaling.py"], ["bench_scaling.py", "--mb-per-rank", "32"]),
 }
 

@@ -26,6 +26,17 @@ def _run(script: str, nproc: int, args: list[str], log: Path) -> int:
     return torchrun(script, nproc, [*COMMON, *args], log=log, timeout=240)
 
 
+def _resume(script: str, nproc: int, args: list[str], log: Path) -> int:
+    """Run a resuming job; if it dies of a C++ abort (seen once under heavy machine load:
+    gloo's "terminate called without an active exception"), start it again — exactly what a
+    scheduler does — and the result must still be bit-identical."""
+    rc = _run(script, nproc, args, log)
+    if rc != 0 and "Signal 6 (SIGABRT)" in log.read_text():
+        print(f"resume job aborted (SIGABRT), restarting it once; log: {log}")
+        rc = _run(script, nproc, args, log)
+    return rc
+
+
 def _uninterrupted(script: str, tmp: Path) -> None:
     rc = _run(script, 2, ["--ckpt", str(tmp / "a"), "--losses-out", str(tmp / "a.jsonl"), "--final-out", str(tmp / "a.st")], tmp / "log")
     assert rc == 0, (tmp / "log").read_text()[-3000:]
@@ -39,8 +50,8 @@ def test_killed_and_resumed_run_is_bit_identical(script: str, tmp_path: Path) ->
     assert rc != 0, "the job was SIGKILLed and must not exit cleanly"
     last_before = max(c.step for c in CheckpointManager(str(tmp_path / "b"), read_only=True).checkpoints())
     assert last_before <= crash
-    rc = _run(script, 2, ["--ckpt", str(tmp_path / "b"), "--resume", "auto", "--losses-out", str(tmp_path / "b.jsonl"),
-                          "--final-out", str(tmp_path / "b.st")], tmp_path / "log")  # fmt: skip
+    rc = _resume(script, 2, ["--ckpt", str(tmp_path / "b"), "--resume", "auto", "--losses-out", str(tmp_path / "b.jsonl"),
+                             "--final-out", str(tmp_path / "b.st")], tmp_path / "log")  # fmt: skip
     assert rc == 0, (tmp_path / "log").read_text()[-3000:]
     result = compare(tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "a.st", tmp_path / "b.st")
     assert result.steps_compared == STEPS

@@ -49,7 +49,7 @@ def plot_compression(results: Path) -> Path | None:
     ax.set_ylim(0.5, 1.0)
     ax.set_title(f"Compression ratio per dtype ({path.name})")
     ax.legend(fontsize=8)
-    return save(fig, results / "compression_ratio.png")
+    return save_png(fig, results / "compression_ratio.png")
 
 
 def plot_scaling(results: Path) -> Path | None:
@@ -66,43 +66,33 @@ def plot_scaling(results: Path) -> Path | None:
     ax.set_ylabel("seconds (max over ranks)")
     ax.set_title(f"Weak scaling, {doc['mb_per_rank']} MB per rank, {doc['cpu_cores']} CPU cores")
     ax.legend()
-    return save(fig, results / "weak_scaling.png")
+    return save_png(fig, results / "weak_scaling.png")
 
 
 def plot_throughput(results: Path) -> Path | None:
-    """Save/load throughput, local (bench_save) and S3 (bench_s3)."""
-    bars: dict[str, float] = {}
-    found = newest(results, "save")
-    if found is not None:
-        for label, value in _local_throughput(found[1]).items():
-            bars[label] = value
-    found = newest(results, "s3")
-    if found is not None:
-        r = found[1]["results"]
-        bars["S3 upload\nours"] = r["upload_MBps"]["ours"]
-        bars["S3 upload\nTransferManager"] = r["upload_MBps"]["transfer_manager"]
-        bars["S3 download\nours"] = r["download_MBps"]["ours_read_ranges"]
-        bars["S3 download\nTransferManager"] = r["download_MBps"]["transfer_manager"]
-    if not bars:
+    """Save/load throughput: local disk (bench_save) and S3 on loopback (bench_s3), side by side."""
+    save, s3 = newest(results, "save"), newest(results, "s3")
+    if save is None and s3 is None:
         return None
-    fig, ax = plt.subplots(figsize=(10, 4))
-    ax.bar(range(len(bars)), list(bars.values()), color=["C0" if "ours" in k else "C7" for k in bars])
-    ax.set_xticks(range(len(bars)), list(bars), fontsize=7)
-    ax.set_ylabel("MB/s")
-    ax.set_title("Save/load throughput: local disk (page cache) and S3 on loopback")
-    return save(fig, results / "throughput.png")
-
-
-def _local_throughput(doc: dict[str, Any]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    mb = doc.get("state_MB") or doc.get("mb") or doc.get("size_MB")
-    times = doc.get("best_s") or doc.get("results") or {}
-    if not mb or not isinstance(times, dict):
-        return out
-    for key, seconds in times.items():
-        if isinstance(seconds, (int, float)) and seconds > 0:
-            out[f"local\n{key.replace('_', ' ')}"] = mb / seconds
-    return out
+    fig, (local_ax, s3_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    if save is not None:
+        r = save[1]["results"]
+        names = [n for n in ("ours", "raw", "dcp", "torch") if n in r]
+        for i, op in enumerate(("save", "load")):
+            local_ax.bar([x + (i - 0.5) * 0.4 for x in range(len(names))], [r[n][f"{op}_GBps"] * 1000 for n in names], 0.4, label=op)
+        local_ax.set_xticks(range(len(names)), [{"raw": "raw write/read", "dcp": "DCP", "torch": "torch.save/load"}.get(n, n) for n in names])
+        local_ax.set_ylabel("MB/s")
+        local_ax.set_title(f"local disk, {save[1]['config']['mb']} MB (page cache, fsync on save)", fontsize=9)
+        local_ax.legend()
+    if s3 is not None:
+        r = s3[1]["results"]
+        bars = {"upload\nours": r["upload_MBps"]["ours"], "upload\nTransferManager": r["upload_MBps"]["transfer_manager"],
+                "download\nours": r["download_MBps"]["ours_read_ranges"], "download\nTransferManager": r["download_MBps"]["transfer_manager"]}  # fmt: skip
+        s3_ax.bar(range(len(bars)), list(bars.values()), color=["C0" if "ours" in k else "C7" for k in bars])
+        s3_ax.set_xticks(range(len(bars)), list(bars), fontsize=8)
+        s3_ax.set_ylabel("MB/s")
+        s3_ax.set_title(f"S3 on loopback (SeaweedFS), {s3[1].get('size_MiB', '?')} MiB", fontsize=9)
+    return save_png(fig, results / "throughput.png")
 
 
 def plot_stall(results: Path) -> Path | None:
@@ -120,10 +110,10 @@ def plot_stall(results: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_title(f"Async save stall vs state size ({path.name})")
     ax.legend(fontsize=8)
-    return save(fig, results / "stall_vs_size.png")
+    return save_png(fig, results / "stall_vs_size.png")
 
 
-def save(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

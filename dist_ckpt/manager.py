@@ -31,7 +31,7 @@ from dist_ckpt.errors import (
 from dist_ckpt.progress import KEY, Progress, check_metrics
 from dist_ckpt.resume import report_config_changes, resolve_which, warn_if_finished
 from dist_ckpt.run_lock import RunLock
-from dist_ckpt.run_store import RunStore, step_prefix
+from dist_ckpt.run_store import RunStore, entry_from_committed, step_prefix
 from dist_ckpt.state import TrainingState
 from dist_ckpt.storage import read_checkpoint_metadata
 from storage_backends import Backend, open_backend
@@ -208,11 +208,11 @@ class CheckpointManager:
         }
         if self._engine is not None and self.config.async_save:
             # returns once the tensors are staged; write, commit and _after_commit run in the background
-            self._engine.submit(step, prefix, sd, commit_info, lambda: self._after_commit(step, commit_info))
+            self._engine.submit(step, prefix, sd, commit_info, lambda: self._after_commit(step))
             self._progress = progress
             return True
         save_to(self.backend, prefix, sd, codec=self._codec, commit_info=commit_info, process_group=self._pg)
-        self._agree(lambda: self._after_commit(step, commit_info))
+        self._agree(lambda: self._after_commit(step))
         self._progress = progress
         return True
 
@@ -238,9 +238,9 @@ class CheckpointManager:
             )
         return progress, due
 
-    def _after_commit(self, step: int, info: dict[str, Any]) -> None:
-        entry = mf.Entry(step, info["epoch"], info["metrics"], info["time"], 0, self.world_size, info["codec"])
-        entry = self._entry_with_size(entry)
+    def _after_commit(self, step: int) -> None:
+        key = f"{step_prefix(step)}/COMMITTED"  # the marker holds everything the manifest lists
+        entry = entry_from_committed(step, self.backend.read(key), f"{self.root}/{key}")
         drops: list[int] = []
 
         def change(current: mf.Manifest | None) -> mf.Manifest:
@@ -259,12 +259,6 @@ class CheckpointManager:
                 self.store.delete_step(dropped)
             except StorageError:
                 log.exception("retention could not delete step %d of %s; `dist-ckpt gc` will", dropped, self.root)
-
-    def _entry_with_size(self, entry: mf.Entry) -> mf.Entry:
-        from dist_ckpt.run_store import entry_from_committed
-
-        key = f"{step_prefix(entry.step)}/COMMITTED"
-        return replace(entry, size=entry_from_committed(entry.step, self.backend.read(key), key).size)
 
     def _manifest(self) -> mf.Manifest:
         """The stored manifest, or the one the COMMITTED markers give when it is missing or

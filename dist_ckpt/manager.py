@@ -304,10 +304,7 @@ class CheckpointManager:
         sd[KEY] = ""
         own_rng = f"{rng.PREFIX}.{rng.rank_key(self.rank)}.torch" in stored
         if own_rng:
-            template = rng.template()
-            if f"{rng.PREFIX}.{rng.rank_key(self.rank)}.cuda.0" not in stored:
-                template.pop("cuda", None)
-            sd[rng.PREFIX] = {rng.rank_key(self.rank): template}
+            sd[rng.PREFIX] = {rng.rank_key(self.rank): rng.template(stored, self.rank)}
         load_from(backend, prefix, sd, process_group=self._pg)
         progress = Progress.decode(sd.pop(KEY), f"{backend.uri}/{prefix}")
         for name, value in progress.values.items():

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import random
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -33,14 +34,40 @@ def capture() -> dict[str, Any]:
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = [t.cpu() for t in torch.cuda.get_rng_state_all()]
+    cuda = _cuda_states()
+    if cuda is not None:
+        state["cuda"] = cuda
     return state
 
 
-def template() -> dict[str, Any]:
-    """A state dict of the right shapes for loading into (values are replaced)."""
-    return capture()
+def _cuda_states() -> list[torch.Tensor] | None:
+    """Each CUDA device's generator state, or None when this process never initialised CUDA.
+
+    The states are read from the generator objects, which live on the host: no device is made
+    current and no CUDA context is created. Under torchrun every rank sees every GPU, and a
+    context costs hundreds of MB per device, so a capture must not touch devices a rank never
+    used. A process that never initialised CUDA drew nothing from a CUDA generator; its manual
+    seeds are still queued and are applied by CUDA's lazy initialisation as usual."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return [generator.get_state() for generator in torch.cuda.default_generators]
+
+
+def template(stored: Mapping[str, Any], rank: int) -> dict[str, Any]:
+    """A state dict to load rank ``rank``'s saved RNG states into (values are replaced).
+
+    ``stored`` is the checkpoint's DCP ``state_dict_metadata``. The CUDA entries are shaped from
+    it, not captured here: a restore must not initialise CUDA either, and the checkpoint may
+    hold CUDA states although this process has not touched a device yet."""
+    state = capture()
+    state.pop("cuda", None)
+    prefix = f"{PREFIX}.{rank_key(rank)}.cuda."
+    cuda = []
+    while (entry := stored.get(f"{prefix}{len(cuda)}")) is not None:
+        cuda.append(torch.empty(tuple(entry.size), dtype=torch.uint8))
+    if cuda:
+        state["cuda"] = cuda
+    return state
 
 
 def apply(state: dict[str, Any]) -> None:
@@ -50,6 +77,7 @@ def apply(state: dict[str, Any]) -> None:
     np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
     torch.set_rng_state(state["torch"].to(torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
+        # set_rng_state sets the generator object (queued until CUDA initialises): no context.
         devices = torch.cuda.device_count()
         saved = state["cuda"]
         if len(saved) != devices:

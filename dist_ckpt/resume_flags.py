@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXIT_USAGE = 2
+# The namespace attributes add_checkpoint_args adds: they say how a launch starts, so they are
+# no part of the run's config (a restart with another --resume is the same run).
+CHECKPOINT_ARGS = ("ckpt", "resume", "init_from", "list_checkpoints")
 _SHOW_STEPS = 10
 
 RESUME_HELP = (

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from dist_ckpt import add_checkpoint_args
+from dist_ckpt.resume_flags import CHECKPOINT_ARGS
 
 
 def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,7 +109,6 @@ def write_full_state(path: str | None, model: torch.nn.Module, optimizers: dict[
 
 
 def run_config(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
-    """The run's config for the manager: the arguments, less those that only say how this
-    launch starts (where from, what to resume) and so may differ between launches of one run."""
-    launch = ("ckpt", "resume", "init_from", "list_checkpoints")
-    return {k: v for k, v in vars(args).items() if k not in launch} | overrides
+    """The run's config for the manager: the arguments, less the checkpoint flags (they say how
+    this launch starts, and differ between launches of one run)."""
+    return {k: v for k, v in vars(args).items() if k not in CHECKPOINT_ARGS} | overrides

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from dist_ckpt.cli import main as cli_main
@@ -170,3 +171,29 @@ def test_list_checkpoints_prints_what_dist_ckpt_list_prints(run_a: Path, tmp_pat
     assert listed.stdout == expected and "best:score" in listed.stdout and "last" in listed.stdout
     assert listed.report is None  # it exited before training
     assert snapshot(run_a) == before
+
+
+def test_fsdp_example_starts_from_exported_weights_on_two_ranks(tmp_path: Path) -> None:
+    """--init-from a safetensors file under torchrun: every rank reads it and FSDP2 shards it."""
+    from safetensors.torch import load_file
+
+    from dist_ckpt.export import CheckpointView, export_checkpoint
+    from storage_backends import open_backend
+
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from support.dist import run_torchrun
+
+    from flags_support import EXAMPLES, run_script
+
+    source = tmp_path / "source"
+    trained = run_script(EXAMPLES / "train_ddp.py", ["--ckpt", str(source), "--steps", "2", "--save-every", "1"])
+    assert trained.returncode == 0, trained.stderr
+    export_checkpoint(CheckpointView.open(str(source / "step_000000001")), open_backend(str(tmp_path / "export")))
+    weights = load_file(str(tmp_path / "export" / "model.safetensors"))
+    run_torchrun(EXAMPLES / "train_fsdp.py", 2, "--ckpt", str(tmp_path / "run"), "--steps", "1", "--init-from",
+                 str(tmp_path / "export" / "model.safetensors"), "--loaded-out", str(tmp_path / "loaded.safetensors"))  # fmt: skip
+    loaded = load_file(str(tmp_path / "loaded.safetensors"))
+    assert sorted(weights) == ["0.bias", "0.weight", "3.bias", "3.weight"]
+    for key, tensor in weights.items():
+        assert torch.equal(loaded[f"model.{key}"], tensor), key
+    assert committed_steps(tmp_path / "run") == [0]

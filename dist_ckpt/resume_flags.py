@@ -14,7 +14,8 @@ Invalid combinations are refused the way argparse refuses bad arguments — one 
   the script builds its manager — whose start takes the run's lock, collects garbage and
   reconciles the manifest. ``--list-checkpoints`` prints and exits there too, like
   ``--version``, so listing a run never needs (or waits for) its writer lock. Under torchrun
-  every rank checks (each reads the same run) and exits; only rank 0 (``RANK``) prints.
+  every rank checks (each reads the same run) and exits; only rank 0 (``RANK``) prints
+  (torchrun itself then reports the failed workers with its own exit status).
 - In :func:`start`, again, decided on rank 0 and broadcast so every rank agrees (for a
   namespace built in code, or a run that changed since parsing). There the manager already
   exists: it is closed (its lock released) before every rank exits with status 2, rank 0
@@ -264,6 +265,8 @@ def _check_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         return  # a parse that stopped early (e.g. a subcommand without these flags)
     if args.list_checkpoints:
         parser.exit(_list_checkpoints(args.ckpt, show=_rank_zero_by_env()))
+    if args.resume in (None, "auto") and args.init_from is None:
+        return  # the default always works: no need to read the run here
     try:
         plan_start(args.resume, args.init_from, summarize_run(args.ckpt))
     except CheckpointArgsError as e:

@@ -135,3 +135,26 @@ def test_examples_refuse_resume_last_with_fresh_start_from(tmp_path: Path) -> No
         _assert_refused(proc.returncode, proc.stderr, ["--resume last and --init-from", "cannot be combined"])
         assert proc.stderr.startswith("train_ddp.py: error: ")
         assert not run.exists()
+
+
+def _objects(uri: str) -> dict[str, bytes]:
+    from storage_backends import open_backend
+
+    backend = open_backend(uri)
+    return {o.key: backend.read(o.key) for o in backend.list("")}
+
+
+def test_refused_on_an_s3_run_without_touching_it(s3_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(s3_uri, 4)  # type: ignore[arg-type]
+    before = _objects(s3_uri)
+    assert {k for k in before if k.endswith("/COMMITTED")} == {f"step_00000000{i}/COMMITTED" for i in range(4)}
+    cases = [(["--resume", "9"], ["has no checkpoint of step 9", "steps 0, 1, 2, 3 (best:score=3, last=3)"]),
+             (["--init-from", f"{s3_uri}/step_000000002"], ["already holds checkpoints", "use a new run root"]),
+             (["--resume", f"{s3_uri}/step_000000007"], ["step_000000007"])]  # fmt: skip
+    for flags, fragments in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser(prog="job.py").parse_args(["--ckpt", s3_uri, *flags, "--report", str(tmp_path / "r.json")])
+        _assert_refused(exit_info.value.code, capsys.readouterr().err, [s3_uri, *fragments])
+        code, err = start_with(0, 1, s3_uri, *(flags[1], None) if flags[0] == "--resume" else (None, flags[1]))
+        _assert_refused(code, err, [s3_uri, *fragments])
+        assert _objects(s3_uri) == before

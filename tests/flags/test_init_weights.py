@@ -71,3 +71,26 @@ def test_a_hugging_face_folder_without_weights(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="model.safetensors"):
         find_weight_files(str(tmp_path))
+
+
+def test_each_tracked_model_takes_its_own_weights_from_a_checkpoint(tmp_path: Path) -> None:
+    import argparse
+
+    from dist_ckpt import CheckpointManager
+
+    trained = _models()
+    for m in trained.values():
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(1.0)
+    opts = {n: torch.optim.Adam(m.parameters()) for n, m in trained.items()}
+    with CheckpointManager(str(tmp_path / "gan")) as mgr:
+        mgr.save(7, mgr.track(**trained, opt_g=opts["generator"], opt_d=opts["discriminator"]), force=True)
+    fresh = _models()
+    opt = torch.optim.Adam(fresh["generator"].parameters())
+    args = argparse.Namespace(ckpt=str(tmp_path / "new"), resume=None, init_from=str(tmp_path / "gan" / "step_000000007"),
+                              list_checkpoints=False)  # fmt: skip
+    with CheckpointManager(str(tmp_path / "new")) as mgr:
+        assert mgr.start(mgr.track(**fresh, opt_g=opt), args) is None
+    assert all(torch.equal(v, _state(trained)[k]) for k, v in _state(fresh).items())
+    assert not opt.state

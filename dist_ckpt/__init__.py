@@ -9,8 +9,10 @@ import logging
 from dist_ckpt.api import load, save
 from dist_ckpt.config import ManagerConfig
 from dist_ckpt.manager import CheckpointInfo, CheckpointManager, ResumeInfo
+from dist_ckpt.resume_flags import add_checkpoint_args
 from dist_ckpt.state import TrainingState
 from dist_ckpt.errors import (
+    CheckpointArgsError,
     CheckpointError,
     CheckpointNotFound,
     ConfigError,
@@ -29,6 +31,7 @@ __all__ = [
     "ManagerConfig",
     "ResumeInfo",
     "TrainingState",
+    "CheckpointArgsError",
     "CheckpointError",
     "CheckpointNotFound",
     "ConfigError",
@@ -38,6 +41,7 @@ __all__ = [
     "StorageError",
     "UnsupportedValue",
     "__version__",
+    "add_checkpoint_args",
     "load",
     "save",
 ]

@@ -45,3 +45,8 @@ class ConfigChanged(CheckpointError, ValueError):
 
 class RunLocked(CheckpointError):
     """Another job holds the run's writer lock."""
+
+
+class CheckpointArgsError(ConfigError):
+    """The command-line checkpoint flags (``--resume``, ``--init-from``, ...) ask for something
+    the run cannot do; the script exits with status 2, as argparse does for bad arguments."""

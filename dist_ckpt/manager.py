@@ -349,6 +349,13 @@ class CheckpointManager:
         set_model_state_dict(module, sd[name])
         return progress.step
 
+    def start(self, state: TrainingState, args: Any) -> ResumeInfo | None:
+        """Apply the flags ``dist_ckpt.add_checkpoint_args`` added (``--resume``, ``--init-from``,
+        ``--list-checkpoints``); exits with status 2 on an invalid combination. See resume_flags."""
+        from dist_ckpt.resume_flags import start
+
+        return start(self, state, args)
+
     # -- lifecycle --------------------------------------------------------------------------
     def wait(self) -> None:
         """Block until no save is in flight (a no-op for synchronous saves); raises the

@@ -19,12 +19,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from dist_ckpt import add_checkpoint_args
+from dist_ckpt.resume_flags import CHECKPOINT_ARGS
+
 
 def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--ckpt", required=True, help="run root: a directory or s3://bucket/prefix")
-    p.add_argument("--resume", default="auto", help="auto | none | last | best:<metric> | <step> | <checkpoint path/URI>")
-    p.add_argument("--fresh-start-from", default=None, help="checkpoint to take model weights from (new optimizer)")
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_args(p)  # --ckpt, --resume, --init-from, --list-checkpoints; mgr.start(state, args) applies them
+    p.add_argument("--fresh-start-from", dest="init_from", help=argparse.SUPPRESS)  # the old name of --init-from
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--save-every", type=int, default=5)
     p.add_argument("--keep-last", type=int, default=3)
@@ -106,9 +108,7 @@ def write_full_state(path: str | None, model: torch.nn.Module, optimizers: dict[
         save_file({k: v.contiguous().clone() for k, v in tensors.items()}, path)
 
 
-def resume_which(args: argparse.Namespace) -> str | int | None:
-    if args.resume in ("none", "no"):
-        return None
-    if args.resume == "auto":
-        return "last"
-    return int(args.resume) if args.resume.isdigit() else args.resume
+def run_config(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
+    """The run's config for the manager: the arguments, less the checkpoint flags (they say how
+    this launch starts, and differ between launches of one run)."""
+    return {k: v for k, v in vars(args).items() if k not in CHECKPOINT_ARGS} | overrides

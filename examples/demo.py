@@ -4,13 +4,14 @@ the resumed run's losses and final parameters equal an uninterrupted run's bit f
 from __future__ import annotations
 
 import random
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exactness import compare, torchrun  # noqa: E402
+from exactness import EXAMPLES, compare, torchrun  # noqa: E402
 
 from dist_ckpt import CheckpointManager  # noqa: E402
 
@@ -35,11 +36,13 @@ def main() -> int:
     rc = torchrun("train_ddp.py", 2, ["--ckpt", str(work / "run_b"), *common, "--crash-at-step", str(crash),
                                       "--losses-out", str(work / "b.jsonl")], log=log)  # fmt: skip
     print(f"   job exited with code {rc} (killed)")
+    print(f"   train_ddp.py --ckpt {work / 'run_b'} --list-checkpoints:")
+    listed = subprocess.run([sys.executable, str(EXAMPLES / "train_ddp.py"), "--ckpt", str(work / "run_b"),
+                             "--list-checkpoints"], capture_output=True, text=True)  # fmt: skip
+    print("\n".join(f"   {line}" for line in (listed.stdout + listed.stderr).splitlines()))
     listing = CheckpointManager(str(work / "run_b"), read_only=True).checkpoints()
-    for c in listing:
-        print(f"   checkpoint step {c.step:>3}  loss={c.metrics.get('loss', float('nan')):.6f}  {' '.join(c.pointers)}")
 
-    print("3. the job is started again with --resume auto: it continues from the last checkpoint")
+    print("3. the job is started again with --resume auto (the default): it continues from the last checkpoint")
     rc = torchrun("train_ddp.py", 2, ["--ckpt", str(work / "run_b"), *common, "--resume", "auto",
                                       "--losses-out", str(work / "b.jsonl"), "--final-out", str(work / "b.safetensors")],
                   log=log)  # fmt: skip

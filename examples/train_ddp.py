@@ -1,7 +1,8 @@
 """DDP training on CPU with dist_ckpt: resumes exactly where a killed run stopped.
 
     torchrun --nproc-per-node 2 examples/train_ddp.py --ckpt /tmp/run1 --steps 40
-    torchrun --nproc-per-node 2 examples/train_ddp.py --ckpt /tmp/run2 --fresh-start-from /tmp/run1/step_000000039
+    torchrun --nproc-per-node 2 examples/train_ddp.py --ckpt /tmp/run2 --init-from /tmp/run1/step_000000039
+    python examples/train_ddp.py --ckpt /tmp/run1 --list-checkpoints
     torchrun --nproc-per-node 2 examples/train_ddp.py --ckpt /tmp/run3 --async --save-on-sigterm
 
 With ``--save-on-sigterm``, SIGTERM to any rank (or to torchrun) makes ``mgr.should_stop()``
@@ -53,15 +54,12 @@ def main(argv: list[str] | None = None, *, wrap: Callable[[nn.Module], nn.Module
 
     mgr = CheckpointManager(
         args.ckpt, keep_last=args.keep_last, save_every_n_steps=args.save_every, best={"loss": "min"},
-        compression=args.compression, config=vars(args) | {"crash_at_step": None, "step_delay": None}, total_steps=args.steps,
+        compression=args.compression, config=common.run_config(args, crash_at_step=None, step_delay=None), total_steps=args.steps,
         async_save=args.async_save, async_mode=args.async_mode, save_on_sigterm=args.save_on_sigterm,
     )  # fmt: skip
     state = mgr.track(model=model, optimizer=opt, scheduler=sched)
-    start = 0
-    if args.fresh_start_from:
-        mgr.load_weights(model, which=args.fresh_start_from)
-    elif (which := common.resume_which(args)) is not None and (info := mgr.restore(state, which)) is not None:
-        start = info.step + 1
+    info = mgr.start(state, args)  # --resume / --init-from; exits 2 on an invalid combination
+    start = info.step + 1 if info else 0
     common.write_full_state(args.loaded_out, model, {"optimizer": opt})
     for step, (x, y) in common.batches_from(loader, sampler, start):
         if step >= args.steps:

@@ -3,6 +3,7 @@ restored together, from the same step, with a best checkpoint by generator loss.
 
     torchrun --nproc-per-node 2 examples/train_gan.py --ckpt /tmp/gan --steps 40
     python examples/train_gan.py --ckpt /tmp/gan2 --resume /tmp/gan/step_000000039  # branch a new run from a checkpoint
+    python examples/train_gan.py --ckpt /tmp/gan3 --init-from /tmp/gan/step_000000039  # its weights, a new run
 """
 
 from __future__ import annotations
@@ -40,12 +41,11 @@ def main(argv: list[str] | None = None) -> None:
 
     mgr = CheckpointManager(
         args.ckpt, keep_last=args.keep_last, save_every_n_steps=args.save_every, best={"g_loss": "min"},
-        compression=args.compression, config=vars(args) | {"crash_at_step": None},
+        compression=args.compression, config=common.run_config(args, crash_at_step=None),
     )  # fmt: skip
     state = mgr.track(generator=gen, discriminator=disc, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, sched_d=sched_d)
-    start = 0
-    if (which := common.resume_which(args)) is not None and (info := mgr.restore(state, which)) is not None:
-        start = info.step + 1
+    info = mgr.start(state, args)  # --resume / --init-from (both models); exits 2 on an invalid combination
+    start = info.step + 1 if info else 0
     common.write_full_state(args.loaded_out, gen, {"opt_g": opt_g})
     for step, (real, _) in common.batches_from(loader, sampler, start):
         if step >= args.steps:

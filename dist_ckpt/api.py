@@ -17,28 +17,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from dist_ckpt.checkpoint_files import split_checkpoint_uri  # noqa: F401 (re-exported: torch-free home)
 from dist_ckpt.errors import CheckpointError, ConfigError, StorageError
 from dist_ckpt.format.shard import ChunkCodec
 from dist_ckpt.planner import JsonLoadPlanner, JsonSavePlanner
 from dist_ckpt.storage import DistCkptWriter
 from dist_ckpt.storage_reader import DistCkptReader
-from storage_backends import Backend, open_backend, split_uri
-
-
-def split_checkpoint_uri(uri: str) -> tuple[str, str]:
-    """``(root uri, checkpoint folder name)`` of a checkpoint URI."""
-    try:
-        scheme, rest = split_uri(str(uri))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    rest = rest.rstrip("/")
-    if "/" not in rest.strip("/"):
-        if scheme == "s3":
-            raise ConfigError(f"{uri!r}: expected s3://bucket/path/to/checkpoint (a folder below the bucket)")
-        rest = "./" + rest
-    parent, name = rest.rsplit("/", 1)
-    root = f"s3://{parent}" if scheme == "s3" else (parent or "/")
-    return root, name
+from storage_backends import Backend, open_backend
 
 
 def resolve_codec(compression: str | ChunkCodec | None, level: int = 1) -> ChunkCodec | None:
@@ -116,7 +101,9 @@ def load_from(
     *,
     allow_partial_load: bool = False,
     process_group: dist.ProcessGroup | None = None,
+    incompatible_hint: str | None = None,
 ) -> None:
+    """``incompatible_hint`` replaces the advice an :class:`IncompatibleCheckpoint` ends with."""
     reader = DistCkptReader(backend, prefix)
     # Read (and check) metadata.json up front: inside dcp.load a failing read_metadata is
     # logged, retried as "rank-local metadata" and replaced by a bare AssertionError, which
@@ -127,7 +114,7 @@ def load_from(
             dcp.load(
                 state_dict,
                 storage_reader=reader,
-                planner=JsonLoadPlanner(allow_partial_load=allow_partial_load),
+                planner=JsonLoadPlanner(allow_partial_load=allow_partial_load, hint=incompatible_hint),
                 process_group=process_group,
                 no_dist=not _distributed(),
             )

@@ -18,7 +18,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dist_ckpt.checkpoint_files import split_checkpoint_uri  # noqa: F401 (re-exported: torch-free home)
-from dist_ckpt.errors import CheckpointError, ConfigError, StorageError
+from dist_ckpt.dcp_errors import raise_from_dcp, unwrap  # noqa: F401 (unwrap re-exported)
+from dist_ckpt.errors import ConfigError
 from dist_ckpt.format.shard import ChunkCodec
 from dist_ckpt.planner import JsonLoadPlanner, JsonSavePlanner
 from dist_ckpt.storage import DistCkptWriter
@@ -36,25 +37,6 @@ def resolve_codec(compression: str | ChunkCodec | None, level: int = 1) -> Chunk
     if isinstance(compression, str):
         raise ConfigError(f"compression={compression!r}: expected 'none' or 'zstd'")
     return compression
-
-
-def unwrap(e: CheckpointException) -> CheckpointError:
-    """Turn DCP's per-rank failure report into one of our errors (the first rank's)."""
-    for rank in sorted(e.failures):
-        exc = e.failures[rank][0]
-        if isinstance(exc, CheckpointError):
-            return exc
-    rank = min(e.failures)
-    exc = e.failures[rank][0]
-    err = StorageError(f"checkpoint failed on rank {rank}: {exc.__class__.__name__}: {exc}")
-    err.__cause__ = exc
-    return err
-
-
-def _cause(err: CheckpointError, e: CheckpointException) -> BaseException:
-    """What to chain ``err`` to when re-raising it out of DCP: its own cause (the backend's
-    error, which ``StorageError`` keeps) rather than DCP's wrapper around it."""
-    return err.__cause__ if err.__cause__ is not None else e
 
 
 def _distributed() -> bool:
@@ -90,8 +72,7 @@ def save_to(
                 no_dist=not _distributed(),
             )
     except CheckpointException as e:
-        err = unwrap(e)
-        raise err.with_traceback(None) from _cause(err, e)
+        raise_from_dcp(e)
 
 
 def load_from(
@@ -119,8 +100,7 @@ def load_from(
                 no_dist=not _distributed(),
             )
     except CheckpointException as e:
-        err = unwrap(e)
-        raise err.with_traceback(None) from _cause(err, e)
+        raise_from_dcp(e)
 
 
 def save(

@@ -170,7 +170,8 @@ class CheckpointManager(ManagerKeywords):
             self._progress = progress
             return False
         if busy and self.config.if_busy == "skip":
-            log.warning("step %d not saved: the previous save is still in flight (if_busy='skip')", step)
+            if self.rank == 0:  # the decision is the job's: one warning, not one per rank
+                log.warning("step %d not saved: the previous save is still in flight (if_busy='skip')", step)
             self._progress = progress
             return False
         sd = state.state_dict()

@@ -70,10 +70,17 @@ def read_config_file(path: str) -> bytes:
 
 def source(args: argparse.Namespace) -> tuple[Backend, str]:
     """Backend and folder name of the checkpoint to export: CKPT itself, or RUN's ``--which``."""
-    from dist_ckpt.cli.common import checkpoint_at, run_at
+    from dist_ckpt.cli.common import run_at
+    from dist_ckpt.verify import locate
 
     if args.which is None:
-        return checkpoint_at(args.checkpoint)  # a run root here: says to name a checkpoint or use --which
+        kind, backend, prefix = locate(args.checkpoint)
+        if kind == "run":
+            raise ConfigError(
+                f"{backend.uri} is a run root: name the checkpoint to export with --which (last, best:<metric>, "
+                f"a step number), or pass a checkpoint folder; `dist-ckpt list {args.checkpoint}` shows them"
+            )
+        return backend, prefix
     from dist_ckpt.resume import resolve_which
     from dist_ckpt.run_store import RunStore
     from storage_backends import open_backend

@@ -77,7 +77,7 @@ def source(args: argparse.Namespace) -> tuple[Backend, str]:
         kind, backend, prefix = locate(args.checkpoint)
         if kind == "run":
             raise ConfigError(
-                f"{backend.uri} is a run root: name the checkpoint to export with --which (last, best:<metric>, "
+                f"{backend.uri} is a run root, not one checkpoint: choose one with --which (last, best:<metric>, "
                 f"a step number), or pass a checkpoint folder; `dist-ckpt list {args.checkpoint}` shows them"
             )
         return backend, prefix

@@ -81,7 +81,7 @@ class CheckpointView:
 
     def value(self, fqn: str) -> Any:
         """A stored non-tensor value, decoded from JSON (never unpickled)."""
-        return json_values.decode(self.raw_value(fqn), f"{self.uri}: value {fqn!r}")
+        return json_values.decode(self.raw_value(fqn), f"{self.uri}/{self.meta.values[fqn].file}: value {fqn!r}")
 
     def progress(self) -> Progress | None:
         """The manager's progress record (step, metrics, config, tracked objects, run id), or
@@ -91,7 +91,7 @@ class CheckpointView:
         text = self.value(KEY)
         if not isinstance(text, str):
             raise CorruptCheckpoint(f"{self.uri}: value {KEY!r} is not the manager's progress record")
-        return Progress.decode(text, f"{self.uri}: {KEY}")
+        return Progress.decode(text, f"{self.uri}/{self.meta.values[KEY].file}: {KEY}")
 
     def tensor(self, fqn: str) -> torch.Tensor:
         """The full tensor ``fqn``, assembled from its chunks (whatever rank wrote each)."""

@@ -34,9 +34,9 @@ from dist_ckpt.run_store import RunStore, entry_from_committed, step_prefix
 from dist_ckpt.state import TrainingState
 from storage_backends import Backend, open_backend
 
-__all__ = ["CheckpointInfo", "CheckpointManager", "LoadedWeights", "ResumeInfo"]
-
 log = logging.getLogger(__name__)
+
+__all__ = ["CheckpointInfo", "CheckpointManager", "LoadedWeights", "ResumeInfo"]
 
 
 @dataclass(frozen=True)

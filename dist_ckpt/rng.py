@@ -97,5 +97,5 @@ def warn_world_size_change(saved_world: int, world: int, rank: int, reseeded: bo
     else:
         others = "" if world == 1 else f" (and ranks 1..{world - 1} theirs)"
         msg += f"Rank 0 restored its own saved RNG state{others}; the saved states of ranks {world}..{saved_world - 1} are unused."
-    warnings.warn(msg, stacklevel=3)
+    warnings.warn(msg, stacklevel=4)  # the caller of CheckpointManager.restore
     log.warning(msg)

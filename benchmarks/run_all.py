@@ -24,6 +24,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "async": (["bench_async.py"], ["bench_async.py", "--mb", "64"]),
     "compressed_save": (["bench_compressed_save.py"], ["bench_compressed_save.py", "--mb", "32"]),
     "scaling": (["bench_scaling.py"], ["bench_scaling.py", "--mb-per-rank", "32"]),
+    "cli_startup": (["bench_cli_startup.py"], ["bench_cli_startup.py", "--rounds", "5"]),
 }
 
 

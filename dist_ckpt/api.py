@@ -17,28 +17,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dist_ckpt.errors import CheckpointError, ConfigError, StorageError
+from dist_ckpt.checkpoint_files import split_checkpoint_uri  # noqa: F401 (re-exported: torch-free home)
+from dist_ckpt.dcp_errors import raise_from_dcp, unwrap  # noqa: F401 (unwrap re-exported)
+from dist_ckpt.errors import ConfigError
 from dist_ckpt.format.shard import ChunkCodec
 from dist_ckpt.planner import JsonLoadPlanner, JsonSavePlanner
 from dist_ckpt.storage import DistCkptWriter
 from dist_ckpt.storage_reader import DistCkptReader
-from storage_backends import Backend, open_backend, split_uri
-
-
-def split_checkpoint_uri(uri: str) -> tuple[str, str]:
-    """``(root uri, checkpoint folder name)`` of a checkpoint URI."""
-    try:
-        scheme, rest = split_uri(str(uri))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    rest = rest.rstrip("/")
-    if "/" not in rest.strip("/"):
-        if scheme == "s3":
-            raise ConfigError(f"{uri!r}: expected s3://bucket/path/to/checkpoint (a folder below the bucket)")
-        rest = "./" + rest
-    parent, name = rest.rsplit("/", 1)
-    root = f"s3://{parent}" if scheme == "s3" else (parent or "/")
-    return root, name
+from storage_backends import Backend, open_backend
 
 
 def resolve_codec(compression: str | ChunkCodec | None, level: int = 1) -> ChunkCodec | None:
@@ -51,25 +37,6 @@ def resolve_codec(compression: str | ChunkCodec | None, level: int = 1) -> Chunk
     if isinstance(compression, str):
         raise ConfigError(f"compression={compression!r}: expected 'none' or 'zstd'")
     return compression
-
-
-def unwrap(e: CheckpointException) -> CheckpointError:
-    """Turn DCP's per-rank failure report into one of our errors (the first rank's)."""
-    for rank in sorted(e.failures):
-        exc = e.failures[rank][0]
-        if isinstance(exc, CheckpointError):
-            return exc
-    rank = min(e.failures)
-    exc = e.failures[rank][0]
-    err = StorageError(f"checkpoint failed on rank {rank}: {exc.__class__.__name__}: {exc}")
-    err.__cause__ = exc
-    return err
-
-
-def _cause(err: CheckpointError, e: CheckpointException) -> BaseException:
-    """What to chain ``err`` to when re-raising it out of DCP: its own cause (the backend's
-    error, which ``StorageError`` keeps) rather than DCP's wrapper around it."""
-    return err.__cause__ if err.__cause__ is not None else e
 
 
 def _distributed() -> bool:
@@ -105,8 +72,7 @@ def save_to(
                 no_dist=not _distributed(),
             )
     except CheckpointException as e:
-        err = unwrap(e)
-        raise err.with_traceback(None) from _cause(err, e)
+        raise_from_dcp(e)
 
 
 def load_from(
@@ -116,7 +82,9 @@ def load_from(
     *,
     allow_partial_load: bool = False,
     process_group: dist.ProcessGroup | None = None,
+    incompatible_hint: str | None = None,
 ) -> None:
+    """``incompatible_hint`` replaces the advice an :class:`IncompatibleCheckpoint` ends with."""
     reader = DistCkptReader(backend, prefix)
     # Read (and check) metadata.json up front: inside dcp.load a failing read_metadata is
     # logged, retried as "rank-local metadata" and replaced by a bare AssertionError, which
@@ -127,13 +95,12 @@ def load_from(
             dcp.load(
                 state_dict,
                 storage_reader=reader,
-                planner=JsonLoadPlanner(allow_partial_load=allow_partial_load),
+                planner=JsonLoadPlanner(allow_partial_load=allow_partial_load, hint=incompatible_hint),
                 process_group=process_group,
                 no_dist=not _distributed(),
             )
     except CheckpointException as e:
-        err = unwrap(e)
-        raise err.with_traceback(None) from _cause(err, e)
+        raise_from_dcp(e)
 
 
 def save(

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import _compare_save_plans, _create_write_items
 
-from dist_ckpt.api import unwrap
+from dist_ckpt.dcp_errors import raise_from_dcp
 from dist_ckpt.format.shard import ChunkCodec
 from dist_ckpt.planner import JsonSavePlanner
 from dist_ckpt.staging import Snapshot, encode_values
@@ -137,6 +137,5 @@ def write_snapshot(
             no_dist=not (dist.is_available() and dist.is_initialized()),
         )
     except CheckpointException as e:
-        err = unwrap(e)
-        raise err.with_traceback(None) from e
+        raise_from_dcp(e)
     return planner

@@ -91,6 +91,9 @@ class ManagerConfig:
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     """Passed to the storage backend (e.g. S3 ``part_size``, ``max_concurrency``, ``endpoint_url``)."""
 
+    unsafe_single_writer: bool = False
+    """Allow writing to an S3 server that ignores conditional writes (If-None-Match/If-Match); only safe when a single job ever writes the run. Logged as a warning at every start."""
+
     def __post_init__(self) -> None:
         for name in ("keep_last", "keep_every_n_steps", "save_every_n_steps", "total_steps", "total_epochs", "max_staging_bytes"):
             value = getattr(self, name)

@@ -1,9 +1,4 @@
-"""Read a checkpoint offline (no process group) and export it as plain safetensors.
-
-:class:`CheckpointView` opens one committed checkpoint of any world size and codec and gives
-back stored values and *full* tensors, each assembled from its chunks across the rank files
-(``metadata.json`` records every chunk's offsets and sizes). It is what ``dist-ckpt inspect``,
-``diff`` and ``export`` read through.
+"""Export a checkpoint as plain safetensors (read through :class:`CheckpointView`).
 
 :func:`export_checkpoint` consolidates a checkpoint into the Hugging Face layout for
 inference: ``model.safetensors``, or ``model-00001-of-0000N.safetensors`` files plus
@@ -17,151 +12,27 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
 
+from dist_ckpt.checkpoint_files import wrap_backend_error
+from dist_ckpt.checkpoint_view import CheckpointView
 from dist_ckpt.errors import ConfigError, CorruptCheckpoint
-from dist_ckpt.format import json_values
-from dist_ckpt.format.metadata_json import CheckpointMetadata, EntryRef
-from dist_ckpt.format.shard import ShardReader
-from dist_ckpt.progress import KEY, Progress
-from dist_ckpt.storage import COMMITTED, ST_DTYPE, read_checkpoint_metadata, wrap_backend_error
-from storage_backends import Backend, BackendError, ObjectNotFound, join_key, open_backend
+from dist_ckpt.export_layout import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, parse_size
+from dist_ckpt.format.metadata_json import dtype_from_name
+from dist_ckpt.progress import Progress
+from dist_ckpt.storage import ST_DTYPE
+from storage_backends import Backend, BackendError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12,
-          "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-
-
-def parse_size(text: str) -> int:
-    """``"5GB"`` → 5·10⁹, ``"500MiB"``, ``"1048576"``, ``"2.5G"`` (as Hugging Face reads them)."""
-    m = _SIZE_RE.match(str(text))
-    unit = (m.group(2) or "").upper() if m else ""
-    if not m or unit not in _UNITS:
-        raise ConfigError(f"size {text!r}: expected a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB), e.g. 5GB")
-    value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise ConfigError(f"size {text!r} must be positive")
-    return value
-
-
-class CheckpointView:
-    """One committed checkpoint, read without a process group."""
-
-    def __init__(self, backend: Backend, prefix: str):
-        self.backend, self.prefix = backend, prefix.strip("/")
-        self.uri = f"{backend.uri}/{self.prefix}"
-        self.meta: CheckpointMetadata = read_checkpoint_metadata(backend, self.prefix)
-        self._readers: dict[str, ShardReader] = {}
-
-    @classmethod
-    def open(cls, uri: str) -> CheckpointView:
-        from dist_ckpt.api import split_checkpoint_uri
-
-        root, name = split_checkpoint_uri(uri)
-        try:
-            return cls(open_backend(root), name)
-        except ValueError as e:
-            if isinstance(e, CorruptCheckpoint | ConfigError):
-                raise
-            raise ConfigError(str(e)) from e
-
-    # -- what is stored ---------------------------------------------------------------------
-    @property
-    def tensors(self) -> dict[str, TensorStorageMetadata]:
-        return {k: v for k, v in self.meta.dcp.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
-
-    @property
-    def values(self) -> list[str]:
-        return [k for k, v in self.meta.dcp.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
-
-    def refs(self, fqn: str) -> list[EntryRef]:
-        """Where the chunks (or the value) of ``fqn`` are stored."""
-        md = self.meta.dcp.state_dict_metadata[fqn]
-        storage = self.meta.dcp.storage_data
-        if isinstance(md, TensorStorageMetadata):
-            return [storage[MetadataIndex(fqn, c.offsets)] for c in md.chunks]
-        return [storage[MetadataIndex(fqn)]]
-
-    def committed_info(self) -> dict[str, Any]:
-        try:
-            doc = json.loads(self.backend.read(join_key(self.prefix, COMMITTED)).decode("utf-8"))
-        except ObjectNotFound:
-            return {}
-        except BackendError as e:
-            raise wrap_backend_error(e, self.uri) from e
-        except (UnicodeDecodeError, ValueError) as e:
-            raise CorruptCheckpoint(f"{self.uri}/{COMMITTED}: not valid JSON ({e})") from e
-        return doc if isinstance(doc, dict) else {}
-
-    # -- reading ----------------------------------------------------------------------------
-    def _reader(self, file: str) -> ShardReader:
-        if file not in self._readers:
-            try:
-                self._readers[file] = ShardReader(self.backend, join_key(self.prefix, file), self.meta.files[file].size)
-            except BackendError as e:
-                raise wrap_backend_error(e, f"{self.uri}/{file}") from e
-        return self._readers[file]
-
-    def _read_entry(self, ref: EntryRef) -> memoryview:
-        try:
-            return self._reader(ref.file).read(ref.entry, checksum=ref.checksum)
-        except BackendError as e:
-            raise wrap_backend_error(e, f"{self.uri}/{ref.file}") from e
-
-    def raw_value(self, fqn: str) -> bytes:
-        """A stored non-tensor value's JSON bytes (checksum verified)."""
-        (ref,) = self.refs(fqn)
-        return bytes(self._read_entry(ref))
-
-    def value(self, fqn: str) -> Any:
-        """A stored non-tensor value, decoded from JSON (never unpickled)."""
-        return json_values.decode(self.raw_value(fqn), f"{self.uri}: value {fqn!r}")
-
-    def progress(self) -> Progress | None:
-        """The manager's progress record (step, metrics, config, tracked objects, run id), or
-        None for a checkpoint written by the low-level ``dist_ckpt.save``."""
-        if KEY not in self.meta.dcp.state_dict_metadata:
-            return None
-        text = self.value(KEY)
-        if not isinstance(text, str):
-            raise CorruptCheckpoint(f"{self.uri}: value {KEY!r} is not the manager's progress record")
-        return Progress.decode(text, f"{self.uri}: {KEY}")
-
-    def tensor(self, fqn: str) -> torch.Tensor:
-        """The full tensor ``fqn``, assembled from its chunks (whatever rank wrote each)."""
-        md = self.tensors[fqn]
-        dtype = md.properties.dtype
-        full = torch.empty(tuple(md.size), dtype=dtype)
-        covered = 0
-        for chunk in md.chunks:
-            n = math.prod(chunk.sizes)
-            if n == 0:
-                continue
-            ref = self.meta.dcp.storage_data[MetadataIndex(fqn, chunk.offsets)]
-            data = self._read_entry(ref)
-            expected = n * full.element_size()
-            if len(data) != expected:
-                raise CorruptCheckpoint(
-                    f"{self.uri}/{ref.file}, entry {ref.entry!r}: {len(data)} bytes, chunk {list(chunk.sizes)} "
-                    f"of {dtype} needs {expected}"
-                )
-            piece = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(tuple(chunk.sizes))
-            full[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))] = piece
-            covered += n
-        if covered != full.numel():
-            raise CorruptCheckpoint(f"{self.uri}: tensor {fqn!r}: its chunks cover {covered} of {full.numel()} elements")
-        return full
+assert tuple(DTYPES) == DTYPE_NAMES  # the command line offers DTYPE_NAMES without importing torch
+__all__ = ["DTYPES", "INDEX_FILE", "SINGLE_FILE", "CheckpointView", "ExportResult", "export_checkpoint", "parse_size",
+           "select_tensors"]  # fmt: skip
 
 
 # -- export ---------------------------------------------------------------------------------
@@ -257,7 +128,7 @@ def export_checkpoint(
     specs: dict[str, tuple[str, str, list[int], int]] = {}
     for key, name in names.items():
         md = tensors[key]
-        out_dtype = _out_dtype(md.properties.dtype, dtype)
+        out_dtype = _out_dtype(dtype_from_name(md.dtype, f"{view.uri}: tensor {key!r}"), dtype)
         if out_dtype not in ST_DTYPE:
             raise ConfigError(f"{view.uri}: tensor {key!r} has dtype {out_dtype}, which safetensors cannot hold")
         nbytes = math.prod(md.size) * torch.empty((), dtype=out_dtype).element_size()

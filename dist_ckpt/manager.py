@@ -15,43 +15,28 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from dist_ckpt import manifest as mf
 from dist_ckpt import rng
-from dist_ckpt.api import load_from, resolve_codec, save_to
-from dist_ckpt.config import ManagerConfig, config_changes
+from dist_ckpt.api import resolve_codec, save_to
+from dist_ckpt.config import ManagerConfig
 from dist_ckpt.errors import (
     CheckpointError,
-    CheckpointNotFound,
     ConfigError,
     StepAlreadyExists,
     StorageError,
 )
+from dist_ckpt.manager_keywords import ManagerKeywords
+from dist_ckpt.manager_restore import LoadedWeights, ResumeInfo, load_model_weights, restore_state
 from dist_ckpt.progress import KEY, Progress, check_metrics
-from dist_ckpt.resume import report_config_changes, resolve_which, warn_if_finished
 from dist_ckpt.run_lock import RunLock
 from dist_ckpt.run_store import RunStore, entry_from_committed, step_prefix
 from dist_ckpt.state import TrainingState
-from dist_ckpt.storage import read_checkpoint_metadata
 from storage_backends import Backend, open_backend
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ResumeInfo:
-    """What ``restore`` brought back. ``step``/``epoch`` are those of the checkpoint."""
-
-    step: int
-    epoch: int | None
-    metrics: Mapping[str, float]
-    best: Mapping[str, float]
-    epochs_without_improvement: Mapping[str, int]
-    tracker_run_id: str | None
-    config_changes: tuple[str, ...]
-    world_size: int
-    uri: str
+__all__ = ["CheckpointInfo", "CheckpointManager", "LoadedWeights", "ResumeInfo"]
 
 
 @dataclass(frozen=True)
@@ -69,25 +54,17 @@ class CheckpointInfo:
     uri: str
 
 
-class CheckpointManager:
+class CheckpointManager(ManagerKeywords):
     """Saves and restores a run's whole training state under ``root`` (a path or ``s3://`` URI).
 
-    Options are the fields of :class:`ManagerConfig`; ``process_group`` defaults to the
-    default group (or none, in a single process); ``backend`` replaces the one ``root`` would
-    open (e.g. an ``S3Backend`` built around your own boto3 client)."""
+    ``CheckpointManager(root, *, keep_last=..., best=..., ...)``: every option is a keyword-only
+    parameter of the constructor, documented there (``help(CheckpointManager.__init__)``); they
+    are validated as the fields of :class:`ManagerConfig`, kept in ``self.config``."""
 
-    def __init__(
-        self,
-        root: str,
-        *,
-        process_group: dist.ProcessGroup | None = None,
-        backend: Backend | None = None,
-        **options: Any,
-    ):
-        try:
-            self.config = ManagerConfig(**options)
-        except TypeError as e:
-            raise ConfigError(f"CheckpointManager: {e}; valid options are the fields of ManagerConfig") from e
+    def _open(self, root: str, config: ManagerConfig, *, process_group: dist.ProcessGroup | None,
+              backend: Backend | None) -> None:  # fmt: skip
+        # called by ManagerKeywords.__init__ with the validated options
+        self.config = config
         self.root = str(root)
         self._pg = process_group
         self._distributed = dist.is_available() and dist.is_initialized()
@@ -193,7 +170,8 @@ class CheckpointManager:
             self._progress = progress
             return False
         if busy and self.config.if_busy == "skip":
-            log.warning("step %d not saved: the previous save is still in flight (if_busy='skip')", step)
+            if self.rank == 0:  # the decision is the job's: one warning, not one per rank
+                log.warning("step %d not saved: the previous save is still in flight (if_busy='skip')", step)
             self._progress = progress
             return False
         sd = state.state_dict()
@@ -280,74 +258,29 @@ class CheckpointManager:
             for e in manifest.entries
         ]
 
-    # -- resume -----------------------------------------------------------------------------
+    # -- resume (dist_ckpt/manager_restore.py) ----------------------------------------------
     def restore(self, state: TrainingState, which: Any = "last") -> ResumeInfo | None:
         """Restore every tracked object, the RNG states and the manager's bookkeeping from the
-        checkpoint ``which`` names. Returns None when ``which="last"`` and the run is new."""
+        checkpoint ``which`` names: ``"last"``, ``"best:<metric>"`` (any pointer the run's
+        manifest has), a step number, ``"step_000001200"`` or the path/URI of a checkpoint.
+        Returns None when ``which="last"`` and the run is new; a ``read_only`` manager raises
+        :class:`CheckpointNotFound` instead (it never starts a run: the root is wrong)."""
         self._check_open()
-        if self._engine is not None:
-            self._engine.drain()  # restore what is committed, not what is half-written
-        target = self._agree(lambda: resolve_which(self._manifest(), self.store, which, self.config.best))
-        if target is None:
-            return None
-        root, prefix = target
-        backend = self.backend if root == self.backend.uri else open_backend(root, **dict(self.config.backend_options))
-        meta = read_checkpoint_metadata(backend, prefix)
-        stored = meta.dcp.state_dict_metadata
-        if self.config.strict_config and self.config.config is not None:
-            # refuse before a single tracked object (or RNG) is modified
-            holder = {KEY: ""}
-            load_from(backend, prefix, holder, process_group=self._pg, allow_partial_load=True)
-            saved = Progress.decode(holder[KEY], f"{backend.uri}/{prefix}")
-            report_config_changes(self.config, tuple(config_changes(saved.config, self.config.config)), warn=False)
-        sd = state.state_dict()
-        sd[KEY] = ""
-        own_rng = f"{rng.PREFIX}.{rng.rank_key(self.rank)}.torch" in stored
-        if own_rng:
-            sd[rng.PREFIX] = {rng.rank_key(self.rank): rng.template(stored, self.rank)}
-        load_from(backend, prefix, sd, process_group=self._pg)
-        progress = Progress.decode(sd.pop(KEY), f"{backend.uri}/{prefix}")
-        for name, value in progress.values.items():
-            if name in state.kinds and state.kinds[name] == "values":
-                sd[name] = value
-        state.load_state_dict(sd)
-        if own_rng:
-            rng.apply(sd[rng.PREFIX][rng.rank_key(self.rank)])
-        else:
-            rng.reseed(progress.step, self.rank)
-        rng.warn_world_size_change(meta.world_size, self.world_size, self.rank, not own_rng, progress.step)
-        changes = tuple(config_changes(progress.config, self.config.config)) if self.config.config is not None else ()
-        report_config_changes(self.config, changes)
-        self._progress = replace(progress, config=self.config.config, tracker_run_id=progress.tracker_run_id or self.config.tracker_run_id)
-        warn_if_finished(self.config, progress)
-        return ResumeInfo(progress.step, progress.epoch, dict(progress.metrics), dict(progress.best),
-                          dict(progress.since_improvement), self._progress.tracker_run_id, changes,
-                          meta.world_size, f"{backend.uri}/{prefix}")  # fmt: skip
+        return restore_state(self, state, which)
 
-    def load_weights(self, module: nn.Module, which: Any = "last", *, name: str | None = None) -> int:
+    def load_weights(self, module: nn.Module, which: Any = "last", *, name: str | None = None,
+                     strict: bool = True) -> LoadedWeights:  # fmt: skip
         """Load only a model's weights from a checkpoint (fresh start from trained weights:
         optimizer, schedulers, counters untouched). ``name`` is the name the model was tracked
-        under; it may be omitted when the checkpoint holds one model. Returns the step."""
+        under; it may be omitted when the checkpoint holds one model.
+
+        ``strict`` as in ``nn.Module.load_state_dict``: True requires the same keys
+        (:class:`IncompatibleCheckpoint` names the missing and unexpected ones); False loads the
+        tensors whose names match and leaves the rest of the module as it is. Shapes must agree
+        either way. Returns :class:`LoadedWeights`: ``step`` (also ``int(result)``),
+        ``missing_keys`` and ``unexpected_keys``."""
         self._check_open()
-        target = self._agree(lambda: resolve_which(self._manifest(), self.store, which, self.config.best))
-        if target is None:
-            raise CheckpointNotFound(f"{self.root}: no committed checkpoint to load weights from")
-        root, prefix = target
-        backend = self.backend if root == self.backend.uri else open_backend(root, **dict(self.config.backend_options))
-        progress_holder = {KEY: ""}
-        load_from(backend, prefix, progress_holder, process_group=self._pg, allow_partial_load=True)
-        progress = Progress.decode(progress_holder[KEY], f"{backend.uri}/{prefix}")
-        models = [n for n, kind in progress.objects.items() if kind == "model"]
-        if name is None:
-            if len(models) != 1:
-                raise ConfigError(f"load_weights: the checkpoint holds models {models}; pass name=<one of them>")
-            name = models[0]
-        elif name not in models:
-            raise ConfigError(f"load_weights(name={name!r}): the checkpoint holds models {models}")
-        sd = {name: get_model_state_dict(module)}
-        load_from(backend, prefix, sd, process_group=self._pg)
-        set_model_state_dict(module, sd[name])
-        return progress.step
+        return load_model_weights(self, module, which, name, strict)
 
     def start(self, state: TrainingState, args: Any) -> ResumeInfo | None:
         """Apply the flags ``dist_ckpt.add_checkpoint_args`` added (``--resume``, ``--init-from``,

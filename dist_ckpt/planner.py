@@ -81,11 +81,19 @@ def _shape(value: Any) -> tuple[int, ...] | None:
     return None
 
 
+DEFAULT_HINT = (
+    "Load into a state with the same keys and shapes (same model and optimizer configuration); to start "
+    "a changed model from these weights, mgr.load_weights(model, which=..., strict=False) loads the tensors "
+    "whose names and shapes match and returns the missing and unexpected keys."
+)
+
+
 class JsonLoadPlanner(DefaultLoadPlanner):
     """Loads JSON values without unpickling and reports key/shape mismatches by name."""
 
-    def __init__(self, *, allow_partial_load: bool = False, **kwargs: Any):
+    def __init__(self, *, allow_partial_load: bool = False, hint: str | None = None, **kwargs: Any):
         super().__init__(allow_partial_load=allow_partial_load, **kwargs)
+        self.hint = hint if hint is not None else DEFAULT_HINT
 
     def create_local_plan(self) -> LoadPlan:
         assert self.metadata is not None
@@ -116,9 +124,7 @@ class JsonLoadPlanner(DefaultLoadPlanner):
             if mismatched:
                 parts.append("shape/type mismatches: " + "; ".join(mismatched[:_MAX_LISTED]))
             raise IncompatibleCheckpoint(
-                "the checkpoint does not fit the state being loaded — " + " | ".join(parts)
-                + ". Load into a state with the same keys and shapes (same model and optimizer "
-                "configuration), or use load_weights() for a partial, weights-only load."
+                "the checkpoint does not fit the state being loaded — " + " | ".join(parts) + ". " + self.hint
             )
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:

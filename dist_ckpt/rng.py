@@ -108,16 +108,22 @@ def reseed(step: int, rank: int) -> int:
 
 
 def warn_world_size_change(saved_world: int, world: int, rank: int, reseeded: bool, step: int) -> None:
-    if saved_world == world:
+    """One warning for the whole job, from rank 0 (every rank calls this): which ranks restored
+    their own RNG state and which were reseeded. ``reseeded`` is this rank's own fact; the job's
+    follows from the world sizes (rank r restores its state iff r < saved_world)."""
+    if saved_world == world or rank != 0:
         return
-    msg = (
-        f"world size changed: the checkpoint was saved by {saved_world} ranks, this job has {world}. "
-        + (
-            f"Rank {rank} had no saved RNG state and was reseeded from (step={step}, rank={rank}); "
-            "random streams after the resume differ from an uninterrupted run."
-            if reseeded
-            else f"Rank {rank} restored its own saved RNG state."
+    msg = f"world size changed: the checkpoint was saved by {saved_world} ranks, this job has {world}. "
+    if world > saved_world:
+        new = f"Rank {saved_world}" if world == saved_world + 1 else f"Ranks {saved_world}..{world - 1}"
+        msg += (
+            f"{new} had no saved RNG state and {'was' if world == saved_world + 1 else 'were'} reseeded from "
+            f"(step={step}, rank=<the rank>); random streams after the resume differ from an uninterrupted run. "
+            + ("Rank 0 restored its own saved RNG state." if saved_world == 1
+               else f"Ranks 0..{saved_world - 1} restored their own saved RNG states.")  # fmt: skip
         )
-    )
-    warnings.warn(msg, stacklevel=3)
+    else:
+        others = "" if world == 1 else f" (and ranks 1..{world - 1} theirs)"
+        msg += f"Rank 0 restored its own saved RNG state{others}; the saved states of ranks {world}..{saved_world - 1} are unused."
+    warnings.warn(msg, stacklevel=4)  # the caller of CheckpointManager.restore
     log.warning(msg)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from dist_ckpt import manifest as mf
 from dist_ckpt.errors import ConfigError, CorruptCheckpoint, StorageError
-from dist_ckpt.storage import COMMITTED
+from dist_ckpt.checkpoint_files import COMMITTED
 from storage_backends import Backend, BackendError, PreconditionFailed, join_key
 
 log = logging.getLogger(__name__)

@@ -33,16 +33,22 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from dist_ckpt.errors import CheckpointNotFound, CorruptCheckpoint, StepAlreadyExists, StorageError
+# the torch-free half (what the command line reads), re-exported for the modules that import it from here
+from dist_ckpt.checkpoint_files import (  # noqa: F401
+    COMMITTED,
+    METADATA,
+    read_checkpoint_metadata,
+    step_committed,
+    wrap_backend_error,
+)
+from dist_ckpt.errors import CorruptCheckpoint, StepAlreadyExists
 from dist_ckpt.format import metadata_json
-from dist_ckpt.format.metadata_json import CheckpointMetadata, EntryRef, FileRecord
+from dist_ckpt.format.metadata_json import EntryRef, FileRecord
 from dist_ckpt.format.shard import ChunkCodec, PendingEntry, save_shard
-from storage_backends import Backend, BackendError, ObjectExists, ObjectNotFound, join_key
+from storage_backends import Backend, BackendError, ObjectExists, join_key
 
 log = logging.getLogger(__name__)
 
-COMMITTED = "COMMITTED"
-METADATA = "metadata.json"
 _READ_THREADS = 8
 
 ST_DTYPE: dict[torch.dtype, str] = {
@@ -78,10 +84,6 @@ class _Assignment:
 class _ItemResult:
     ref: EntryRef
     file: FileRecord
-
-
-def wrap_backend_error(e: BaseException, uri: str) -> StorageError:
-    return StorageError(f"storage failed at {uri}: {e}")
 
 
 class CheckpointLocation:
@@ -222,43 +224,3 @@ def _version() -> str:
     from dist_ckpt import __version__
 
     return __version__
-
-
-def step_committed(backend: Backend, prefix: str) -> bool:
-    return backend.exists(join_key(prefix, COMMITTED))
-
-
-def read_checkpoint_metadata(backend: Backend, prefix: str) -> CheckpointMetadata:
-    """metadata.json of a committed checkpoint; :class:`CheckpointNotFound` if not committed."""
-    uri = f"{backend.uri}/{prefix}"
-    try:
-        if ".tmp-" in prefix.rstrip("/").rsplit("/", 1)[-1]:
-            # A staging folder may hold COMMITTED already (crash before the rename): it is
-            # still an unpublished attempt, invisible to readers.
-            raise CheckpointNotFound(
-                f"{uri}: this step was not committed: it is the staging folder of an interrupted "
-                "save and is never loaded. Load an earlier checkpoint; `dist-ckpt gc` removes the "
-                "leftovers."
-            )
-        if not backend.exists(join_key(prefix, COMMITTED)):
-            if backend.exists(join_key(prefix, METADATA)) or backend.list(prefix + "/"):
-                raise CheckpointNotFound(
-                    f"{uri}: this step was not committed (no COMMITTED marker): it is an "
-                    "interrupted save and is never loaded. Load an earlier checkpoint; "
-                    "`dist-ckpt gc` removes the leftovers."
-                )
-            raise CheckpointNotFound(f"{uri}: no checkpoint here (expected {COMMITTED} and {METADATA})")
-        try:
-            # refuse an oversized metadata.json before reading (allocating) it
-            size = backend.size(join_key(prefix, METADATA))
-            if size > metadata_json.MAX_METADATA_BYTES:
-                raise CorruptCheckpoint(
-                    f"{uri}/{METADATA}: {size} bytes exceeds the {metadata_json.MAX_METADATA_BYTES}-byte "
-                    "metadata size limit; the file is damaged or was replaced"
-                )
-            data = backend.read(join_key(prefix, METADATA))
-        except ObjectNotFound as e:
-            raise CorruptCheckpoint(f"{uri}/{METADATA} is missing although the step is committed") from e
-    except BackendError as e:
-        raise wrap_backend_error(e, uri) from e
-    return metadata_json.loads(data, f"{uri}/{METADATA}")

@@ -25,7 +25,7 @@ from dist_ckpt.errors import CheckpointNotFound, CorruptCheckpoint
 from dist_ckpt.format.metadata_json import CheckpointMetadata, FileRecord
 from dist_ckpt.format.safetensors_header import header_length, parse_header
 from dist_ckpt.run_store import MANIFEST, RunStore, entry_from_committed, parse_step_prefix
-from dist_ckpt.storage import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
+from dist_ckpt.checkpoint_files import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
 from storage_backends import Backend, BackendError, ObjectNotFound, join_key, open_backend
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ def locate(uri: str) -> tuple[str, Backend, str]:
     committed checkpoint, ``("run", backend, "")`` for a run root. Raises
     :class:`CheckpointNotFound` for an uncommitted step or an empty/missing location, and
     :class:`ConfigError` for a URI no backend serves."""
-    from dist_ckpt.api import split_checkpoint_uri
+    from dist_ckpt.checkpoint_files import split_checkpoint_uri
     from dist_ckpt.errors import ConfigError
 
     try:

@@ -22,7 +22,7 @@ from dist_ckpt.errors import ConfigError, CorruptCheckpoint, StepAlreadyExists
 from dist_ckpt.format.metadata_json import FileRecord
 from dist_ckpt.format.safetensors_header import header_length
 from dist_ckpt.run_store import STEP_RE, RunStore, parse_step_prefix
-from dist_ckpt.storage import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
+from dist_ckpt.checkpoint_files import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
 from dist_ckpt.verify import BLOCK_BYTES, locate, parse_checksum, verify_files
 from storage_backends import Backend, BackendError, ObjectExists, join_key, open_backend
 
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         dst_uri = args.dst.rstrip("/") or args.dst
         last = dst_uri.rsplit("/", 1)[-1]
         if STEP_RE.match(last) or last == prefix:
-            from dist_ckpt.api import split_checkpoint_uri
+            from dist_ckpt.checkpoint_files import split_checkpoint_uri
 
             root, dst_prefix = split_checkpoint_uri(dst_uri)
             dst = _open(root)

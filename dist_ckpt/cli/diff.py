@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from dist_ckpt.checkpoint_view import CheckpointView
 from dist_ckpt.cli.common import checkpoint_at, fmt_number, print_json, progress_bar, table
 from dist_ckpt.config import config_changes
-from dist_ckpt.export import CheckpointView, iter_tensor_blocks
+from dist_ckpt.format.metadata_json import CheckpointMetadata
 from dist_ckpt.progress import KEY
+
+if TYPE_CHECKING:  # torch only for --values (comparing content)
+    import torch
 
 EPILOG = """\
 Compares structure (keys, shapes, dtypes, tensor vs value) and the run config snapshot; with
@@ -35,14 +37,23 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-def _sig(md: Any) -> dict[str, Any]:
-    if hasattr(md, "chunks"):
-        return {"kind": "tensor", "dtype": str(md.properties.dtype).removeprefix("torch."), "shape": list(md.size)}
-    return {"kind": "value", "dtype": None, "shape": None}
+def _signatures(meta: CheckpointMetadata) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key in meta.keys():
+        md = meta.tensors.get(key)
+        if md is None:
+            out[key] = {"kind": "value", "dtype": None, "shape": None}
+        else:
+            out[key] = {"kind": "tensor", "dtype": md.dtype, "shape": list(md.size)}
+    return out
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest ``|a - b|`` (NaN where exactly one side is NaN; positions NaN on both sides agree)."""
+    import torch
+
+    from dist_ckpt.export import iter_tensor_blocks
+
     worst = 0.0
     for x, y in iter_tensor_blocks(a, b):
         d = (x - y).abs()
@@ -56,8 +67,7 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def compare(va: CheckpointView, vb: CheckpointView, values: bool, on_bytes: Any = None) -> dict[str, Any]:
-    sa = {k: _sig(m) for k, m in va.meta.dcp.state_dict_metadata.items()}
-    sb = {k: _sig(m) for k, m in vb.meta.dcp.state_dict_metadata.items()}
+    sa, sb = _signatures(va.meta), _signatures(vb.meta)
     added = sorted(set(sb) - set(sa))
     removed = sorted(set(sa) - set(sb))
     changed = [{"key": k, "a": sa[k], "b": sb[k]} for k in sorted(set(sa) & set(sb)) if sa[k] != sb[k]]

@@ -7,11 +7,10 @@ import fnmatch
 import math
 from typing import Any
 
-import torch
-
+from dist_ckpt.checkpoint_view import CheckpointView
 from dist_ckpt.cli.common import checkpoint_at, fmt_number, human_size, human_time, print_json, table
 from dist_ckpt.config import flatten_config
-from dist_ckpt.export import CheckpointView
+from dist_ckpt.format.metadata_json import ITEMSIZE
 
 EPILOG = """\
 --keys takes a glob (model.*.weight) or, without wildcards, a key prefix (optimizer.state);
@@ -56,16 +55,16 @@ def describe(view: CheckpointView, patterns: list[str] | None = None) -> dict[st
     committed = view.committed_info()
     match = key_matcher(patterns)
     keys = []
-    for fqn, md in view.meta.dcp.state_dict_metadata.items():
+    for fqn in view.meta.keys():
         if not match(fqn):
             continue
         refs = view.refs(fqn)
         stored = sum(r.stored_bytes for r in refs)
-        if hasattr(md, "chunks"):
-            itemsize = torch.empty((), dtype=md.properties.dtype).element_size()
-            keys.append({"key": fqn, "kind": "tensor", "dtype": str(md.properties.dtype).removeprefix("torch."),
-                         "shape": list(md.size), "chunks": len(md.chunks), "files": sorted({r.file for r in refs}),
-                         "stored_bytes": stored, "raw_bytes": math.prod(md.size) * itemsize})  # fmt: skip
+        md = view.meta.tensors.get(fqn)
+        if md is not None:
+            keys.append({"key": fqn, "kind": "tensor", "dtype": md.dtype, "shape": list(md.size), "chunks": len(md.chunks),
+                         "files": sorted({r.file for r in refs}), "stored_bytes": stored,
+                         "raw_bytes": math.prod(md.size) * ITEMSIZE[md.dtype]})  # fmt: skip
         else:
             keys.append({"key": fqn, "kind": "value", "dtype": None, "shape": None, "chunks": 1,
                          "files": [refs[0].file], "stored_bytes": stored, "raw_bytes": stored})  # fmt: skip
@@ -87,7 +86,7 @@ def describe(view: CheckpointView, patterns: list[str] | None = None) -> dict[st
         "files": files,
         "total_bytes": sum(f["size"] for f in files),
         "keys": keys,
-        "key_count": len(view.meta.dcp.state_dict_metadata),
+        "key_count": len(view.meta.keys()),
     }
 
 

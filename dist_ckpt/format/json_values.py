@@ -25,9 +25,8 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
 from typing import Any
-
-import numpy as np
 
 from dist_ckpt.errors import CorruptCheckpoint, UnsupportedValue
 
@@ -49,8 +48,11 @@ def to_json(value: Any, path: str = "") -> Any:
     """The JSON-compatible form of ``value``; raises :class:`UnsupportedValue` naming ``path``."""
     if value is None or isinstance(value, (bool, str)):
         return value
+    # numpy is imported only by a process that has numpy values (the command line never does:
+    # it starts faster); a value cannot be a numpy object unless numpy is loaded.
+    np = sys.modules.get("numpy")
     # Before the int/float checks: numpy.float64 subclasses float (and would be refused there).
-    if isinstance(value, np.generic) and not isinstance(value, np.object_):
+    if np is not None and isinstance(value, np.generic) and not isinstance(value, np.object_):
         return {_TAG: "npscalar", "dtype": value.dtype.str, "v": to_json(value.item(), path)}
     if isinstance(value, int) and not isinstance(value, bool):
         if type(value) is not int:  # IntEnum and friends: refuse rather than lose the type
@@ -75,7 +77,7 @@ def to_json(value: Any, path: str = "") -> Any:
             _TAG: "dict",
             "items": [[to_json(k, f"{path}<key>"), to_json(v, f"{path}[{k!r}]")] for k, v in value.items()],
         }
-    if isinstance(value, np.ndarray):
+    if np is not None and isinstance(value, np.ndarray):
         if value.dtype.hasobject:
             raise _unsupported(path, value)
         return {
@@ -118,6 +120,8 @@ def from_json(obj: Any, where: str = "value") -> Any:
             return int(str(obj["v"]), 10)
         if tag == "dict":
             return {_hashable(from_json(k, where)): from_json(v, where) for k, v in obj["items"]}
+        if tag in ("ndarray", "npscalar"):
+            import numpy as np
         if tag == "ndarray":
             dtype = np.dtype(str(obj["dtype"]))
             if dtype.hasobject:

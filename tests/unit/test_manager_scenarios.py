@@ -345,9 +345,9 @@ def test_load_weights_fresh_model_optimizer_untouched(tmp_path):
         mgr.load_weights(fresh.generator)  # two models: name= is required
     with pytest.raises(ConfigError, match="opt_g"):
         mgr.load_weights(fresh.generator, name="opt_g")  # not a model
-    assert mgr.load_weights(fresh.generator, name="generator") == 2
+    assert mgr.load_weights(fresh.generator, name="generator").step == 2
     assert_same(dict(last_gen), dict(fresh.generator.state_dict()))
-    assert mgr.load_weights(fresh.generator, which="best:g", name="generator") == 1
+    assert int(mgr.load_weights(fresh.generator, which="best:g", name="generator")) == 1
     assert_same(dict(best_gen), dict(fresh.generator.state_dict()))
     assert_same(opt_before, fresh.opt_g.state_dict())  # optimizer untouched
     assert_same(disc_before, fresh.discriminator.state_dict())
@@ -360,7 +360,7 @@ def test_load_weights_fresh_model_optimizer_untouched(tmp_path):
     mgr = manager(single)
     mgr.save(0, mgr.track(net=m, opt=opt))
     m2 = nn.Linear(3, 2)
-    assert mgr.load_weights(m2) == 0
+    assert mgr.load_weights(m2).step == 0
     assert_same(dict(m.state_dict()), dict(m2.state_dict()))
 
 

@@ -75,10 +75,13 @@ def test_reseed_is_deterministic_per_step_and_rank():
 
 def test_world_size_warning_text():
     with pytest.warns(UserWarning) as rec:
-        rng.warn_world_size_change(2, 4, 3, True, 120)
+        rng.warn_world_size_change(2, 4, 0, False, 120)  # rank 0 speaks for the job
     msg = str(rec[0].message)
     assert "saved by 2 ranks, this job has 4" in msg
-    assert "Rank 3 had no saved RNG state and was reseeded from (step=120, rank=3)" in msg
+    assert "Ranks 2..3 had no saved RNG state and were reseeded from (step=120, rank=<the rank>)" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rng.warn_world_size_change(2, 4, 3, True, 120)  # other ranks stay silent (one warning per job)
     with pytest.warns(UserWarning, match=r"saved by 2 ranks, this job has 1\. Rank 0 restored its own saved RNG state"):
         rng.warn_world_size_change(2, 1, 0, False, 120)
     with warnings.catch_warnings():

@@ -1,0 +1,73 @@
+"""The files of one checkpoint folder that readers look at first: ``COMMITTED`` and
+``metadata.json``. No torch here: the command line lists, inspects, verifies and copies
+checkpoints without importing it (see :mod:`dist_ckpt.storage` for the DCP writer)."""
+
+from __future__ import annotations
+
+from dist_ckpt.errors import CheckpointNotFound, ConfigError, CorruptCheckpoint, StorageError
+from dist_ckpt.format import metadata_json
+from dist_ckpt.format.metadata_json import CheckpointMetadata
+from storage_backends import Backend, BackendError, ObjectNotFound, join_key, split_uri
+
+COMMITTED = "COMMITTED"
+METADATA = "metadata.json"
+
+
+def split_checkpoint_uri(uri: str) -> tuple[str, str]:
+    """``(root uri, checkpoint folder name)`` of a checkpoint URI."""
+    try:
+        scheme, rest = split_uri(str(uri))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    rest = rest.rstrip("/")
+    if "/" not in rest.strip("/"):
+        if scheme == "s3":
+            raise ConfigError(f"{uri!r}: expected s3://bucket/path/to/checkpoint (a folder below the bucket)")
+        rest = "./" + rest
+    parent, name = rest.rsplit("/", 1)
+    root = f"s3://{parent}" if scheme == "s3" else (parent or "/")
+    return root, name
+
+
+def wrap_backend_error(e: BaseException, uri: str) -> StorageError:
+    return StorageError(f"storage failed at {uri}: {e}")
+
+
+def step_committed(backend: Backend, prefix: str) -> bool:
+    return backend.exists(join_key(prefix, COMMITTED))
+
+
+def read_checkpoint_metadata(backend: Backend, prefix: str) -> CheckpointMetadata:
+    """metadata.json of a committed checkpoint; :class:`CheckpointNotFound` if not committed."""
+    uri = f"{backend.uri}/{prefix}"
+    try:
+        if ".tmp-" in prefix.rstrip("/").rsplit("/", 1)[-1]:
+            # A staging folder may hold COMMITTED already (crash before the rename): it is
+            # still an unpublished attempt, invisible to readers.
+            raise CheckpointNotFound(
+                f"{uri}: this step was not committed: it is the staging folder of an interrupted "
+                "save and is never loaded. Load an earlier checkpoint; `dist-ckpt gc` removes the "
+                "leftovers."
+            )
+        if not backend.exists(join_key(prefix, COMMITTED)):
+            if backend.exists(join_key(prefix, METADATA)) or backend.list(prefix + "/"):
+                raise CheckpointNotFound(
+                    f"{uri}: this step was not committed (no COMMITTED marker): it is an "
+                    "interrupted save and is never loaded. Load an earlier checkpoint; "
+                    "`dist-ckpt gc` removes the leftovers."
+                )
+            raise CheckpointNotFound(f"{uri}: no checkpoint here (expected {COMMITTED} and {METADATA})")
+        try:
+            # refuse an oversized metadata.json before reading (allocating) it
+            size = backend.size(join_key(prefix, METADATA))
+            if size > metadata_json.MAX_METADATA_BYTES:
+                raise CorruptCheckpoint(
+                    f"{uri}/{METADATA}: {size} bytes exceeds the {metadata_json.MAX_METADATA_BYTES}-byte "
+                    "metadata size limit; the file is damaged or was replaced"
+                )
+            data = backend.read(join_key(prefix, METADATA))
+        except ObjectNotFound as e:
+            raise CorruptCheckpoint(f"{uri}/{METADATA} is missing although the step is committed") from e
+    except BackendError as e:
+        raise wrap_backend_error(e, uri) from e
+    return metadata_json.loads(data, f"{uri}/{METADATA}")

@@ -1,0 +1,165 @@
+"""The constructor of :class:`~dist_ckpt.CheckpointManager`: every option an explicit
+keyword-only parameter with its documentation, so ``help()`` and IDEs show them.
+
+The options are the fields of :class:`~dist_ckpt.config.ManagerConfig` (validated there); the
+parameters below mirror them one for one, in the same order, with the same documentation —
+``tests/unit/test_manager_keywords.py`` fails if the two drift apart. An unknown keyword is a
+:class:`ConfigError` that suggests the closest option ("did you mean ...").
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, fields
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+from dist_ckpt.config import ManagerConfig
+from dist_ckpt.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+    from storage_backends import Backend
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def reject_unknown_options(init: Callable[P, R]) -> Callable[P, R]:
+    """Turn an unknown keyword (Python's bare ``TypeError``) into a :class:`ConfigError` naming
+    it and the closest valid option. ``functools.wraps`` keeps the real signature for
+    ``inspect.signature``, ``help()`` and IDEs."""
+    valid = [p.name for p in inspect.signature(init).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+    @functools.wraps(init)
+    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+        unknown = [k for k in kwargs if k not in valid]
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, valid, n=1)
+                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(
+                f"CheckpointManager: unknown option {', '.join(hints)}; the options are: {', '.join(valid)} "
+                "(see help(CheckpointManager))"
+            )
+        return init(*args, **kwargs)
+
+    return checked
+
+
+def _defaulted(name: str, value: Any) -> Any:
+    """A field with a default factory (a dict) takes ``None`` in the signature: a shared
+    mutable default there would be a trap."""
+    field = _FIELDS[name]
+    if value is None and field.default is MISSING and field.default_factory is not MISSING:
+        return field.default_factory()
+    return value
+
+
+_FIELDS = {f.name: f for f in fields(ManagerConfig)}
+
+
+class ManagerKeywords:
+    """Base of :class:`~dist_ckpt.CheckpointManager` holding its keyword-only constructor."""
+
+    @reject_unknown_options
+    def __init__(
+        self,
+        root: str,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        backend: Backend | None = None,
+        keep_last: int | None = None,
+        best: Mapping[str, str] | None = None,
+        keep_every_n_steps: int | None = None,
+        save_every_n_steps: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        strict_config: bool = False,
+        config_may_change: tuple[str, ...] = (),
+        tracker_run_id: str | None = None,
+        compression: str = "none",
+        compression_level: int = 1,
+        async_save: bool = False,
+        async_mode: str = "thread",
+        if_busy: str = "wait",
+        max_staging_bytes: int | None = None,
+        save_on_sigterm: bool = False,
+        total_steps: int | None = None,
+        total_epochs: int | None = None,
+        collect_garbage_on_start: bool = True,
+        read_only: bool = False,
+        lock_stale_after: float = 600.0,
+        backend_options: Mapping[str, Any] | None = None,
+        unsafe_single_writer: bool = False,
+    ):
+        """Open the run at ``root`` (a local/NFS path or ``s3://bucket/prefix``; created on the
+        first save). Every rank constructs the manager together (it runs collectives).
+
+        Args:
+            root: The run root: a path or ``s3://`` URI.
+            process_group: Collectives run on this group; the default group (or none, in a
+                single process) when None.
+            backend: Replaces the backend ``root`` would open (e.g. an ``S3Backend`` built
+                around your own boto3 client, or a wrapper).
+            keep_last: Keep the newest N checkpoints (plus every pointed-to one); None keeps all.
+            best: Metrics to keep a best checkpoint for: ``{"val_loss": "min", "pck": "max"}``.
+                Each gets its own ``best:<metric>`` pointer, kept by retention.
+            keep_every_n_steps: Also keep every checkpoint whose step is a multiple of this
+                (milestones).
+            save_every_n_steps: ``save()`` writes only on multiples of this — or when a tracked
+                metric improves, or with ``force=True``; other calls only update the
+                best/patience bookkeeping.
+            config: The run's configuration (e.g. ``vars(args)``), stored as JSON in every
+                checkpoint and compared key by key on resume.
+            strict_config: Refuse to resume (:class:`ConfigChanged`) when the config changed,
+                except the keys in ``config_may_change``; otherwise changes are logged as
+                warnings.
+            config_may_change: Dotted config keys allowed to change on resume under
+                ``strict_config``.
+            tracker_run_id: Experiment tracker run id (e.g. W&B); restored on resume so the run
+                continues under it.
+            compression: Shard codec: ``"none"`` (plain safetensors) or ``"zstd"`` (chunked,
+                byte-grouped).
+            compression_level: zstd level when ``compression="zstd"``.
+            async_save: Return from ``save()`` once tensors are staged; write and commit in the
+                background.
+            async_mode: Background worker: ``"thread"`` or ``"process"``.
+            if_busy: When a save is still in flight: ``"wait"`` for it, or ``"skip"`` the new
+                one (logged).
+            max_staging_bytes: Cap on staging memory for async saves: a rank whose tensors
+                exceed it saves synchronously from the live tensors instead (no staging buffer;
+                ``save()`` blocks for the whole save) — never more memory, a longer stall.
+            save_on_sigterm: On SIGTERM, finish the in-flight save; ``should_stop()`` then turns
+                True so the loop saves the current step and exits.
+            total_steps: The run's planned length; resuming at or past it warns.
+            total_epochs: The run's planned epochs; resuming at or past the last warns.
+            collect_garbage_on_start: Remove leftovers of crashed saves when the manager starts
+                (coordinator only).
+            read_only: Open the run for reading only (listing, restoring, loading weights): no
+                writer lock, no garbage collection, ``save()`` refused. Tools and evaluation
+                jobs use this.
+            lock_stale_after: Seconds without a heartbeat after which another job's run lock
+                counts as abandoned (a lock of a dead process on this host is taken over at
+                once).
+            backend_options: Passed to the storage backend (e.g. S3 ``part_size``,
+                ``max_concurrency``, ``endpoint_url``).
+            unsafe_single_writer: Allow writing to an S3 server that ignores conditional writes
+                (If-None-Match/If-Match); only safe when a single job ever writes the run.
+                Logged as a warning at every start.
+
+        Raises:
+            ConfigError: an invalid or unknown option (naming it).
+            RunLocked: another job holds the run's writer lock.
+        """
+        given = locals()  # exactly the parameters above: the options are ManagerConfig's fields
+        options = {name: _defaulted(name, given[name]) for name in _FIELDS}
+        self._open(str(root), ManagerConfig(**options), process_group=process_group, backend=backend)
+
+    def _open(
+        self, root: str, config: ManagerConfig, *, process_group: dist.ProcessGroup | None, backend: Backend | None
+    ) -> None:
+        raise NotImplementedError  # CheckpointManager opens the run

@@ -13,13 +13,13 @@ import json
 import math
 from typing import TYPE_CHECKING, Any
 
-from dist_ckpt.checkpoint_files import COMMITTED, read_checkpoint_metadata, wrap_backend_error
-from dist_ckpt.errors import CorruptCheckpoint
+from dist_ckpt.checkpoint_files import COMMITTED, read_checkpoint_metadata, split_checkpoint_uri, wrap_backend_error
+from dist_ckpt.errors import ConfigError, CorruptCheckpoint
 from dist_ckpt.format import json_values
 from dist_ckpt.format.metadata_json import CheckpointMetadata, EntryRef, TensorRecord, dtype_from_name
 from dist_ckpt.format.shard import ShardReader
 from dist_ckpt.progress import KEY, Progress
-from storage_backends import Backend, BackendError, ObjectNotFound, join_key
+from storage_backends import Backend, BackendError, ObjectNotFound, join_key, open_backend
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +33,16 @@ class CheckpointView:
         self.uri = f"{backend.uri}/{self.prefix}"
         self.meta: CheckpointMetadata = read_checkpoint_metadata(backend, self.prefix)
         self._readers: dict[str, ShardReader] = {}
+
+    @classmethod
+    def open(cls, uri: str) -> CheckpointView:
+        """The committed checkpoint at ``uri`` (a path or ``s3://`` URI of its folder)."""
+        root, name = split_checkpoint_uri(uri)
+        try:
+            backend = open_backend(root)
+        except ValueError as e:
+            raise ConfigError(f"{uri}: {e}") from e
+        return cls(backend, name)
 
     # -- what is stored ---------------------------------------------------------------------
     @property

@@ -84,6 +84,15 @@ class ManagerConfig:
     """Open the run for reading only (listing, restoring, loading weights): no writer lock,
     no garbage collection, ``save()`` refused. Tools and evaluation jobs use this."""
 
+    unsafe_single_writer: bool = False
+    """Write even through an S3 server that ignores conditional writes (``If-None-Match: *``,
+    ``If-Match``). A writing manager checks once per bucket at start that the server refuses
+    them when their condition fails, and otherwise raises :class:`StorageError`: the commit
+    protocol, the manifest's compare-and-swap and the run lock rest on them, and without them
+    two jobs writing one run could both commit a step or lose each other's pointer updates,
+    silently. Set this only when you are sure one job at a time writes the run; a warning is
+    logged at every start. Local and NFS roots are not affected."""
+
     lock_stale_after: float = 600.0
     """Seconds without a heartbeat after which another job's run lock counts as abandoned
     (a lock of a dead process on this host is taken over at once)."""
@@ -103,6 +112,8 @@ class ManagerConfig:
                 raise ConfigError(f"best: metric name {metric!r} must be a non-empty string without ':'")
             if mode not in _MODES:
                 raise ConfigError(f"best[{metric!r}]={mode!r}: expected 'min' or 'max'")
+        if not isinstance(self.unsafe_single_writer, bool):
+            raise ConfigError(f"unsafe_single_writer={self.unsafe_single_writer!r}: expected True or False")
         if not isinstance(self.lock_stale_after, (int, float)) or self.lock_stale_after <= 0:
             raise ConfigError(f"lock_stale_after={self.lock_stale_after!r}: expected a positive number of seconds")
         if self.compression not in _COMPRESSION:

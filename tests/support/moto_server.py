@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from support.s3server import ACCESS_KEY, SECRET_KEY, S3Server, S3ServerError, _free_ports, _wait_ready
@@ -52,3 +53,9 @@ def start_moto_server(workdir: Path, *, timeout: float = 60.0, tries: int = 3) -
                 break
     assert error is not None
     raise error
+
+
+def reset_moto_server(server: S3Server) -> None:
+    """Forget every bucket and object (moto's ``/moto-api/reset``): frees its memory."""
+    request = urllib.request.Request(f"{server.endpoint_url}/moto-api/reset", method="POST")
+    urllib.request.urlopen(request, timeout=30).close()

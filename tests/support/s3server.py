@@ -392,6 +392,11 @@ def s3_uri(s3_env: S3Server) -> Iterator[str]:
     """A fresh, empty bucket for this test: ``s3://<bucket>/run``; deleted afterwards."""
     bucket = s3_env.create_bucket()
     yield f"s3://{bucket}/run"
+    if s3_env.name == "moto":  # keeps everything in its memory and deletes empty buckets only
+        from support.moto_server import reset_moto_server
+
+        reset_moto_server(s3_env)
+        return
     try:
         s3_env.client().delete_bucket(Bucket=bucket)  # SeaweedFS deletes non-empty buckets too
     except Exception:  # noqa: BLE001 - best effort; the server's directory goes away anyway

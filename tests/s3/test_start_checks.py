@@ -30,7 +30,7 @@ from torch import nn
 
 from dist_ckpt import CheckpointManager
 from dist_ckpt.cli import main
-from dist_ckpt.errors import StorageError
+from dist_ckpt.errors import ConfigError, StorageError
 
 MESSAGE_PARTS = ("does not enforce conditional writes", "If-None-Match", "If-Match")
 
@@ -173,3 +173,12 @@ def test_writing_manager_on_a_missing_bucket_with_bucket_scoped_credentials(
     msg = str(info.value)
     assert f"bucket {bucket!r} does not exist" in msg and ".." not in msg, msg
     CheckpointManager(f"s3://{SCOPED_BUCKET}/run-{uuid.uuid4().hex[:8]}").close()  # the bucket it may use works
+
+
+def test_local_roots_are_not_probed_and_the_option_is_validated(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="dist_ckpt.write_guard")
+    _save_steps(str(tmp_path / "run"), [1], unsafe_single_writer=True)
+    assert not [r for r in caplog.records if r.name == "dist_ckpt.write_guard"]  # nothing unsafe to warn about
+    assert not list((tmp_path / "run").glob(".dist-ckpt-probe*"))
+    with pytest.raises(ConfigError, match="unsafe_single_writer='yes': expected True or False"):
+        CheckpointManager(str(tmp_path / "run"), unsafe_single_writer="yes")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from storage_backends.base import Backend
 from storage_backends.errors import BackendError, ObjectExists, PreconditionFailed
@@ -53,16 +54,20 @@ class WriteGuarantees:
         return self.create_if_absent and self.compare_and_swap
 
 
+@runtime_checkable
+class KnowsWriteGuarantees(Protocol):
+    """A backend whose conditional writes depend on a server it must ask (S3)."""
+
+    def write_guarantees(self) -> WriteGuarantees: ...
+
+
 def write_guarantees(backend: Backend) -> WriteGuarantees:
     """The conditional-write guarantees of ``backend``: asked of backends that can tell (S3
     probes the server once per endpoint and bucket in a process); assumed for the others,
     whose ``create_if_absent``/``compare_and_swap`` are atomic by their own implementation.
     Raises :class:`BackendError` when the probe cannot run (a missing bucket, no permission)."""
-    ask = getattr(backend, "write_guarantees", None)
-    if callable(ask):
-        result = ask()
-        if isinstance(result, WriteGuarantees):
-            return result
+    if isinstance(backend, KnowsWriteGuarantees):
+        return backend.write_guarantees()
     return WriteGuarantees(where=backend.uri, create_if_absent=True, compare_and_swap=True, probed=False)
 
 

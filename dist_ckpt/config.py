@@ -92,7 +92,13 @@ class ManagerConfig:
     """Passed to the storage backend (e.g. S3 ``part_size``, ``max_concurrency``, ``endpoint_url``)."""
 
     unsafe_single_writer: bool = False
-    """Allow writing to an S3 server that ignores conditional writes (If-None-Match/If-Match); only safe when a single job ever writes the run. Logged as a warning at every start."""
+    """Write even through an S3 server that ignores conditional writes (``If-None-Match: *``,
+    ``If-Match``). A writing manager checks once per bucket at start that the server refuses
+    them when their condition fails, and otherwise raises :class:`StorageError`: the commit
+    protocol, the manifest's compare-and-swap and the run lock rest on them, and without them
+    two jobs writing one run could both commit a step or lose each other's pointer updates,
+    silently. Set this only when you are sure one job at a time writes the run; a warning is
+    logged at every start. Local and NFS roots are not affected."""
 
     def __post_init__(self) -> None:
         for name in ("keep_last", "keep_every_n_steps", "save_every_n_steps", "total_steps", "total_epochs", "max_staging_bytes"):
@@ -106,6 +112,8 @@ class ManagerConfig:
                 raise ConfigError(f"best: metric name {metric!r} must be a non-empty string without ':'")
             if mode not in _MODES:
                 raise ConfigError(f"best[{metric!r}]={mode!r}: expected 'min' or 'max'")
+        if not isinstance(self.unsafe_single_writer, bool):
+            raise ConfigError(f"unsafe_single_writer={self.unsafe_single_writer!r}: expected True or False")
         if not isinstance(self.lock_stale_after, (int, float)) or self.lock_stale_after <= 0:
             raise ConfigError(f"lock_stale_after={self.lock_stale_after!r}: expected a positive number of seconds")
         if self.compression not in _COMPRESSION:

@@ -32,6 +32,7 @@ from dist_ckpt.progress import KEY, Progress, check_metrics
 from dist_ckpt.run_lock import RunLock
 from dist_ckpt.run_store import RunStore, entry_from_committed, step_prefix
 from dist_ckpt.state import TrainingState
+from dist_ckpt.write_guard import require_conditional_writes
 from storage_backends import Backend, open_backend
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ class CheckpointManager(ManagerKeywords):
     def _start(self) -> None:
         if self.config.read_only:
             return
+        require_conditional_writes(self.backend, unsafe_single_writer=self.config.unsafe_single_writer,
+                                   opt_in="unsafe_single_writer=True")  # S3: probed once per bucket
         # The lock comes first: garbage collection must never touch another live job's saves.
         self._lock = RunLock(self.backend, self.config.lock_stale_after)
         self._lock.acquire()

@@ -147,9 +147,14 @@ class ManagerKeywords:
                 once).
             backend_options: Passed to the storage backend (e.g. S3 ``part_size``,
                 ``max_concurrency``, ``endpoint_url``).
-            unsafe_single_writer: Allow writing to an S3 server that ignores conditional writes
-                (If-None-Match/If-Match); only safe when a single job ever writes the run.
-                Logged as a warning at every start.
+            unsafe_single_writer: Write even through an S3 server that ignores conditional
+                writes (``If-None-Match: *``, ``If-Match``). A writing manager checks once per
+                bucket at start that the server refuses them when their condition fails, and
+                otherwise raises :class:`StorageError`: the commit protocol, the manifest's
+                compare-and-swap and the run lock rest on them, and without them two jobs
+                writing one run could both commit a step or lose each other's pointer updates,
+                silently. Set this only when you are sure one job at a time writes the run; a
+                warning is logged at every start. Local and NFS roots are not affected.
 
         Raises:
             ConfigError: an invalid or unknown option (naming it).

@@ -13,6 +13,7 @@ from storage_backends.errors import (
     PreconditionFailed,
     UnsafeKey,
 )
+from storage_backends.guarantees import WriteGuarantees, write_guarantees
 
 __all__ = [
     "Backend",
@@ -24,10 +25,12 @@ __all__ = [
     "PreconditionFailed",
     "UnsafeKey",
     "Versioned",
+    "WriteGuarantees",
     "join_key",
     "open_backend",
     "split_uri",
     "validate_key",
+    "write_guarantees",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

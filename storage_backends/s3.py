@@ -17,9 +17,10 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from storage_backends import s3_read
+from storage_backends import s3_probe, s3_read
 from storage_backends.base import ObjectInfo, Versioned, validate_key
-from storage_backends.errors import BackendError, ObjectExists, PreconditionFailed, UnsafeKey
+from storage_backends.errors import BackendError, ObjectExists, ObjectNotFound, PreconditionFailed, UnsafeKey
+from storage_backends.guarantees import WriteGuarantees
 from storage_backends.s3_multipart import S3ObjectWriter
 from storage_backends.s3_util import (
     MIN_PART_SIZE,
@@ -230,6 +231,17 @@ class S3Backend:
         cond = {"IfNoneMatch": "*"} if expected_version is None else {"IfMatch": expected_version}
         try:
             return self._put(key, full, data, **cond)
+        except ObjectNotFound as e:
+            if expected_version is None:
+                raise
+            # AWS S3 (and moto) answer If-Match on a deleted object with 404, SeaweedFS with 412:
+            # either way the version we hold is gone.
+            raise PreconditionFailed(
+                f"s3://{self.bucket}/{full} was deleted since version {expected_version} was read ({e.code}): "
+                "another writer got there first; read it again and retry",
+                key=key,
+                code=e.code,
+            ) from e
         except BackendError as e:
             cause = e.__cause__
             if cause is None or http_status(cause) not in _CONFLICT_STATUSES:
@@ -244,6 +256,12 @@ class S3Backend:
                 key=key,
                 code=e.code,
             ) from cause
+
+    def write_guarantees(self) -> WriteGuarantees:
+        """Check once per endpoint and bucket (cached in this process) that the bucket exists
+        and that the server refuses conditional writes whose condition fails (see
+        :mod:`storage_backends.s3_probe`); raises :class:`BackendError` naming a missing bucket."""
+        return s3_probe.write_guarantees(self)
 
     def _holds(self, key: str, full: str, data: bytes) -> bool:
         try:

@@ -139,7 +139,8 @@ def translate(
     status = http_status(e)
     where = f"s3://{bucket}/{full_key}"
     if isinstance(e, ClientError):
-        message = (e.response.get("Error", {}) or {}).get("Message") or str(e)
+        # servers end their messages with a period or not; the hints below add their own
+        message = ((e.response.get("Error", {}) or {}).get("Message") or str(e)).rstrip(". ")
         retries = retry_attempts(e)
         detail = f"{code} (HTTP {status}" + (f", after {retries} retries" if retries else "") + f"): {message}"
     else:
@@ -151,6 +152,8 @@ def translate(
         text += f". Bucket {bucket!r} does not exist: create it or fix the URI"
     elif code in _AUTH_CODES or isinstance(e, NoCredentialsError):
         text += ". Check the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+        if code == "AccessDenied":  # also what servers with bucket-scoped credentials answer for a missing bucket
+            text += f" and that bucket {bucket!r} exists"
     elif isinstance(e, BotoCoreError) and ("Endpoint" in code or "Connect" in code):
         text += f". Is the S3 endpoint {endpoint or '(AWS default)'} reachable? Set AWS_ENDPOINT_URL_S3 to change it"
     return BackendError(text, key=key, code=code)

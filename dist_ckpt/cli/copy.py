@@ -18,6 +18,7 @@ import xxhash
 
 from dist_ckpt import manifest as mf
 from dist_ckpt.cli.common import BarSink, human_size, print_json, progress_bar, run_locked
+from dist_ckpt.cli.write_safety import add_flag, require_safe_writes
 from dist_ckpt.errors import ConfigError, CorruptCheckpoint, StepAlreadyExists
 from dist_ckpt.format.metadata_json import FileRecord
 from dist_ckpt.format.safetensors_header import header_length
@@ -48,6 +49,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC", help="checkpoint folder or run root: a path or s3:// URI")
     p.add_argument("dst", metavar="DST", help="destination run root (or checkpoint folder): a path or s3:// URI")
     p.add_argument("--json", action="store_true", help="print what was copied as JSON")
+    add_flag(p)
     p.set_defaults(func=run)
 
 
@@ -209,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         dst, dst_prefix = _open(args.dst), ""
         names = [(f"step_{e.step:09d}",) * 2 for e in RunStore(src).committed_entries()]
+    require_safe_writes(args, dst)
     src_manifest = RunStore(src).read_manifest()[0]
     copied: list[Copied] = []
     manifest = None

@@ -8,6 +8,7 @@ from typing import Any
 
 from dist_ckpt import manifest as mf
 from dist_ckpt.cli.common import print_json, run_at, run_locked
+from dist_ckpt.cli.write_safety import add_flag, require_safe_writes
 from dist_ckpt.errors import ConfigError, StorageError
 from dist_ckpt.run_store import RunStore, step_prefix
 
@@ -47,6 +48,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="a tracked metric and its mode (min|max), added to those in manifest.json (repeatable)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    add_flag(p)
     p.set_defaults(func=run_prune)
 
     g = sub.add_parser("gc", parents=[common], help="remove leftovers of interrupted saves",
@@ -55,6 +57,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("run", metavar="RUN", help="run root: a directory or s3://bucket/prefix")
     g.add_argument("--dry-run", action="store_true", help="show what would be removed, remove nothing")
     g.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    add_flag(g)
     g.set_defaults(func=run_gc)
 
 
@@ -85,6 +88,8 @@ def run_prune(args: argparse.Namespace) -> int:
         raise ConfigError(f"--keep-every {args.keep_every}: must be at least 1")
     extra = _parse_best(args.best)
     backend = run_at(args.run)
+    if not args.dry_run:
+        require_safe_writes(args, backend)
     store = RunStore(backend)
     current, version = store.read_manifest()
     if current is None and not extra and any(e.metrics for e in store.committed_entries()):
@@ -133,6 +138,8 @@ def run_prune(args: argparse.Namespace) -> int:
 
 def run_gc(args: argparse.Namespace) -> int:
     backend = run_at(args.run)
+    if not args.dry_run:
+        require_safe_writes(args, backend)
     if args.dry_run:
         found = RunStore(backend).collect_garbage(dry_run=True)
     else:

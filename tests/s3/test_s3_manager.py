@@ -1,6 +1,7 @@
-"""The manager on the real S3 server, unchanged: 2 ranks under torchrun save, are killed and
-resume from the ``s3://`` URI in new jobs (also at another world size), bit-identical; two jobs
-racing to commit one step: exactly one wins and the checkpoint holds the winner's data."""
+"""The manager on real S3 servers, unchanged: 2 ranks under torchrun save, are killed and
+resume from the ``s3://`` URI in new jobs (also at another world size), bit-identical to an
+uninterrupted run — on SeaweedFS and on moto's server; two jobs racing to commit one step:
+exactly one wins and the checkpoint holds the winner's data."""
 
 from __future__ import annotations
 
@@ -18,28 +19,41 @@ from exactness import compare, torchrun  # noqa: E402
 
 import dist_ckpt  # noqa: E402
 from dist_ckpt import CheckpointManager, StepAlreadyExists  # noqa: E402
+from support.s3server import S3_IMPLEMENTATIONS  # noqa: E402
 
 STEPS = 16
 COMMON = ["--steps", str(STEPS), "--save-every", "4", "--compression", "zstd"]
 
 
-def test_kill_and_resume_from_s3_uri_also_at_another_world_size(s3_uri: str, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(per-step losses, final state) of the run never killed; where it checkpoints (a local
+    folder, shared by every server the resume runs on) does not change what it computes."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    log = out / "log"
+    assert torchrun("train_ddp.py", 2, [*COMMON, "--ckpt", str(out / "run"), "--losses-out", str(out / "a.jsonl"),
+                                        "--final-out", str(out / "a.st")], log=log) == 0, log.read_text()[-3000:]  # fmt: skip
+    return out / "a.jsonl", out / "a.st"
+
+
+@pytest.mark.parametrize("s3_server", S3_IMPLEMENTATIONS, indirect=True)
+def test_kill_and_resume_from_s3_uri_also_at_another_world_size(
+    s3_uri: str, tmp_path: Path, uninterrupted: tuple[Path, Path]
+) -> None:
     log = tmp_path / "log"
-    run_a, run_b = f"{s3_uri}/a", f"{s3_uri}/b"
-    assert torchrun("train_ddp.py", 2, [*COMMON, "--ckpt", run_a, "--losses-out", str(tmp_path / "a.jsonl"),
-                                        "--final-out", str(tmp_path / "a.st")], log=log) == 0, log.read_text()[-3000:]  # fmt: skip
-    assert torchrun("train_ddp.py", 2, [*COMMON, "--ckpt", run_b, "--crash-at-step", "10",
+    run = f"{s3_uri}/b"
+    assert torchrun("train_ddp.py", 2, [*COMMON, "--ckpt", run, "--crash-at-step", "10",
                                         "--losses-out", str(tmp_path / "b.jsonl")], log=log) != 0  # fmt: skip
-    assert torchrun("train_ddp.py", 2, [*COMMON, "--ckpt", run_b, "--losses-out", str(tmp_path / "b.jsonl"),
+    assert torchrun("train_ddp.py", 2, [*COMMON, "--ckpt", run, "--losses-out", str(tmp_path / "b.jsonl"),
                                         "--final-out", str(tmp_path / "b.st")], log=log) == 0, log.read_text()[-3000:]  # fmt: skip
-    result = compare(tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "a.st", tmp_path / "b.st")
+    result = compare(uninterrupted[0], tmp_path / "b.jsonl", uninterrupted[1], tmp_path / "b.st")
     assert result.identical and result.steps_compared == STEPS, result.first_difference
 
     # A new single-rank job resumes the 2-rank run from its s3:// URI: identical state.
-    assert torchrun("train_ddp.py", 1, [*COMMON, "--ckpt", run_a, "--loaded-out", str(tmp_path / "one.st")], log=log) == 0
-    saved, loaded = load_file(str(tmp_path / "a.st")), load_file(str(tmp_path / "one.st"))
+    assert torchrun("train_ddp.py", 1, [*COMMON, "--ckpt", run, "--loaded-out", str(tmp_path / "one.st")], log=log) == 0
+    saved, loaded = load_file(str(uninterrupted[1])), load_file(str(tmp_path / "one.st"))
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
-    listing = CheckpointManager(run_a, read_only=True).checkpoints()
+    listing = CheckpointManager(run, read_only=True).checkpoints()
     assert listing[-1].step == STEPS - 1 and listing[-1].codec == "zstd" and "last" in listing[-1].pointers
 
 

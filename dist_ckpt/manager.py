@@ -28,6 +28,7 @@ from dist_ckpt.errors import (
     StepAlreadyExists,
     StorageError,
 )
+from dist_ckpt.loaders import note_untracked_loader
 from dist_ckpt.progress import KEY, Progress, check_metrics
 from dist_ckpt.resume import report_config_changes, resolve_which, warn_if_finished
 from dist_ckpt.run_lock import RunLock
@@ -148,8 +149,8 @@ class CheckpointManager:
     # -- public API -------------------------------------------------------------------------
     def track(self, **objects: Any) -> TrainingState:
         """Name the objects that make up the training state (models, optimizers, schedulers,
-        scalers, Stateful loaders/samplers, dicts of counters)."""
-        return TrainingState(objects)
+        scalers, data loaders — their position in the epoch —, Stateful samplers, dicts of counters)."""
+        return TrainingState(objects, rank=self.rank, world_size=self.world_size)
 
     @property
     def best(self) -> Mapping[str, float]:
@@ -300,7 +301,7 @@ class CheckpointManager:
             load_from(backend, prefix, holder, process_group=self._pg, allow_partial_load=True)
             saved = Progress.decode(holder[KEY], f"{backend.uri}/{prefix}")
             report_config_changes(self.config, tuple(config_changes(saved.config, self.config.config)), warn=False)
-        sd = state.state_dict()
+        sd = state.load_template(stored)
         sd[KEY] = ""
         own_rng = f"{rng.PREFIX}.{rng.rank_key(self.rank)}.torch" in stored
         if own_rng:
@@ -314,6 +315,7 @@ class CheckpointManager:
             if name in state.kinds and state.kinds[name] == "values":
                 sd[name] = value
         state.load_state_dict(sd)
+        note_untracked_loader(bool(state.loaders), self.rank)
         if own_rng:
             rng.apply(sd[rng.PREFIX][rng.rank_key(self.rank)])
         else:

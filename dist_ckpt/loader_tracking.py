@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from dist_ckpt import data_position as dp
 from dist_ckpt.errors import ConfigError
@@ -109,6 +110,27 @@ class _Counting:
         return getattr(self._it, name)
 
 
+class _ShiftedWorkers(_MultiProcessingDataLoaderIter):
+    """The worker iterator of a resumed pass. Batch ``i`` of a pass goes to worker
+    ``i % num_workers`` (round robin from worker 0); after ``shift`` skipped batches the first
+    batch goes to the worker that loaded it in the saved run, so it gets the same worker seed."""
+
+    def __init__(self, loader: DataLoader, shift: int):
+        self._dist_ckpt_shift = shift
+        super().__init__(loader)
+
+    @property
+    def _worker_queue_idx_cycle(self) -> Any:
+        return self._dist_ckpt_cycle
+
+    @_worker_queue_idx_cycle.setter
+    def _worker_queue_idx_cycle(self, cycle: Any) -> None:
+        for _ in range(self._dist_ckpt_shift):  # only the pass being resumed: later epochs start at 0
+            next(cycle)
+        self._dist_ckpt_shift = 0
+        self._dist_ckpt_cycle = cycle
+
+
 _CLASSES: dict[type, type] = {}
 
 
@@ -122,6 +144,12 @@ def _tracked_class(cls: type) -> type:
             @property
             def _index_sampler(self) -> Any:
                 return getattr(self, _ATTR).index_sampler(super()._index_sampler)
+
+            def _get_iterator(self) -> Any:
+                shift = getattr(self, _ATTR).worker_shift()
+                if shift and self.num_workers > 0:
+                    return _ShiftedWorkers(self, shift)
+                return super()._get_iterator()
 
         Tracked.__name__ = Tracked.__qualname__ = f"Tracked{cls.__name__}"
         _CLASSES[cls] = Tracked
@@ -156,6 +184,11 @@ class LoaderPosition:
         if self._wrapper is None or self._wrapper.inner is not inner:
             self._wrapper = _IndexSampler(inner, self)
         return self._wrapper
+
+    def worker_shift(self) -> int:
+        """While a resumed pass's iterator is built: the batches it skips, modulo the workers."""
+        replay = self._replay
+        return replay.skip % self.loader.num_workers if replay is not None and self.loader.num_workers else 0
 
     def sampler_iter(self, inner: Any) -> Iterator[Any]:
         replay = self._replay
@@ -203,7 +236,7 @@ class LoaderPosition:
         if pending is not None and pending.complete and spread is None:
             # saved after the pass's last batch: the interrupted epoch has nothing left, and
             # building an iterator would draw from the generators
-            self._pass = _Pass(pending)
+            self._pass = _Pass(pending, _decoded(pending.start), _decoded_base(pending))
             return _Counting(iter(()), self._pass)
         if pending is not None or spread is not None:
             return self._resume(make, pending, spread, sources, creates, base_role)
@@ -218,7 +251,7 @@ class LoaderPosition:
         elif self._pass is not None:
             base = self._pass.base
         record = dp.PassRecord(epoch, base_source=base_role, order=self._order(sampler), batch_size=loader.batch_size,
-                               rank=self.rank, world=self.world, length=len(loader._index_sampler))  # fmt: skip
+                               rank=self.rank, world=self.world, length=_length(loader._index_sampler))  # fmt: skip
         current = _Pass(record, start, base)
         self._pass = current
         with _ScratchSeed(loader, base if creates and restored_base is not None else None):
@@ -240,11 +273,12 @@ class LoaderPosition:
         else:
             assert pending is not None
             record = pending
-            replay = _Replay({r: dp.decode_state(s) for r, s in pending.start.items()}, pending.yielded, pending.started,
-                             sources)  # fmt: skip
+            replay = _Replay(_decoded(pending.start), pending.yielded, pending.started, sources)
             if record.order is not None and record.order.spread_world is not None:
                 replay = replace(replay, batches=self._continued_batches(record))
-        base = dp.decode_state(record.base_state) if record.base_state else None
+        base = _decoded_base(record)
+        if creates:
+            self._restored_base = None  # used right here
         current = _Pass(record, replay.start, base)
         self._pass = current
         self._replay = replay
@@ -332,6 +366,21 @@ class LoaderPosition:
                     self.name, saved_world, self.world,
                     "this rank continues its own interrupted pass" if own else "this rank starts the epoch from the beginning")  # fmt: skip
         self._pending = own
+
+
+def _decoded(states: dict[str, str]) -> dict[str, torch.Tensor]:
+    return {role: dp.decode_state(text) for role, text in states.items()}
+
+
+def _decoded_base(record: dp.PassRecord) -> torch.Tensor | None:
+    return dp.decode_state(record.base_state) if record.base_state else None
+
+
+def _length(index_sampler: Any) -> int | None:
+    try:
+        return len(index_sampler)
+    except TypeError:  # a sampler without __len__
+        return None
 
 
 class _ScratchSeed:

@@ -21,6 +21,7 @@ from dist_ckpt import manifest as mf
 from dist_ckpt import rng
 from dist_ckpt.api import load_from, resolve_codec, save_to
 from dist_ckpt.config import ManagerConfig, config_changes
+from dist_ckpt.decision import share_decision
 from dist_ckpt.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -185,8 +186,10 @@ class CheckpointManager:
             raise ConfigError("save(step, state): state must come from mgr.track(...)")
         prefix = step_prefix(step)  # validates step
         engine = self._engine  # async: whether rank 0's save is still running rides on the decision
-        decision, busy = self._agree(lambda: (self._decide(step, check_metrics(metrics), epoch, force),
-                                              engine is not None and engine.busy_here()))  # fmt: skip
+        decision, busy = share_decision(lambda: (self._decide(step, check_metrics(metrics), epoch, force),
+                                                 engine is not None and engine.busy_here()),
+                                        rank=self.rank, base=self._progress, agree=self._agree,
+                                        group=self._pg if self._distributed else None, distributed=self._distributed)  # fmt: skip
         if engine is not None:  # raises a finished background save's failure (on every rank)
             busy = engine.settle(busy)
         progress, due = decision

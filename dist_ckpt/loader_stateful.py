@@ -106,10 +106,11 @@ class StatefulLoaderPosition:
             return
         doc = json_values.decode(text.encode("utf-8"), f"{self.name}.rank_{self.rank}")
         if doc["world"] != self.world:
-            log.warning("%s: saved by %d ranks, restored on %d: a StatefulDataLoader's position belongs to its rank's "
-                        "share of the data, so the interrupted epoch starts from the beginning on every rank "
-                        "(a plain DataLoader with a DistributedSampler continues it instead)",
-                        self.name, doc["world"], self.world)  # fmt: skip
+            if self.rank == 0:
+                log.warning("%s: saved by %d ranks, restored on %d: a StatefulDataLoader's position belongs to its rank's "
+                            "share of the data, so the interrupted epoch starts from the beginning on every rank "
+                            "(a plain DataLoader with a DistributedSampler continues it instead)",
+                            self.name, doc["world"], self.world)  # fmt: skip
             return
         if doc["generator"] is not None and self.loader.generator is not None:
             self.loader.generator.set_state(decode_state(doc["generator"]))

@@ -167,8 +167,6 @@ class LoaderPosition:
                 "cannot be derived from sampler indices. Use torchdata's StatefulDataLoader with a "
                 "dataset that implements state_dict()/load_state_dict(), and track that loader."
             )
-        if getattr(loader, _ATTR, None) is not None:
-            raise ConfigError(f"track({name}=...): this DataLoader is already tracked (track it once)")
         self.loader, self.name, self.rank, self.world = loader, name, rank, world_size
         self._pass: _Pass | None = None
         self._pending: dp.PassRecord | None = None  # the interrupted pass, until the next iter()
@@ -343,7 +341,9 @@ class LoaderPosition:
         records = {int(k.rsplit("_", 1)[1]): dp.PassRecord.decode(v, f"{self.name}.{k}") for k, v in state.items()}
         self._pass = self._pending = self._spread_from = self._restored_base = None
         if not records:
-            log.warning("%s: the checkpoint holds no position of this loader; its epoch starts from the beginning", self.name)
+            if self.rank == 0:
+                log.warning("%s: the checkpoint holds no position of this loader; its epoch starts from the beginning",
+                            self.name)  # fmt: skip
             return
         own = records.get(self.rank)
         sources = _sources(self.loader)
@@ -362,7 +362,7 @@ class LoaderPosition:
             self._pending = own  # only its base seed state is used
             self._spread_from = ordered
             return
-        log.warning("%s: world size changed (%d -> %d) and the loader's sampler is not a DistributedSampler: %s",
+        log.warning("%s: world size changed (%d -> %d) and the loader has no DistributedSampler with batch_size=: %s",
                     self.name, saved_world, self.world,
                     "this rank continues its own interrupted pass" if own else "this rank starts the epoch from the beginning")  # fmt: skip
         self._pending = own

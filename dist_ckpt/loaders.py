@@ -23,7 +23,11 @@ def is_loader(obj: Any) -> bool:
 
 
 def track_loader(loader: DataLoader, name: str, rank: int, world_size: int) -> TrackedLoader:
-    """The adapter that saves and restores ``loader``'s position (installed in place)."""
+    """The adapter that saves and restores ``loader``'s position (installed in place; a
+    loader tracked again, e.g. by a second manager, keeps its adapter)."""
+    for attr in ("_dist_ckpt_position", "_dist_ckpt_stateful"):
+        if (existing := getattr(loader, attr, None)) is not None:
+            return existing  # type: ignore[no-any-return]
     if callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None)):
         from dist_ckpt.loader_stateful import StatefulLoaderPosition
 

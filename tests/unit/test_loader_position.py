@@ -147,3 +147,56 @@ def test_the_rest_of_an_epoch_is_spread_once_over_equal_step_counts(remaining: i
         step_ids = {i for r in range(world) for i in per_rank[r][0][j]}
         assert step_ids == set(rest[pos : pos + size])
         pos += size
+
+
+def _ranks(world: int, records: dict[str, str] | None, epoch: int) -> list:
+    """One DataLoader + DistributedSampler + LoaderPosition per rank of ``world`` (no process
+    group needed: the sampler is told its rank), loaded from ``records`` if given."""
+    from torch.utils.data import DistributedSampler
+
+    from dist_ckpt.loader_tracking import LoaderPosition
+
+    out = []
+    for rank in range(world):
+        sampler = DistributedSampler(Ids(), num_replicas=world, rank=rank, seed=9)
+        loader = DataLoader(Ids(), batch_size=3, sampler=sampler)
+        position = LoaderPosition(loader, "loader", rank, world)
+        if records is not None:
+            position.load_state_dict(records)
+        sampler.set_epoch(epoch)
+        out.append((iter(loader), position))
+    return out
+
+
+def _take(ranks: list, steps: int | None) -> list[int]:
+    """``steps`` lockstep batches on every rank (None: to the end; ranks must end together)."""
+    seen: list[int] = []
+    while steps is None or steps > 0:
+        batches = [next(it, None) for it, _ in ranks]
+        if steps is None and all(b is None for b in batches):
+            return seen
+        assert all(b is not None for b in batches), "every rank takes the same number of steps"
+        seen += [i for b in batches for i in b.tolist()]
+        steps = None if steps is None else steps - 1
+    return seen
+
+
+def _records(ranks: list) -> dict[str, str]:
+    return {k: v for _, position in ranks for k, v in position.state_dict().items()}
+
+
+@pytest.mark.parametrize("worlds", [[(2, 2), (3, 1), (1, None)], [(2, 1), (3, 1), (3, 1), (2, None)], [(2, 4), (3, None)]])
+def test_an_epoch_goes_on_across_world_size_changes(worlds: list[tuple[int, int | None]]) -> None:
+    """E.g. 2 ranks take 2 steps of epoch 4, 3 ranks 1 step, 1 rank the rest (a resume at the
+    same world size in between replays the continued pass): every sample of the epoch exactly
+    once (22 samples: the 2-rank order has no padding); the next epoch is the plain sampler's."""
+    records, trained, ranks = None, [], []
+    for world, steps in worlds:
+        ranks = _ranks(world, records, 4)
+        trained += _take(ranks, steps)
+        records = _records(ranks)
+    assert Counter(trained) == Counter(range(N))
+    for _, position in ranks:
+        sampler = position.loader.sampler
+        sampler.set_epoch(5)
+        assert [i for b in position.loader for i in b.tolist()] == list(sampler)

@@ -62,7 +62,7 @@ VARIANTS = [
     pytest.param(2, ["--workers", "2"], 12, id="ddp-workers2"),  # 3 batches of epoch 2 done: worker 1 loads the next
     pytest.param(2, ["--workers", "2", "--persistent"], 12, id="ddp-persistent-workers2"),
     pytest.param(0, ["--shuffle"], 12, id="one-process-shuffle"),
-    pytest.param(0, ["--shuffle", "--workers", "2"], 8, id="one-process-shuffle-saved-at-epoch-end"),
+    pytest.param(0, ["--shuffle", "--workers", "2", "--persistent"], 8, id="one-process-shuffle-persistent-workers-saved-at-epoch-end"),
     pytest.param(2, ["--loader", "stateful", "--workers", "0"], 6, id="stateful-ddp-workers0"),
     pytest.param(2, ["--loader", "stateful", "--workers", "2"], 12, id="stateful-ddp-workers2"),
 ]

@@ -38,8 +38,19 @@ def encode_state(state: torch.Tensor) -> str:
     return base64.b64encode(state.numpy().tobytes()).decode("ascii")
 
 
-def decode_state(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+_STATE_BYTES = torch.Generator().get_state().numel()
+
+
+def decode_state(text: str, where: str = "data position") -> torch.Tensor:
+    """A CPU generator state saved by :func:`encode_state`; checked before any generator
+    is set from it."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as e:
+        raise CorruptCheckpoint(f"{where}: a generator state is not base64 ({e})") from e
+    if len(raw) != _STATE_BYTES:
+        raise CorruptCheckpoint(f"{where}: a generator state has {len(raw)} bytes, expected {_STATE_BYTES}")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
 
 
 def advance_by_seed_draw(state: torch.Tensor) -> torch.Tensor:
@@ -95,9 +106,15 @@ class PassRecord:
             if doc.pop("format") != FORMAT:
                 raise ValueError("unknown format")
             order = doc.pop("order")
-            return cls(**doc, order=GlobalOrder(**order) if order is not None else None)
+            record = cls(**doc, order=GlobalOrder(**order) if order is not None else None)
+            if not (isinstance(record.yielded, int) and record.yielded >= 0 and isinstance(record.world, int)
+                    and (record.epoch is None or isinstance(record.epoch, int))):  # fmt: skip
+                raise ValueError("epoch, yielded or world is not a count")
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise CorruptCheckpoint(f"{where}: not a data-position record ({e})") from e
+        for text in [*record.start.values(), *record.current.values(), *filter(None, [record.base_state])]:
+            decode_state(text, where)  # refuse a damaged state before any generator is set
+        return record
 
     def consumed(self) -> int:
         """Global positions of the epoch's order trained on by all ranks together (ranks of
@@ -105,6 +122,8 @@ class PassRecord:
         order = self.order
         if order is None:
             return 0
+        if self.complete:  # also what a drop_last loader left out: the epoch is over
+            return order_total(order)
         if order.spread_world is not None:
             sizes = step_sizes(order_total(order) - order.offset, order.spread_world, order.spread_batch or 1)
             return order.offset + sum(sizes[: self.yielded])

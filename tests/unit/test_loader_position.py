@@ -200,3 +200,23 @@ def test_an_epoch_goes_on_across_world_size_changes(worlds: list[tuple[int, int 
         sampler = position.loader.sampler
         sampler.set_epoch(5)
         assert [i for b in position.loader for i in b.tolist()] == list(sampler)
+
+
+@pytest.mark.parametrize("damage", ["not json", '{"format": 1}', "state", "count"])
+def test_a_damaged_position_is_refused_by_key_before_any_generator_is_set(damage: str, tmp_path: Path) -> None:
+    from dist_ckpt.errors import CorruptCheckpoint
+    from dist_ckpt.loader_tracking import LoaderPosition
+
+    loader = DataLoader(Ids(), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(3))
+    position = LoaderPosition(loader, "train", 0, 1)
+    next(iter(loader))
+    doc = json.loads(position.state_dict()["rank_0"])
+    if damage == "state":
+        doc["current"]["loader"] = doc["current"]["loader"][:-8]
+    elif damage == "count":
+        doc["yielded"] = "3"
+    text = damage if damage in ("not json", '{"format": 1}') else json.dumps(doc)
+    before = loader.generator.get_state()
+    with pytest.raises(CorruptCheckpoint, match=r"train\.rank_0"):
+        position.load_state_dict({"rank_0": text})
+    assert torch.equal(loader.generator.get_state(), before)

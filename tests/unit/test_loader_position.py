@@ -220,3 +220,35 @@ def test_a_damaged_position_is_refused_by_key_before_any_generator_is_set(damage
     with pytest.raises(CorruptCheckpoint, match=r"train\.rank_0"):
         position.load_state_dict({"rank_0": text})
     assert torch.equal(loader.generator.get_state(), before)
+
+
+class Logged(Ids):
+    def __init__(self) -> None:
+        self.loaded: list[int] = []
+
+    def __getitem__(self, i: int) -> int:
+        self.loaded.append(i)
+        return i
+
+
+def test_skipped_batches_are_never_loaded(tmp_path: Path) -> None:
+    torch.manual_seed(11)
+    loader = DataLoader(Logged(), batch_size=4, shuffle=True)
+    mgr = CheckpointManager(str(tmp_path))
+    state = mgr.track(loader=loader)
+    it = iter(loader)
+    done = [next(it).tolist() for _ in range(3)]
+    mgr.save(0, state, epoch=0)
+    rest = [b.tolist() for b in it]
+    mgr.close()
+
+    torch.manual_seed(99)  # a new process: the restore puts the RNG back
+    dataset = Logged()
+    loader = DataLoader(dataset, batch_size=4, shuffle=True)
+    mgr = CheckpointManager(str(tmp_path))
+    state = mgr.track(loader=loader)
+    mgr.restore(state)
+    assert [b.tolist() for b in loader] == rest
+    assert sorted(dataset.loaded) == sorted(i for b in rest for i in b), "only the remaining samples were loaded"
+    assert not set(dataset.loaded) & {i for b in done for i in b}
+    mgr.close()

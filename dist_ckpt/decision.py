@@ -28,6 +28,20 @@ _INLINE, _FALLBACK = 1, 2
 Decision = tuple[tuple[Progress, bool], bool]  # ((progress, due), async save in flight)
 
 
+def _device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where the group's collectives take a tensor: the device ``broadcast_object_list`` uses
+    (CPU for gloo; the current CUDA device for an NCCL-only group)."""
+    try:
+        from torch.distributed.distributed_c10d import _get_object_coll_device
+
+        kind = _get_object_coll_device(group)
+    except ImportError:  # an older/newer torch without the helper: decide from the backend name
+        kind = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    if kind == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(kind)
+
+
 def _pack(decision: Decision) -> bytes:
     (progress, due), busy = decision
     doc = {"due": due, "busy": busy, "step": progress.step, "epoch": progress.epoch, "metrics": dict(progress.metrics),
@@ -75,7 +89,11 @@ def share_decision(
         if inline:
             assert payload is not None
             buffer[_HEADER.size : _HEADER.size + len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    device = _device(group)
+    if device.type != "cpu":
+        buffer = buffer.to(device)
     dist.broadcast(buffer, src=src, group=group)
+    buffer = buffer.cpu()
     status, length = _HEADER.unpack_from(buffer.numpy().tobytes(), 0)
     if status == _INLINE:
         return outcome if rank == 0 else _unpack(buffer[_HEADER.size : _HEADER.size + length].numpy().tobytes(), base)

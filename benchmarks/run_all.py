@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, store each JSON as results/<date>-<name>.json, draw plots.
 
-    python benchmarks/run_all.py [--only save,compress,s3,async,scaling,async_sweep] [--quick]
+    python benchmarks/run_all.py [--only save,compress,s3,async,scaling,save_noop,async_sweep] [--quick]
 
 Each benchmark script prints one JSON document; see benchmarks/README.md for what each
 measures and which anchors it is compared with. ``--quick`` uses smaller states.
@@ -25,6 +25,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "compressed_save": (["bench_compressed_save.py"], ["bench_compressed_save.py", "--mb", "32"]),
     "scaling": (["bench_scaling.py"], ["bench_scaling.py", "--mb-per-rank", "32"]),
     "cli_startup": (["bench_cli_startup.py"], ["bench_cli_startup.py", "--rounds", "5"]),
+    "save_noop": (["bench_save_noop.py"], ["bench_save_noop.py", "--rounds", "5"]),
 }
 
 

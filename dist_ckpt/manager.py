@@ -20,6 +20,7 @@ from dist_ckpt import manifest as mf
 from dist_ckpt import rng
 from dist_ckpt.api import resolve_codec, save_to
 from dist_ckpt.config import ManagerConfig
+from dist_ckpt.decision import share_decision
 from dist_ckpt.errors import (
     CheckpointError,
     ConfigError,
@@ -128,8 +129,8 @@ class CheckpointManager(ManagerKeywords):
     # -- public API -------------------------------------------------------------------------
     def track(self, **objects: Any) -> TrainingState:
         """Name the objects that make up the training state (models, optimizers, schedulers,
-        scalers, Stateful loaders/samplers, dicts of counters)."""
-        return TrainingState(objects)
+        scalers, data loaders — their position in the epoch —, Stateful samplers, dicts of counters)."""
+        return TrainingState(objects, rank=self.rank, world_size=self.world_size)
 
     @property
     def best(self) -> Mapping[str, float]:
@@ -164,8 +165,10 @@ class CheckpointManager(ManagerKeywords):
             raise ConfigError("save(step, state): state must come from mgr.track(...)")
         prefix = step_prefix(step)  # validates step
         engine = self._engine  # async: whether rank 0's save is still running rides on the decision
-        decision, busy = self._agree(lambda: (self._decide(step, check_metrics(metrics), epoch, force),
-                                              engine is not None and engine.busy_here()))  # fmt: skip
+        decision, busy = share_decision(lambda: (self._decide(step, check_metrics(metrics), epoch, force),
+                                                 engine is not None and engine.busy_here()),
+                                        rank=self.rank, base=self._progress, agree=self._agree,
+                                        group=self._pg if self._distributed else None, distributed=self._distributed)  # fmt: skip
         if engine is not None:  # raises a finished background save's failure (on every rank)
             busy = engine.settle(busy)
         progress, due = decision

@@ -20,6 +20,7 @@ from dist_ckpt.api import load_from
 from dist_ckpt.checkpoint_view import CheckpointView
 from dist_ckpt.config import config_changes
 from dist_ckpt.errors import CheckpointNotFound, ConfigError, IncompatibleCheckpoint
+from dist_ckpt.loaders import note_untracked_loader
 from dist_ckpt.planner import DEFAULT_HINT
 from dist_ckpt.progress import KEY, Progress
 from dist_ckpt.resume import report_config_changes, resolve_which, warn_if_finished
@@ -107,7 +108,7 @@ def restore_state(mgr: CheckpointManager, state: TrainingState, which: Any) -> R
     changes, note = _config_note(mgr, view.progress())
     if mgr.config.strict_config and mgr.config.config is not None:
         report_config_changes(mgr.config, changes, warn=False)  # refuse before anything is modified
-    sd = state.state_dict()
+    sd = state.load_template(set(meta.keys()))
     sd[KEY] = ""
     own_rng = f"{rng.PREFIX}.{rng.rank_key(mgr.rank)}.torch" in meta.tensors
     if own_rng:
@@ -118,6 +119,7 @@ def restore_state(mgr: CheckpointManager, state: TrainingState, which: Any) -> R
         if name in state.kinds and state.kinds[name] == "values":
             sd[name] = value
     state.load_state_dict(sd)
+    note_untracked_loader(bool(state.loaders), mgr.rank)
     if own_rng:
         rng.apply(sd[rng.PREFIX][rng.rank_key(mgr.rank)])
     else:

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dist_ckpt.errors import ConfigError
+from dist_ckpt.loaders import TrackedLoader, is_loader, track_loader
 
 RESERVED = ("_dist_ckpt", "rng")
 
@@ -37,6 +38,8 @@ class _OptimizerBinding:
 
 
 def _kind(obj: Any) -> str:
+    if is_loader(obj):  # before "stateful": a StatefulDataLoader's state is per rank
+        return "loader"
     if isinstance(obj, nn.Module):
         return "model"
     if isinstance(obj, torch.optim.Optimizer):
@@ -51,7 +54,7 @@ def _kind(obj: Any) -> str:
 class TrainingState:
     """The tracked objects of a job, by name. Built by ``CheckpointManager.track``."""
 
-    def __init__(self, objects: dict[str, Any]):
+    def __init__(self, objects: dict[str, Any], *, rank: int = 0, world_size: int = 1):
         if not objects:
             raise ConfigError("track() needs at least one named object, e.g. track(model=model, optimizer=opt)")
         for name, obj in objects.items():
@@ -65,6 +68,9 @@ class TrainingState:
         self.objects = dict(objects)
         self.kinds = {name: _kind(obj) for name, obj in objects.items()}
         self._bindings = {name: self._bind(name, obj) for name, obj in objects.items() if self.kinds[name] == "optimizer"}
+        self.loaders: dict[str, TrackedLoader] = {
+            name: track_loader(obj, name, rank, world_size) for name, obj in objects.items() if self.kinds[name] == "loader"
+        }
 
     def _bind(self, name: str, optimizer: torch.optim.Optimizer) -> _OptimizerBinding:
         param_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -99,6 +105,8 @@ class TrainingState:
                 out[name] = get_optimizer_state_dict(binding.module, binding.optimizer)
             elif kind == "stateful":
                 out[name] = obj.state_dict()
+            elif kind == "loader":
+                out[name] = self.loaders[name].state_dict()
             # "values" dicts travel as one JSON value in the manager's progress record
             # (their keys may change between runs, which a DCP template could not follow).
         return out
@@ -117,8 +125,18 @@ class TrainingState:
             elif kind == "values":
                 obj.clear()
                 obj.update(sd)
+            elif kind == "loader":
+                self.loaders[name].load_state_dict(sd or {})
             elif sd or obj.state_dict():  # a disabled GradScaler saves {} and refuses to load it
                 obj.load_state_dict(sd)
+
+    def load_template(self, stored: Any) -> dict[str, Any]:
+        """:meth:`state_dict` shaped for loading the checkpoint whose keys are ``stored``
+        (a loader may need other ranks' positions after a world-size change)."""
+        out = self.state_dict()
+        for name, tracked in self.loaders.items():
+            out[name] = tracked.load_template(stored)
+        return out
 
     def describe(self) -> dict[str, str]:
         """``{name: kind}``, stored in the checkpoint so tools know which entries are models."""

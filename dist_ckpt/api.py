@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dist_ckpt.errors import CheckpointError, ConfigError, StorageError
 from dist_ckpt.format.shard import ChunkCodec
+from dist_ckpt.lock_fence import Fence
 from dist_ckpt.planner import JsonLoadPlanner, JsonSavePlanner
 from dist_ckpt.storage import DistCkptWriter
 from dist_ckpt.storage_reader import DistCkptReader
@@ -93,8 +94,9 @@ def save_to(
     codec: ChunkCodec | None = None,
     commit_info: dict[str, Any] | None = None,
     process_group: dist.ProcessGroup | None = None,
+    fence: Fence | None = None,
 ) -> None:
-    writer = DistCkptWriter(backend, prefix, codec=codec, commit_info=commit_info)
+    writer = DistCkptWriter(backend, prefix, codec=codec, commit_info=commit_info, fence=fence)
     try:
         with _quiet_single_process():
             dcp.save(

@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE.parent))  # tests/: support.faulty_backend
 from _fault_lib import BEST, build, train_step, write_ref  # noqa: E402
 from dist_ckpt import CheckpointManager  # noqa: E402
 from dist_ckpt.errors import RunLocked  # noqa: E402
-from dist_ckpt.lock_fence import LOCK, LockInfo  # noqa: E402
+from dist_ckpt.run_lock import LOCK, LockInfo  # noqa: E402
 from storage_backends import open_backend  # noqa: E402
 from support.faulty_backend import FaultyBackend, Rule  # noqa: E402
 

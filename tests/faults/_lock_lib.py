@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from _fault_lib import Job, wait_for
 
-from dist_ckpt.lock_fence import LOCK, LockInfo
+from dist_ckpt.run_lock import LOCK, LockInfo
 from storage_backends import Backend
 
 HERE = Path(__file__).resolve().parent

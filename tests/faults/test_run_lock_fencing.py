@@ -4,10 +4,12 @@ The owner (a real process) saves step 1, starts saving step 2 and — all shards
 before its metadata.json — stops itself with a real SIGSTOP (heartbeat thread included). Once
 that lasted longer than ``lock_stale_after``, an intruder in another UTS namespace (another host
 name, so the owner's liveness is judged by heartbeat age) takes the lock over, removes the
-owner's staging as a leftover, resumes from step 1 and saves its own step 2, and keeps the run
-open. Then the owner is continued mid-save: its commit's fence (a conditional write of the lock)
+owner's staging as a leftover, resumes from step 1 and saves step 3, and keeps the run open.
+Then the owner is continued mid-save: its commit's fence (a conditional write of the lock)
 fails, so its save raises RunLocked naming the intruder, its step 2 never becomes visible, and
-the intruder's checkpoints and manifest are intact and verify clean, bit for bit."""
+the intruder's checkpoints and manifest are intact and verify clean, bit for bit. (Without the
+fence the owner committed step 2 — on S3 a visible step whose shards the intruder's gc had
+already removed.)"""
 
 from __future__ import annotations
 
@@ -59,20 +61,21 @@ def test_owner_stopped_past_lock_stale_after_cannot_commit_after_a_takeover(run_
         assert lock_record(backend).owner == owner_token
         intruder = start_lock_job(tmp_path, "intruder", "intruder", "--root", run_root, "--refs",
                                   str(tmp_path / "intruder_refs"), "--stale-after", str(STALE), "--retry", "30",
-                                  "--save", "2", "--hold", str(tmp_path / "release"), other_host=True)  # fmt: skip
+                                  "--save", "3", "--hold", str(tmp_path / "release"), other_host=True)  # fmt: skip
         assert_other_host(intruder)
         intruder_token = json.loads(line(intruder, "ACQUIRED"))["owner"]
         assert intruder_token.startswith(f"{OTHER_HOST}:")
-        assert line(intruder, "SAVED 2") == ""
+        assert line(intruder, "SAVED 3") == ""
         intruders_manifest = backend.read(MANIFEST)
         sigcont(owner.proc.pid)  # mid-save: it goes on to metadata.json, then its commit's fence
-        assert owner.wait(120) == 3, owner.output()
+        owner.wait(120)
+        assert "CONTINUED" in owner.output()
+        # the owner's step 2 never became visible; the manifest is the intruder's, untouched
+        assert committed_steps(backend) == [1, 3], owner.output()
+        assert backend.read(MANIFEST) == intruders_manifest
+        assert owner.proc.returncode == 3, owner.output()
         message = line(owner, "RUNLOCKED")
         assert intruder_token in message and "lost the run's writer lock" in message, message
-        assert "CONTINUED" in owner.output()
-        # the owner's step 2 never became visible: step 2 is the intruder's, manifest untouched
-        assert committed_steps(backend) == [1, 2]
-        assert backend.read(MANIFEST) == intruders_manifest
         assert lock_record(backend).owner == intruder_token  # the loser did not release the winner's lock
         (tmp_path / "release").touch()
         assert intruder.wait(120) == 0, intruder.output()
@@ -83,5 +86,5 @@ def test_owner_stopped_past_lock_stale_after_cannot_commit_after_a_takeover(run_
             intruder.kill()
     report = verify_run(backend)
     assert report.ok, json.dumps(report.to_json(), indent=1)[:4000]
-    refs = merged_refs(tmp_path, {1: tmp_path / "owner_refs", 2: tmp_path / "intruder_refs"})
-    check_run(run_root, refs, expect_last=2)  # bit-identical: step 1 the owner's, step 2 the intruder's
+    refs = merged_refs(tmp_path, {1: tmp_path / "owner_refs", 3: tmp_path / "intruder_refs"})
+    check_run(run_root, refs, expect_last=3)  # bit-identical: step 1 the owner's, step 3 the intruder's

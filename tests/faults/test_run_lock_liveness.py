@@ -63,7 +63,6 @@ def test_same_host_idle_owner_keeps_the_run(tmp_path: Path) -> None:
         line(owner, "SAVED 1")
         leftover = _plant_leftover(root)
         time.sleep(10 * STALE)  # idle for 10x lock_stale_after
-        assert time.time() - lock_record(open_backend(str(root))).heartbeat < STALE  # the heartbeat thread runs
         before = files_under(root)
         with pytest.raises(RunLocked) as err:
             dist_ckpt.CheckpointManager(str(root), best={"loss": "min"}, lock_stale_after=STALE)
@@ -88,6 +87,7 @@ def test_owner_on_another_host_keeps_the_run_while_it_heartbeats(tmp_path: Path)
     try:
         line(owner, "SAVED 1")
         time.sleep(5 * STALE)  # idle beyond lock_stale_after
+        assert time.time() - lock_record(open_backend(str(root))).heartbeat < STALE  # its heartbeat thread runs
         intruder = start_lock_job(tmp_path, "intruder", "intruder", "--root", str(root), "--refs",
                                   str(tmp_path / "intruder_refs"), "--stale-after", str(STALE), "--retry",
                                   str(3 * STALE), "--save", "2", other_host=True)  # fmt: skip
@@ -149,6 +149,9 @@ def test_gc_leaves_an_in_flight_async_save_of_a_live_owner_alone(tmp_path: Path)
         gc = _gc(root)
         assert gc.returncode == 6, (gc.returncode, gc.stdout, gc.stderr)
         assert f":{owner.proc.pid}:" in gc.stderr and "last heartbeat" in gc.stderr, gc.stderr
+        # a second job's manager would garbage-collect at its start: it gets RunLocked first
+        with pytest.raises(RunLocked):
+            dist_ckpt.CheckpointManager(str(root), best={"loss": "min"}, lock_stale_after=STALE)
         assert files_under(root) == before  # nothing of the in-flight save was removed
         (tmp_path / "write").touch()
         line(owner, "SAVED 2")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _fault_lib import QUIET, check_run, committed_steps
+from _fault_lib import QUIET, LocalJob, assert_named_error, check_run, committed_steps
 from _lock_lib import (
     OTHER_HOST,
     assert_other_host,
@@ -31,6 +31,10 @@ from _lock_lib import (
     wait_stopped,
 )
 
+from support.faulty_backend import FaultyBackend, Rule
+
+from dist_ckpt.errors import RunLocked
+from dist_ckpt.run_lock import RunLock
 from dist_ckpt.run_store import MANIFEST
 from dist_ckpt.verify import verify_run
 from storage_backends import open_backend
@@ -88,3 +92,32 @@ def test_owner_stopped_past_lock_stale_after_cannot_commit_after_a_takeover(run_
     assert report.ok, json.dumps(report.to_json(), indent=1)[:4000]
     refs = merged_refs(tmp_path, {1: tmp_path / "owner_refs", 3: tmp_path / "intruder_refs"})
     check_run(run_root, refs, expect_last=3)  # bit-identical: step 1 the owner's, step 3 the intruder's
+
+
+@pytest.mark.parametrize("async_mode", ["thread", "process"])
+def test_async_save_in_flight_when_the_lock_is_taken_commits_nothing(tmp_path: Path, async_mode: str) -> None:
+    """The fence travels with an async save — to the worker thread, or pickled to the writer
+    process — and is checked there right before COMMITTED."""
+    root = str(tmp_path / "run")
+    slow = Rule("writer.write", "step_000000002*/rank_*", "delay", delay=2.0, count=1)  # picklable: reaches the process
+    job = LocalJob(root, tmp_path / "refs", backend=FaultyBackend(open_backend(root), [slow]),
+                   async_save=True, async_mode=async_mode, lock_stale_after=STALE)  # fmt: skip
+    thief = RunLock(open_backend(root), STALE)
+    try:
+        job.save(1)
+        job.mgr.wait()
+        manifest = open_backend(root).read(MANIFEST)
+        assert job.save(2)  # staged; the write runs in the background, slowed down
+        thief.acquire(break_lock=True)  # another job takes the lock while step 2 is being written
+        with pytest.raises(RunLocked) as err:
+            job.mgr.wait()
+        assert_named_error(err.value, "step 2", thief.info.owner, "lost the run's writer lock")
+        assert committed_steps(open_backend(root)) == [1]
+        assert open_backend(root).read(MANIFEST) == manifest
+        with pytest.raises(RunLocked):  # and every later save stops at once, writing nothing
+            job.mgr.save(3, job.state, force=True)
+        job.pending = None
+        job.mgr.close()
+    finally:
+        thief.release()
+    check_run(root, tmp_path / "refs", expect_last=1)

@@ -44,4 +44,4 @@ class ConfigChanged(CheckpointError, ValueError):
 
 
 class RunLocked(CheckpointError):
-    """Another job holds the run's writer lock."""
+    """Another job holds the run's writer lock, or this job lost it (a fenced commit)."""

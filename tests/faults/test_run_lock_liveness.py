@@ -13,9 +13,11 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from _fault_lib import QUIET, assert_named_error, check_run, wait_for
 from _lock_lib import (
     OTHER_HOST,
@@ -36,11 +38,15 @@ pytestmark = QUIET
 STALE = 1.0  # lock_stale_after of every job here (seconds)
 
 
-def _gc(root: Path, *extra: str, other_host: bool = False) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "dist_ckpt.cli", "gc", str(root), *extra]
+def _cli(*args: str, other_host: bool = False) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "dist_ckpt.cli", *args]
     if other_host:
         cmd = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', OTHER_HOST, *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _gc(root: Path, *extra: str, other_host: bool = False) -> subprocess.CompletedProcess[str]:
+    return _cli("gc", str(root), *extra, other_host=other_host)
 
 
 def _plant_leftover(root: Path) -> Path:
@@ -57,6 +63,8 @@ def _owner(tmp: Path, root: Path, *extra: str):  # noqa: ANN202
 
 
 def test_same_host_idle_owner_keeps_the_run(tmp_path: Path) -> None:
+    """Idle 10x lock_stale_after: a second manager gets RunLocked, `dist-ckpt gc|prune|copy` exit 6
+    naming the owner and its last heartbeat and change nothing, the owner's next save succeeds."""
     root = tmp_path / "run"
     owner = _owner(tmp_path, root)
     try:
@@ -67,11 +75,15 @@ def test_same_host_idle_owner_keeps_the_run(tmp_path: Path) -> None:
         with pytest.raises(RunLocked) as err:
             dist_ckpt.CheckpointManager(str(root), best={"loss": "min"}, lock_stale_after=STALE)
         assert_named_error(err.value, str(root), "LOCK", f":{owner.proc.pid}:", "last heartbeat")
-        gc = _gc(root)
-        assert gc.returncode == 6, (gc.returncode, gc.stdout, gc.stderr)
-        assert "being written by another job" in gc.stderr and f":{owner.proc.pid}:" in gc.stderr
-        assert "last heartbeat" in gc.stderr and "--break-lock" in gc.stderr
-        assert files_under(root) == before and leftover.exists()  # gc removed nothing
+        dist_ckpt.save({"w": torch.ones(4)}, str(tmp_path / "other" / "step_000000005"))
+        with ThreadPoolExecutor(3) as pool:  # each imports torch: in parallel
+            tools = list(pool.map(lambda a: _cli(*a), [("gc", str(root)), ("prune", str(root), "--keep-last", "1"),
+                                                       ("copy", str(tmp_path / "other" / "step_000000005"), str(root))]))
+        for tool in tools:
+            assert tool.returncode == 6, (tool.args, tool.returncode, tool.stdout, tool.stderr)
+            assert "being written by another job" in tool.stderr and f":{owner.proc.pid}:" in tool.stderr, tool.stderr
+            assert "last heartbeat" in tool.stderr and "--break-lock" in tool.stderr, tool.stderr
+        assert files_under(root) == before and leftover.exists()  # gc, prune and copy changed nothing
         (tmp_path / "go").touch()
         line(owner, "SAVED 2")  # the owner's next save succeeds
         assert owner.wait(120) == 0, owner.output()

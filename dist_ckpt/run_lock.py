@@ -227,5 +227,11 @@ class RunLock:
 def _at_exit(ref: weakref.ref[RunLock]) -> None:
     lock = ref()
     # a forked child (e.g. a DataLoader worker) inherits the handler, not the lock
-    if lock is not None and lock.info.pid == os.getpid():
+    if lock is None or lock.info.pid != os.getpid():
+        return
+    try:
         lock.release()
+    except BaseException as e:  # noqa: BLE001 (nothing is left to raise to at exit)
+        # harmless: a lock left behind is taken over at once on this host (its process is
+        # gone), after lock_stale_after from another
+        log.info("could not release the run lock of %s at exit: %s: %s", lock.backend.uri, type(e).__name__, e)

@@ -21,6 +21,7 @@ from dist_ckpt.checkpoint_files import split_checkpoint_uri  # noqa: F401 (re-ex
 from dist_ckpt.dcp_errors import raise_from_dcp, unwrap  # noqa: F401 (unwrap re-exported)
 from dist_ckpt.errors import ConfigError
 from dist_ckpt.format.shard import ChunkCodec
+from dist_ckpt.lock_fence import Fence
 from dist_ckpt.planner import JsonLoadPlanner, JsonSavePlanner
 from dist_ckpt.storage import DistCkptWriter
 from dist_ckpt.storage_reader import DistCkptReader
@@ -60,8 +61,9 @@ def save_to(
     codec: ChunkCodec | None = None,
     commit_info: dict[str, Any] | None = None,
     process_group: dist.ProcessGroup | None = None,
+    fence: Fence | None = None,
 ) -> None:
-    writer = DistCkptWriter(backend, prefix, codec=codec, commit_info=commit_info)
+    writer = DistCkptWriter(backend, prefix, codec=codec, commit_info=commit_info, fence=fence)
     try:
         with _quiet_single_process():
             dcp.save(

@@ -68,6 +68,7 @@ from dist_ckpt.async_write import forget_cached_plans, write_snapshot
 from dist_ckpt.config import ManagerConfig
 from dist_ckpt.errors import CheckpointError
 from dist_ckpt.format.shard import ChunkCodec
+from dist_ckpt.lock_fence import Fence
 from dist_ckpt.preemption import Preemption
 from dist_ckpt.staging import Snapshot, Stager, describe
 from storage_backends import Backend
@@ -100,6 +101,7 @@ class Job:
     failure: BaseException | None = None
     timings: dict[str, float] = field(default_factory=dict)  # write / after_commit / agree seconds
     in_process: bool = False  # written by the writer process (else in this process, on the background group)
+    fence: Fence | None = None  # rank 0: the run lock, checked right before COMMITTED (also in the writer process)
 
     @property
     def seconds(self) -> float | None:
@@ -179,7 +181,7 @@ class AsyncEngine:
             raise job.failure
 
     def submit(self, step: int, prefix: str, state_dict: dict[str, Any], commit_info: dict[str, Any],
-               after_commit: Callable[[], None] | None) -> None:  # fmt: skip
+               after_commit: Callable[[], None] | None, fence: Fence | None = None) -> None:  # fmt: skip
         """Stage ``state_dict`` and save it in the background as ``prefix`` (waits for the
         previous save first). Synchronous when the memory budget is exceeded on any rank."""
         t0 = time.perf_counter()
@@ -208,7 +210,8 @@ class AsyncEngine:
             flag = torch.tensor([1 if over else 0], dtype=torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control)
             over_anywhere = bool(flag.item())
-        job = Job(step, prefix, snapshot, dict(commit_info), after_commit, self.stager.buffer, self.stager.generation)
+        job = Job(step, prefix, snapshot, dict(commit_info), after_commit, self.stager.buffer, self.stager.generation,
+                  fence=fence)  # fmt: skip
         job.in_process = self.process is not None and not over_anywhere
         self._job = job
         if over:
@@ -252,7 +255,7 @@ class AsyncEngine:
                     self.process.save(job)
                 else:
                     write_snapshot(self.backend, job.prefix, job.snapshot, codec=self.codec, commit_info=job.commit_info,
-                                   process_group=self._background, cache_key=self.cache_key)  # fmt: skip
+                                   process_group=self._background, cache_key=self.cache_key, fence=job.fence)  # fmt: skip
             except BaseException as e:  # noqa: BLE001 (reported to every rank)
                 error = e
             t1 = time.perf_counter()

@@ -8,7 +8,8 @@ rank 0 draws and broadcasts; without those variables rank 0 hosts a fresh ``TCPS
 The staging buffer is shared memory (see :mod:`dist_ckpt.staging`); it is sent over the pipe
 once per layout (torch's reducers pass its file descriptor, nothing is copied) and mapped by
 the process. Each save then sends only the small part: the layout, the values' JSON bytes,
-the prefix and the commit info; the reply is "ok" or the error. The manifest update and the
+the prefix, the commit info and (rank 0) the run lock's fence, which the process checks right
+before ``COMMITTED``; the reply is "ok" or the error. The manifest update and the
 exchange of outcomes between ranks stay in the training process (its relay thread).
 
 The process ignores SIGINT and SIGTERM (a preempted job still needs it for the final save),
@@ -145,7 +146,7 @@ class WriterProcess:
                 value_error = (type(e).__name__, str(e))
         self._conn.send(("save", {"prefix": job.prefix, "commit_info": job.commit_info, "specs": snap.specs,
                                   "encoded": encoded, "value_error": value_error, "order": snap.order,
-                                  "mappings": snap.mappings}))  # fmt: skip
+                                  "mappings": snap.mappings, "fence": job.fence}))  # fmt: skip
         self._check(self._recv())
 
     def close(self, timeout: float = 60.0) -> None:
@@ -229,7 +230,7 @@ def _serve(conn: Any, init: dict[str, Any]) -> None:
                 snap = Snapshot(tensors, encoded, body["specs"], body["order"], body["mappings"], shards_of(body["specs"]),
                                 encoded=encoded, value_error=body["value_error"])  # fmt: skip
                 write_snapshot(backend, body["prefix"], snap, codec=codec, commit_info=body["commit_info"],
-                               process_group=None, cache_key=init["cache_key"])  # fmt: skip
+                               process_group=None, cache_key=init["cache_key"], fence=body["fence"])  # fmt: skip
                 reply: tuple[str, Any] = ("ok", None)
             except BaseException as e:  # noqa: BLE001
                 reply = ("err", (type(e).__name__, str(e), traceback.format_exc(limit=8)))

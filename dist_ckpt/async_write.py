@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.planner_helpers import _compare_save_plans, _c
 
 from dist_ckpt.dcp_errors import raise_from_dcp
 from dist_ckpt.format.shard import ChunkCodec
+from dist_ckpt.lock_fence import Fence
 from dist_ckpt.planner import JsonSavePlanner
 from dist_ckpt.staging import Snapshot, encode_values
 from dist_ckpt.storage import DistCkptWriter
@@ -124,9 +125,11 @@ def write_snapshot(
     commit_info: dict[str, Any],
     process_group: dist.ProcessGroup | None,
     cache_key: str | None = None,
+    fence: Fence | None = None,
 ) -> StagedSavePlanner:
-    """Save ``snapshot`` as the committed checkpoint ``prefix`` (all ranks of the group)."""
-    writer = DistCkptWriter(backend, prefix, codec=codec, commit_info=commit_info)
+    """Save ``snapshot`` as the committed checkpoint ``prefix`` (all ranks of the group;
+    ``fence``: the run lock the coordinator checks right before ``COMMITTED``)."""
+    writer = DistCkptWriter(backend, prefix, codec=codec, commit_info=commit_info, fence=fence)
     planner = StagedSavePlanner(snapshot, cache_key=cache_key)
     try:
         dcp.save(

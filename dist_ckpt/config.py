@@ -85,8 +85,10 @@ class ManagerConfig:
     no garbage collection, ``save()`` refused. Tools and evaluation jobs use this."""
 
     lock_stale_after: float = 600.0
-    """Seconds without a heartbeat after which another job's run lock counts as abandoned
-    (a lock of a dead process on this host is taken over at once)."""
+    """Seconds without a heartbeat after which this job's run lock counts as abandoned to a job
+    on another host (the heartbeat thread renews it every ``lock_stale_after / 4``; on the same
+    host the lock is kept while the process lives and taken over at once when it is gone). A job
+    paused longer than this may lose the run; its commits are then fenced (``RunLocked``)."""
 
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     """Passed to the storage backend (e.g. S3 ``part_size``, ``max_concurrency``, ``endpoint_url``)."""

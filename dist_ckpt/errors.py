@@ -44,7 +44,7 @@ class ConfigChanged(CheckpointError, ValueError):
 
 
 class RunLocked(CheckpointError):
-    """Another job holds the run's writer lock."""
+    """Another job holds the run's writer lock, or this job lost it (a fenced commit)."""
 
 
 class CheckpointArgsError(ConfigError):

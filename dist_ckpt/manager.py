@@ -190,17 +190,20 @@ class CheckpointManager(ManagerKeywords):
             "time": time.time(),
             "codec": self._codec.name if self._codec else "none",
         }
+        fence = self._lock.fence if self._lock is not None else None  # rank 0: checked right before COMMITTED
         if self._engine is not None and self.config.async_save:
             # returns once the tensors are staged; write, commit and _after_commit run in the background
-            self._engine.submit(step, prefix, sd, commit_info, lambda: self._after_commit(step))
+            self._engine.submit(step, prefix, sd, commit_info, lambda: self._after_commit(step), fence)
             self._progress = progress
             return True
-        save_to(self.backend, prefix, sd, codec=self._codec, commit_info=commit_info, process_group=self._pg)
+        save_to(self.backend, prefix, sd, codec=self._codec, commit_info=commit_info, process_group=self._pg, fence=fence)
         self._agree(lambda: self._after_commit(step))
         self._progress = progress
         return True
 
     def _decide(self, step: int, metrics: dict[str, float], epoch: int | None, force: bool) -> tuple[Progress, bool]:
+        if self._lock is not None:
+            self._lock.raise_if_lost()  # taken over (seen by the heartbeat thread): write nothing
         progress, improved = self._progress.observe(metrics, self.config.best)
         progress = replace(progress, step=step, epoch=epoch, metrics=metrics)
         every = self.config.save_every_n_steps
@@ -235,11 +238,13 @@ class CheckpointManager(ManagerKeywords):
             drops = mf.retention_drops(new, self.config.keep_last, self.config.keep_every_n_steps)
             return mf.without_steps(new, drops)
 
-        if self._lock is not None:
-            self._lock.heartbeat()
+        if self._lock is not None:  # a job that lost the run lock changes nothing (RunLocked)
+            self._lock.fence.check(self.backend, f"updating {self.root}/manifest.json")
         self._last_step = self.store.update_manifest(change).pointers.get(mf.LAST)
         for dropped in drops:  # only now: the manifest that no longer lists them is durable
             try:
+                if self._lock is not None:
+                    self._lock.fence.check(self.backend, f"deleting step {dropped} (retention)")
                 self.store.delete_step(dropped)
             except StorageError:
                 log.exception("retention could not delete step %d of %s; `dist-ckpt gc` will", dropped, self.root)

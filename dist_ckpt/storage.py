@@ -8,8 +8,10 @@ Save call order (DCP drives it; "coordinator" is rank 0 of the process group):
 3. every rank: ``write_data`` streams its items into one safetensors shard (checksums computed
    while writing) and reports where each item went;
 4. coordinator: ``finish`` writes ``metadata.json`` (create-if-absent, so of two racing jobs
-   only one proceeds), then ``COMMITTED``, then publishes the staging prefix
-   (local: rename ``step_X.tmp-<attempt>`` → ``step_X``).
+   only one proceeds), renews the run lock through the manager's fence (a conditional write:
+   a job that lost the lock raises ``RunLocked`` here and makes nothing visible), then writes
+   ``COMMITTED``, then publishes the staging prefix (local: rename ``step_X.tmp-<attempt>`` →
+   ``step_X``).
 
 Load: every rank reads ``metadata.json`` (only after checking ``COMMITTED``), then reads the
 entries its plan needs. Nothing is unpickled; values are JSON.
@@ -45,7 +47,8 @@ from dist_ckpt.errors import CorruptCheckpoint, StepAlreadyExists
 from dist_ckpt.format import metadata_json
 from dist_ckpt.format.metadata_json import EntryRef, FileRecord
 from dist_ckpt.format.shard import ChunkCodec, PendingEntry, save_shard
-from storage_backends import Backend, BackendError, ObjectExists, join_key
+from dist_ckpt.lock_fence import Fence
+from storage_backends import Backend, BackendError, ObjectExists, ObjectNotFound, join_key
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +118,12 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         *,
         codec: ChunkCodec | None = None,
         commit_info: dict[str, Any] | None = None,
+        fence: Fence | None = None,
     ):
         super().__init__()
         self.backend, self.prefix, self.codec = backend, prefix.strip("/"), codec
         self.commit_info = dict(commit_info or {})
+        self.fence = fence  # the run lock's holder (a manager's save): checked right before COMMITTED
         self.is_coordinator = False
         self._staging = ""
 
@@ -204,9 +209,11 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
             try:
                 self.backend.create_if_absent(join_key(staging, METADATA), doc)
             except ObjectExists as e:
+                self._check_fence()  # a job that lost the run lock is told so, not "step exists"
                 raise StepAlreadyExists(f"{self.uri}: another job is saving or has saved this step") from e
             info = {**self.commit_info, "world_size": len(results), "files": len(files),
                     "bytes": sum(f.size for f in files.values())}  # fmt: skip
+            self._check_fence()
             try:
                 self.backend.create_if_absent(join_key(staging, COMMITTED), json.dumps(info).encode())
             except ObjectExists as e:
@@ -218,6 +225,12 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
                 raise StepAlreadyExists(f"{self.uri} was committed by another job first") from e
         except BackendError as e:
             raise wrap_backend_error(e, self.uri) from e
+
+    def _check_fence(self) -> None:
+        """Renew the run lock by a conditional write; :class:`RunLocked` if another job took it
+        (then nothing of this save becomes visible: its staging is left to gc)."""
+        if self.fence is not None:
+            self.fence.check(self.backend, f"committing {self.uri}")
 
 
 def _version() -> str:

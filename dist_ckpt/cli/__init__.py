@@ -55,7 +55,8 @@ exit status:
   {EXIT_STORAGE}    storage error (permissions, network, S3)
   {EXIT_CORRUPT}    a checkpoint file failed a check while being read
   {EXIT_CONFLICT}    conflict: the destination step is already committed (never overwritten), or
-       another job holds the run's writer lock (prune, gc and copy take it)
+       another job holds the run's writer lock (prune, gc and copy take it; the error names
+       the job and its last heartbeat; --break-lock overrides it, dangerously)
   {EXIT_INTERRUPTED}  interrupted
 
 Progress bars go to stderr, only when it is a terminal; --quiet turns them off.

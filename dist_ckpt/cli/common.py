@@ -9,12 +9,19 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dist_ckpt.errors import ConfigError
 from dist_ckpt.run_store import RunStore
 from dist_ckpt.verify import locate
 from storage_backends import Backend
+
+if TYPE_CHECKING:
+    from dist_ckpt.run_lock import RunLock
+
+BREAK_LOCK_HELP = ("DANGEROUS: take the run's writer lock even from a job that looks alive. Only when you are sure "
+                   "that job is gone (e.g. its host is down): a live job would lose its in-flight save and stop "
+                   "with RunLocked at its next commit")  # fmt: skip
 
 
 def checkpoint_at(uri: str) -> tuple[Backend, str]:
@@ -39,15 +46,16 @@ def run_at(uri: str) -> Backend:
 
 
 @contextmanager
-def run_locked(backend: Backend) -> Iterator[None]:
-    """Hold the run's writer lock (the one a training job's manager holds) while changing the
-    run, so ``prune``/``gc``/``copy`` never race a live job; :class:`RunLocked` if one holds it."""
+def run_locked(backend: Backend, break_lock: bool = False) -> Iterator[RunLock]:
+    """Hold the run's writer lock (the one a training job's manager holds; heart-beating) while
+    changing the run, so ``prune``/``gc``/``copy`` never race a live job: :class:`RunLocked`
+    (exit 6) naming the owner and its last heartbeat if one holds it, unless ``break_lock``."""
     from dist_ckpt.run_lock import RunLock
 
     lock = RunLock(backend)
-    lock.acquire()
+    lock.acquire(break_lock=break_lock)
     try:
-        yield
+        yield lock
     finally:
         lock.release()
 

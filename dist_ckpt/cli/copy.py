@@ -17,11 +17,12 @@ from typing import Any
 import xxhash
 
 from dist_ckpt import manifest as mf
-from dist_ckpt.cli.common import BarSink, human_size, print_json, progress_bar, run_locked
+from dist_ckpt.cli.common import BREAK_LOCK_HELP, BarSink, human_size, print_json, progress_bar, run_locked
 from dist_ckpt.cli.write_safety import add_flag, require_safe_writes
 from dist_ckpt.errors import ConfigError, CorruptCheckpoint, StepAlreadyExists
 from dist_ckpt.format.metadata_json import FileRecord
 from dist_ckpt.format.safetensors_header import header_length
+from dist_ckpt.lock_fence import Fence
 from dist_ckpt.run_store import STEP_RE, RunStore, parse_step_prefix
 from dist_ckpt.checkpoint_files import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
 from dist_ckpt.verify import BLOCK_BYTES, locate, parse_checksum, verify_files
@@ -32,7 +33,8 @@ SRC is a checkpoint folder or a run root. For a checkpoint, DST is the run root 
 into (it keeps its folder name), or the destination checkpoint folder itself when DST's last
 component is a step folder name (step_000001000) or SRC's folder name. For a run, DST is the
 destination run root and every committed checkpoint is copied. Refuses (exit 6) when a
-destination step is already committed.
+destination step is already committed, or while a live job holds the destination run's writer
+lock (naming it and its last heartbeat; --break-lock overrides that, dangerously).
 
 examples:
   dist-ckpt copy /data/runs/exp1/step_000001000 s3://bucket/runs/exp1
@@ -50,6 +52,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("dst", metavar="DST", help="destination run root (or checkpoint folder): a path or s3:// URI")
     p.add_argument("--json", action="store_true", help="print what was copied as JSON")
     add_flag(p)
+    p.add_argument("--break-lock", action="store_true", help=BREAK_LOCK_HELP)
     p.set_defaults(func=run)
 
 
@@ -104,8 +107,10 @@ def _copy_object(src: Backend, src_key: str, dst: Backend, dst_key: str, record:
         raise CorruptCheckpoint(f"{dst.uri}/{dst_key}: wrote {written} bytes, expected {size}")
 
 
-def copy_checkpoint(src: Backend, src_prefix: str, dst: Backend, dst_prefix: str, sink: BarSink) -> Copied:
-    """Copy one committed checkpoint and commit it at ``dst``/``dst_prefix``."""
+def copy_checkpoint(src: Backend, src_prefix: str, dst: Backend, dst_prefix: str, sink: BarSink,
+                    fence: Fence | None = None) -> Copied:  # fmt: skip
+    """Copy one committed checkpoint and commit it at ``dst``/``dst_prefix`` (``fence``: the
+    destination's run lock, checked right before ``COMMITTED``)."""
     meta = read_checkpoint_metadata(src, src_prefix)
     dst_uri = f"{dst.uri}/{dst_prefix}"
     try:
@@ -140,6 +145,8 @@ def copy_checkpoint(src: Backend, src_prefix: str, dst: Backend, dst_prefix: str
             raise StepAlreadyExists(
                 f"{dst_uri}: another job is writing this step (or left an interrupted save: `dist-ckpt gc` the destination run)"
             ) from e
+        if fence is not None:
+            fence.check(dst, f"committing {dst_uri}")
         try:
             dst.create_if_absent(join_key(staging, COMMITTED), committed)
         except ObjectExists as e:
@@ -215,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     src_manifest = RunStore(src).read_manifest()[0]
     copied: list[Copied] = []
     manifest = None
-    with run_locked(dst), progress_bar(args, "copy") as bar:
+    with run_locked(dst, args.break_lock) as lock, progress_bar(args, "copy") as bar:
         if kind == "run":
             taken = sorted({n for n, _ in names} & {f"step_{e.step:09d}" for e in RunStore(dst).committed_entries()})
             if taken:
@@ -225,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         sink = BarSink(bar)
         try:
             for src_name, dst_name in names:
-                copied.append(copy_checkpoint(src, src_name, dst, dst_name, sink))
+                copied.append(copy_checkpoint(src, src_name, dst, dst_name, sink, lock.fence))
         finally:  # also after a failure: the checkpoints committed so far are listed
             if copied and (kind == "run" or parse_step_prefix(dst_prefix) is not None):
                 manifest = rebuild_manifest(dst, src_manifest)

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from dist_ckpt import manifest as mf
-from dist_ckpt.cli.common import print_json, run_at, run_locked
+from dist_ckpt.cli.common import BREAK_LOCK_HELP, print_json, run_at, run_locked
 from dist_ckpt.cli.write_safety import add_flag, require_safe_writes
 from dist_ckpt.errors import ConfigError, StorageError
 from dist_ckpt.run_store import RunStore, step_prefix
@@ -17,8 +17,10 @@ The same rules as the manager's keep_last / keep_every_n_steps: the newest N che
 checkpoint a pointer names (last, best:<metric>) and every multiple of K are kept. manifest.json
 is updated (compare-and-swap) before anything is deleted, so readers never see a pointer to a
 deleted checkpoint. It takes the run's writer lock first: while a training job's manager has
-the run open, it refuses (exit 6). Without a readable manifest the tracked metrics are unknown: name them with
---best METRIC=min|max so their best checkpoints are kept.
+the run open (its lock heart-beating), it refuses (exit 6), naming the job and its last
+heartbeat; --break-lock overrides that (dangerous: only once that job is gone). Without a
+readable manifest the tracked metrics are unknown: name them with --best METRIC=min|max so
+their best checkpoints are kept.
 
 examples:
   dist-ckpt prune /data/runs/exp1 --keep-last 3 --dry-run
@@ -29,7 +31,8 @@ GC_EPILOG = """\
 Removes what interrupted saves leave behind: step_X.tmp-* staging folders, step folders without
 a COMMITTED marker and unfinished multipart uploads. Committed checkpoints are never touched.
 Like prune, it takes the run's writer lock first, so it refuses (exit 6) while a training
-job's manager has the run open.
+job's manager has the run open — a live job's in-flight save looks exactly like a leftover.
+--break-lock overrides that (dangerous: only once that job is gone).
 
 examples:
   dist-ckpt gc /data/runs/exp1 --dry-run
@@ -47,6 +50,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--best", metavar="METRIC=MODE", action="append", default=[],
                    help="a tracked metric and its mode (min|max), added to those in manifest.json (repeatable)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+    p.add_argument("--break-lock", action="store_true", help=BREAK_LOCK_HELP)
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     add_flag(p)
     p.set_defaults(func=run_prune)
@@ -56,6 +60,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                        epilog=GC_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     g.add_argument("run", metavar="RUN", help="run root: a directory or s3://bucket/prefix")
     g.add_argument("--dry-run", action="store_true", help="show what would be removed, remove nothing")
+    g.add_argument("--break-lock", action="store_true", help=BREAK_LOCK_HELP)
     g.add_argument("--json", action="store_true", help="print the outcome as JSON")
     add_flag(g)
     g.set_defaults(func=run_gc)
@@ -102,7 +107,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.dry_run:
         result, drops = _plan(store, current, extra, args.keep_last, args.keep_every)
     else:
-        with run_locked(backend):
+        with run_locked(backend, args.break_lock) as lock:
             drops = []
 
             def change(cur: mf.Manifest | None) -> mf.Manifest:
@@ -110,9 +115,11 @@ def run_prune(args: argparse.Namespace) -> int:
                 new, drops = _plan(store, cur, extra, args.keep_last, args.keep_every)
                 return new
 
+            lock.fence.check(backend, f"updating {backend.uri}/manifest.json")
             result = store.update_manifest(change)
             for step in drops:  # only now: the manifest that no longer lists them is durable
                 try:
+                    lock.fence.check(backend, f"deleting step {step}")
                     store.delete_step(step)
                 except StorageError as e:
                     failed.append(step)
@@ -143,7 +150,7 @@ def run_gc(args: argparse.Namespace) -> int:
     if args.dry_run:
         found = RunStore(backend).collect_garbage(dry_run=True)
     else:
-        with run_locked(backend):  # a live job's in-flight save would look like a leftover
+        with run_locked(backend, args.break_lock):  # a live job's in-flight save would look like a leftover
             found = RunStore(backend).collect_garbage()
     if args.json:
         print_json({"run": backend.uri, "dry_run": args.dry_run, "temp_dirs": list(found.temp_dirs),

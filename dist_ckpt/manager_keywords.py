@@ -142,9 +142,11 @@ class ManagerKeywords:
             read_only: Open the run for reading only (listing, restoring, loading weights): no
                 writer lock, no garbage collection, ``save()`` refused. Tools and evaluation
                 jobs use this.
-            lock_stale_after: Seconds without a heartbeat after which another job's run lock
-                counts as abandoned (a lock of a dead process on this host is taken over at
-                once).
+            lock_stale_after: Seconds without a heartbeat after which this job's run lock
+                counts as abandoned to a job on another host (the heartbeat thread renews it
+                every ``lock_stale_after / 4``; on the same host the lock is kept while the
+                process lives and taken over at once when it is gone). A job paused longer than
+                this may lose the run; its commits are then fenced (``RunLocked``).
             backend_options: Passed to the storage backend (e.g. S3 ``part_size``,
                 ``max_concurrency``, ``endpoint_url``).
             unsafe_single_writer: Write even through an S3 server that ignores conditional

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+from dist_ckpt import ddp_buckets
 from dist_ckpt import manifest as mf
 from dist_ckpt import rng
 from dist_ckpt.api import load_from, resolve_codec, save_to
@@ -197,7 +198,8 @@ class CheckpointManager:
             self._progress = progress
             return False
         sd = state.state_dict()
-        sd[KEY] = replace(progress, objects=state.describe(), values=_values_of(state)).encode()
+        layouts = ddp_buckets.capture(state.models)  # may settle DDP's pending bucket rebuild (collective)
+        sd[KEY] = replace(progress, objects=state.describe(), values=_values_of(state), ddp_buckets=layouts).encode()
         sd[rng.PREFIX] = {rng.rank_key(self.rank): rng.capture()}
         commit_info = {
             "step": step,
@@ -314,6 +316,8 @@ class CheckpointManager:
             if name in state.kinds and state.kinds[name] == "values":
                 sd[name] = value
         state.load_state_dict(sd)
+        ddp_buckets.restore(state.models, progress.ddp_buckets, saved_world=meta.world_size, rank=self.rank,
+                            where=f"{backend.uri}/{prefix}")  # before the first backward; may warn (rank 0)
         if own_rng:
             rng.apply(sd[rng.PREFIX][rng.rank_key(self.rank)])
         else:

@@ -18,16 +18,18 @@ and compared with the saved layout; any difference is warned about, never silent
 
 DDP has no public API for any of this: every use of its internals is in this module, which
 ``tests/distributed/test_ddp_buckets.py`` checks against torch 2.13.0 (``CHECKED_TORCH``).
-Where exactness cannot be provided — the world size changed, a comm hook, DDP's
-``mixed_precision``, the compiled-autograd "python_reducer", or a ``static_graph`` checkpoint
-taken between its first and second iteration — ``restore`` leaves DDP to rebuild its layout
-as it would and warns once (on rank 0) naming the reason.
+Communication hooks registered with ``register_comm_hook`` are registered again on the new
+reducer. Where exactness cannot be provided — the world size or a bucket setting changed, a
+built-in comm hook, DDP's ``mixed_precision``, the compiled-autograd "python_reducer", or a
+``static_graph`` checkpoint taken between its first and second iteration — ``restore`` leaves
+DDP to rebuild its layout as it would and warns once (on rank 0) naming the reason.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +46,9 @@ CHECKED_TORCH = "2.13.0"  # the torch version whose DDP internals this module wa
 _FORMAT = 1
 _COMPILE_WRAPPER = "_orig_mod"  # torch.compile's OptimizedModule holds the compiled module here
 # The DDP settings that decide the layout DDP computes; a resume with other values gets DDP's own.
+# A rebuilt layout never changes while its reducer lives: remembered per DDP module, with the id of
+# the reducer it belongs to (not the reducer itself, which would outlive a replaced one).
+_settled: weakref.WeakKeyDictionary[DistributedDataParallel, tuple[int, BucketLayout]] = weakref.WeakKeyDictionary()
 _LAYOUT_SETTINGS = ("bucket_bytes_cap", "first_bucket_bytes_cap", "bucket_bytes_cap_list", "find_unused_parameters", "static_graph")
 
 
@@ -110,9 +115,9 @@ def capture(models: Mapping[str, nn.Module]) -> dict[str, Any]:
 def _capture_one(ddp: DistributedDataParallel) -> BucketLayout:
     if not hasattr(ddp, "reducer"):  # every parameter is all-reduced by hooks, no buckets
         return BucketLayout(_world(ddp), (), False, False, _settings(ddp), torch.__version__)
-    cached = ddp.__dict__.get("_dist_ckpt_layout")
-    if cached is not None and cached[0] is ddp.reducer and ddp._has_rebuilt_buckets:
-        return cached[1]  # final once rebuilt; reading it allocates a zero copy of every bucket
+    cached = _settled.get(ddp)
+    if cached is not None and cached[0] == id(ddp.reducer) and ddp._has_rebuilt_buckets:
+        return cached[1]  # final once rebuilt (reading it allocates a zero copy of every bucket)
     # A backward has run and DDP would rebuild its buckets at the next forward: do it now, the
     # same call on the same state, so the checkpoint holds the layout every later step uses.
     if ddp.reducer._rebuild_buckets():
@@ -121,7 +126,7 @@ def _capture_one(ddp: DistributedDataParallel) -> BucketLayout:
     pending = bool(ddp.static_graph and ddp._static_graph_delay_allreduce_enqueued and not rebuilt)
     layout = BucketLayout(_world(ddp), _read_buckets(ddp), rebuilt, pending, _settings(ddp), torch.__version__)
     if rebuilt:
-        ddp.__dict__["_dist_ckpt_layout"] = (ddp.reducer, layout)
+        _settled[ddp] = (id(ddp.reducer), layout)
     return layout
 
 
@@ -165,7 +170,7 @@ def restore(
     0, for each reason a layout is not restored."""
     reasons: list[str] = []
     for key, ddp in find_ddp_modules(models).items():
-        reason = _restore_one(key, ddp, saved.get(key), saved_world, f"{where} (DDP bucket layout of {key!r})")
+        reason = _restore_one(ddp, saved.get(key), saved_world, f"{where}, DDP module {key!r}")
         if reason is not None and reason not in reasons:
             reasons.append(reason)
     if rank == 0:
@@ -174,7 +179,7 @@ def restore(
             log.warning(reason)
 
 
-def _restore_one(key: str, ddp: DistributedDataParallel, doc: Any, saved_world: int, where: str) -> str | None:
+def _restore_one(ddp: DistributedDataParallel, doc: Any, saved_world: int, where: str) -> str | None:
     """Restore one module's layout; the warning to give instead, or None."""
     world = _world(ddp)
     if saved_world != world:
@@ -190,53 +195,45 @@ def _restore_one(key: str, ddp: DistributedDataParallel, doc: Any, saved_world: 
                 "or without DDP): the first steps after the resume all-reduce with DDP's initial layout and are "
                 "not bit-exact with an uninterrupted run.")  # fmt: skip
     layout = BucketLayout.from_json(doc, where)
-    if layout.static_graph_pending:
-        return (f"{where}: static_graph=True and the checkpoint was taken after DDP's first iteration but before "
-                "its bucket rebuild (its second backward): the resumed run rebuilds one step later than the "
-                "uninterrupted one and is not bit-exact for that step; checkpoints from later steps are.")  # fmt: skip
-    if not layout.rebuilt:
+    if not layout.rebuilt and not layout.static_graph_pending:
         return None  # saved before any backward: the resumed process goes through the same rebuild
-    unsupported = _unsupported_setting(ddp)
-    if unsupported is not None:
-        return (f"{where}: {unsupported} is set, and dist_ckpt cannot re-create DDP's reducer under it; DDP "
-                "rebuilds its bucket layout as it would, and the first steps after the resume are not bit-exact.")  # fmt: skip
+    obstacle = _obstacle(ddp, layout)
+    if obstacle is not None:
+        return f"{where}: {obstacle}"
+    by_name = _parameters_by_name(ddp)
+    _recreate_reducer(ddp, [by_name[n] for b in layout.buckets for n in b])
+    result = _read_buckets(ddp)
+    if result != layout.buckets:
+        return (f"{where}: DDP rebuilt a bucket layout that differs from the saved one (an environment setting "
+                f"such as DDP_SET_LAST_BUCKET_CAP, or a torch other than {CHECKED_TORCH} / the saving run's "
+                f"{layout.torch_version}); the resume is not bit-exact.")  # fmt: skip
+    _settled[ddp] = (id(ddp.reducer), BucketLayout(world, result, True, False, _settings(ddp), torch.__version__))
+    return None
+
+
+def _obstacle(ddp: DistributedDataParallel, layout: BucketLayout) -> str | None:
+    """Why the saved layout cannot be re-established exactly, or None."""
+    not_exact = "DDP rebuilds its bucket layout as it would, and the first steps after the resume are not bit-exact"
+    if layout.static_graph_pending:
+        return ("static_graph=True and the checkpoint was taken after DDP's first iteration, before its bucket "
+                "rebuild (which follows the second backward): the resumed run rebuilds one step later than the "
+                "uninterrupted one and is not bit-exact; checkpoints of later steps are.")  # fmt: skip
+    if ddp._use_python_reducer:
+        return f"torch._dynamo.config.optimize_ddp='python_reducer' (compiled autograd) is set: {not_exact}."
+    if ddp.mixed_precision is not None:
+        return f"DistributedDataParallel(mixed_precision=...) is set: {not_exact}."
+    if not ddp._comm_hooks and ddp._get_ddp_logging_data().get("comm_hook"):
+        return f"a built-in DDP communication hook (_register_builtin_comm_hook) is registered: {not_exact}."
     current = _settings(ddp)
     changed = [s for s in _LAYOUT_SETTINGS if layout.settings.get(s) != current[s]]
     if changed:
         detail = ", ".join(f"{s}={layout.settings.get(s)!r} -> {current[s]!r}" for s in changed)
-        return (f"{where}: DDP settings changed since the checkpoint ({detail}); DDP rebuilds its bucket layout "
-                "for the new settings, and the resume is not bit-exact with the saved run.")  # fmt: skip
-    by_name = _parameters_by_name(ddp)
-    reduced = _reduced_parameters(ddp)
-    names = [n for b in layout.buckets for n in b]
-    if sorted(names) != sorted(n for n, p in by_name.items() if id(p) in reduced):
-        return (f"{where}: the model's parameters differ from those the saved layout names; DDP rebuilds its "
-                "bucket layout, and the resume is not bit-exact.")  # fmt: skip
-    _recreate_reducer(ddp, [by_name[n] for n in names])
-    result = _read_buckets(ddp)
-    ddp.__dict__["_dist_ckpt_layout"] = (ddp.reducer, layout)
-    if result != layout.buckets:
-        return (f"{where}: DDP rebuilt a bucket layout that differs from the saved one (an environment setting "
-                "such as DDP_SET_LAST_BUCKET_CAP, or a torch other than "
-                f"{CHECKED_TORCH} / the saving run's {layout.torch_version}); the resume is not bit-exact.")  # fmt: skip
+        return f"DDP settings changed since the checkpoint ({detail}): {not_exact}."
+    reduced = {id(p) for p in ddp._build_params_for_reducer()[0]}
+    names = sorted(n for b in layout.buckets for n in b)
+    if names != sorted(n for n, p in _parameters_by_name(ddp).items() if id(p) in reduced):
+        return f"the model's parameters differ from those the saved layout names: {not_exact}."
     return None
-
-
-def _unsupported_setting(ddp: DistributedDataParallel) -> str | None:
-    if ddp._use_python_reducer:
-        return "torch._dynamo.config.optimize_ddp='python_reducer' (compiled autograd)"
-    if ddp.mixed_precision is not None:
-        return "DistributedDataParallel(mixed_precision=...)"
-    if ddp._comm_hooks or ddp._get_ddp_logging_data().get("comm_hook"):
-        return "a DDP communication hook (register_comm_hook)"
-    if ddp._delay_all_reduce_params:
-        return "DDP's delayed all-reduce (param_to_hook_all_reduce / device_mesh)"
-    return None
-
-
-def _reduced_parameters(ddp: DistributedDataParallel) -> set[int]:
-    params, _ = ddp._build_params_for_reducer()
-    return {id(p) for p in params}
 
 
 def _recreate_reducer(ddp: DistributedDataParallel, ordered: list[nn.Parameter]) -> None:
@@ -249,6 +246,9 @@ def _recreate_reducer(ddp: DistributedDataParallel, ordered: list[nn.Parameter])
         ddp.reducer._set_static_graph()
         ddp.logger._set_static_graph()
         ddp._static_graph_delay_allreduce_enqueued = False
+    for hook, state in ddp._comm_hooks:  # as register_comm_hook does, on the new reducer
+        ddp.logger._set_comm_hook_name(hook.__qualname__)
+        torch.distributed._register_comm_hook(ddp.reducer, state, hook)
     ddp.reducer._push_all_rebuilt_params()
     ddp.reducer._rebuild_buckets()  # a broadcast of the bucket indices (identical on every rank)
     ddp._has_rebuilt_buckets = True

@@ -112,7 +112,14 @@ def _warnings_worker(rank: int, world: int) -> dict[str, Any]:
     restore("settings", DDP(_model(), bucket_cap_mb=1), saved)
     hooked = DDP(_model(), bucket_cap_mb=SMALL_BUCKETS)
     hooked.register_comm_hook(None, default_hooks.allreduce_hook)
-    restore("comm_hook", hooked, saved)
+    restore("python_comm_hook", hooked, saved)  # registered again on the new reducer: exact
+    out["python_comm_hook"]["layout"] = _layout_of(hooked)
+    out["python_comm_hook"]["hook"] = hooked._get_ddp_logging_data().get("comm_hook")
+    _train(hooked, range(2, 3), rank)
+    out["python_comm_hook"]["after_training"] = _layout_of(hooked)
+    builtin = DDP(_model(), bucket_cap_mb=SMALL_BUCKETS)
+    builtin._register_builtin_comm_hook(torch.distributed.BuiltinCommHookType.ALLREDUCE)
+    restore("builtin_comm_hook", builtin, saved)
     restore("no_layout", DDP(_model(), bucket_cap_mb=SMALL_BUCKETS), {})
     static = DDP(_model(), static_graph=True)
     _train(static, range(1), rank)  # static graph: the rebuild follows the *second* backward
@@ -122,16 +129,20 @@ def _warnings_worker(rank: int, world: int) -> dict[str, Any]:
                             rank=rank, where="ckpt/step_000000004")  # fmt: skip
     except CorruptCheckpoint as e:
         out["corrupt"] = str(e)
+    out["saved"] = saved["model"]["buckets"]
     return out
 
 
 def test_every_inexact_case_warns_once_on_rank_0_and_leaves_ddp_alone() -> None:
+    """World size or bucket settings changed, a built-in comm hook, no layout saved, a static
+    graph saved before its rebuild: one warning each, on rank 0 only; a register_comm_hook hook
+    is carried over to the re-created reducer; a malformed layout is a CorruptCheckpoint."""
     results = run_ranks(_warnings_worker, WORLD, timeout=180)
     r0 = results[0]
     expected = {
         "world_size": "world size changed (2 -> 4 ranks)",
         "settings": "bucket_bytes_cap=",
-        "comm_hook": "register_comm_hook",
+        "builtin_comm_hook": "_register_builtin_comm_hook",
         "no_layout": "holds no bucket layout",
         "static_pending": "static_graph=True",
     }
@@ -141,6 +152,9 @@ def test_every_inexact_case_warns_once_on_rank_0_and_leaves_ddp_alone() -> None:
         assert r0[case]["unchanged"], f"{case}: DDP's reducer must be left as it is"
         assert all(res[case]["warnings"] == [] for res in results[1:]), f"{case}: warned on a rank other than 0"
     assert "ckpt/step_000000004" in r0["corrupt"] and "malformed" in r0["corrupt"]
+    hooked = r0["python_comm_hook"]  # a hook from register_comm_hook survives the new reducer
+    assert hooked["warnings"] == [] and hooked["hook"] == "allreduce_hook"
+    assert hooked["layout"] == hooked["after_training"] == r0["saved"]
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["plain", "torch-compile-wrapper"])

@@ -1,10 +1,10 @@
 """DDP with its defaults at 4 ranks (torchrun, gloo): a job SIGKILLed mid-run and restarted with
 the same command equals an uninterrupted run bit for bit — per-step losses, final parameters,
-AdamW state — with one bucket, several buckets with ``gradient_as_bucket_view``, ``static_graph``
-and a ``torch.compile``d model. At 4 ranks the ring all-reduce sums each element in an order
-given by its offset in the bucket, so this fails unless the checkpoint restores DDP's rebuilt
-bucket layout (issue 19). The same script resumed at 2 -> 4 and 4 -> 2 ranks trains on, with
-the warning that bit-exactness is not promised there."""
+AdamW state — with one bucket, several buckets with ``gradient_as_bucket_view``,
+``static_graph``, a ``torch.compile``d model, and a GAN's two DDP modules. At 4 ranks the ring
+all-reduce sums each element in an order given by its offset in the bucket, so this fails
+unless the checkpoint restores DDP's rebuilt bucket layout (issue 19). The same script resumed
+at 2 -> 4 and 4 -> 2 ranks trains on, with the warning that bit-exactness is not promised."""
 
 from __future__ import annotations
 
@@ -26,49 +26,53 @@ STEPS, CRASH = 12, 9  # saves every 4 steps, at a new best loss and at the last;
 COMMON = ["--steps", str(STEPS), "--save-every", "4", "--keep-last", "2"]
 # bucket_cap_mb small enough for the example's 577 parameters (2308 bytes) to need two buckets
 SEVERAL_BUCKETS = ["--bucket-cap-mb", "0.0002"]
-VARIANTS = {
-    "defaults": [],
-    "several-buckets-gradient-as-bucket-view": [*SEVERAL_BUCKETS, "--gradient-as-bucket-view"],
-    "static-graph-several-buckets": [*SEVERAL_BUCKETS, "--static-graph"],
-    "torch-compile": ["--compile"],
+VARIANTS = {  # name: (script, flags)
+    "defaults": ("train_ddp.py", []),
+    "several-buckets-gradient-as-bucket-view": ("train_ddp.py", [*SEVERAL_BUCKETS, "--gradient-as-bucket-view"]),
+    "static-graph-several-buckets": ("train_ddp.py", [*SEVERAL_BUCKETS, "--static-graph"]),
+    "torch-compile": ("train_ddp.py", ["--compile"]),
+    "gan-two-ddp-modules": ("train_gan.py", []),  # generator and discriminator, each DDP with defaults
 }
 WORLD_CHANGED = "world size changed ({old} -> {new} ranks): DDP rebuilds its gradient buckets"
 
 
-def _run(nproc: int, args: list[str], log: Path) -> int:
-    return torchrun("train_ddp.py", nproc, [*COMMON, *args], log=log, timeout=420)
+def _run(nproc: int, args: list[str], log: Path, script: str = "train_ddp.py") -> int:
+    return torchrun(script, nproc, [*COMMON, *args], log=log, timeout=420)
 
 
-def _layout(run: Path) -> dict:
-    """The DDP bucket layout stored in the run's last checkpoint."""
+def _layouts(run: Path) -> dict:
+    """The DDP bucket layouts stored in the run's last checkpoint, by tracked model name."""
     last = max(c.step for c in CheckpointManager(str(run), read_only=True).checkpoints())
     holder = {KEY: ""}
     load(holder, f"{run}/step_{last:09d}", allow_partial_load=True)
-    return Progress.decode(holder[KEY], str(run)).ddp_buckets["model"]
+    return dict(Progress.decode(holder[KEY], str(run)).ddp_buckets)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_killed_and_resumed_ddp_run_at_4_ranks_is_bit_identical(variant: str, tmp_path: Path) -> None:
-    flags, log = VARIANTS[variant], tmp_path / "log"
+    (script, flags), log = VARIANTS[variant], tmp_path / "log"
     a, b = tmp_path / "a", tmp_path / "b"
-    rc = _run(4, [*flags, "--ckpt", str(a), "--losses-out", f"{a}.jsonl", "--final-out", f"{a}.st"], log)
+    rc = _run(4, [*flags, "--ckpt", str(a), "--losses-out", f"{a}.jsonl", "--final-out", f"{a}.st"], log, script)
     assert rc == 0, log.read_text()[-3000:]
-    layout = _layout(a)
-    assert layout["rebuilt"] and layout["world_size"] == 4, layout
-    if "--bucket-cap-mb" in flags:
-        assert len(layout["buckets"]) >= 2, layout  # the variant really has several buckets
+    layouts = _layouts(a)
+    assert len(layouts) == (2 if script == "train_gan.py" else 1), layouts
+    for layout in layouts.values():
+        assert layout["rebuilt"] and layout["world_size"] == 4, layout
+        if "--bucket-cap-mb" in flags:
+            assert len(layout["buckets"]) >= 2, layout  # the variant really has several buckets
 
-    rc = _run(4, [*flags, "--ckpt", str(b), "--crash-at-step", str(CRASH), "--losses-out", f"{b}.jsonl"], log)
+    rc = _run(4, [*flags, "--ckpt", str(b), "--crash-at-step", str(CRASH), "--losses-out", f"{b}.jsonl"], log, script)
     assert rc != 0, "rank 0 SIGKILLed itself; the job must fail"
     resumed_from = max(c.step for c in CheckpointManager(str(b), read_only=True).checkpoints())
     assert resumed_from <= CRASH < STEPS - 1  # steps after it are trained again by the resumed job
-    rc = _run(4, [*flags, "--ckpt", str(b), "--resume", "auto", "--losses-out", f"{b}.jsonl", "--final-out", f"{b}.st"], log)
+    rc = _run(4, [*flags, "--ckpt", str(b), "--resume", "auto", "--losses-out", f"{b}.jsonl", "--final-out", f"{b}.st"],
+              log, script)  # fmt: skip
     assert rc == 0, log.read_text()[-3000:]
     assert "not bit-exact" not in log.read_text(), log.read_text()[-3000:]  # no layout warning of any kind
 
     result = compare(Path(f"{a}.jsonl"), Path(f"{b}.jsonl"), Path(f"{a}.st"), Path(f"{b}.st"))
     assert result.steps_compared == STEPS
-    assert result.tensors_compared >= 12  # 4 parameters, AdamW exp_avg / exp_avg_sq / step of each
+    assert result.tensors_compared >= 12  # 4 parameters, Adam(W) exp_avg / exp_avg_sq / step of each
     assert result.identical, f"{variant}, resumed from step {resumed_from}: {result.first_difference}"
 
 

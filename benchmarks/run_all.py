@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, store each JSON as results/<date>-<name>.json, draw plots.
 
-    python benchmarks/run_all.py [--only save,compress,s3,async,scaling,async_sweep] [--quick]
+    python benchmarks/run_all.py [--only save,compress,s3,async,scaling,ddp_step,async_sweep] [--quick]
 
 Each benchmark script prints one JSON document; see benchmarks/README.md for what each
 measures and which anchors it is compared with. ``--quick`` uses smaller states.
@@ -24,6 +24,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "async": (["bench_async.py"], ["bench_async.py", "--mb", "64"]),
     "compressed_save": (["bench_compressed_save.py"], ["bench_compressed_save.py", "--mb", "32"]),
     "scaling": (["bench_scaling.py"], ["bench_scaling.py", "--mb-per-rank", "32"]),
+    "ddp_step": (["bench_ddp_step.py", "--steps", "50", "--rounds", "15"], ["bench_ddp_step.py", "--steps", "20", "--rounds", "5"]),
 }
 
 

@@ -46,10 +46,10 @@ CHECKED_TORCH = "2.13.0"  # the torch version whose DDP internals this module wa
 _FORMAT = 1
 _COMPILE_WRAPPER = "_orig_mod"  # torch.compile's OptimizedModule holds the compiled module here
 # The DDP settings that decide the layout DDP computes; a resume with other values gets DDP's own.
+_LAYOUT_SETTINGS = ("bucket_bytes_cap", "first_bucket_bytes_cap", "bucket_bytes_cap_list", "find_unused_parameters", "static_graph")
 # A rebuilt layout never changes while its reducer lives: remembered per DDP module, with the id of
 # the reducer it belongs to (not the reducer itself, which would outlive a replaced one).
 _settled: weakref.WeakKeyDictionary[DistributedDataParallel, tuple[int, BucketLayout]] = weakref.WeakKeyDictionary()
-_LAYOUT_SETTINGS = ("bucket_bytes_cap", "first_bucket_bytes_cap", "bucket_bytes_cap_list", "find_unused_parameters", "static_graph")
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ def capture(models: Mapping[str, nn.Module]) -> dict[str, Any]:
 
 
 def _capture_one(ddp: DistributedDataParallel) -> BucketLayout:
-    if not hasattr(ddp, "reducer"):  # every parameter is all-reduced by hooks, no buckets
+    if not hasattr(ddp, "reducer") or _never_rebuilds(ddp):  # nothing to restore: not read (no allocation)
         return BucketLayout(_world(ddp), (), False, False, _settings(ddp), torch.__version__)
     cached = _settled.get(ddp)
     if cached is not None and cached[0] == id(ddp.reducer) and ddp._has_rebuilt_buckets:
@@ -128,6 +128,11 @@ def _capture_one(ddp: DistributedDataParallel) -> BucketLayout:
     if rebuilt:
         _settled[ddp] = (id(ddp.reducer), layout)
     return layout
+
+
+def _never_rebuilds(ddp: DistributedDataParallel) -> bool:
+    """find_unused_parameters without static_graph: DDP keeps its initial layout for good."""
+    return bool(ddp.find_unused_parameters and not ddp.static_graph)
 
 
 def _parameters_by_name(ddp: DistributedDataParallel) -> dict[str, nn.Parameter]:
@@ -186,7 +191,7 @@ def _restore_one(ddp: DistributedDataParallel, doc: Any, saved_world: int, where
         return (f"world size changed ({saved_world} -> {world} ranks): DDP rebuilds its gradient buckets as it "
                 "would in a new run, so the gradient all-reduce sums in another order and the resumed run is "
                 "not bit-exact with one that kept the old world size (the state loaded is the saved state).")  # fmt: skip
-    if not hasattr(ddp, "reducer") or (ddp.find_unused_parameters and not ddp.static_graph):
+    if not hasattr(ddp, "reducer") or _never_rebuilds(ddp):
         return None  # no buckets, or DDP never rebuilds them: the layout is a function of the model
     if doc is None:
         if world <= 2:

@@ -124,6 +124,11 @@ def _warnings_worker(rank: int, world: int) -> dict[str, Any]:
     static = DDP(_model(), static_graph=True)
     _train(static, range(1), rank)  # static graph: the rebuild follows the *second* backward
     restore("static_pending", DDP(_model(), static_graph=True), ddp_buckets.capture({"model": static}))
+    unused = DDP(_model(), find_unused_parameters=True)  # never rebuilds: nothing to save or restore
+    _train(unused, range(2), rank)
+    unused_saved = ddp_buckets.capture({"model": unused})
+    out["find_unused_saved"] = unused_saved["model"]
+    restore("find_unused", DDP(_model(), find_unused_parameters=True), unused_saved)
     try:
         ddp_buckets.restore({"model": DDP(_model())}, {"model": {"format": 1, "buckets": 3}}, saved_world=world,
                             rank=rank, where="ckpt/step_000000004")  # fmt: skip
@@ -152,6 +157,8 @@ def test_every_inexact_case_warns_once_on_rank_0_and_leaves_ddp_alone() -> None:
         assert r0[case]["unchanged"], f"{case}: DDP's reducer must be left as it is"
         assert all(res[case]["warnings"] == [] for res in results[1:]), f"{case}: warned on a rank other than 0"
     assert "ckpt/step_000000004" in r0["corrupt"] and "malformed" in r0["corrupt"]
+    assert r0["find_unused"]["warnings"] == [] and r0["find_unused"]["unchanged"]
+    assert r0["find_unused_saved"]["buckets"] == [] and not r0["find_unused_saved"]["rebuilt"]
     hooked = r0["python_comm_hook"]  # a hook from register_comm_hook survives the new reducer
     assert hooked["warnings"] == [] and hooked["hook"] == "allreduce_hook"
     assert hooked["layout"] == hooked["after_training"] == r0["saved"]

@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, store each JSON as results/<date>-<name>.json, draw plots.
 
-    python benchmarks/run_all.py [--only save,compress,s3,async,scaling,save_noop,async_sweep] [--quick]
+    python benchmarks/run_all.py [--only save,compress,s3,async,scaling,save_noop,ddp_step,cli_startup,async_sweep] [--quick]
 
 Each benchmark script prints one JSON document; see benchmarks/README.md for what each
 measures and which anchors it is compared with. ``--quick`` uses smaller states.
@@ -26,6 +26,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "scaling": (["bench_scaling.py"], ["bench_scaling.py", "--mb-per-rank", "32"]),
     "cli_startup": (["bench_cli_startup.py"], ["bench_cli_startup.py", "--rounds", "5"]),
     "save_noop": (["bench_save_noop.py"], ["bench_save_noop.py", "--rounds", "5"]),
+    "ddp_step": (["bench_ddp_step.py", "--steps", "50", "--rounds", "15"], ["bench_ddp_step.py", "--steps", "20", "--rounds", "5"]),
 }
 
 

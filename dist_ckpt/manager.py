@@ -16,6 +16,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
+from dist_ckpt import ddp_buckets
 from dist_ckpt import manifest as mf
 from dist_ckpt import rng
 from dist_ckpt.api import resolve_codec, save_to
@@ -181,7 +182,8 @@ class CheckpointManager(ManagerKeywords):
             self._progress = progress
             return False
         sd = state.state_dict()
-        sd[KEY] = replace(progress, objects=state.describe(), values=_values_of(state)).encode()
+        layouts = ddp_buckets.capture(state.models)  # may settle DDP's pending bucket rebuild (collective)
+        sd[KEY] = replace(progress, objects=state.describe(), values=_values_of(state), ddp_buckets=layouts).encode()
         sd[rng.PREFIX] = {rng.rank_key(self.rank): rng.capture()}
         commit_info = {
             "step": step,

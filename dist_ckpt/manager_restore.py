@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from dist_ckpt import rng
+from dist_ckpt import ddp_buckets, rng
 from dist_ckpt.api import load_from
 from dist_ckpt.checkpoint_view import CheckpointView
 from dist_ckpt.config import config_changes
@@ -119,6 +119,8 @@ def restore_state(mgr: CheckpointManager, state: TrainingState, which: Any) -> R
         if name in state.kinds and state.kinds[name] == "values":
             sd[name] = value
     state.load_state_dict(sd)
+    ddp_buckets.restore(state.models, progress.ddp_buckets, saved_world=meta.world_size, rank=mgr.rank,
+                        where=view.uri)  # before the first backward; may warn (rank 0)
     note_untracked_loader(bool(state.loaders), mgr.rank)
     if own_rng:
         rng.apply(sd[rng.PREFIX][rng.rank_key(mgr.rank)])

@@ -30,6 +30,7 @@ class Progress:
     config: Mapping[str, Any] | None = None
     objects: Mapping[str, str] = field(default_factory=dict)
     values: Mapping[str, Any] = field(default_factory=dict)
+    ddp_buckets: Mapping[str, Any] = field(default_factory=dict)  # dist_ckpt.ddp_buckets: layout per DDP module
 
     def observe(self, metrics: Mapping[str, float], modes: Mapping[str, str]) -> tuple[Progress, list[str]]:
         """Progress after reporting ``metrics``, and the tracked metrics that improved."""
@@ -56,6 +57,7 @@ class Progress:
             "config": dict(self.config) if self.config is not None else None,
             "objects": dict(self.objects),
             "values": dict(self.values),
+            "ddp_buckets": dict(self.ddp_buckets),
         }
         return json.dumps(json_values.to_json(doc, KEY))
 
@@ -72,6 +74,7 @@ class Progress:
             config=doc.get("config"),
             objects=doc.get("objects") or {},
             values=doc.get("values") or {},
+            ddp_buckets=doc.get("ddp_buckets") or {},
         )
 
 

@@ -8,10 +8,15 @@
 With ``--save-on-sigterm``, SIGTERM to any rank (or to torchrun) makes ``mgr.should_stop()``
 True on every rank: the loop saves the current step and exits with 143; ``--resume auto``
 continues from that step.
+
+DDP runs with its defaults; ``--bucket-cap-mb MB``, ``--gradient-as-bucket-view``,
+``--static-graph`` and ``--compile`` (``torch.compile`` of the DDP model) change them. A resume
+is bit-exact at any of them: the checkpoint carries DDP's gradient-bucket layout.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -32,16 +37,29 @@ def build_model() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 1))
 
 
-def wrap_ddp(model: nn.Module) -> nn.Module:
-    # DDP rebuilds its gradient buckets after a process's first backward, which changes the
-    # summation order of the all-reduce on more than 2 ranks: a resumed process would differ
-    # from the uninterrupted one in the last bit. Without bucket rebuilding (what
-    # find_unused_parameters=True implies) the order is fixed and resume is bit-exact.
-    return DDP(model, find_unused_parameters=True)
+def ddp_options(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """DDP's own flags (see the module docstring), split off before the shared ones are parsed."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--bucket-cap-mb", type=float, default=None)
+    p.add_argument("--gradient-as-bucket-view", action="store_true")
+    p.add_argument("--static-graph", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    return p.parse_known_args(sys.argv[1:] if argv is None else argv)
 
 
-def main(argv: list[str] | None = None, *, wrap: Callable[[nn.Module], nn.Module] = wrap_ddp, doc: str | None = None) -> None:
-    """The training loop; ``wrap`` makes the model distributed (DDP here, FSDP2 in train_fsdp.py)."""
+def wrap_ddp(model: nn.Module, opts: argparse.Namespace | None = None) -> nn.Module:
+    # DDP's defaults: dist_ckpt saves the gradient-bucket layout DDP settles on after its first
+    # backward and restores it, so a resumed run all-reduces in the same order (bit-exact).
+    opts = opts or ddp_options([])[0]
+    ddp = DDP(model, bucket_cap_mb=opts.bucket_cap_mb, gradient_as_bucket_view=opts.gradient_as_bucket_view,
+              static_graph=opts.static_graph)  # fmt: skip
+    return torch.compile(ddp) if opts.compile else ddp
+
+
+def main(argv: list[str] | None = None, *, wrap: Callable[[nn.Module], nn.Module] | None = None, doc: str | None = None) -> None:
+    """The training loop; ``wrap`` makes the model distributed (DDP by default, FSDP2 in train_fsdp.py)."""
+    opts, argv = ddp_options(argv)
+    wrap = wrap or (lambda model: wrap_ddp(model, opts))
     args = common.parse_args(doc or __doc__ or "", argv)
     rank, world = common.init_distributed()
     torch.manual_seed(args.seed)

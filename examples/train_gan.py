@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     gen = nn.Sequential(nn.Linear(NOISE, 32), nn.ReLU(), nn.Linear(32, 16))
     disc = nn.Sequential(nn.Linear(16, 32), nn.LeakyReLU(0.2), nn.Dropout(0.1), nn.Linear(32, 1))
     if dist.is_initialized():
-        gen, disc = DDP(gen, find_unused_parameters=True), DDP(disc, find_unused_parameters=True)  # see train_ddp.py
+        gen, disc = DDP(gen), DDP(disc)
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.999))
     sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=0.99)

@@ -9,6 +9,8 @@ it prints one JSON object and commits nothing by itself. Sections:
   GPU machine, a job on ``cuda:0`` only, and — for comparison — what
   ``torch.cuda.get_rng_state_all()`` (the former capture) costs.
 - ``rng``: every visible device's generator is captured by a save and restored exactly.
+- ``nccl_single_rank``: one torchrun rank on NCCL — async saves, saves that are not due (the
+  decision broadcast on the CUDA device), a restore that gives back exactly what was saved.
 - ``pinned_staging``: async saves of CUDA tensors stage into one pinned buffer, reused.
 - ``stall``: async-save stall of CUDA tensors (2nd+ saves, interleaved rounds) vs
   ``dcp.async_save`` with a reused pinned ``DefaultStager`` (blocking and async staging) and the
@@ -37,6 +39,53 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MiB = 1 << 20
+
+
+def _child_nccl() -> None:
+    """One torchrun rank on NCCL: async saves of CUDA tensors, no-op saves (the decision
+    broadcast goes to the CUDA device NCCL needs), a restore, exactness of what came back."""
+    import torch
+    import torch.distributed as dist
+
+    from dist_ckpt import CheckpointManager
+
+    dist.init_process_group("nccl")
+    torch.cuda.set_device(0)
+    model = torch.nn.Linear(256, 256).cuda()
+    opt = torch.optim.AdamW(model.parameters())
+    with tempfile.TemporaryDirectory() as root:
+        mgr = CheckpointManager(root, async_save=True, save_every_n_steps=3, best={"loss": "min"})
+        state = mgr.track(model=model, optimizer=opt)
+        saved = []
+        for step in range(7):
+            loss = model(torch.randn(8, 256, device="cuda")).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            saved.append(mgr.save(step, state, metrics={"loss": 1.0 + step}))  # worse each step
+        mgr.wait()
+        expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        info = mgr.restore(state)
+        exact = all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+        mgr.close()
+    dist.destroy_process_group()
+    print(json.dumps({"saved": saved, "restored_step": info.step if info else None, "exact": exact}))
+
+
+def nccl_single_rank() -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", __file__, "--child-nccl"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+    )
+    if proc.returncode != 0:
+        return {"error": (proc.stdout + proc.stderr)[-3000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _nvml_memory() -> list[dict[str, Any]]:
@@ -295,7 +344,11 @@ def main() -> None:
     parser.add_argument("--state-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--child-context", help=argparse.SUPPRESS)
+    parser.add_argument("--child-nccl", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_nccl:
+        _child_nccl()
+        return
     if args.child_context:
         print(json.dumps(_child_context_case(args.child_context)))
         return
@@ -308,6 +361,7 @@ def main() -> None:
     sections = [
         ("contexts", contexts),
         ("rng", rng_roundtrip),
+        ("nccl_single_rank", nccl_single_rank),
         ("stall", lambda: stall_and_staging(args.state_mib * MiB, args.rounds)),
         ("compute_overlap", lambda: compute_overlap(args.state_mib * MiB, 5)),
     ]

@@ -197,21 +197,19 @@ def _median(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def _patch_dcp_stager(stager: Any) -> bool:
-    """Make torch 2.11's DefaultStager copy a plain dict of CUDA tensors; True when patched.
+def _usable_stager(stagers: dict[str, Any], name: str, make: Any, self_closing: set[str]) -> Any:
+    """The stager to use for this save: the reused one, or a new one where DCP closed it.
 
-    Seen on the GPU machine (torch 2.11.0+cu130): its deep copy reaches ``dict`` through
-    ``__reduce_ex__`` and then looks up ``type`` in a dispatch table that lacks it (KeyError:
-    <class 'type'>), so every ``async_save`` with it fails. Classes are atomic for a deep copy,
-    as in ``copy.deepcopy``; adding that entry is the whole patch, so the peer is measured as
-    its authors intend rather than skipped."""
-    import copy
-
-    table = getattr(getattr(stager, "_state_dict_stager", None), "_deepcopy_dispatch", None)
-    if table is None or type in table:
-        return False
-    table[type] = copy._deepcopy_atomic
-    return True
+    Seen on the GPU machine (torch 2.11.0+cu130): ``DefaultStager._stage`` calls
+    ``StateDictStager.close()`` after every stage, which empties its deep-copy dispatch table
+    and storage cache, so a reused stager fails on its second save (KeyError: <class 'type'>).
+    torch 2.13 keeps the stager usable. Where it closed itself, a fresh stager per save is the
+    best configuration that DCP version allows (its caches are dropped either way)."""
+    stager = stagers[name]
+    if not stager._state_dict_stager._deepcopy_dispatch:
+        stager = stagers[name] = make()
+        self_closing.add(name)
+    return stager
 
 
 def stall_and_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
@@ -240,15 +238,16 @@ def stall_and_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
 
     mgr = CheckpointManager(str(work / "ours"), async_save=True, keep_last=1)
     state = mgr.track(model=model)
-    stagers = {
-        "dcp_blocking_staging": DefaultStager(
+    makers = {
+        "dcp_blocking_staging": lambda: DefaultStager(
             StagingOptions(use_pinned_memory=True, use_shared_memory=False, use_async_staging=False)
         ),
-        "dcp_async_staging": DefaultStager(
+        "dcp_async_staging": lambda: DefaultStager(
             StagingOptions(use_pinned_memory=True, use_shared_memory=False, use_async_staging=True)
         ),
     }
-    patched = [_patch_dcp_stager(stager) for stager in stagers.values()]
+    stagers = {name: make() for name, make in makers.items()}
+    self_closing: set[str] = set()
     timings: dict[str, list[float]] = {"ours": [], "ours_to_commit": [], "floor": []}
     timings.update({name: [] for name in stagers})
     timings.update({f"{name}_to_commit": [] for name in stagers})
@@ -263,7 +262,8 @@ def stall_and_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
         timings_this["ours_to_commit"] = time.perf_counter() - t0
         buffer = mgr._engine.stager.buffer  # the reused staging buffer (test-only peek)
         buffers.append({"data_ptr": buffer.data_ptr(), "pinned": bool(buffer.is_pinned())})
-        for name, stager in stagers.items():
+        for name in list(stagers):
+            stager = _usable_stager(stagers, name, makers[name], self_closing)
             target = work / f"{name}_{step}"
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -292,7 +292,7 @@ def stall_and_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
         "seconds": summary,
         "ours_stall_vs_floor": ours / floor,
         "ours_stall_vs_dcp": {name: ours / summary[name]["median"] for name in stagers},
-        "dcp_stager_patched": any(patched),
+        "dcp_stagers_closed_after_each_save": sorted(self_closing),
         "pinned_staging": {
             "pinned_every_save": all(b["pinned"] for b in buffers),
             "same_buffer_every_save": len({b["data_ptr"] for b in buffers}) == 1,

@@ -48,7 +48,8 @@ def _layouts(run: Path) -> dict:
     return dict(Progress.decode(holder[KEY], str(run)).ddp_buckets)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# "defaults" runs in `make test`; the other variants are marked slow (.ci/run runs them after it)
+@pytest.mark.parametrize("variant", [v if v == "defaults" else pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS])
 def test_killed_and_resumed_ddp_run_at_4_ranks_is_bit_identical(variant: str, tmp_path: Path) -> None:
     (script, flags), log = VARIANTS[variant], tmp_path / "log"
     a, b = tmp_path / "a", tmp_path / "b"

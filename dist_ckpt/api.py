@@ -20,7 +20,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 from dist_ckpt.checkpoint_files import split_checkpoint_uri  # noqa: F401 (re-exported: torch-free home)
 from dist_ckpt.dcp_errors import raise_from_dcp, unwrap  # noqa: F401 (unwrap re-exported)
 from dist_ckpt.errors import ConfigError
-from dist_ckpt.format.metadata_json import CheckpointMetadata
 from dist_ckpt.format.shard import ChunkCodec
 from dist_ckpt.lock_fence import Fence
 from dist_ckpt.planner import JsonLoadPlanner, JsonSavePlanner
@@ -86,12 +85,9 @@ def load_from(
     allow_partial_load: bool = False,
     process_group: dist.ProcessGroup | None = None,
     incompatible_hint: str | None = None,
-    metadata: CheckpointMetadata | None = None,
 ) -> None:
-    """``incompatible_hint`` replaces the advice an :class:`IncompatibleCheckpoint` ends with;
-    ``metadata`` is the checkpoint's metadata.json when the caller has read it already."""
+    """``incompatible_hint`` replaces the advice an :class:`IncompatibleCheckpoint` ends with."""
     reader = DistCkptReader(backend, prefix)
-    reader.checkpoint = metadata
     # Read (and check) metadata.json up front: inside dcp.load a failing read_metadata is
     # logged, retried as "rank-local metadata" and replaced by a bare AssertionError, which
     # would hide CheckpointNotFound / CorruptCheckpoint. The reader caches the result.

@@ -113,7 +113,7 @@ def restore_state(mgr: CheckpointManager, state: TrainingState, which: Any) -> R
     own_rng = f"{rng.PREFIX}.{rng.rank_key(mgr.rank)}.torch" in meta.tensors
     if own_rng:
         sd[rng.PREFIX] = {rng.rank_key(mgr.rank): rng.template(meta.tensors, mgr.rank)}
-    load_from(backend, prefix, sd, process_group=mgr._pg, incompatible_hint=note + DEFAULT_HINT, metadata=meta)
+    load_from(backend, prefix, sd, process_group=mgr._pg, incompatible_hint=note + DEFAULT_HINT)
     progress = Progress.decode(sd.pop(KEY), view.uri)
     for name, value in progress.values.items():
         if name in state.kinds and state.kinds[name] == "values":
@@ -169,7 +169,6 @@ def load_model_weights(mgr: CheckpointManager, module: nn.Module, which: Any, na
         )
     sd = {name: {k: v for k, v in wanted.items() if k in stored}}
     strict_note = "" if strict else "strict=False skips missing and unexpected keys, not shape mismatches. "
-    load_from(backend, prefix, sd, process_group=mgr._pg, incompatible_hint=note + strict_note + "Shapes must agree.",
-              metadata=view.meta)  # fmt: skip
+    load_from(backend, prefix, sd, process_group=mgr._pg, incompatible_hint=note + strict_note + "Shapes must agree.")
     set_model_state_dict(module, sd[name], options=StateDictOptions(strict=strict))
     return LoadedWeights(progress.step, missing, unexpected, view.uri)

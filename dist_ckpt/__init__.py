@@ -29,6 +29,7 @@ from dist_ckpt.errors import (
 if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imports them
     from dist_ckpt.api import load, save
     from dist_ckpt.config import ManagerConfig
+    from dist_ckpt.importers import ImportResult, import_checkpoint
     from dist_ckpt.manager import CheckpointInfo, CheckpointManager, LoadedWeights, ResumeInfo
     from dist_ckpt.resume_flags import add_checkpoint_args
     from dist_ckpt.state import TrainingState
@@ -40,6 +41,8 @@ _LAZY = {
     "load": "dist_ckpt.api",
     "save": "dist_ckpt.api",
     "ManagerConfig": "dist_ckpt.config",
+    "ImportResult": "dist_ckpt.importers",
+    "import_checkpoint": "dist_ckpt.importers",
     "CheckpointInfo": "dist_ckpt.manager",
     "CheckpointManager": "dist_ckpt.manager",
     "LoadedWeights": "dist_ckpt.manager",
@@ -80,6 +83,8 @@ __all__ = [
     "UnsupportedValue",
     "__version__",
     "add_checkpoint_args",
+    "import_checkpoint",
+    "ImportResult",
     "load",
     "save",
 ]

@@ -1,4 +1,4 @@
-"""The ``dist-ckpt`` command line: list, inspect, verify, export, prune, gc, copy, diff.
+"""The ``dist-ckpt`` command line: list, inspect, verify, export, prune, gc, copy, diff, import.
 
 Every subcommand takes run roots and checkpoint folders as local paths or ``s3://`` URIs.
 Errors the library raises on purpose (:class:`~dist_ckpt.errors.CheckpointError`) and storage
@@ -79,7 +79,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from dist_ckpt import __version__
-    from dist_ckpt.cli import copy, diff, export, inspect, listing, maintenance, verify
+    from dist_ckpt.cli import copy, diff, export, import_cmd, inspect, listing, maintenance, verify
 
     parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="count", default=0, help="log what is done (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for module in (listing, inspect, verify, export, maintenance, copy, diff):
+    for module in (listing, inspect, verify, export, maintenance, copy, diff, import_cmd):
         module.register(sub, common)
     return parser
 

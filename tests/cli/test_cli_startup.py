@@ -42,7 +42,7 @@ def test_reading_and_maintenance_commands_do_not_import_torch(run_copy: Run, tmp
         ("copy", run_copy.root, tmp_path / "copied"),
         ("gc", run_copy.root, "--dry-run"),
         ("prune", run_copy.root, "--keep-last", "3", "--dry-run"),
-        *[(command, "--help") for command in ("list", "inspect", "verify", "export", "prune", "gc", "copy", "diff")],
+        *[(command, "--help") for command in ("list", "inspect", "verify", "export", "prune", "gc", "copy", "diff", "import")],
     ]
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda c: _importtime(*c), commands))

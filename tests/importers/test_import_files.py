@@ -143,3 +143,15 @@ def test_cli_import_and_its_refusals(tmp_path: Path, capsys: pytest.CaptureFixtu
     with CheckpointManager(str(tmp_path / "run"), read_only=True) as mgr:
         assert int(mgr.load_weights(fresh)) == 5
     assert_bit_identical(fresh.state_dict(), src.state_dict())
+
+
+def test_import_into_an_s3_run_and_restore_from_it(tmp_path: Path, s3_uri: str) -> None:
+    src = _model(0)
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    result = dist_ckpt.import_checkpoint(str(tmp_path / "w.pt"), s3_uri, step=3)
+    assert result.uri == f"{s3_uri}/step_000000003"
+    restored = _model(1)
+    with CheckpointManager(s3_uri, read_only=True) as mgr:
+        assert [c.step for c in mgr.checkpoints()] == [3]
+        assert mgr.restore(mgr.track(model=restored)).step == 3
+    assert_bit_identical(restored.state_dict(), src.state_dict())

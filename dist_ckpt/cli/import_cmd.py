@@ -15,7 +15,8 @@ SRC (a local path) is one of:
   a DCP checkpoint folder   .metadata + *.distcp (torch.distributed.checkpoint's FileSystemWriter,
                             any world size: FSDP/DTensor shards are assembled). Its top-level names
                             stay ({"model": ..., "optim": ...} -> track(model=..., optim=...));
-                            --name NAME puts a bare dcp.save(model.state_dict()) under NAME
+                            --name NAME puts a bare dcp.save(model.state_dict()) under NAME;
+                            --key app takes {"app": AppState(...)}'s app.* keys as *
   a torch.save file         .pt/.pth/.bin/.ckpt/.tar (or --format torch): a model state dict,
                             or --key ENTRY of a dict that holds one; imported under --name (model)
   a Hugging Face folder     config.json + model.safetensors, or model.safetensors.index.json and
@@ -44,7 +45,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("dcp", "torch", "hf", "safetensors"), help="the source format (default: detected)")
     p.add_argument("--name", metavar="NAME", help="the tracked name the weights go under (default: model; a DCP "
                    "folder keeps its own top-level names unless given)")  # fmt: skip
-    p.add_argument("--key", metavar="ENTRY", help="torch.save: the entry holding the state dict (dotted: a.b)")
+    p.add_argument("--key", metavar="ENTRY", help="torch.save: the entry holding the state dict (dotted: a.b); "
+                   "DCP: the key prefix to take and strip (app: app.model.* -> model.*)")  # fmt: skip
     p.add_argument("--compression", choices=("none", "zstd"), default="none", help="codec of the new checkpoint")
     p.add_argument("--json", action="store_true", help="print what was imported as JSON")
     add_flag(p)

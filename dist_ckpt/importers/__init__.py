@@ -56,14 +56,14 @@ def read_source(src: str, *, format: str | None = None, name: str | None = None,
     if format is not None and format not in FORMATS:
         raise ConfigError(f"format={format!r}: expected one of {', '.join(FORMATS)} (or None to detect it)")
     kind = format or _detect(path)
-    if key is not None and kind != "torch":
-        raise ConfigError(f"key={key!r} (--key) selects an entry of a torch.save file; {path} is read as {kind}")
+    if key is not None and kind not in ("torch", "dcp"):
+        raise ConfigError(f"key={key!r} (--key) selects an entry of a torch.save file or DCP folder; {path} is read as {kind}")
     if kind == "dcp":
         from dist_ckpt.importers.dcp_folder import is_dcp_folder, read_dcp_folder
 
         if not is_dcp_folder(path):
             raise ConfigError(f"{path}: not a DCP checkpoint folder (no .metadata file in it)")
-        return read_dcp_folder(path, name)
+        return read_dcp_folder(path, name, key)
     if kind == "torch":
         from dist_ckpt.importers.torch_file import read_torch_file
 
@@ -102,7 +102,9 @@ def import_checkpoint(
     for torch/HF/safetensors (``mgr.track(model=...)``); a DCP checkpoint keeps its own
     top-level names (``{"model": ..., "optim": ...}`` → ``track(model=..., optim=...)``)
     unless ``name`` is given (for a ``dcp.save(model.state_dict())`` folder). ``key``: the
-    entry of a ``torch.save`` dict that holds the state dict (``"model"``, ``"state_dict"``).
+    entry of a ``torch.save`` dict that holds the state dict (``"model"``, ``"state_dict"``),
+    or the prefix of a DCP checkpoint's keys to take and strip (``"app"`` for the DCP
+    tutorial's ``{"app": AppState(model, optimizer)}``: ``app.model.*`` → ``model.*``).
 
     The source is read whole and checked before anything is written; then the run's writer
     lock is taken and the step committed with the library's protocol (never overwriting a

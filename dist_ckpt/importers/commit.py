@@ -34,7 +34,9 @@ class ImportResult:
 
 
 def _check_keys(state: ImportedState) -> None:
-    loose = sorted(k for k in state.entries if "." not in k)
+    # a tracked name is a keyword of track(): "0.weight" or a key without a dot comes from a
+    # bare model state dict (dcp.save(model.state_dict())), which needs --name
+    loose = sorted(k for k in state.entries if "." not in k or not k.partition(".")[0].isidentifier())
     if loose:
         raise ConfigError(
             f"{state.source}: keys {loose[:5]} are not under an object name (a state dict saved without "

@@ -94,9 +94,19 @@ def _tensor(md: TensorStorageMetadata, fqn: str, meta: Any, payloads: _Payloads,
     return full
 
 
-def read_dcp_folder(path: str, name: str | None = None) -> ImportedState:
+def _select(meta: Any, key: str, where: str) -> None:
+    """Keep only the keys under ``key.`` (``--key app``), in place; read nothing else."""
+    head = key + "."
+    tops = sorted({k.partition(".")[0] for k in meta.state_dict_metadata})
+    meta.state_dict_metadata = {k: v for k, v in meta.state_dict_metadata.items() if k.startswith(head)}
+    if not meta.state_dict_metadata:
+        raise ConfigError(f"{where}: no key starts with {head!r} (--key {key}); its top-level names are {tops[:8]}")
+
+
+def read_dcp_folder(path: str, name: str | None = None, key: str | None = None) -> ImportedState:
     """Every tensor (assembled whole) and value of the DCP checkpoint in folder ``path``; keys
-    are DCP's flattened keys, under ``name`` when given."""
+    are DCP's flattened keys — only those under ``key.``, with that prefix stripped, when
+    ``key`` is given — under ``name`` when given."""
     where = os.path.join(path, METADATA_FILE)
     try:
         with open(where, "rb") as f:
@@ -104,6 +114,8 @@ def read_dcp_folder(path: str, name: str | None = None) -> ImportedState:
     except OSError as e:
         raise CorruptCheckpoint(f"{where}: cannot read it ({e.strerror or e})") from e
     meta = read_dcp_metadata(data, where)
+    if key is not None:
+        _select(meta, key, where)
     payloads = _Payloads(path)
     entries: dict[str, Any] = {}
     try:
@@ -123,6 +135,8 @@ def read_dcp_folder(path: str, name: str | None = None) -> ImportedState:
         payloads.close()
     if not entries:
         raise CorruptCheckpoint(f"{where}: the checkpoint holds no tensors or values")
+    if key is not None:
+        entries = {k[len(key) + 1 :]: v for k, v in entries.items()}
     entries = prefixed(entries, name)
     keys = list(entries)
     return ImportedState(path, "dcp", entries, guess_objects(keys, {k: isinstance(entries[k], torch.Tensor) for k in keys}))

@@ -148,3 +148,37 @@ def test_damaged_dcp_folders_are_refused_naming_the_file(small_dcp: Path, tmp_pa
     with pytest.raises(CorruptCheckpoint, match=f"{broken}/__0_0.distcp: .* is recorded at bytes"):
         dist_ckpt.import_checkpoint(str(broken), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_dcp_key_layouts_bare_state_dict_and_app_state(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from dist_ckpt.errors import ConfigError
+
+    model = workers.build_model(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    workers.train(model, opt, 0)
+    msd, osd = get_state_dict(model, opt)
+    bare, app = tmp_path / "bare", tmp_path / "app"
+    dcp.save(model.state_dict(), checkpoint_id=str(bare), no_dist=True)  # keys "0.weight", ...
+    dcp.save({"app": {"model": msd, "optim": osd}}, checkpoint_id=str(app), no_dist=True)  # the DCP tutorial's AppState
+
+    with pytest.raises(ConfigError, match=r"keys \['0.bias'.* are not under an object name.*--name model"):
+        dist_ckpt.import_checkpoint(str(bare), str(tmp_path / "run1"))
+    dist_ckpt.import_checkpoint(str(bare), str(tmp_path / "run1"), name="model")
+    restored = workers.build_model(1)
+    with CheckpointManager(str(tmp_path / "run1"), read_only=True) as mgr:
+        mgr.restore(mgr.track(model=restored))
+    assert_bit_identical(restored.state_dict(), model.state_dict())
+
+    with pytest.raises(ConfigError, match=r"no key starts with 'nope.' .*\['app'\]"):
+        dist_ckpt.import_checkpoint(str(app), str(tmp_path / "run2"), key="nope")
+    result = dist_ckpt.import_checkpoint(str(app), str(tmp_path / "run2"), key="app")
+    assert result.objects == {"model": "model", "optim": "optimizer"}
+    m2 = workers.build_model(2)
+    o2 = torch.optim.AdamW(m2.parameters(), lr=0.5)
+    with CheckpointManager(str(tmp_path / "run2"), read_only=True) as mgr:
+        mgr.restore(mgr.track(model=m2, optim=o2))
+    got = get_state_dict(m2, o2, options=StateDictOptions(full_state_dict=True))
+    want = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    assert_bit_identical({"model": got[0], "optim": got[1]}, {"model": want[0], "optim": want[1]})

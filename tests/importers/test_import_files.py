@@ -71,8 +71,13 @@ def test_hugging_face_minilm_folder_imports_and_loads_bit_identical(tmp_path: Pa
 
     folder = minilm_folder()
     ref = load_file(str(folder / "model.safetensors"))
-    result = dist_ckpt.import_checkpoint(str(folder), str(tmp_path / "run"))
+    result = dist_ckpt.import_checkpoint(str(folder), str(tmp_path / "run"), compression="zstd")
     assert (result.format, result.step, result.tensors) == ("hf", 0, len(ref))
+    from dist_ckpt.cli import main
+
+    # and back out: dist-ckpt export gives the Hugging Face file it came from, tensor for tensor
+    assert main(["export", result.uri, str(tmp_path / "exported")]) == 0
+    assert_bit_identical(load_file(str(tmp_path / "exported" / "model.safetensors")), ref)
     model = BertModel(BertConfig.from_pretrained(str(folder)))
     with CheckpointManager(str(tmp_path / "run"), read_only=True) as mgr:
         loaded = mgr.load_weights(model, strict=False)

@@ -83,6 +83,8 @@ def main() -> None:
                               callbacks=callbacks, checkpoint_root=a.root)  # fmt: skip
     resume = {None: None, "true": True}.get(a.resume, a.resume)
     trainer.train(resume_from_checkpoint=resume)
+    if not trainer.is_world_process_zero():  # under torchrun: rank 0 writes the result
+        return
     out = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     for i, (param, st) in enumerate(trainer.optimizer.optimizer.state.items()):
         for k, v in st.items():

@@ -3,8 +3,8 @@
 with weights and optimizer state bit-identical to an uninterrupted run.
 
 The slow tests SIGKILL a real subprocess (``_hf_job.py``): BertForSequenceClassification on the
-all-MiniLM-L6-v2 weights from a local run root, and a small BERT from an ``s3://`` run on
-SeaweedFS. The fast test runs in this process and stops training with an exception instead.
+all-MiniLM-L6-v2 weights from a local run root, a small BERT from an ``s3://`` run on
+SeaweedFS, and a small BERT under DDP on 2 ranks (torchrun, gloo). The fast test runs in this process and stops training with an exception instead.
 Determinism settings they rely on: ``seed``, ``data_seed``, ``dataloader_num_workers=0`` and
 Trainer's defaults (seedable sampler, ``ignore_data_skip=False``); no ``full_determinism``.
 """
@@ -27,8 +27,9 @@ from dist_ckpt.errors import CheckpointNotFound, ConfigError
 JOB = Path(__file__).parent / "_hf_job.py"
 
 
-def _job(tmp: Path, root: str, name: str, *extra: str, tiny: bool) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, str(JOB), "--root", root, "--output-dir", str(tmp / f"hf-{name}"),
+def _job(tmp: Path, root: str, name: str, *extra: str, tiny: bool, nproc: int = 1) -> subprocess.CompletedProcess[str]:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, str(JOB), "--root", root, "--output-dir", str(tmp / f"hf-{name}"),
            "--out", str(tmp / f"{name}.safetensors"), "--steps", "10", "--save-steps", "4", *extra]  # fmt: skip
     if tiny:
         cmd.append("--tiny")
@@ -43,15 +44,18 @@ def _assert_same_final_state(a: Path, b: Path) -> None:
     assert not differ, f"{len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:5]}"
 
 
-def _kill_and_resume(tmp: Path, root_a: str, root_b: str, *, tiny: bool, resume: str) -> None:
-    full = _job(tmp, root_a, "a", tiny=tiny)
+def _kill_and_resume(tmp: Path, root_a: str, root_b: str, *, tiny: bool, resume: str, nproc: int = 1) -> None:
+    full = _job(tmp, root_a, "a", tiny=tiny, nproc=nproc)
     assert full.returncode == 0, full.stderr[-4000:]
-    killed = _job(tmp, root_b, "b", "--kill-at", "7", tiny=tiny)  # saves at 4 (mid-epoch 1 of 6 steps each)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    # saved at 4: mid-epoch (6 steps per epoch, 3 on 2 ranks); killed at the end of step 7
+    killed = _job(tmp, root_b, "b", "--kill-at", "7", tiny=tiny, nproc=nproc)
+    # every rank SIGKILLs itself; torchrun reports the failed workers with exit status 1
+    assert killed.returncode == (-signal.SIGKILL if nproc == 1 else 1), killed.stderr[-4000:]
+    assert nproc == 1 or "Signal 9 (SIGKILL)" in killed.stderr, killed.stderr[-4000:]
     assert not (tmp / "b.safetensors").exists()
     with CheckpointManager(root_b, read_only=True) as mgr:
         assert [c.step for c in mgr.checkpoints()] == [4]
-    resumed = _job(tmp, root_b, "b", "--resume", resume, tiny=tiny)
+    resumed = _job(tmp, root_b, "b", "--resume", resume, tiny=tiny, nproc=nproc)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     _assert_same_final_state(tmp / "a.safetensors", tmp / "b.safetensors")
     with CheckpointManager(root_b, read_only=True) as mgr:  # save_total_limit=2 -> keep_last=2
@@ -67,6 +71,11 @@ def test_minilm_fine_tune_sigkilled_and_resumed_is_bit_identical(tmp_path: Path)
 def test_resume_from_an_s3_run_after_sigkill(tmp_path: Path, s3_uri: str) -> None:
     # resume_from_checkpoint names the s3:// run root, as a path to checkpoint-N would be
     _kill_and_resume(tmp_path, str(tmp_path / "run-a"), s3_uri, tiny=True, resume=s3_uri)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_ranks_under_torchrun_sigkilled_and_resumed(tmp_path: Path) -> None:
+    _kill_and_resume(tmp_path, str(tmp_path / "run-a"), str(tmp_path / "run-b"), tiny=True, resume="true", nproc=2)
 
 
 # -- in process (default run) -------------------------------------------------------------------

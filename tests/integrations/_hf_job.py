@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--kill-at", type=int)
     p.add_argument("--resume")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--async-save", action="store_true", help="checkpoint_options={'async_save': True, 'compression': 'zstd'}")
     a = p.parse_args()
     set_seed(0)
     model = build_model(a.tiny)
@@ -80,7 +81,8 @@ def main() -> None:
                              dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
     callbacks = [KillAt(a.kill_at)] if a.kill_at else []
     trainer = DistCkptTrainer(model=model, args=args, train_dataset=Tokens(model.config.vocab_size),
-                              callbacks=callbacks, checkpoint_root=a.root)  # fmt: skip
+                              callbacks=callbacks, checkpoint_root=a.root,
+                              checkpoint_options={"async_save": True, "compression": "zstd"} if a.async_save else None)  # fmt: skip
     resume = {None: None, "true": True}.get(a.resume, a.resume)
     trainer.train(resume_from_checkpoint=resume)
     if not trainer.is_world_process_zero():  # under torchrun: rank 0 writes the result

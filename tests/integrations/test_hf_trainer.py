@@ -44,18 +44,19 @@ def _assert_same_final_state(a: Path, b: Path) -> None:
     assert not differ, f"{len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:5]}"
 
 
-def _kill_and_resume(tmp: Path, root_a: str, root_b: str, *, tiny: bool, resume: str, nproc: int = 1) -> None:
-    full = _job(tmp, root_a, "a", tiny=tiny, nproc=nproc)
+def _kill_and_resume(tmp: Path, root_a: str, root_b: str, *, tiny: bool, resume: str, nproc: int = 1,
+                     options: tuple[str, ...] = ()) -> None:  # fmt: skip
+    full = _job(tmp, root_a, "a", *options, tiny=tiny, nproc=nproc)
     assert full.returncode == 0, full.stderr[-4000:]
     # saved at 4: mid-epoch (6 steps per epoch, 3 on 2 ranks); killed at the end of step 7
-    killed = _job(tmp, root_b, "b", "--kill-at", "7", tiny=tiny, nproc=nproc)
+    killed = _job(tmp, root_b, "b", "--kill-at", "7", *options, tiny=tiny, nproc=nproc)
     # every rank SIGKILLs itself; torchrun reports the failed workers with exit status 1
     assert killed.returncode == (-signal.SIGKILL if nproc == 1 else 1), killed.stderr[-4000:]
     assert nproc == 1 or "Signal 9 (SIGKILL)" in killed.stderr, killed.stderr[-4000:]
     assert not (tmp / "b.safetensors").exists()
     with CheckpointManager(root_b, read_only=True) as mgr:
         assert [c.step for c in mgr.checkpoints()] == [4]
-    resumed = _job(tmp, root_b, "b", "--resume", resume, tiny=tiny, nproc=nproc)
+    resumed = _job(tmp, root_b, "b", "--resume", resume, *options, tiny=tiny, nproc=nproc)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     _assert_same_final_state(tmp / "a.safetensors", tmp / "b.safetensors")
     with CheckpointManager(root_b, read_only=True) as mgr:  # save_total_limit=2 -> keep_last=2
@@ -69,8 +70,9 @@ def test_minilm_fine_tune_sigkilled_and_resumed_is_bit_identical(tmp_path: Path)
 
 @pytest.mark.slow
 def test_resume_from_an_s3_run_after_sigkill(tmp_path: Path, s3_uri: str) -> None:
-    # resume_from_checkpoint names the s3:// run root, as a path to checkpoint-N would be
-    _kill_and_resume(tmp_path, str(tmp_path / "run-a"), s3_uri, tiny=True, resume=s3_uri)
+    # resume_from_checkpoint names the s3:// run root, as a path to checkpoint-N would be;
+    # checkpoint_options={"async_save": True, "compression": "zstd"} in all three runs
+    _kill_and_resume(tmp_path, str(tmp_path / "run-a"), s3_uri, tiny=True, resume=s3_uri, options=("--async-save",))
 
 
 @pytest.mark.slow

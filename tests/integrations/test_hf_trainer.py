@@ -143,3 +143,19 @@ def test_load_best_model_at_end_is_refused_with_the_alternative(tmp_path: Path) 
     with pytest.raises(ConfigError, match=r"load_best_model_at_end is not supported.*load_weights"):
         _trainer(tmp_path, tmp_path / "a", load_best_model_at_end=True, eval_strategy="steps", eval_steps=2,
                  metric_for_best_model="loss")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_save_total_limit_and_metric_for_best_model_become_keep_last_and_a_best_pointer(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, tmp_path / "run", max_steps=6, save_total_limit=1, eval_strategy="steps",
+                       eval_steps=2, metric_for_best_model="loss")  # fmt: skip
+    trainer.train()
+    evals = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
+    assert sorted(evals) == [2, 4, 6]
+    best = min(evals, key=lambda s: (evals[s], s))
+    with CheckpointManager(str(tmp_path / "run"), read_only=True) as mgr:
+        infos = mgr.checkpoints()
+    kept = {c.step: c for c in infos}
+    assert set(kept) == {6, best}  # keep_last=1, plus the best pointer's checkpoint
+    assert "last" in kept[6].pointers and "best:eval_loss" in kept[best].pointers
+    assert kept[best].metrics["eval_loss"] == pytest.approx(evals[best])

@@ -27,7 +27,7 @@ What a checkpoint holds: the model (``model_wrapped``: plain, DDP or FSDP2), the
 callbacks), and every rank's RNG states. Pinned to transformers 5.24 (the private methods
 overridden here). Not covered: ``load_best_model_at_end`` (refused; use
 ``CheckpointManager(root, read_only=True).load_weights(model, which="best:eval_loss")``),
-DeepSpeed, and GradScaler state (AMP on GPU).
+DeepSpeed, GradScaler state (AMP on GPU), ``push_to_hub`` of checkpoints, ``save_only_model``.
 """
 
 from __future__ import annotations

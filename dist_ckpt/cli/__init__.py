@@ -39,7 +39,7 @@ EXIT_CONFLICT = 6  # the destination step is already committed (copy), or a live
 EXIT_INTERRUPTED = 130
 
 DESCRIPTION = """\
-Inspect, verify, export and maintain dist_ckpt checkpoints on local disk, NFS or S3.
+Inspect, verify, export, import and maintain dist_ckpt checkpoints on local disk, NFS or S3.
 RUN is a run root (the folder holding manifest.json and step_* folders); CKPT is one
 checkpoint folder (RUN/step_000001000). Both may be local paths or s3://bucket/prefix URIs
 (S3 credentials and endpoint come from the standard AWS configuration, e.g.

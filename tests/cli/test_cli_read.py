@@ -181,7 +181,7 @@ def test_help_documents_exit_codes_and_examples():
     top = parser.format_help()
     assert "exit status:" in top and all(f"  {code}    " in top for code in range(7))
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    assert set(sub.choices) == {"list", "inspect", "verify", "export", "prune", "gc", "copy", "diff"}
+    assert set(sub.choices) == {"list", "inspect", "verify", "export", "prune", "gc", "copy", "diff", "import"}
     for name, p in sub.choices.items():
         text = p.format_help()
         assert "examples:" in text and f"dist-ckpt {name} " in text, name

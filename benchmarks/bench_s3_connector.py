@@ -10,7 +10,8 @@ back (checked bit for bit); the side that goes first alternates from round to ro
 Per side and operation: wall seconds and client CPU seconds (user + system of the client
 process, all its threads; not the server's), as the median and [min, max] over the rounds.
 ``ratios_dist_ckpt_over_s3torchconnector`` divides medians (< 1: dist_ckpt faster / cheaper);
-``paired_ratio_median`` is the median of the per-round ratios. ``targets`` are issue 15's:
+``paired_ratio_median`` is the median of the per-round ratios. ``server_cpu_s`` (the weed
+process's CPU around each call) is for information: here client and server share two cores. ``targets`` are issue 15's:
 save and load wall <= 0.9x, client CPU <= 1.0x. Prints one JSON document; ``--out`` also
 writes it. Usage::
 
@@ -77,6 +78,12 @@ class Worker:
                 self.proc.wait()
 
 
+def server_cpu_seconds(pid: int) -> float:
+    """user + system CPU of the server process (weed runs as one process), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def summary(values: list[float]) -> dict[str, Any]:
     return {"median": round(statistics.median(values), 3), "range": [round(min(values), 3), round(max(values), 3)]}
 
@@ -107,11 +114,14 @@ def main() -> None:
 
         wall: dict[str, dict[str, list[float]]] = {op: {s: [] for s in SIDES} for op in ("save", "load")}
         cpu: dict[str, dict[str, list[float]]] = {op: {s: [] for s in SIDES} for op in ("save", "load")}
+        server_cpu: dict[str, dict[str, list[float]]] = {op: {s: [] for s in SIDES} for op in ("save", "load")}
         for r in range(args.rounds):
             order = SIDES if r % 2 == 0 else SIDES[::-1]
             for op in ("save", "load"):
                 for side in order:
+                    s0 = server_cpu_seconds(server.process.pid)
                     got = workers[side].ask(f"{op} round{r}")
+                    server_cpu[op][side].append(server_cpu_seconds(server.process.pid) - s0)
                     wall[op][side].append(got["wall_s"])
                     cpu[op][side].append(got["cpu_s"])
                     if op == "load" and not workers[side].ask("verify")["ok"]:
@@ -149,15 +159,18 @@ def main() -> None:
                 "(other fields default: part_size 8 MiB, throughput_target_gbps 10, max_attempts 10), "
                 "endpoint from AWS_ENDPOINT_URL",
                 "client_cpu": "getrusage(RUSAGE_SELF) user+system of each side's own client process around the call",
+                "server_cpu": "user+system of the weed process (/proc) around each call, for information: "
+                "on this 2-core machine client and server share the CPUs",
             },
             "versions": {s: w.ready for s, w in workers.items()},
             "wall_s": {op: {s: summary(v) for s, v in d.items()} for op, d in wall.items()},
             "client_cpu_s": {op: {s: summary(v) for s, v in d.items()} for op, d in cpu.items()},
+            "server_cpu_s": {op: {s: summary(v) for s, v in d.items()} for op, d in server_cpu.items()},
             "MBps_median": {op: {s: round(size / statistics.median(v) / 1e6, 1) for s, v in d.items()}
                             for op, d in wall.items()},  # fmt: skip
             "ratios_dist_ckpt_over_s3torchconnector": ratios,
             "targets": targets,
-            "runs": {"wall_s": wall, "client_cpu_s": cpu},
+            "runs": {"wall_s": wall, "client_cpu_s": cpu, "server_cpu_s": server_cpu},
             "host": {
                 "cpus": os.cpu_count(),
                 "loadavg_before_after": [round(x, 2) for x in (*load_before, *os.getloadavg())],

@@ -276,8 +276,7 @@ class S3Backend:
         return s3_read.read(self, key, start, length)
 
     def read_into(self, key: str, start: int, out: memoryview) -> int:
-        """Read ``len(out)`` bytes at ``start`` straight into ``out`` (ranged GETs read with
-        ``readinto``, ``part_size`` pieces in parallel); returns the count, short at the end."""
+        """``len(out)`` bytes at ``start`` into ``out``; the count (see ``s3_read.read_into``)."""
         return s3_read.read_into(self, key, start, out)
 
     def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:

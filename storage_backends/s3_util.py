@@ -83,6 +83,16 @@ _SESSION_LOCK = threading.Lock()
 _SESSIONS: dict[tuple[Any, ...], tuple[boto3.session.Session, botocore.session.Session]] = {}
 
 
+def _after_fork_in_child() -> None:
+    # a thread of the parent may have held the lock at fork(): it never releases it here
+    global _SESSION_LOCK
+    _SESSION_LOCK = threading.Lock()
+    _SESSIONS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def shared_session() -> tuple[boto3.session.Session, botocore.session.Session]:
     """One boto3 Session per process and AWS environment, as ``boto3.client()`` keeps one.
 

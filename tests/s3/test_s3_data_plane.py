@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -209,3 +211,30 @@ def test_save_beyond_the_retry_budget_leaves_nothing_visible(
     assert (client.list_multipart_uploads(Bucket=_bucket(s3_uri)).get("Uploads") or []) == []
     with pytest.raises(CheckpointNotFound):
         dist_ckpt.load({k: torch.zeros_like(v) for k, v in _state().items()}, uri)
+
+
+def test_a_child_forked_while_the_session_lock_is_held_builds_clients(s3_env: S3Server) -> None:
+    """fork() while another thread builds a client (an async save, DataLoader workers starting):
+    the child must not inherit the lock held forever, nor the parent's sessions."""
+    from storage_backends import s3_util
+
+    parent_session = shared_session()[0]
+    with s3_util._SESSION_LOCK:  # what a parent thread inside build_client holds
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if it builds a working client of its own
+            code = 1
+            try:
+                client = build_client(max_attempts=1)
+                code = 0 if shared_session()[0] is not parent_session and client.list_buckets() is not None else 2
+            finally:
+                os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung building an S3 client (the session lock was inherited held)")

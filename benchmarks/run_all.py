@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, store each JSON as results/<date>-<name>.json, draw plots.
 
-    python benchmarks/run_all.py [--only save,compress,s3,async,scaling,save_noop,ddp_step,cli_startup,async_sweep] [--quick]
+    python benchmarks/run_all.py [--only save,compress,s3,s3_connector,async,scaling,save_noop,ddp_step,cli_startup,async_sweep] [--quick]
 
 Each benchmark script prints one JSON document; see benchmarks/README.md for what each
 measures and which anchors it is compared with. ``--quick`` uses smaller states.
@@ -21,6 +21,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "save": (["bench_save.py"], ["bench_save.py", "--mb", "128"]),
     "compress": (["bench_compress.py"], ["bench_compress.py"]),
     "s3": (["bench_s3.py"], ["bench_s3.py", "--mb", "64"]),
+    "s3_connector": (["bench_s3_connector.py"], ["bench_s3_connector.py", "--mb", "64", "--rounds", "3"]),
     "async": (["bench_async.py"], ["bench_async.py", "--mb", "64"]),
     "compressed_save": (["bench_compressed_save.py"], ["bench_compressed_save.py", "--mb", "32"]),
     "scaling": (["bench_scaling.py"], ["bench_scaling.py", "--mb-per-rank", "32"]),

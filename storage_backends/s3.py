@@ -275,6 +275,10 @@ class S3Backend:
         """Ranged GETs; a large read is fetched as ``part_size`` pieces in parallel."""
         return s3_read.read(self, key, start, length)
 
+    def read_into(self, key: str, start: int, out: memoryview) -> int:
+        """``len(out)`` bytes at ``start`` into ``out``; the count (see ``s3_read.read_into``)."""
+        return s3_read.read_into(self, key, start, out)
+
     def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Ranges less than ``coalesce_gap`` apart share one GET; large spans are split into
         ``part_size`` GETs; all run in parallel. Results come in the order of ``ranges``."""

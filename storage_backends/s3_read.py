@@ -83,6 +83,64 @@ def get_range(
     raise AssertionError("unreachable")
 
 
+def get_into(s3: S3Backend, key: str, full: str, start: int, out: memoryview, if_match: str | None = None) -> int:
+    """GET ``len(out)`` bytes at ``start`` straight into ``out`` (the body is read with
+    ``readinto``: no bytes object of the whole range, no join); the count read, short at the end
+    of the object, 0 at or past it. A body that breaks off is fetched again, pinned to the
+    first answer's ETag."""
+    want = len(out)
+    for attempt in range(1, s3.max_attempts + 1):
+        resp = _open(s3, key, full, start, start + want, if_match)
+        if resp is None:
+            return 0
+        if parse_total_size(resp.get("ContentRange")) is None:  # a store that ignored Range
+            data = _read_all(resp)[start : start + want]
+            out[: len(data)] = data
+            return len(data)
+        body = resp["Body"]
+        got = 0
+        try:
+            while got < want:
+                # StreamingBody.readinto checks Content-Length when the stream ends
+                n = body.readinto(out[got:])
+                if not n:
+                    break
+                got += n
+        except BODY_READ_ERRORS as e:
+            if attempt == s3.max_attempts:
+                raise s3._error(e, "GetObject (reading body)", key, full) from e
+            log.warning("s3://%s/%s: GET body broke off (%s), retrying", s3.bucket, full, type(e).__name__)
+            if_match = resp["ETag"]
+            continue
+        finally:
+            body.close()
+        return got
+    raise AssertionError("unreachable")
+
+
+def read_into(s3: S3Backend, key: str, start: int, out: memoryview) -> int:
+    """``len(out)`` bytes at ``start`` into ``out``, as ``part_size`` GETs in parallel; the
+    count read (short at the end of the object)."""
+    full = s3._full(key)
+    if start < 0:
+        raise ValueError(f"invalid range start={start} for {key!r}")
+    out = out.cast("B") if out.format != "B" or out.ndim != 1 else out
+    if not len(out):
+        s3.size(key)  # raises ObjectNotFound
+        return 0
+    pieces = split_span(start, start + len(out), s3.part_size)
+    if len(pieces) == 1:
+        return get_into(s3, key, full, start, out)
+    futures = [s3._executor().submit(get_into, s3, key, full, s, out[s - start : e - start]) for s, e in pieces]
+    try:
+        counts = [f.result() for f in futures]
+    finally:
+        for f in futures:
+            f.cancel()
+    # pieces past the end of the object read 0, the one the end falls in reads short
+    return sum(counts)
+
+
 def get_whole(s3: S3Backend, key: str, full: str) -> tuple[bytes, str]:
     """A small object's bytes and ETag with one plain GET (an empty object included); a body
     that breaks off is fetched again."""

@@ -1,0 +1,143 @@
+"""The numba kernels of split_float/merge_float: the same streams as the numpy reference, the
+same chunks on disk, chunks of format 1 written before them still read, corruption still caught."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xxhash
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dist_ckpt.errors import CorruptCheckpoint
+from dist_ckpt.format import byte_group as bg
+from dist_ckpt.format import float_jit
+from dist_ckpt.format import zstd_chunk as zch
+from dist_ckpt.format.zstd_codec import ZstdCodec
+from test_zstd_codec import TORCH_DTYPES, make_tensor, tensor_bytes
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "zstd_chunks_v1"
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_numba_is_installed() -> None:
+    # The speed figures in the README depend on it; a missing numba must fail here, not go unseen.
+    assert float_jit.AVAILABLE, "numba is not importable: pip install -e '.[test]' (numba is a dependency)"
+
+
+@FAST
+@given(
+    itemsize=st.sampled_from([2, 4]),
+    n=st.integers(0, 700),
+    seed=st.integers(0, 2**31),
+    kind=st.sampled_from(["normal", "bits"]),
+)
+def test_kernels_write_the_reference_streams_and_invert(itemsize: int, n: int, seed: int, kind: str) -> None:
+    dtype = "BF16" if itemsize == 2 else "F32"
+    data = np.frombuffer(tensor_bytes(make_tensor(dtype, n, seed, kind)), dtype=np.uint8)
+    ref_base, ref_streams = bg.split_float(data, itemsize)
+    base, streams = float_jit.split_float(data, itemsize, bg.Workspace())
+    assert base == ref_base
+    assert [s.tobytes() for s in streams] == [s.tobytes() for s in ref_streams]
+    out = np.full_like(data, 0xA5)  # garbage first: every byte must be written
+    assert float_jit.merge_float(base, streams, itemsize, out) == streams[1].size
+    assert out.tobytes() == data.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 4097])
+def test_every_exponent_escaped(dtype: str, n: int) -> None:
+    """Exponents spread over the whole range: most elements escape; odd sizes hit the tails."""
+    itemsize = bg.itemsize_of(dtype)
+    gen = torch.Generator().manual_seed(n)
+    t = torch.ldexp(torch.ones(n, dtype=torch.float64), torch.randint(-120, 120, (n,), generator=gen))
+    data = np.frombuffer(tensor_bytes(t.to(TORCH_DTYPES[dtype])), dtype=np.uint8)
+    base, streams = float_jit.split_float(data, itemsize, bg.Workspace())
+    assert [s.tobytes() for s in streams] == [s.tobytes() for s in bg.split_float(data, itemsize)[1]]
+    out = np.empty_like(data)
+    assert float_jit.merge_float(base, streams, itemsize, out) == streams[1].size
+    assert out.tobytes() == data.tobytes()
+
+
+@pytest.mark.parametrize("dtype", sorted(TORCH_DTYPES))
+@pytest.mark.parametrize("n", [0, 1, 3, 1001])
+def test_chunks_are_the_same_with_and_without_numba(dtype: str, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both paths write byte-identical chunks and read each other's: the format did not change."""
+    raw = tensor_bytes(make_tensor(dtype, n, 3, "normal"))
+    codec = ZstdCodec(chunk_bytes=1000, threads=1)
+    fast = list(codec.encode(memoryview(raw), dtype))
+    monkeypatch.setattr(float_jit, "AVAILABLE", False)
+    slow = list(codec.encode(memoryview(raw), dtype))
+    assert fast == slow
+    out = bytearray(len(raw))
+    codec.decode_into([c for c, _ in fast], [r for _, r in fast], dtype, memoryview(out))
+    assert bytes(out) == raw
+    monkeypatch.setattr(float_jit, "AVAILABLE", True)
+    out = bytearray(len(raw))
+    codec.decode_into([c for c, _ in slow], [r for _, r in slow], dtype, memoryview(out))
+    assert bytes(out) == raw
+
+
+def _fixture_raw(dtype: str) -> bytes:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_fixture", FIXTURES / "make_fixture.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.raw_values(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16", "I64", "U8"])
+def test_format_1_fixtures_still_decode_and_encode_identically(dtype: str) -> None:
+    """Chunks committed by the numpy codec (format 1, before the kernels) decode to the values
+    they were made from, and today's encoder writes the very same bytes."""
+    raw_lens = json.loads((FIXTURES / "index.json").read_text())[dtype]
+    stored = [(FIXTURES / f"{dtype}.{i}.chunk").read_bytes() for i in range(len(raw_lens))]
+    assert all(s[0] == 1 for s in stored)  # format version byte
+    raw = _fixture_raw(dtype)
+    codec = ZstdCodec(level=1, chunk_bytes=4000, threads=2)
+    out = bytearray(sum(raw_lens))
+    codec.decode_into(stored, raw_lens, dtype, memoryview(out))
+    assert bytes(out) == raw
+    assert [c for c, _ in codec.encode(memoryview(raw), dtype)] == stored
+
+
+def _rewrite_escapes(stored: bytes, change: int) -> bytes:
+    """The chunk with its (raw) escape stream one byte shorter or longer, table and checksum
+    updated: only the escape count check can catch it."""
+    head = zch.HEAD.unpack_from(stored)
+    table_at = zch.HEAD.size
+    table = [zch.STREAM.unpack_from(stored, table_at + i * zch.STREAM.size) for i in range(head[3])]
+    assert table[1][0] == zch.MODE_RAW and table[1][1] > 0
+    pos = table_at + len(table) * zch.STREAM.size
+    payloads = []
+    for _, length in table:
+        payloads.append(stored[pos : pos + length])
+        pos += length
+    payloads[1] = payloads[1][:-1] if change < 0 else payloads[1] + payloads[1][:1]
+    table[1] = (zch.MODE_RAW, len(payloads[1]))
+    body = stored[:table_at] + b"".join(zch.STREAM.pack(*t) for t in table) + b"".join(payloads)
+    return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+@pytest.mark.parametrize("change", [-1, 1])
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_escape_count_mismatch_is_corruption(
+    dtype: str, change: int, use_numba: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = make_tensor(dtype, 501, 11, "normal")
+    t[::50] = 0  # 11 zeros: escaped exponents, a raw escape stream (< 64 bytes)
+    raw = tensor_bytes(t)
+    codec = ZstdCodec(chunk_bytes=1 << 20, threads=1)
+    ((stored, raw_len),) = list(codec.encode(memoryview(raw), dtype))
+    bad = _rewrite_escapes(stored, change)
+    monkeypatch.setattr(float_jit, "AVAILABLE", use_numba)
+    with pytest.raises(CorruptCheckpoint, match="chunk 4"):
+        codec.decode_chunk(bad, raw_len, dtype, index=4)

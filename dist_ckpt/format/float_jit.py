@@ -36,6 +36,7 @@ except ImportError:  # the numpy path still works, at a third of the speed
 AVAILABLE = numba is not None
 _HIST_SAMPLE = 65536  # as byte_group: the exponent window comes from a sample
 _WINDOW = 15
+_BLOCK_WORDS = 8  # the escape scan flags 8-word (64-byte) blocks of the joint stream
 
 if AVAILABLE:
     _jit = numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -54,14 +55,14 @@ if AVAILABLE:
         return best_at
 
     @_jit
-    def _escaped_somewhere(joint64: np.ndarray, word: int) -> bool:
-        """Does any of the 8 joint bytes of ``joint64[word]`` hold an escape (high nibble 15)?"""
-        t = joint64[word] & U64(0xF0F0F0F0F0F0F0F0)
-        return (t & (t << U64(1)) & (t << U64(2)) & (t << U64(3)) & U64(0x8080808080808080)) != U64(0)
-
-    @_jit
     def _split(
-        words: np.ndarray, shift: int, joint: np.ndarray, joint64: np.ndarray, packed: np.ndarray, escapes: np.ndarray
+        words: np.ndarray,
+        shift: int,
+        joint: np.ndarray,
+        joint64: np.ndarray,
+        flags: np.ndarray,
+        packed: np.ndarray,
+        escapes: np.ndarray,
     ) -> tuple:
         """One pass computing ``joint`` and ``packed`` from the top 16 bits of each word
         (``words >> shift``), then the escape compaction. Returns (base, escape count)."""
@@ -91,17 +92,15 @@ if AVAILABLE:
             c0 = min(((t0 >> U32(7)) - b) & U32(255), U32(15))
             joint[n - 1] = U8((c0 << U32(4)) | ((t0 >> U32(3)) & U32(15)))
             packed[m] = U8((((t0 >> U32(12)) & U32(8)) | (t0 & U32(7))) << U32(4))
-        k = 0
-        for w in range(n // 8):
-            if _escaped_somewhere(joint64, w):
-                for i in range(8 * w, 8 * w + 8):
-                    if joint[i] >= 240:
-                        escapes[k] = U8((U32(words[i]) >> U32(shift + 7)) & U32(255))
-                        k += 1
-        for i in range(n - n % 8, n):
-            if joint[i] >= 240:
-                escapes[k] = U8((U32(words[i]) >> U32(shift + 7)) & U32(255))
-                k += 1
+        _escape_blocks(joint64, flags)
+        k, span = 0, 8 * _BLOCK_WORDS
+        for blk in range((n + span - 1) // span):
+            if blk < flags.size and flags[blk] == 0:
+                continue
+            for i in range(blk * span, min(n, (blk + 1) * span)):
+                if joint[i] >= 240:
+                    escapes[k] = U8((U32(words[i]) >> U32(shift + 7)) & U32(255))
+                    k += 1
         return base, k
 
     @_jit
@@ -117,17 +116,29 @@ if AVAILABLE:
         return ((((j >> 4) + b) & 255) << 7) | ((j & 15) << 3) | (v & 7) | ((v >> 3) << 15)
 
     @_jit
+    def _escape_blocks(joint64: np.ndarray, flags: np.ndarray) -> None:
+        """flags[b] = 1 where one of the joint bytes of block b holds an escape (high
+        nibble 15). A branch-free OR over the words of each block: it vectorizes, so the rare
+        escapes cost a scan of bytes only in the blocks that hold them."""
+        blocks = joint64.size // _BLOCK_WORDS
+        for blk in range(blocks):
+            acc = U64(0)
+            for w in range(blk * _BLOCK_WORDS, (blk + 1) * _BLOCK_WORDS):
+                t = joint64[w] & U64(0xF0F0F0F0F0F0F0F0)
+                acc |= t & (t << U64(1)) & (t << U64(2)) & (t << U64(3))
+            flags[blk] = U8(1) if (acc & U64(0x8080808080808080)) != U64(0) else U8(0)
+
+    @_jit
     def _fix_escapes(
-        joint: np.ndarray, joint64: np.ndarray, escapes: np.ndarray, out: np.ndarray, mask: int, shift: int
+        joint: np.ndarray, flags: np.ndarray, escapes: np.ndarray, out: np.ndarray, mask: int, shift: int
     ) -> int:
         """Write the escaped exponents into ``out``; returns how many joint bytes are escapes,
         or -1 where there are more than ``escapes`` holds (the caller reports corruption)."""
-        n, k = joint.size, 0
-        for w in range(n // 8 + 1):
-            lo_i, hi_i = 8 * w, min(n, 8 * w + 8)
-            if hi_i - lo_i == 8 and not _escaped_somewhere(joint64, w):
+        n, k, span = joint.size, 0, 8 * _BLOCK_WORDS
+        for blk in range((n + span - 1) // span):
+            if blk < flags.size and flags[blk] == 0:
                 continue
-            for i in range(lo_i, hi_i):
+            for i in range(blk * span, min(n, (blk + 1) * span)):
                 if joint[i] >= 240:
                     if k >= escapes.size:
                         return -1
@@ -136,13 +147,21 @@ if AVAILABLE:
         return k
 
     @_jit
-    def _merge_bf16(base: int, joint: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:
+    def _merge_bf16(
+        base: int, joint: np.ndarray, joint16: np.ndarray, packed: np.ndarray, out: np.ndarray, out32: np.ndarray
+    ) -> None:
+        """Two elements per step, in 32-bit lanes (``joint16``/``out32``: the same bytes as
+        ``joint``/``out`` seen as pairs): contiguous loads and stores that LLVM vectorizes."""
         n, b = joint.size, U32(base)
         m = n // 2
         for i in range(m):
-            p = U32(packed[i])
-            out[2 * i] = U16(_top16(U32(joint[2 * i]), p >> U32(4), b))
-            out[2 * i + 1] = U16(_top16(U32(joint[2 * i + 1]), p & U32(15), b))
+            p, jp = U32(packed[i]), U32(joint16[i])
+            j0, j1 = jp & U32(255), jp >> U32(8)
+            v0, v1 = p >> U32(4), p & U32(15)
+            e0, e1 = ((j0 >> U32(4)) + b) & U32(255), ((j1 >> U32(4)) + b) & U32(255)
+            w0 = (e0 << U32(7)) | ((j0 & U32(15)) << U32(3)) | (v0 & U32(7)) | ((v0 >> U32(3)) << U32(15))
+            w1 = (e1 << U32(7)) | ((j1 & U32(15)) << U32(3)) | (v1 & U32(7)) | ((v1 >> U32(3)) << U32(15))
+            out32[i] = w0 | (w1 << U32(16))
         if n % 2:
             out[n - 1] = U16(_top16(U32(joint[n - 1]), U32(packed[m]) >> U32(4), b))
 
@@ -166,18 +185,19 @@ if AVAILABLE:
 _WORD = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
-def _as_u64(joint: np.ndarray) -> np.ndarray:
-    """The whole 8-byte groups of ``joint`` as words, for the 8-at-a-time escape scan."""
+def _as_u64(joint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The whole 8-byte words of ``joint`` and a flag byte per block of them, for the escape scan."""
     whole = joint[: joint.size - joint.size % 8]
-    return np.frombuffer(whole, dtype=np.uint64) if whole.size else np.zeros(0, np.uint64)
+    words = np.frombuffer(whole, dtype=np.uint64) if whole.size else np.zeros(0, np.uint64)
+    return words, np.empty(words.size // _BLOCK_WORDS, np.uint8)
 
 
-def split_float(data: np.ndarray, itemsize: int, work) -> tuple[int, list[np.ndarray]]:
+def split_float(data: np.ndarray, itemsize: int, work) -> tuple[int, list[np.ndarray]]:  # noqa: ANN001
     """Same contract as ``byte_group.split_float`` (the streams live in ``work``)."""
     words = data.view(_WORD[itemsize])
     n = words.size
     joint, packed, escapes = work.get("joint", n), work.get("packed", (n + 1) // 2), work.get("escapes", n)
-    base, count = _split(words, 8 * itemsize - 16, joint, _as_u64(joint), packed, escapes)
+    base, count = _split(words, 8 * itemsize - 16, joint, *_as_u64(joint), packed, escapes)
     planes: list[np.ndarray] = []
     if itemsize == 4:
         planes = [work.get("p0", n), work.get("p1", n)]
@@ -191,8 +211,12 @@ def merge_float(base: int, streams: list[np.ndarray], itemsize: int, out: np.nda
     compares it with the escape stream's length (a mismatch means damaged data)."""
     joint, escapes, *planes, packed = streams
     words = out.view(_WORD[itemsize])
+    joint64, flags = _as_u64(joint)
+    _escape_blocks(joint64, flags)
     if itemsize == 2:
-        _merge_bf16(base, joint, packed, words)
-        return int(_fix_escapes(joint, _as_u64(joint), escapes, words, 0x807F, 7))
+        pairs = joint.size // 2
+        joint16 = np.frombuffer(joint[: 2 * pairs], dtype=np.uint16) if pairs else np.zeros(0, np.uint16)
+        _merge_bf16(base, joint, joint16, packed, words, out[: 4 * pairs].view(np.uint32))
+        return int(_fix_escapes(joint, flags, escapes, words, 0x807F, 7))
     _merge_f32(base, joint, planes[0], planes[1], packed, words)
-    return int(_fix_escapes(joint, _as_u64(joint), escapes, words, 0x807FFFFF, 23))
+    return int(_fix_escapes(joint, flags, escapes, words, 0x807FFFFF, 23))

@@ -141,3 +141,22 @@ def test_escape_count_mismatch_is_corruption(
     monkeypatch.setattr(float_jit, "AVAILABLE", use_numba)
     with pytest.raises(CorruptCheckpoint, match="chunk 4"):
         codec.decode_chunk(bad, raw_len, dtype, index=4)
+
+
+def test_importing_the_codec_does_not_import_numba() -> None:
+    """numba costs ~0.8 s to import: only a process that encodes or decodes a float chunk pays it
+    (the CLI reads manifests and headers through the same modules)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import dist_ckpt.format.zstd_codec, dist_ckpt.format.shard; "
+        "assert 'numba' not in sys.modules, 'numba imported'; "
+        "from dist_ckpt.format.zstd_codec import ZstdCodec; import torch; "
+        "raw = torch.ones(100, dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes(); "
+        "list(ZstdCodec(threads=1).encode(memoryview(raw), 'BF16')); "
+        "assert 'numba' in sys.modules, 'kernels not used'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -56,31 +56,70 @@ def _as_u64(joint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return words, np.empty(words.size // _k().BLOCK_WORDS, np.uint8)
 
 
-def split_float(data: np.ndarray, itemsize: int, work) -> tuple[int, list[np.ndarray]]:  # noqa: ANN001
-    """Same contract as ``byte_group.split_float`` (the streams live in ``work``)."""
+_UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+
+
+def _as(data: np.ndarray, width: int, count: int | None = None) -> np.ndarray:
+    """The first ``count`` ``width``-byte words of uint8 ``data`` (default: every whole word),
+    for kernels that handle four elements per step."""
+    if count is None:
+        count = data.size // width
+    whole = data[: count * width]
+    return np.frombuffer(whole, dtype=_UINT[width]) if count else np.zeros(0, _UINT[width])
+# (first escaped symbol, the code bits of every byte of a u64, the top code bit of every byte)
+_ESCAPES = {
+    1: (240, np.uint64(0xF0F0F0F0F0F0F0F0), np.uint64(0x8080808080808080)),
+    2: (60, np.uint64(0x3C3C3C3C3C3C3C3C), np.uint64(0x2020202020202020)),
+}
+_EXPONENT = {2: (0x807F, 7), 4: (0x807FFFFF, 23)}  # (mask clearing the exponent, its shift)
+
+
+def split_float6(data: np.ndarray, itemsize: int, work) -> tuple[int, list[np.ndarray]]:  # noqa: ANN001
+    """Same contract as ``byte_group.split_float6`` (the streams live in ``work``)."""
     words = data.view(_WORD[itemsize])
     n = words.size
-    joint, packed, escapes = work.get("joint", n), work.get("packed", (n + 1) // 2), work.get("escapes", n)
-    base, count = _k().split(words, 8 * itemsize - 16, joint, *_as_u64(joint), packed, escapes)
+    symbols, nibbles, quads = work.get("sym", n), work.get("nib", (n + 1) // 2), work.get("quads", (n + 3) // 4)
+    escapes = work.get("escapes", n)
+    base, count = _k().split6(
+        words, 8 * itemsize - 16, symbols, _as(symbols, 4), *_as_u64(symbols), nibbles, _as(nibbles, 2), quads, escapes
+    )
     planes: list[np.ndarray] = []
     if itemsize == 4:
         planes = [work.get("p0", n), work.get("p1", n)]
         _k().planes_f32(words, planes[0], planes[1])
-    return int(base), [joint, escapes[:count], *planes, packed]
+    return int(base), [symbols, escapes[:count], *planes, nibbles, quads]
+
+
+def _fix_escapes(layout: int, symbols: np.ndarray, escapes: np.ndarray, words: np.ndarray, itemsize: int) -> int:
+    first, code_bits, probe = _ESCAPES[layout]
+    symbols64, flags = _as_u64(symbols)
+    _k().escape_blocks(symbols64, flags, code_bits, probe)
+    return int(_k().fix_escapes(symbols, flags, first, escapes, words, *_EXPONENT[itemsize]))
+
+
+def merge_float6(base: int, streams: list[np.ndarray], itemsize: int, out: np.ndarray) -> int:
+    """Inverse of :func:`split_float6` into ``out`` (uint8, n*itemsize). Returns the number of
+    escapes the symbols call for, or -1 when that exceeds the escape stream: the caller
+    compares it with the escape stream's length (a mismatch means damaged data)."""
+    symbols, escapes, *planes, nibbles, quads = streams
+    words = out.view(_WORD[itemsize])
+    sym32, nib16 = _as(symbols, 4), _as(nibbles, 2)
+    if itemsize == 2:
+        _k().merge6_bf16(base, symbols, sym32, nibbles, nib16, quads, words, _as(out, 8, symbols.size // 4))
+    else:
+        _k().merge6_f32(base, symbols, sym32, nibbles, nib16, quads, planes[0], planes[1], words)
+    return _fix_escapes(2, symbols, escapes, words, itemsize)
 
 
 def merge_float(base: int, streams: list[np.ndarray], itemsize: int, out: np.ndarray) -> int:
-    """Inverse of :func:`split_float` into ``out`` (uint8, n*itemsize). Returns the number of
-    escapes the joint stream calls for, or -1 when that exceeds the escape stream: the caller
-    compares it with the escape stream's length (a mismatch means damaged data)."""
+    """Layout 1 (chunk format 1, read only): inverse of ``byte_group.split_float``, as
+    :func:`merge_float6`."""
     joint, escapes, *planes, packed = streams
     words = out.view(_WORD[itemsize])
-    joint64, flags = _as_u64(joint)
-    _k().escape_blocks(joint64, flags)
     if itemsize == 2:
         pairs = joint.size // 2
         joint16 = np.frombuffer(joint[: 2 * pairs], dtype=np.uint16) if pairs else np.zeros(0, np.uint16)
         _k().merge_bf16(base, joint, joint16, packed, words, out[: 4 * pairs].view(np.uint32))
-        return int(_k().fix_escapes(joint, flags, escapes, words, 0x807F, 7))
-    _k().merge_f32(base, joint, planes[0], planes[1], packed, words)
-    return int(_k().fix_escapes(joint, flags, escapes, words, 0x807FFFFF, 23))
+    else:
+        _k().merge_f32(base, joint, planes[0], planes[1], packed, words)
+    return _fix_escapes(1, joint, escapes, words, itemsize)

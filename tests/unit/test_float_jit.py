@@ -1,5 +1,6 @@
-"""The numba kernels of split_float/merge_float: the same streams as the numpy reference, the
-same chunks on disk, chunks of format 1 written before them still read, corruption still caught."""
+"""The numba kernels of split_float (layouts 1 and 2): the same streams as the numpy reference,
+the same chunks on disk, chunks of format 1 written before format 2 still read, corruption
+still caught."""
 
 from __future__ import annotations
 
@@ -40,12 +41,25 @@ def test_numba_is_installed() -> None:
 def test_kernels_write_the_reference_streams_and_invert(itemsize: int, n: int, seed: int, kind: str) -> None:
     dtype = "BF16" if itemsize == 2 else "F32"
     data = np.frombuffer(tensor_bytes(make_tensor(dtype, n, seed, kind)), dtype=np.uint8)
-    ref_base, ref_streams = bg.split_float(data, itemsize)
-    base, streams = float_jit.split_float(data, itemsize, bg.Workspace())
+    _check_both_layouts(data, itemsize)
+
+
+def _check_both_layouts(data: np.ndarray, itemsize: int) -> None:
+    ref_base, ref_streams = bg.split_float6(data, itemsize)
+    ref = [s.tobytes() for s in ref_streams]
+    assert [s.size for s in ref_streams] == bg.split_float6_sizes(itemsize, data.size // itemsize, ref_streams[1].size)
+    base, streams = float_jit.split_float6(data, itemsize, bg.Workspace())
     assert base == ref_base
-    assert [s.tobytes() for s in streams] == [s.tobytes() for s in ref_streams]
+    assert [s.tobytes() for s in streams] == ref
     out = np.full_like(data, 0xA5)  # garbage first: every byte must be written
-    assert float_jit.merge_float(base, streams, itemsize, out) == streams[1].size
+    assert float_jit.merge_float6(base, streams, itemsize, out) == streams[1].size
+    assert out.tobytes() == data.tobytes()
+    out = np.full_like(data, 0xA5)
+    bg.merge_float6(base, [np.frombuffer(r, np.uint8) for r in ref], itemsize, out)
+    assert out.tobytes() == data.tobytes()
+    base1, streams1 = bg.split_float(data, itemsize)  # layout 1 (format 1): decoded by its own kernel
+    out = np.full_like(data, 0xA5)
+    assert float_jit.merge_float(base1, streams1, itemsize, out) == streams1[1].size
     assert out.tobytes() == data.tobytes()
 
 
@@ -57,11 +71,7 @@ def test_every_exponent_escaped(dtype: str, n: int) -> None:
     gen = torch.Generator().manual_seed(n)
     t = torch.ldexp(torch.ones(n, dtype=torch.float64), torch.randint(-120, 120, (n,), generator=gen))
     data = np.frombuffer(tensor_bytes(t.to(TORCH_DTYPES[dtype])), dtype=np.uint8)
-    base, streams = float_jit.split_float(data, itemsize, bg.Workspace())
-    assert [s.tobytes() for s in streams] == [s.tobytes() for s in bg.split_float(data, itemsize)[1]]
-    out = np.empty_like(data)
-    assert float_jit.merge_float(base, streams, itemsize, out) == streams[1].size
-    assert out.tobytes() == data.tobytes()
+    _check_both_layouts(data, itemsize)
 
 
 @pytest.mark.parametrize("dtype", sorted(TORCH_DTYPES))
@@ -93,10 +103,13 @@ def _fixture_raw(dtype: str) -> bytes:
     return module.raw_values(dtype)
 
 
+@pytest.mark.parametrize("use_numba", [True, False])
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16", "I64", "U8"])
-def test_format_1_fixtures_still_decode_and_encode_identically(dtype: str) -> None:
-    """Chunks committed by the numpy codec (format 1, before the kernels) decode to the values
-    they were made from, and today's encoder writes the very same bytes."""
+def test_format_1_fixtures_still_decode(dtype: str, use_numba: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks committed by the codec of format 1 decode to the values they were made from.
+    Today's encoder writes format 2: for dtypes whose transform did not change, the same bytes
+    but the version byte (and so the checksum); BF16/F32 chunks use layout 2 and are smaller."""
+    monkeypatch.setattr(float_jit, "AVAILABLE", use_numba)
     raw_lens = json.loads((FIXTURES / "index.json").read_text())[dtype]
     stored = [(FIXTURES / f"{dtype}.{i}.chunk").read_bytes() for i in range(len(raw_lens))]
     assert all(s[0] == 1 for s in stored)  # format version byte
@@ -105,7 +118,30 @@ def test_format_1_fixtures_still_decode_and_encode_identically(dtype: str) -> No
     out = bytearray(sum(raw_lens))
     codec.decode_into(stored, raw_lens, dtype, memoryview(out))
     assert bytes(out) == raw
-    assert [c for c, _ in codec.encode(memoryview(raw), dtype)] == stored
+    new = [c for c, _ in codec.encode(memoryview(raw), dtype)]
+    assert all(c[0] == zch.FORMAT_VERSION == 2 for c in new)
+    if dtype in ("F32", "BF16"):
+        assert all(c[1] == zch.T_SPLIT6 for c in new) and all(c[1] == zch.T_SPLIT for c in stored)
+        assert sum(map(len, new)) < sum(map(len, stored))
+    else:
+        relabelled = [b"\x02" + c[1:-8] for c in stored]
+        assert new == [c + struct.pack("<Q", xxhash.xxh3_64_intdigest(c)) for c in relabelled]
+
+
+def _with_header(stored: bytes, version: int, transform: int) -> bytes:
+    body = bytes([version, transform]) + stored[2:-8]
+    return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+
+
+@pytest.mark.parametrize(
+    ("version", "transform"), [(3, zch.T_SPLIT6), (0, zch.T_SPLIT6), (1, zch.T_SPLIT6), (2, zch.T_SPLIT)]
+)
+def test_unknown_version_or_a_transform_of_the_other_version_is_refused(version: int, transform: int) -> None:
+    raw = tensor_bytes(make_tensor("BF16", 300, 5, "normal"))
+    codec = ZstdCodec(threads=1)
+    ((stored, raw_len),) = list(codec.encode(memoryview(raw), "BF16"))
+    with pytest.raises(CorruptCheckpoint, match=r"chunk 2: .*(format version|transform)"):
+        codec.decode_chunk(_with_header(stored, version, transform), raw_len, "BF16", index=2)
 
 
 def _rewrite_escapes(stored: bytes, change: int) -> bytes:
@@ -158,5 +194,6 @@ def test_importing_the_codec_does_not_import_numba() -> None:
         "list(ZstdCodec(threads=1).encode(memoryview(raw), 'BF16')); "
         "assert 'numba' in sys.modules, 'kernels not used'"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

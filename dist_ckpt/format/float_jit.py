@@ -74,6 +74,19 @@ _ESCAPES = {
 _EXPONENT = {2: (0x807F, 7), 4: (0x807FFFFF, 23)}  # (mask clearing the exponent, its shift)
 
 
+def split_float(data: np.ndarray, itemsize: int, work) -> tuple[int, list[np.ndarray]]:  # noqa: ANN001
+    """Same contract as ``byte_group.split_float`` (layout 1; the streams live in ``work``)."""
+    words = data.view(_WORD[itemsize])
+    n = words.size
+    joint, packed, escapes = work.get("joint", n), work.get("packed", (n + 1) // 2), work.get("escapes", n)
+    base, count = _k().split(words, 8 * itemsize - 16, joint, *_as_u64(joint), packed, escapes)
+    planes: list[np.ndarray] = []
+    if itemsize == 4:
+        planes = [work.get("p0", n), work.get("p1", n)]
+        _k().planes_f32(words, planes[0], planes[1])
+    return int(base), [joint, escapes[:count], *planes, packed]
+
+
 def split_float6(data: np.ndarray, itemsize: int, work) -> tuple[int, list[np.ndarray]]:  # noqa: ANN001
     """Same contract as ``byte_group.split_float6`` (the streams live in ``work``)."""
     words = data.view(_WORD[itemsize])

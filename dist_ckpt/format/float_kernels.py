@@ -134,6 +134,51 @@ def _exponent_base(words: np.ndarray, shift: int) -> int:
 
 
 @_jit
+def split(
+    words: np.ndarray,
+    shift: int,
+    joint: np.ndarray,
+    joint64: np.ndarray,
+    flags: np.ndarray,
+    packed: np.ndarray,
+    escapes: np.ndarray,
+) -> tuple:
+    """Layout 1: one pass computing ``joint`` and ``packed`` from the top 16 bits of each word
+    (``words >> shift``), then the escape compaction. Returns (base, escape count)."""
+    n = words.size
+    base = _exponent_base(words, shift)
+    b = U32(base)
+    m = n // 2
+    for i in range(m):
+        t0 = U32(words[2 * i]) >> U32(shift)
+        t1 = U32(words[2 * i + 1]) >> U32(shift)
+        c0 = ((t0 >> U32(7)) - b) & U32(255)
+        c1 = ((t1 >> U32(7)) - b) & U32(255)
+        c0 = min(c0, U32(15))
+        c1 = min(c1, U32(15))
+        joint[2 * i] = U8((c0 << U32(4)) | ((t0 >> U32(3)) & U32(15)))
+        joint[2 * i + 1] = U8((c1 << U32(4)) | ((t1 >> U32(3)) & U32(15)))
+        n0 = ((t0 >> U32(12)) & U32(8)) | (t0 & U32(7))
+        n1 = ((t1 >> U32(12)) & U32(8)) | (t1 & U32(7))
+        packed[i] = U8((n0 << U32(4)) | n1)
+    if n % 2:
+        t0 = U32(words[n - 1]) >> U32(shift)
+        c0 = min(((t0 >> U32(7)) - b) & U32(255), U32(15))
+        joint[n - 1] = U8((c0 << U32(4)) | ((t0 >> U32(3)) & U32(15)))
+        packed[m] = U8((((t0 >> U32(12)) & U32(8)) | (t0 & U32(7))) << U32(4))
+    escape_blocks(joint64, flags, U64(0xF0F0F0F0F0F0F0F0), U64(0x8080808080808080))
+    k, span = 0, 8 * BLOCK_WORDS
+    for blk in range((n + span - 1) // span):
+        if blk < flags.size and flags[blk] == 0:
+            continue
+        for i in range(blk * span, min(n, (blk + 1) * span)):
+            if joint[i] >= 240:
+                escapes[k] = U8((U32(words[i]) >> U32(shift + 7)) & U32(255))
+                k += 1
+    return base, k
+
+
+@_jit
 def _split_one(t: int, b: int) -> tuple:
     """(symbol, quad, nibble) of one element from its top 16 bits ``t``."""
     code = min(((t >> U32(7)) - b) & U32(255), U32(15))

@@ -6,18 +6,19 @@ A chunk is transformed (see ``byte_group``; BF16/F32 through the compiled kernel
 streams, each stream is zstd-compressed or kept raw when zstd would not gain, and the chunk is
 stored self-describing and checksummed.
 
-Format 2 (written since 2026-11-26) differs from format 1 only in the BF16/F32 transform: 4 =
-split_float layout 2 (a 6-bit exponent+mantissa symbol instead of an 8-bit one; BF16 chunks
-decode ~25% faster and are slightly smaller) replaces 2 = split_float. Both are read; the
-fixtures in ``tests/fixtures/zstd_chunks_v1`` keep format 1 readable.
+Format 2 (written since 2026-11-26) differs from format 1 only in the BF16/F32 transform: each
+chunk holds either 2 = split_float (layout 1) or 4 = split_float layout 2 (a 6-bit
+exponent+mantissa symbol instead of an 8-bit one: on weights ~25% faster to decode and
+slightly smaller), whichever compresses a sample of the chunk smaller. Format 1 chunks are
+always layout 1; both formats are read, and the fixtures in ``tests/fixtures/zstd_chunks_v1``
+keep format 1 readable.
 
 Stored chunk (all integers little-endian)::
 
     offset  size  field
     0       1     format version (1 or 2)
-    1       1     transform: 0 = none (1-byte elements), 1 = byte_group, 2 = split_float
-                  (format 1 only), 3 = rotate_left1 then byte_group (F16), 4 = split_float
-                  layout 2 (format 2 only)
+    1       1     transform: 0 = none (1-byte elements), 1 = byte_group, 2 = split_float,
+                  3 = rotate_left1 then byte_group (F16), 4 = split_float layout 2 (format 2)
     2       1     itemsize of the entry's dtype
     3       1     S = number of streams (the last one is the tail: raw_len % itemsize bytes)
     4       4     raw_len (bytes this chunk decodes to)
@@ -57,6 +58,7 @@ HEAD = struct.Struct("<BBBBIH")
 STREAM = struct.Struct("<BI")
 TRAILER = struct.Struct("<Q")
 _MIN_COMPRESS = 64  # smaller streams are stored raw: a zstd frame has ~20 bytes of overhead
+_LAYOUT_SAMPLE = 65536  # elements of a chunk compressed in both float layouts to pick one
 _MIN_GAIN = 64  # keep a zstd frame only if it saves >= 1/64 of the stream: near-random planes
 #                 stored raw decode at memcpy speed
 
@@ -142,13 +144,34 @@ def _stream_count(transform: int, itemsize: int) -> int:
     return itemsize + 1
 
 
-def _split_float(whole: np.ndarray, itemsize: int, work: bg.Workspace) -> tuple[int, list[np.ndarray]]:
-    if float_jit.AVAILABLE:
-        return float_jit.split_float6(whole, itemsize, work)
-    return bg.split_float6(whole, itemsize, work)
+def _split_float(
+    transform: int, whole: np.ndarray, itemsize: int, work: bg.Workspace
+) -> tuple[int, list[np.ndarray]]:
+    if transform == T_SPLIT:
+        return (float_jit.split_float if float_jit.AVAILABLE else bg.split_float)(whole, itemsize, work)
+    return (float_jit.split_float6 if float_jit.AVAILABLE else bg.split_float6)(whole, itemsize, work)
+
+
+def _choose_split(whole: np.ndarray, itemsize: int, level: int, work: bg.Workspace) -> int:
+    """The float layout whose symbols compress smaller on a strided sample of the chunk: layout 2
+    on weights (its symbols also decode faster), layout 1 where the top mantissa bits carry
+    information in the context of the exponent (e.g. early AdamW state). Decided with the numpy
+    reference, so the numba and numpy paths write the same chunks."""
+    words = whole.view(f"<u{itemsize}")
+    step = max(1, words.size // _LAYOUT_SAMPLE)
+    sample = np.ascontiguousarray(words[::step]).view(np.uint8)
+    _, one = bg.split_float(sample, itemsize, work)
+    size_one = _stored_size(one[0], level)
+    _, two = bg.split_float6(sample, itemsize, work)
+    size_two = _stored_size(two[0], level) + _stored_size(two[-1], level)
+    return T_SPLIT if size_one < size_two else T_SPLIT6
 
 
 # --- encode -----------------------------------------------------------------------------------
+
+
+def _stored_size(data: np.ndarray, level: int) -> int:
+    return len(_pack_stream(data, level)[1])
 
 
 def _pack_stream(data: np.ndarray, level: int) -> tuple[int, bytes | np.ndarray]:
@@ -174,8 +197,9 @@ def _encode_chunk(piece: memoryview, dtype: str, level: int, work: bg.Workspace)
     base = 0
     if transform == T_NONE:
         streams = [body]
-    elif transform == T_SPLIT6:
-        base, streams = _split_float(whole, itemsize, work)
+    elif transform == T_SPLIT6:  # format 2 picks the float layout chunk by chunk
+        transform = _choose_split(whole, itemsize, level, work)
+        base, streams = _split_float(transform, whole, itemsize, work)
     else:
         if transform == T_ROT_GROUP:
             words = whole.view("<u2")
@@ -261,6 +285,8 @@ def _decode_chunk_into(
     if version not in READABLE_VERSIONS:
         raise _corrupt(index, f"format version {version}, this build reads versions {READABLE_VERSIONS}")
     transform, itemsize = transform_of(dtype, version)
+    if transform == T_SPLIT6 and t == T_SPLIT:  # format 2 holds either float layout
+        transform = T_SPLIT
     if (t, isz) != (transform, itemsize):
         raise _corrupt(index, f"transform {t}/itemsize {isz}, expected {transform}/{itemsize} for dtype {dtype}")
     if hdr_raw != raw_len:

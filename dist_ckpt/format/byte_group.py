@@ -21,10 +21,10 @@ resulting stream zstd-compressed, or raw when zstd cannot gain).
     coded in the context of their exponent. The rest (sign + low mantissa bits) is near random:
     whole lower bytes stay byte planes, the last 4 bits (sign + 3) are nibble-packed.
 
-``split_float6`` (BF16, F32 in chunk format 2)
+``split_float6`` (BF16, F32: layout 2, an option of chunk format 2)
     ``split_float`` with a 6-bit symbol ``code << 2 | top2`` instead of the joint byte, the
     next two mantissa bits stored raw four to a byte: zstd decodes the smaller symbols faster
-    and the chunk is slightly smaller (see the section below).
+    and on weights the chunk is slightly smaller (see the section below).
 
 Stored/raw with zstd-1 on all-MiniLM-L6-v2 (one entry per tensor, 4 MiB chunks), which decided
 the table below: BF16 plain 0.780, byte_group 0.692, rotate+group 0.689, split 0.663; F32

@@ -58,9 +58,11 @@ HEAD = struct.Struct("<BBBBIH")
 STREAM = struct.Struct("<BI")
 TRAILER = struct.Struct("<Q")
 _MIN_COMPRESS = 64  # smaller streams are stored raw: a zstd frame has ~20 bytes of overhead
-# A strided sample of every BF16/F32 chunk is compressed in both float layouts to pick one: a
-# 16th of the chunk (the trial costs ~10% of the encode), within [4 Ki, 64 Ki] elements.
-_LAYOUT_SAMPLE_MIN, _LAYOUT_SAMPLE_MAX, _LAYOUT_SAMPLE_SHARE = 4096, 65536, 16
+# A strided sample of every BF16/F32 chunk of 4 Ki elements or more is compressed in both float
+# layouts to pick one: a 32nd of the chunk within [2 Ki, 64 Ki] elements (the trial costs a
+# few % of the encode). Smaller chunks keep layout 1 (format 1's streams).
+_LAYOUT_TRIAL_MIN = 4096
+_LAYOUT_SAMPLE_MIN, _LAYOUT_SAMPLE_MAX, _LAYOUT_SAMPLE_SHARE = 2048, 65536, 32
 _MIN_GAIN = 64  # keep a zstd frame only if it saves >= 1/64 of the stream: near-random planes
 #                 stored raw decode at memcpy speed
 
@@ -161,7 +163,9 @@ def _choose_split(whole: np.ndarray, itemsize: int, level: int, work: bg.Workspa
     numpy) make the same streams, so they decide alike and write the same chunks."""
     words = whole.view(f"<u{itemsize}")
     n = words.size
-    sample_size = max(min(n, _LAYOUT_SAMPLE_MIN), min(_LAYOUT_SAMPLE_MAX, n // _LAYOUT_SAMPLE_SHARE))
+    if n < _LAYOUT_TRIAL_MIN:  # a trial would cost more than the chunk could gain
+        return T_SPLIT
+    sample_size = min(_LAYOUT_SAMPLE_MAX, max(_LAYOUT_SAMPLE_MIN, n // _LAYOUT_SAMPLE_SHARE))
     sample = np.ascontiguousarray(words[:: max(1, n // sample_size)]).view(np.uint8)
     _, one = _split_float(T_SPLIT, sample, itemsize, work)
     size_one = _stored_size(one[0], level)

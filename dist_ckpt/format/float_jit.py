@@ -1,12 +1,13 @@
-"""``split_float``/``merge_float`` for BF16 and F32 as fused loops compiled by numba.
+"""``split_float`` (layouts 1 and 2) and its inverses for BF16 and F32 as fused loops compiled
+by numba.
 
-Byte-for-byte the same streams as the numpy reference in ``byte_group`` (the on-disk format does
-not change; tests compare both). Why compiled: the numpy version makes ~20 passes over each chunk
-(every shift, mask and OR is a pass), which cost more than zstd itself on decode (2.7 ms vs
-1.8 ms for a 4 MiB BF16 chunk). No byte-shuffle library covers this transform — blosc2 and
-numcodecs shuffle whole bytes, and this one splits the exponent and mantissa at bit
-boundaries — and torch's ops are passes too. One fused loop per direction reads and writes each
-byte once: 0.7 ms for the same chunk, which puts the decoder ahead of ZipNN's C core.
+Byte-for-byte the same streams as the numpy reference in ``byte_group`` (tests compare both,
+and the codec writes the same chunks either way). Why compiled: the numpy version makes ~20
+passes over each chunk (every shift, mask and OR is a pass), which cost more than zstd itself
+on decode (2.7 ms vs 1.8 ms for a 4 MiB BF16 chunk). No byte-shuffle library covers this
+transform — blosc2 and numcodecs shuffle whole bytes, and this one splits the exponent and
+mantissa at bit boundaries — and torch's ops are passes too. One fused loop per direction
+reads and writes each byte once: ~0.7 ms for the same chunk.
 
 numba is a PyPI wheel (numba + llvmlite, no compiler needed). The kernels (``float_kernels``)
 are imported on the first chunk, not with this module (importing numba takes ~0.8 s), compiled

@@ -20,6 +20,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     # name: (full args, --quick args)
     "save": (["bench_save.py"], ["bench_save.py", "--mb", "128"]),
     "compress": (["bench_compress.py"], ["bench_compress.py"]),
+    "zipnn": (["bench_zipnn.py"], ["bench_zipnn.py", "--rounds", "3", "--steps", "2"]),
     "s3": (["bench_s3.py"], ["bench_s3.py", "--mb", "64"]),
     "s3_connector": (["bench_s3_connector.py"], ["bench_s3_connector.py", "--mb", "64", "--rounds", "3"]),
     "async": (["bench_async.py"], ["bench_async.py", "--mb", "64"]),

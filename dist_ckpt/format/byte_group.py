@@ -21,6 +21,11 @@ resulting stream zstd-compressed, or raw when zstd cannot gain).
     coded in the context of their exponent. The rest (sign + low mantissa bits) is near random:
     whole lower bytes stay byte planes, the last 4 bits (sign + 3) are nibble-packed.
 
+``split_float6`` (BF16, F32: layout 2, an option of chunk format 2)
+    ``split_float`` with a 6-bit symbol ``code << 2 | top2`` instead of the joint byte, the
+    next two mantissa bits stored raw four to a byte: zstd decodes the smaller symbols faster
+    and on weights the chunk is slightly smaller (see the section below).
+
 Stored/raw with zstd-1 on all-MiniLM-L6-v2 (one entry per tensor, 4 MiB chunks), which decided
 the table below: BF16 plain 0.780, byte_group 0.692, rotate+group 0.689, split 0.663; F32
 plain 0.916, byte_group 0.833, rotate+group 0.833, split 0.818; F16 byte_group 0.8480,
@@ -248,3 +253,72 @@ def merge_float(
     for j, plane in [(bits // 8 - 2, lo), *enumerate(planes)]:
         np.copyto(tw, plane, casting="unsafe")
         words |= np.left_shift(tw, 8 * j, out=tw) if j else tw
+
+
+# --- float split, layout 2 (chunk format 2) -------------------------------------------------
+#
+# The joint byte ``code << 4 | m_top4`` becomes a 6-bit symbol ``code << 2 | m_top2`` and the
+# next two mantissa bits go to a raw stream of 2-bit fields (four per byte). Same bits, but the
+# Huffman-coded symbol is smaller: on all-MiniLM-L6-v2 BF16 its stream decodes 1.6x faster in
+# zstd (4.5 vs 6.6 bits per symbol) and the chunk is slightly smaller (0.6605 vs 0.6627: the two
+# bits it gave up were near random). Written here as a re-encoding of layout 1, the reference
+# the compiled kernels are tested against.
+
+ESCAPE6 = ESCAPE << 2  # a 6-bit symbol >= this is an escape
+
+
+def quad_pack(values: np.ndarray, work: Workspace | None = None) -> np.ndarray:
+    """uint8 values < 4 -> a quarter as many bytes (the first value in the top two bits)."""
+    ws = _ws(work)
+    n, m = values.size, (values.size + 3) // 4
+    padded = ws.get("quad_pad", 4 * m)
+    padded[:n] = values
+    padded[n:] = 0
+    grid = padded.reshape(m, 4)
+    out = np.multiply(grid[:, 0], 64, out=ws.get("quad_out", m))
+    out |= np.multiply(grid[:, 1], 16, out=ws.get("quad_t", m))
+    out |= np.multiply(grid[:, 2], 4, out=ws.get("quad_t", m))
+    out |= grid[:, 3]
+    return out
+
+
+def quad_unpack(packed: np.ndarray, n: int, work: Workspace | None = None) -> np.ndarray:
+    """Inverse of :func:`quad_pack` for ``n`` values."""
+    grid = _ws(work).get("unquad", 4 * packed.size).reshape(-1, 4)
+    for j in range(4):
+        np.bitwise_and(np.right_shift(packed, 6 - 2 * j), 3, out=grid[:, j])
+    return grid.reshape(-1)[:n]
+
+
+def split_float6(data: np.ndarray, itemsize: int, work: Workspace | None = None) -> tuple[int, list[np.ndarray]]:
+    """Layout 2: ``base`` and ``[symbols, escapes, plane 0, ..., packed nibbles, packed quads]``."""
+    ws = _ws(work)
+    base, (joint, escapes, *planes, nibbles) = split_float(data, itemsize, ws)
+    n = joint.size
+    symbols = np.right_shift(joint, 4, out=ws.get("sym", n))
+    np.multiply(symbols, 4, out=symbols)
+    symbols |= np.bitwise_and(np.right_shift(joint, 2, out=ws.get("sym_t", n)), 3, out=ws.get("sym_t", n))
+    quads = quad_pack(np.bitwise_and(joint, 3, out=ws.get("sym_q", n)), ws)
+    return base, [symbols, escapes, *planes, nibbles, quads]
+
+
+def split_float6_sizes(itemsize: int, n: int, n_escapes: int) -> list[int]:
+    return [*split_float_sizes(itemsize, n, n_escapes), (n + 3) // 4]
+
+
+def count_escapes6(symbols: np.ndarray) -> int:
+    return int(np.count_nonzero(symbols >= ESCAPE6))
+
+
+def merge_float6(
+    base: int, streams: list[np.ndarray], itemsize: int, out: np.ndarray, work: Workspace | None = None
+) -> None:
+    """Inverse of :func:`split_float6` (the escape stream must hold :func:`count_escapes6` bytes)."""
+    ws = _ws(work)
+    symbols, escapes, *rest, quads = streams
+    n = symbols.size
+    joint = np.right_shift(symbols, 2, out=ws.get("j6", n))
+    np.multiply(joint, 16, out=joint)
+    joint |= np.multiply(np.bitwise_and(symbols, 3, out=ws.get("j6_t", n)), 4, out=ws.get("j6_t", n))
+    joint |= quad_unpack(quads, n, ws)
+    merge_float(base, [joint, escapes, *rest], itemsize, out, ws)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from dist_ckpt.errors import ConfigError, CorruptCheckpoint
 from dist_ckpt.format import byte_group as bg
+from dist_ckpt.format import zstd_chunk as zch
 from dist_ckpt.format import zstd_codec as zc
 from dist_ckpt.format.zstd_codec import ZstdCodec, chunk_range_for_bytes
 
@@ -213,8 +214,8 @@ def test_corrupt_zstd_frame_is_caught_even_with_a_valid_trailer() -> None:
     codec, _, chunks = encoded("BF16")
     stored, raw_len = chunks[0]
     head = struct.unpack_from("<BBBBIH", stored)
-    table_end = zc._HEAD.size + head[3] * zc._STREAM.size
-    assert struct.unpack_from("<B", stored, zc._HEAD.size)[0] == zc.MODE_ZSTD  # stream 0 is a frame
+    table_end = zch.HEAD.size + head[3] * zch.STREAM.size
+    assert struct.unpack_from("<B", stored, zch.HEAD.size)[0] == zch.MODE_ZSTD  # stream 0 is a frame
     bad = bytearray(stored[:-8])
     bad[table_end + 20] ^= 0xFF  # inside stream 0's compressed data
     bad += struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(bad)))  # recompute the chunk checksum

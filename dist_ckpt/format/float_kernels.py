@@ -1,0 +1,289 @@
+"""The numba kernels behind ``float_jit`` (imported on first use: importing numba takes ~0.8 s,
+which a process that never encodes or decodes a float chunk should not pay).
+
+Bit layout (see ``byte_group``): a word is ``sign | e7..e0 | mantissa``; its top 16 bits are
+``sign e7..e1`` and ``e0 m_top7``. ``joint = code << 4 | m_top7 >> 3 & 15`` with ``code = e -
+base`` or 15 (escaped), ``nibble = sign << 3 | m_top7 & 7`` (two per byte, the first element in
+the high nibble); the lower bytes of an F32 are byte planes.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_HIST_SAMPLE = 65536  # as byte_group: the exponent window comes from a sample
+_WINDOW = 15
+BLOCK_WORDS = 8  # the escape scan flags 8-word (64-byte) blocks of the joint stream
+
+_jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+U8, U16, U32, U64 = np.uint8, np.uint16, np.uint32, np.uint64
+
+
+@_jit
+def _exponent_window(hist: np.ndarray) -> int:
+    """Lowest exponent of the 15 consecutive ones holding most samples (first maximum)."""
+    best, best_at = -1, 0
+    for start in range(256 - _WINDOW + 1):
+        total = 0
+        for k in range(start, start + _WINDOW):
+            total += hist[k]
+        if total > best:
+            best, best_at = total, start
+    return best_at
+
+
+@_jit
+def planes_f32(words: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> None:
+    for i in range(words.size):
+        w = words[i]
+        p0[i] = U8(w & U32(255))
+        p1[i] = U8((w >> U32(8)) & U32(255))
+
+
+@_jit
+def _top16(j: int, v: int, b: int) -> int:
+    """The top 16 bits of a word from its joint byte and its nibble (exponent not escaped)."""
+    return ((((j >> 4) + b) & 255) << 7) | ((j & 15) << 3) | (v & 7) | ((v >> 3) << 15)
+
+
+@_jit
+def escape_blocks(joint64: np.ndarray, flags: np.ndarray, code_bits: int, probe: int) -> None:
+    """flags[b] = 1 where one of the symbol bytes of block b holds an escape (its four code
+    bits, ``code_bits`` in every byte, all set; ``probe`` is the top one of them in every
+    byte). A branch-free OR over the words of each block: it vectorizes, so the rare escapes
+    cost a scan of bytes only in the blocks that hold them."""
+    blocks = joint64.size // BLOCK_WORDS
+    mask, top = U64(code_bits), U64(probe)
+    for blk in range(blocks):
+        acc = U64(0)
+        for w in range(blk * BLOCK_WORDS, (blk + 1) * BLOCK_WORDS):
+            t = joint64[w] & mask
+            acc |= t & (t << U64(1)) & (t << U64(2)) & (t << U64(3))
+        flags[blk] = U8(1) if (acc & top) != U64(0) else U8(0)
+
+
+@_jit
+def fix_escapes(
+    joint: np.ndarray, flags: np.ndarray, first: int, escapes: np.ndarray, out: np.ndarray, mask: int, shift: int
+) -> int:
+    """Write the escaped exponents into ``out`` (symbols >= ``first`` are escapes); returns
+    how many there are, or -1 where there are more than ``escapes`` holds (the caller reports
+    corruption)."""
+    n, k, span = joint.size, 0, 8 * BLOCK_WORDS
+    for blk in range((n + span - 1) // span):
+        if blk < flags.size and flags[blk] == 0:
+            continue
+        for i in range(blk * span, min(n, (blk + 1) * span)):
+            if joint[i] >= first:
+                if k >= escapes.size:
+                    return -1
+                out[i] = (out[i] & mask) | (escapes[k] << shift)
+                k += 1
+    return k
+
+
+@_jit
+def merge_bf16(
+    base: int, joint: np.ndarray, joint16: np.ndarray, packed: np.ndarray, out: np.ndarray, out32: np.ndarray
+) -> None:
+    """Two elements per step, in 32-bit lanes (``joint16``/``out32``: the same bytes as
+    ``joint``/``out`` seen as pairs): contiguous loads and stores that LLVM vectorizes."""
+    n, b = joint.size, U32(base)
+    m = n // 2
+    for i in range(m):
+        p, jp = U32(packed[i]), U32(joint16[i])
+        j0, j1 = jp & U32(255), jp >> U32(8)
+        v0, v1 = p >> U32(4), p & U32(15)
+        e0, e1 = ((j0 >> U32(4)) + b) & U32(255), ((j1 >> U32(4)) + b) & U32(255)
+        w0 = (e0 << U32(7)) | ((j0 & U32(15)) << U32(3)) | (v0 & U32(7)) | ((v0 >> U32(3)) << U32(15))
+        w1 = (e1 << U32(7)) | ((j1 & U32(15)) << U32(3)) | (v1 & U32(7)) | ((v1 >> U32(3)) << U32(15))
+        out32[i] = w0 | (w1 << U32(16))
+    if n % 2:
+        out[n - 1] = U16(_top16(U32(joint[n - 1]), U32(packed[m]) >> U32(4), b))
+
+
+@_jit
+def merge_f32(
+    base: int, joint: np.ndarray, p0: np.ndarray, p1: np.ndarray, packed: np.ndarray, out: np.ndarray
+) -> None:
+    n, b = joint.size, U32(base)
+    m = n // 2
+    for i in range(m):
+        p = U32(packed[i])
+        a, c = 2 * i, 2 * i + 1
+        out[a] = (_top16(U32(joint[a]), p >> U32(4), b) << U32(16)) | (U32(p1[a]) << U32(8)) | U32(p0[a])
+        out[c] = (_top16(U32(joint[c]), p & U32(15), b) << U32(16)) | (U32(p1[c]) << U32(8)) | U32(p0[c])
+    if n % 2:
+        a = n - 1
+        top = _top16(U32(joint[a]), U32(packed[m]) >> U32(4), b)
+        out[a] = (top << U32(16)) | (U32(p1[a]) << U32(8)) | U32(p0[a])
+
+
+# --- layout 2 (chunk format 2): a 6-bit symbol ``code << 2 | m_top2``, 2-bit quads ------------
+
+
+@_jit
+def _exponent_base(words: np.ndarray, shift: int) -> int:
+    n = words.size
+    hist = np.zeros(256, np.int64)
+    step = max(1, n // _HIST_SAMPLE)
+    for i in range(0, n, step):
+        hist[(U32(words[i]) >> U32(shift + 7)) & U32(255)] += 1
+    return _exponent_window(hist) if n else 0
+
+
+@_jit
+def split(
+    words: np.ndarray,
+    shift: int,
+    joint: np.ndarray,
+    joint64: np.ndarray,
+    flags: np.ndarray,
+    packed: np.ndarray,
+    escapes: np.ndarray,
+) -> tuple:
+    """Layout 1: one pass computing ``joint`` and ``packed`` from the top 16 bits of each word
+    (``words >> shift``), then the escape compaction. Returns (base, escape count)."""
+    n = words.size
+    base = _exponent_base(words, shift)
+    b = U32(base)
+    m = n // 2
+    for i in range(m):
+        t0 = U32(words[2 * i]) >> U32(shift)
+        t1 = U32(words[2 * i + 1]) >> U32(shift)
+        c0 = ((t0 >> U32(7)) - b) & U32(255)
+        c1 = ((t1 >> U32(7)) - b) & U32(255)
+        c0 = min(c0, U32(15))
+        c1 = min(c1, U32(15))
+        joint[2 * i] = U8((c0 << U32(4)) | ((t0 >> U32(3)) & U32(15)))
+        joint[2 * i + 1] = U8((c1 << U32(4)) | ((t1 >> U32(3)) & U32(15)))
+        n0 = ((t0 >> U32(12)) & U32(8)) | (t0 & U32(7))
+        n1 = ((t1 >> U32(12)) & U32(8)) | (t1 & U32(7))
+        packed[i] = U8((n0 << U32(4)) | n1)
+    if n % 2:
+        t0 = U32(words[n - 1]) >> U32(shift)
+        c0 = min(((t0 >> U32(7)) - b) & U32(255), U32(15))
+        joint[n - 1] = U8((c0 << U32(4)) | ((t0 >> U32(3)) & U32(15)))
+        packed[m] = U8((((t0 >> U32(12)) & U32(8)) | (t0 & U32(7))) << U32(4))
+    escape_blocks(joint64, flags, U64(0xF0F0F0F0F0F0F0F0), U64(0x8080808080808080))
+    k, span = 0, 8 * BLOCK_WORDS
+    for blk in range((n + span - 1) // span):
+        if blk < flags.size and flags[blk] == 0:
+            continue
+        for i in range(blk * span, min(n, (blk + 1) * span)):
+            if joint[i] >= 240:
+                escapes[k] = U8((U32(words[i]) >> U32(shift + 7)) & U32(255))
+                k += 1
+    return base, k
+
+
+@_jit
+def _split_one(t: int, b: int) -> tuple:
+    """(symbol, quad, nibble) of one element from its top 16 bits ``t``."""
+    code = min(((t >> U32(7)) - b) & U32(255), U32(15))
+    return (code << U32(2)) | ((t >> U32(5)) & U32(3)), (t >> U32(3)) & U32(3), ((t >> U32(12)) & U32(8)) | (t & U32(7))
+
+
+@_jit
+def split6(
+    words: np.ndarray,
+    shift: int,
+    symbols: np.ndarray,
+    symbols32: np.ndarray,
+    symbols64: np.ndarray,
+    flags: np.ndarray,
+    nibbles: np.ndarray,
+    nibbles16: np.ndarray,
+    quads: np.ndarray,
+    escapes: np.ndarray,
+) -> tuple:
+    """Layout 2 of the top 16 bits of each word (``words >> shift``), four elements per step
+    (``symbols32``/``nibbles16``: the same bytes as ``symbols``/``nibbles``, one u32/u16 per
+    step), then the escape compaction. Returns (base, escape count)."""
+    n = words.size
+    base = _exponent_base(words, shift)
+    b, sh = U32(base), U32(shift)
+    for g in range(n // 4):
+        s0, q0, n0 = _split_one(U32(words[4 * g]) >> sh, b)
+        s1, q1, n1 = _split_one(U32(words[4 * g + 1]) >> sh, b)
+        s2, q2, n2 = _split_one(U32(words[4 * g + 2]) >> sh, b)
+        s3, q3, n3 = _split_one(U32(words[4 * g + 3]) >> sh, b)
+        symbols32[g] = s0 | (s1 << U32(8)) | (s2 << U32(16)) | (s3 << U32(24))
+        nibbles16[g] = U16((n0 << U32(4)) | n1 | (n2 << U32(12)) | (n3 << U32(8)))
+        quads[g] = U8((q0 << U32(6)) | (q1 << U32(4)) | (q2 << U32(2)) | q3)
+    for i in range(n - n % 4, n):
+        sym, quad, nib = _split_one(U32(words[i]) >> sh, b)
+        symbols[i] = U8(sym)
+        if i % 4 == 0:
+            quads[i // 4] = U8(0)
+        quads[i // 4] |= U8(quad << U32(6 - 2 * (i % 4)))
+        if i % 2 == 0:
+            nibbles[i // 2] = U8(nib << U32(4))
+        else:
+            nibbles[i // 2] |= U8(nib)
+    escape_blocks(symbols64, flags, U64(0x3C3C3C3C3C3C3C3C), U64(0x2020202020202020))
+    k, span = 0, 8 * BLOCK_WORDS
+    for blk in range((n + span - 1) // span):
+        if blk < flags.size and flags[blk] == 0:
+            continue
+        for i in range(blk * span, min(n, (blk + 1) * span)):
+            if symbols[i] >= 60:
+                escapes[k] = U8((U32(words[i]) >> U32(shift + 7)) & U32(255))
+                k += 1
+    return base, k
+
+
+@_jit
+def _top16_6(sym: int, quad: int, nib: int, b: int) -> int:
+    """The top 16 bits of a word from its layout-2 fields (exponent not escaped)."""
+    e = ((sym >> U32(2)) + b) & U32(255)
+    return (e << U32(7)) | ((sym & U32(3)) << U32(5)) | (quad << U32(3)) | (nib & U32(7)) | ((nib >> U32(3)) << U32(15))
+
+
+@_jit
+def _group_tops(sym: int, nib: int, q: int, b: int) -> tuple:
+    """The top 16 bits of four elements from their symbols (a u32), nibbles (a u16) and quads."""
+    t0 = _top16_6(sym & U32(255), (q >> U32(6)) & U32(3), (nib >> U32(4)) & U32(15), b)
+    t1 = _top16_6((sym >> U32(8)) & U32(255), (q >> U32(4)) & U32(3), nib & U32(15), b)
+    t2 = _top16_6((sym >> U32(16)) & U32(255), (q >> U32(2)) & U32(3), (nib >> U32(12)) & U32(15), b)
+    t3 = _top16_6(sym >> U32(24), q & U32(3), (nib >> U32(8)) & U32(15), b)
+    return t0, t1, t2, t3
+
+
+@_jit
+def _tail_top(i: int, symbols: np.ndarray, nibbles: np.ndarray, quads: np.ndarray, b: int) -> int:
+    nib = (U32(nibbles[i // 2]) >> U32(4 * (1 - i % 2))) & U32(15)
+    return _top16_6(U32(symbols[i]), (U32(quads[i // 4]) >> U32(6 - 2 * (i % 4))) & U32(3), nib, b)
+
+
+@_jit
+def merge6_bf16(
+    base: int, symbols: np.ndarray, symbols32: np.ndarray, nibbles: np.ndarray, nibbles16: np.ndarray,
+    quads: np.ndarray, out: np.ndarray, out64: np.ndarray,
+) -> None:  # fmt: skip
+    """Layout 2 into u16 words, four per step (one u64 store)."""
+    n, b = symbols.size, U32(base)
+    for g in range(n // 4):
+        t0, t1, t2, t3 = _group_tops(U32(symbols32[g]), U32(nibbles16[g]), U32(quads[g]), b)
+        out64[g] = U64(t0) | (U64(t1) << U64(16)) | (U64(t2) << U64(32)) | (U64(t3) << U64(48))
+    for i in range(n - n % 4, n):
+        out[i] = U16(_tail_top(i, symbols, nibbles, quads, b))
+
+
+@_jit
+def merge6_f32(
+    base: int, symbols: np.ndarray, symbols32: np.ndarray, nibbles: np.ndarray, nibbles16: np.ndarray,
+    quads: np.ndarray, p0: np.ndarray, p1: np.ndarray, out: np.ndarray,
+) -> None:  # fmt: skip
+    """Layout 2 into u32 words, four per step, the low bytes from the planes."""
+    n, b = symbols.size, U32(base)
+    for g in range(n // 4):
+        t0, t1, t2, t3 = _group_tops(U32(symbols32[g]), U32(nibbles16[g]), U32(quads[g]), b)
+        i = 4 * g
+        out[i] = (t0 << U32(16)) | (U32(p1[i]) << U32(8)) | U32(p0[i])
+        out[i + 1] = (t1 << U32(16)) | (U32(p1[i + 1]) << U32(8)) | U32(p0[i + 1])
+        out[i + 2] = (t2 << U32(16)) | (U32(p1[i + 2]) << U32(8)) | U32(p0[i + 2])
+        out[i + 3] = (t3 << U32(16)) | (U32(p1[i + 3]) << U32(8)) | U32(p0[i + 3])
+    for i in range(n - n % 4, n):
+        out[i] = (U32(_tail_top(i, symbols, nibbles, quads, b)) << U32(16)) | (U32(p1[i]) << U32(8)) | U32(p0[i])

@@ -53,8 +53,11 @@ class ManagerConfig:
     compression_level: int = 1
     """zstd level when ``compression="zstd"``."""
 
-    async_save: bool = False
-    """Return from ``save()`` once tensors are staged; write and commit in the background."""
+    async_save: bool | str = False
+    """Return from ``save()`` once tensors are staged; write and commit in the background.
+    ``"overlap"``: return before parameters and optimizer state are copied; the copy runs
+    during the next forward/backward and the tracked optimizers' ``step()`` waits for it
+    (see :mod:`dist_ckpt.overlap`)."""
 
     async_mode: str = "thread"
     """Background worker: ``"thread"`` or ``"process"``."""
@@ -126,7 +129,9 @@ class ManagerConfig:
             raise ConfigError(f"if_busy={self.if_busy!r}: expected one of {_IF_BUSY}")
         if not isinstance(self.compression_level, int) or not -7 <= self.compression_level <= 22:
             raise ConfigError(f"compression_level={self.compression_level!r}: expected an int in [-7, 22]")
-        for name in ("strict_config", "async_save", "save_on_sigterm", "collect_garbage_on_start"):
+        if not (isinstance(self.async_save, bool) or self.async_save == "overlap"):
+            raise ConfigError(f"async_save={self.async_save!r}: expected True, False or 'overlap'")
+        for name in ("strict_config", "save_on_sigterm", "collect_garbage_on_start"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected True or False")
         may_change = self.config_may_change

@@ -18,6 +18,7 @@ from torch import nn
 
 from dist_ckpt import ddp_buckets
 from dist_ckpt import manifest as mf
+from dist_ckpt import overlap
 from dist_ckpt import rng
 from dist_ckpt.api import resolve_codec, save_to
 from dist_ckpt.config import ManagerConfig
@@ -195,7 +196,8 @@ class CheckpointManager(ManagerKeywords):
         fence = self._lock.fence if self._lock is not None else None  # rank 0: checked right before COMMITTED
         if self._engine is not None and self.config.async_save:
             # returns once the tensors are staged; write, commit and _after_commit run in the background
-            self._engine.submit(step, prefix, sd, commit_info, lambda: self._after_commit(step), fence)
+            deferrable = overlap.prepare(state, self._engine.join_copy) if self.config.async_save == "overlap" else frozenset()
+            self._engine.submit(step, prefix, sd, commit_info, lambda: self._after_commit(step), fence, deferrable)
             self._progress = progress
             return True
         save_to(self.backend, prefix, sd, codec=self._codec, commit_info=commit_info, process_group=self._pg, fence=fence)
@@ -309,6 +311,14 @@ class CheckpointManager(ManagerKeywords):
         self._check_open()
         if self._engine is not None:
             self._engine.drain()
+
+    def wait_staged(self) -> None:
+        """``async_save="overlap"``: block until the in-flight save's staging copy is done (the
+        tracked optimizers' ``step()`` does this itself). Call it before changing parameters
+        or optimizer state in place anywhere else; a no-op otherwise."""
+        self._check_open()
+        if self._engine is not None:
+            self._engine.join_copy()
 
     def should_stop(self) -> bool:
         """With ``save_on_sigterm=True``: True on every rank once any rank received SIGTERM

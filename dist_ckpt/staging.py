@@ -196,13 +196,16 @@ class Stager:
     def nbytes(self) -> int:
         return 0 if self.buffer is None else self.buffer.numel()
 
-    def stage(self, layout: Layout) -> Snapshot:
-        """Copy the layout's tensors into the (reused) buffer; snapshot its values."""
+    def stage(self, layout: Layout, defer: frozenset[str] = frozenset()) -> Snapshot:
+        """Copy the layout's tensors into the (reused) buffer — except those named in ``defer``,
+        whose views the caller fills later (:mod:`dist_ckpt.overlap`) —; snapshot its values."""
         values = copy.deepcopy(layout.values)
         self._ensure(layout)
         cuda_devices: set[torch.device] = set()
         with torch.no_grad():
             for spec in layout.specs:
+                if spec.fqn in defer:
+                    continue
                 src = layout.sources[spec.fqn]
                 if src.is_cuda:
                     cuda_devices.add(src.device)

@@ -193,7 +193,7 @@ class AsyncEngine:
 
     def submit(self, step: int, prefix: str, state_dict: dict[str, Any], commit_info: dict[str, Any],
                after_commit: Callable[[], None] | None, fence: Fence | None = None,
-               deferrable: frozenset[int] = frozenset()) -> None:  # fmt: skip
+               deferrable: frozenset[int] = frozenset(), spread: frozenset[str] = frozenset()) -> None:  # fmt: skip
         """Stage ``state_dict`` and save it in the background as ``prefix`` (waits for the
         previous save first). Synchronous when the memory budget is exceeded on any rank.
         ``deferrable``: storages (:func:`dist_ckpt.overlap.deferrable`) whose tensors are
@@ -221,6 +221,7 @@ class AsyncEngine:
             # that fails inside DCP's planning, which reports it to every rank.
             log.error("step %d: staging failed: %s: %s", step, type(e).__name__, e)
             snapshot, nbytes = Snapshot({}, {}, (), (), {}, value_error=(type(e).__name__, f"staging failed: {e}")), 0
+        snapshot.spread = spread
         t2 = time.perf_counter()
         self.last_submit = {"wait_previous_s": t1 - t0, "stage_s": t2 - t1, "bytes": nbytes,
                             "deferred_bytes": overlap.nbytes if overlap is not None else 0}  # fmt: skip

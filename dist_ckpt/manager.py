@@ -18,7 +18,7 @@ from torch import nn
 
 from dist_ckpt import ddp_buckets
 from dist_ckpt import manifest as mf
-from dist_ckpt import overlap
+from dist_ckpt import overlap, spread_writes
 from dist_ckpt import rng
 from dist_ckpt.api import resolve_codec, save_to
 from dist_ckpt.config import ManagerConfig
@@ -194,13 +194,15 @@ class CheckpointManager(ManagerKeywords):
             "codec": self._codec.name if self._codec else "none",
         }
         fence = self._lock.fence if self._lock is not None else None  # rank 0: checked right before COMMITTED
+        spread = spread_writes.replicated_fqns(state, sd, self.world_size) if self.config.ddp_spread_writes else frozenset()
         if self._engine is not None and self.config.async_save:
             # returns once the tensors are staged; write, commit and _after_commit run in the background
             deferrable = overlap.prepare(state, self._engine.join_copy) if self.config.async_save == "overlap" else frozenset()
-            self._engine.submit(step, prefix, sd, commit_info, lambda: self._after_commit(step), fence, deferrable)
+            self._engine.submit(step, prefix, sd, commit_info, lambda: self._after_commit(step), fence, deferrable, spread)
             self._progress = progress
             return True
-        save_to(self.backend, prefix, sd, codec=self._codec, commit_info=commit_info, process_group=self._pg, fence=fence)
+        save_to(self.backend, prefix, sd, codec=self._codec, commit_info=commit_info, process_group=self._pg, fence=fence,
+                spread=spread)  # fmt: skip
         self._agree(lambda: self._after_commit(step))
         self._progress = progress
         return True

@@ -96,6 +96,7 @@ class Snapshot:
     shards: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     encoded: dict[str, bytes] | None = None  # the values' JSON, when encoded already
     value_error: tuple[str, str] | None = None  # (type name, message) of a failed encoding
+    spread: frozenset[str] = frozenset()  # keys written by all ranks in balanced parts (spread_writes)
 
     def flat_state_dict(self) -> dict[str, Any]:
         return {fqn: self.tensors[fqn] if fqn in self.tensors else self.values[fqn] for fqn in self.order}

@@ -94,7 +94,7 @@ class Job:
     prefix: str
     snapshot: Snapshot | None  # dropped once written (it holds views of the staging buffer)
     commit_info: dict[str, Any]
-    after_commit: Callable[[], None] | None
+    after_commit: Callable[[], Any] | None  # rank 0: the manifest update; may return the retention deletes
     buffer: torch.Tensor | None = None
     generation: int = 0
     submitted: float = field(default_factory=time.monotonic)
@@ -192,7 +192,7 @@ class AsyncEngine:
             raise job.failure
 
     def submit(self, step: int, prefix: str, state_dict: dict[str, Any], commit_info: dict[str, Any],
-               after_commit: Callable[[], None] | None, fence: Fence | None = None,
+               after_commit: Callable[[], Any] | None, fence: Fence | None = None,
                deferrable: frozenset[int] = frozenset(), spread: frozenset[str] = frozenset()) -> None:  # fmt: skip
         """Stage ``state_dict`` and save it in the background as ``prefix`` (waits for the
         previous save first). Synchronous when the memory budget is exceeded on any rank.
@@ -284,21 +284,31 @@ class AsyncEngine:
             except BaseException as e:  # noqa: BLE001 (reported to every rank)
                 error = e
             t1 = time.perf_counter()
+            retention: Any = None
             if error is None and job.after_commit is not None and self.rank == 0:
                 try:
-                    job.after_commit()
+                    retention = job.after_commit()
                 except BaseException as e:  # noqa: BLE001
                     error = e
             t2 = time.perf_counter()
             job.failure = self._agree(job.step, error)
-            job.timings = {"write_s": t1 - t0, "after_commit_s": t2 - t1, "agree_s": time.perf_counter() - t2}
+            t3 = time.perf_counter()
+            job.finished = time.monotonic()  # committed, in the manifest, verdict agreed
+            if callable(retention) and job.failure is None:
+                try:  # after the verdict: deleting old steps is clean-up, not committing (done waits for it)
+                    retention()
+                except Exception:  # noqa: BLE001 (the save is committed; gc removes what is left)
+                    log.exception("step %d: retention after the commit failed; `dist-ckpt gc` removes what is left", job.step)
+            job.timings = {"write_s": t1 - t0, "after_commit_s": t2 - t1, "agree_s": t3 - t2,
+                           "retention_s": time.perf_counter() - t3}  # fmt: skip
         except BaseException as e:  # noqa: BLE001 (never leave a job without a verdict)
             job.failure = CheckpointError(f"background save of step {job.step} failed: {type(e).__name__}: {e}")
         finally:
             job.snapshot = job.buffer = None  # no reference to the staging buffer outlives the save
             if job.copy is not None:
                 job.copy.items = ()  # joined already (run() waits for it): its views go too
-            job.finished = time.monotonic()
+            if job.finished is None:
+                job.finished = time.monotonic()
             self.last_job = job
             if job.failure is not None:
                 log.error("background save of step %d failed: %s", job.step, job.failure)

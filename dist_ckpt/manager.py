@@ -198,7 +198,8 @@ class CheckpointManager(ManagerKeywords):
         if self._engine is not None and self.config.async_save:
             # returns once the tensors are staged; write, commit and _after_commit run in the background
             deferrable = overlap.prepare(state, self._engine.join_copy) if self.config.async_save == "overlap" else frozenset()
-            self._engine.submit(step, prefix, sd, commit_info, lambda: self._after_commit(step), fence, deferrable, spread)
+            self._engine.submit(step, prefix, sd, commit_info, lambda: self._after_commit(step, retention_later=True), fence,
+                                deferrable, spread)  # fmt: skip
             self._progress = progress
             return True
         save_to(self.backend, prefix, sd, codec=self._codec, commit_info=commit_info, process_group=self._pg, fence=fence,
@@ -231,7 +232,10 @@ class CheckpointManager(ManagerKeywords):
             )
         return progress, due
 
-    def _after_commit(self, step: int) -> None:
+    def _after_commit(self, step: int, *, retention_later: bool = False) -> Any:
+        """Add the committed ``step`` to the manifest, then apply retention — or, with
+        ``retention_later``, return the deletes as a callable (the async worker runs them
+        after the save's verdict: they are clean-up, not part of committing)."""
         key = f"{step_prefix(step)}/COMMITTED"  # the marker holds everything the manifest lists
         entry = entry_from_committed(step, self.backend.read(key), f"{self.root}/{key}")
         drops: list[int] = []
@@ -247,6 +251,12 @@ class CheckpointManager(ManagerKeywords):
         if self._lock is not None:  # a job that lost the run lock changes nothing (RunLocked)
             self._lock.fence.check(self.backend, f"updating {self.root}/manifest.json")
         self._last_step = self.store.update_manifest(change).pointers.get(mf.LAST)
+        if retention_later:
+            return lambda: self._delete_dropped(drops)
+        self._delete_dropped(drops)
+        return None
+
+    def _delete_dropped(self, drops: list[int]) -> None:
         for dropped in drops:  # only now: the manifest that no longer lists them is durable
             try:
                 if self._lock is not None:

@@ -77,10 +77,14 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
         loss.backward()
         return time.perf_counter() - t
 
-    def step() -> None:
+    def step(done: Any = None) -> bool:
+        """One training step; its all-reduce also tells whether ``done()`` holds on every
+        rank, so the ranks always run the same collectives."""
         fwd_bwd()
         opt.step()
-        dist.all_reduce(token)  # keeps the ranks in step
+        token[0] = 1.0 if done is not None and done() else 0.0
+        dist.all_reduce(token, op=dist.ReduceOp.MIN)
+        return bool(token[0])
 
     for _ in range(3):
         step()
@@ -95,11 +99,10 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
     dist.broadcast_object_list(marker)
     root = Path(marker[0])
 
-    def until(done: Any) -> None:  # train on until the save is committed on this rank
+    def until(done: Any) -> None:  # train on until the save is committed on every rank
         for _ in range(200):
-            if done():
+            if step(done):
                 return
-            step()
         while not done():
             time.sleep(0.001)
 
@@ -130,6 +133,7 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
             mgr.wait_staged()  # what the optimizer's step pre-hook does (a no-op without overlap)
             blocked += time.perf_counter() - t
             opt.step()
+            token[0] = 0.0
             dist.all_reduce(token)
             result["blocked_s"].append(blocked)
             until(job.done.is_set)
@@ -168,6 +172,7 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
                 resp.staging_completion.result()  # the parameters may change only after this
             blocked += time.perf_counter() - t
             opt.step()
+            token[0] = 0.0
             dist.all_reduce(token)
             result["blocked_s"].append(blocked)
             until(lambda: bool(finished))

@@ -95,6 +95,9 @@ def run(target: str, root: str, args: argparse.Namespace, env: dict[str, str], w
     raw = json.loads(out.read_text())
     res = {layout: summarise(saves) for layout, saves in raw.items()}
     res["spread_over_rank0_save_s"] = res["spread"]["save_s"]["median"] / res["rank0"]["save_s"]["median"]
+    paired = [a["save_s"] / b["save_s"] for a, b in zip(raw["spread"], raw["rank0"])]  # the same round's pair
+    res["spread_over_rank0_per_round"] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired),
+                                          "all": paired}  # fmt: skip
     res["raw"] = raw
     return res
 

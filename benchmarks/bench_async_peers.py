@@ -11,7 +11,7 @@ methods run interleaved in every round. Per save (the first of each job is a war
 * ``blocked_s``: how long the training loop is held up by the save: the ``save`` call, plus
   — where the method lets the copy run during the next forward/backward — the wait before
   the next ``optimizer.step()`` for the copy to finish (ours: ``mgr.wait_staged()``, what the
-  optimizer's step pre-hook does; DCP: ``response.staging_completion.result()``);
+  optimizer's step pre-hook does; DCP: ``response.staging_completion.result()``); the two parts as ``call_s`` and ``wait_s``;
 * ``call_to_commit_s``: from the save call to the committed checkpoint (ours: COMMITTED
   published and the manifest updated; DCP: its upload future done), the loop training on;
 * ``fwd_bwd_s``: the forward/backward right after the save call (the overlapped copy and
@@ -92,7 +92,7 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
     tensors = [p for p in model.parameters()] + [v for st in opt.state.values() for v in st.values() if v.numel() > 1]
     result: dict[str, Any] = {"rank": rank, "world_size": world, "layers": layers, "fwd_bwd_s_idle": statistics.median(idle),
                               "state_mb": sum(t.numel() * t.element_size() for t in tensors) / 2**20,
-                              "blocked_s": [], "call_to_commit_s": [], "fwd_bwd_s": []}  # fmt: skip
+                              "blocked_s": [], "call_to_commit_s": [], "fwd_bwd_s": [], "call_s": [], "wait_s": []}  # fmt: skip
     root = Path(workdir) / f"{method}-{world}-{os.getpid() if rank == 0 else 0}"
     group = dist.new_group(backend="gloo")  # DCP's collectives, apart from the loop's all-reduce
     marker = [str(root)]
@@ -131,7 +131,9 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
             result["fwd_bwd_s"].append(fwd_bwd())
             t = time.perf_counter()
             mgr.wait_staged()  # what the optimizer's step pre-hook does (a no-op without overlap)
-            blocked += time.perf_counter() - t
+            result["wait_s"].append(time.perf_counter() - t)
+            result["call_s"].append(blocked)
+            blocked += result["wait_s"][-1]
             opt.step()
             token[0] = 0.0
             dist.all_reduce(token)
@@ -170,7 +172,9 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
             t = time.perf_counter()
             if async_staging:
                 resp.staging_completion.result()  # the parameters may change only after this
-            blocked += time.perf_counter() - t
+            result["wait_s"].append(time.perf_counter() - t)
+            result["call_s"].append(blocked)
+            blocked += result["wait_s"][-1]
             opt.step()
             token[0] = 0.0
             dist.all_reduce(token)
@@ -209,7 +213,7 @@ def run_job(method: str, world: int, args: argparse.Namespace, workdir: Path) ->
 def summarise(jobs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per save (warm-up dropped) the slower rank; medians and ranges over all rounds' saves."""
     out: dict[str, Any] = {"state_mb_per_rank": jobs[0]["ranks"][0]["state_mb"], "jobs": len(jobs)}
-    for key in ("blocked_s", "call_to_commit_s", "fwd_bwd_s"):
+    for key in ("blocked_s", "call_s", "wait_s", "call_to_commit_s", "fwd_bwd_s"):
         per_save = [max(vals) for job in jobs for vals in list(zip(*[r[key] for r in job["ranks"]]))[1:]]
         if per_save:
             out[key] = {"median": statistics.median(per_save), "min": min(per_save), "max": max(per_save), "n": len(per_save)}

@@ -7,6 +7,10 @@ the DCP save (plans cached while the layout is unchanged), encodes, compresses, 
 commits, and — on rank 0 — updates the manifest and applies retention; then every rank's
 worker exchanges its outcome, so all ranks hold the same verdict.
 
+With ``async_save="overlap"`` the parameters and optimizer state are left out of that copy:
+the worker copies them during the next forward/backward and the tracked optimizers' step
+pre-hook joins it (:mod:`dist_ckpt.overlap`).
+
 Worker: a thread (default), or with ``async_mode="process"`` a process started once per
 manager (:mod:`dist_ckpt.async_process`) that maps the staging buffer (shared memory, sent
 once per layout) and joins its own gloo group; the thread then only relays.

@@ -1,7 +1,7 @@
 """Async save against DCP ``async_save`` in its best configurations, at 1 and 2 ranks, with a
 real model and AdamW state; ours with blocking staging and with ``async_save="overlap"``.
 
-    python benchmarks/bench_async_peers.py [--mb 64] [--rounds 3] [--saves 4] [--out FILE]
+    python benchmarks/bench_async_peers.py [--mb 32] [--rounds 2] [--saves 4] [--out FILE]
 
 Each rank trains its own stack of Linear layers (``--mb`` MB of fp32 parameters per rank,
 plus AdamW's two moments: 3x that in state) under rank-specific names, so every rank writes
@@ -223,7 +223,7 @@ def summarise(jobs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mb", type=int, default=64, help="fp32 parameters per rank (MB); the state is about 3x")
+    p.add_argument("--mb", type=int, default=32, help="fp32 parameters per rank (MB); the state is about 3x (84 MB at 32)")
     p.add_argument("--saves", type=int, default=4, help="saves per job (the first is a warm-up)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])

@@ -225,7 +225,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=int, default=32, help="fp32 parameters per rank (MB); the state is about 3x (84 MB at 32)")
     p.add_argument("--saves", type=int, default=4, help="saves per job (the first is a warm-up)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--timeout", type=float, default=300)

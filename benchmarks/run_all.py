@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, store each JSON as results/<date>-<name>.json, draw plots.
 
-    python benchmarks/run_all.py [--only save,compress,s3,s3_connector,async,scaling,save_noop,ddp_step,cli_startup,async_sweep] [--quick]
+    python benchmarks/run_all.py [--only save,compress,zipnn,s3,s3_connector,async,scaling,save_noop,ddp_step,cli_startup,async_peers,ddp_spread,async_sweep] [--quick]
 
 Each benchmark script prints one JSON document; see benchmarks/README.md for what each
 measures and which anchors it is compared with. ``--quick`` uses smaller states.
@@ -29,6 +29,8 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "cli_startup": (["bench_cli_startup.py"], ["bench_cli_startup.py", "--rounds", "5"]),
     "save_noop": (["bench_save_noop.py"], ["bench_save_noop.py", "--rounds", "5"]),
     "ddp_step": (["bench_ddp_step.py", "--steps", "50", "--rounds", "15"], ["bench_ddp_step.py", "--steps", "20", "--rounds", "5"]),
+    "async_peers": (["bench_async_peers.py", "--mb", "32", "--rounds", "2", "--saves", "4"], ["bench_async_peers.py", "--mb", "16", "--rounds", "1", "--saves", "3"]),
+    "ddp_spread": (["bench_ddp_spread.py", "--mb", "64", "--rounds", "11"], ["bench_ddp_spread.py", "--mb", "16", "--rounds", "3"]),
 }
 
 

@@ -62,6 +62,7 @@ def save_to(
     commit_info: dict[str, Any] | None = None,
     process_group: dist.ProcessGroup | None = None,
     fence: Fence | None = None,
+    spread: frozenset[str] = frozenset(),
 ) -> None:
     writer = DistCkptWriter(backend, prefix, codec=codec, commit_info=commit_info, fence=fence)
     try:
@@ -69,7 +70,7 @@ def save_to(
             dcp.save(
                 state_dict,
                 storage_writer=writer,
-                planner=JsonSavePlanner(),
+                planner=JsonSavePlanner(spread=spread),
                 process_group=process_group,
                 no_dist=not _distributed(),
             )

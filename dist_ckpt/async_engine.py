@@ -7,6 +7,10 @@ the DCP save (plans cached while the layout is unchanged), encodes, compresses, 
 commits, and — on rank 0 — updates the manifest and applies retention; then every rank's
 worker exchanges its outcome, so all ranks hold the same verdict.
 
+With ``async_save="overlap"`` the parameters and optimizer state are left out of that copy:
+the worker copies them during the next forward/backward and the tracked optimizers' step
+pre-hook joins it (:mod:`dist_ckpt.overlap`).
+
 Worker: a thread (default), or with ``async_mode="process"`` a process started once per
 manager (:mod:`dist_ckpt.async_process`) that maps the staging buffer (shared memory, sent
 once per layout) and joins its own gloo group; the thread then only relays.
@@ -49,6 +53,7 @@ then stops the worker process; a failure nobody consumed is printed loudly.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import queue
 import sys
@@ -69,6 +74,7 @@ from dist_ckpt.config import ManagerConfig
 from dist_ckpt.errors import CheckpointError
 from dist_ckpt.format.shard import ChunkCodec
 from dist_ckpt.lock_fence import Fence
+from dist_ckpt.overlap import OverlapCopy, storage_key
 from dist_ckpt.preemption import Preemption
 from dist_ckpt.staging import Snapshot, Stager, describe
 from storage_backends import Backend
@@ -92,7 +98,7 @@ class Job:
     prefix: str
     snapshot: Snapshot | None  # dropped once written (it holds views of the staging buffer)
     commit_info: dict[str, Any]
-    after_commit: Callable[[], None] | None
+    after_commit: Callable[[], Any] | None  # rank 0: the manifest update; may return the retention deletes
     buffer: torch.Tensor | None = None
     generation: int = 0
     submitted: float = field(default_factory=time.monotonic)
@@ -102,6 +108,7 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)  # write / after_commit / agree seconds
     in_process: bool = False  # written by the writer process (else in this process, on the background group)
     fence: Fence | None = None  # rank 0: the run lock, checked right before COMMITTED (also in the writer process)
+    copy: OverlapCopy | None = None  # async_save="overlap": the deferred part of the staging copy
 
     @property
     def seconds(self) -> float | None:
@@ -170,25 +177,37 @@ class AsyncEngine:
         self.drain()
         return False
 
+    def join_copy(self) -> None:
+        """``async_save="overlap"``: wait for the in-flight save's staging copy (only if it is
+        not done) and check it (the optimizer step pre-hook calls this; so do drain and exit)."""
+        job = self._job
+        if job is not None and job.copy is not None:
+            job.copy.join()
+
     def drain(self) -> None:
         """Wait for the in-flight save; raise its failure (on every rank)."""
         job = self._job
         if job is None:
             return
+        self.join_copy()
         job.done.wait()
         self._job = None
         if job.failure is not None:
             raise job.failure
 
     def submit(self, step: int, prefix: str, state_dict: dict[str, Any], commit_info: dict[str, Any],
-               after_commit: Callable[[], None] | None, fence: Fence | None = None) -> None:  # fmt: skip
+               after_commit: Callable[[], Any] | None, fence: Fence | None = None,
+               deferrable: frozenset[int] = frozenset(), spread: frozenset[str] = frozenset()) -> None:  # fmt: skip
         """Stage ``state_dict`` and save it in the background as ``prefix`` (waits for the
-        previous save first). Synchronous when the memory budget is exceeded on any rank."""
+        previous save first). Synchronous when the memory budget is exceeded on any rank.
+        ``deferrable``: storages (:func:`dist_ckpt.overlap.deferrable`) whose tensors are
+        copied in the background, during the next forward/backward (``async_save="overlap"``)."""
         t0 = time.perf_counter()
         self.drain()
         t1 = time.perf_counter()
         cap = self.config.max_staging_bytes
         over = False
+        overlap: OverlapCopy | None = None
         try:
             layout = describe(state_dict)
             over = cap is not None and layout.nbytes > cap
@@ -196,22 +215,27 @@ class AsyncEngine:
                 self.stager.release()  # the budget: no buffer is kept either
                 snapshot = Stager.unstaged(layout)
             else:
-                snapshot = self.stager.stage(layout)
+                defer = frozenset(f for f, t in layout.sources.items() if deferrable and storage_key(t) in deferrable)
+                snapshot = self.stager.stage(layout, defer)
+                if defer:
+                    overlap = OverlapCopy(step, {f: layout.sources[f] for f in layout.sources if f in defer}, snapshot.tensors)
             nbytes = layout.nbytes
         except Exception as e:  # noqa: BLE001
             # No collective here to tell the other ranks: the save goes ahead with a snapshot
             # that fails inside DCP's planning, which reports it to every rank.
             log.error("step %d: staging failed: %s: %s", step, type(e).__name__, e)
             snapshot, nbytes = Snapshot({}, {}, (), (), {}, value_error=(type(e).__name__, f"staging failed: {e}")), 0
+        snapshot.spread = spread
         t2 = time.perf_counter()
-        self.last_submit = {"wait_previous_s": t1 - t0, "stage_s": t2 - t1, "bytes": nbytes}
+        self.last_submit = {"wait_previous_s": t1 - t0, "stage_s": t2 - t1, "bytes": nbytes,
+                            "deferred_bytes": overlap.nbytes if overlap is not None else 0}  # fmt: skip
         over_anywhere = over
         if cap is not None and self.process is not None and self._control is not None:
             flag = torch.tensor([1 if over else 0], dtype=torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control)
             over_anywhere = bool(flag.item())
         job = Job(step, prefix, snapshot, dict(commit_info), after_commit, self.stager.buffer, self.stager.generation,
-                  fence=fence)  # fmt: skip
+                  fence=fence, copy=overlap)  # fmt: skip
         job.in_process = self.process is not None and not over_anywhere
         self._job = job
         if over:
@@ -250,6 +274,11 @@ class AsyncEngine:
         error: BaseException | None = None
         t0 = time.perf_counter()
         try:
+            if job.copy is not None:  # copy during the loop's forward/backward; wait for its join
+                problem = job.copy.run()
+                if problem is not None and job.snapshot is not None:  # fails DCP's planning on every rank
+                    log.error("step %d: %s", job.step, problem[1])
+                    job.snapshot = dataclasses.replace(job.snapshot, value_error=problem)
             try:
                 if job.in_process:
                     self.process.save(job)
@@ -259,19 +288,31 @@ class AsyncEngine:
             except BaseException as e:  # noqa: BLE001 (reported to every rank)
                 error = e
             t1 = time.perf_counter()
+            retention: Any = None
             if error is None and job.after_commit is not None and self.rank == 0:
                 try:
-                    job.after_commit()
+                    retention = job.after_commit()
                 except BaseException as e:  # noqa: BLE001
                     error = e
             t2 = time.perf_counter()
             job.failure = self._agree(job.step, error)
-            job.timings = {"write_s": t1 - t0, "after_commit_s": t2 - t1, "agree_s": time.perf_counter() - t2}
+            t3 = time.perf_counter()
+            job.finished = time.monotonic()  # committed, in the manifest, verdict agreed
+            if callable(retention) and job.failure is None:
+                try:  # after the verdict: deleting old steps is clean-up, not committing (done waits for it)
+                    retention()
+                except Exception:  # noqa: BLE001 (the save is committed; gc removes what is left)
+                    log.exception("step %d: retention after the commit failed; `dist-ckpt gc` removes what is left", job.step)
+            job.timings = {"write_s": t1 - t0, "after_commit_s": t2 - t1, "agree_s": t3 - t2,
+                           "retention_s": time.perf_counter() - t3}  # fmt: skip
         except BaseException as e:  # noqa: BLE001 (never leave a job without a verdict)
             job.failure = CheckpointError(f"background save of step {job.step} failed: {type(e).__name__}: {e}")
         finally:
             job.snapshot = job.buffer = None  # no reference to the staging buffer outlives the save
-            job.finished = time.monotonic()
+            if job.copy is not None:
+                job.copy.items = ()  # joined already (run() waits for it): its views go too
+            if job.finished is None:
+                job.finished = time.monotonic()
             self.last_job = job
             if job.failure is not None:
                 log.error("background save of step %d failed: %s", job.step, job.failure)
@@ -319,6 +360,7 @@ class AsyncEngine:
         self._closed = True
         job = self._job
         if job is not None:
+            self.join_copy()
             if not job.done.is_set():
                 _loud(f"dist_ckpt: interpreter exit with the save of step {job.step} in flight; waiting for it "
                       f"(up to {timeout:.0f}s). Call mgr.close() before exiting to do this explicitly.")  # fmt: skip

@@ -146,7 +146,7 @@ class WriterProcess:
                 value_error = (type(e).__name__, str(e))
         self._conn.send(("save", {"prefix": job.prefix, "commit_info": job.commit_info, "specs": snap.specs,
                                   "encoded": encoded, "value_error": value_error, "order": snap.order,
-                                  "mappings": snap.mappings, "fence": job.fence}))  # fmt: skip
+                                  "mappings": snap.mappings, "fence": job.fence, "spread": snap.spread}))  # fmt: skip
         self._check(self._recv())
 
     def close(self, timeout: float = 60.0) -> None:
@@ -228,7 +228,7 @@ def _serve(conn: Any, init: dict[str, Any]) -> None:
                 tensors = views(buffer, body["specs"])
                 encoded = body["encoded"] or {fqn: b"" for fqn in body["order"] if fqn not in tensors}
                 snap = Snapshot(tensors, encoded, body["specs"], body["order"], body["mappings"], shards_of(body["specs"]),
-                                encoded=encoded, value_error=body["value_error"])  # fmt: skip
+                                encoded=encoded, value_error=body["value_error"], spread=body["spread"])  # fmt: skip
                 write_snapshot(backend, body["prefix"], snap, codec=codec, commit_info=body["commit_info"],
                                process_group=None, cache_key=init["cache_key"], fence=body["fence"])  # fmt: skip
                 reply: tuple[str, Any] = ("ok", None)

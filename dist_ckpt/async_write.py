@@ -55,7 +55,7 @@ class StagedSavePlanner(JsonSavePlanner):
     """Plans a flat, already staged state dict (see the module docstring)."""
 
     def __init__(self, snapshot: Snapshot, *, cache_key: str | None = None):
-        super().__init__(enable_plan_caching=cache_key is not None)
+        super().__init__(enable_plan_caching=cache_key is not None, spread=snapshot.spread)
         if cache_key is not None:
             self._cached_plans_key = cache_key
         self._snapshot = snapshot

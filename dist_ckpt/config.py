@@ -53,11 +53,19 @@ class ManagerConfig:
     compression_level: int = 1
     """zstd level when ``compression="zstd"``."""
 
-    async_save: bool = False
-    """Return from ``save()`` once tensors are staged; write and commit in the background."""
+    async_save: bool | str = False
+    """Return from ``save()`` once tensors are staged; write and commit in the background.
+    ``"overlap"``: return before parameters and optimizer state are copied (the copy runs
+    during the next forward/backward; the tracked optimizers' ``step()`` waits for it; a
+    tensor changed in place before it is copied fails the save, :class:`SnapshotInconsistent`)."""
 
     async_mode: str = "thread"
     """Background worker: ``"thread"`` or ``"process"``."""
+
+    ddp_spread_writes: bool = True
+    """Under DDP, parameters and their optimizer state (the same on every rank) are written by
+    all ranks in balanced parts; buffers and everything else by rank 0. False: rank 0 writes
+    every replicated tensor."""
 
     if_busy: str = "wait"
     """When a save is still in flight: ``"wait"`` for it, or ``"skip"`` the new one (logged)."""
@@ -126,7 +134,9 @@ class ManagerConfig:
             raise ConfigError(f"if_busy={self.if_busy!r}: expected one of {_IF_BUSY}")
         if not isinstance(self.compression_level, int) or not -7 <= self.compression_level <= 22:
             raise ConfigError(f"compression_level={self.compression_level!r}: expected an int in [-7, 22]")
-        for name in ("strict_config", "async_save", "save_on_sigterm", "collect_garbage_on_start"):
+        if not (isinstance(self.async_save, bool) or self.async_save == "overlap"):
+            raise ConfigError(f"async_save={self.async_save!r}: expected True, False or 'overlap'")
+        for name in ("strict_config", "save_on_sigterm", "collect_garbage_on_start", "ddp_spread_writes"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected True or False")
         may_change = self.config_may_change

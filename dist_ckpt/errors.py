@@ -50,3 +50,8 @@ class RunLocked(CheckpointError):
 class CheckpointArgsError(ConfigError):
     """The command-line checkpoint flags (``--resume``, ``--init-from``, ...) ask for something
     the run cannot do; the script exits with status 2, as argparse does for bad arguments."""
+
+
+class SnapshotInconsistent(CheckpointError):
+    """A tensor of an overlapped save (``async_save="overlap"``) changed in place before the
+    staging copy had it; the save is not committed (never a torn snapshot)."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from dist_ckpt import ddp_buckets
 from dist_ckpt import manifest as mf
+from dist_ckpt import overlap, spread_writes
 from dist_ckpt import rng
 from dist_ckpt.api import resolve_codec, save_to
 from dist_ckpt.config import ManagerConfig
@@ -193,12 +194,16 @@ class CheckpointManager(ManagerKeywords):
             "codec": self._codec.name if self._codec else "none",
         }
         fence = self._lock.fence if self._lock is not None else None  # rank 0: checked right before COMMITTED
+        spread = spread_writes.replicated_fqns(state, sd, self.world_size) if self.config.ddp_spread_writes else frozenset()
         if self._engine is not None and self.config.async_save:
             # returns once the tensors are staged; write, commit and _after_commit run in the background
-            self._engine.submit(step, prefix, sd, commit_info, lambda: self._after_commit(step), fence)
+            deferrable = overlap.prepare(state, self._engine.join_copy) if self.config.async_save == "overlap" else frozenset()
+            self._engine.submit(step, prefix, sd, commit_info, lambda: self._after_commit(step, retention_later=True), fence,
+                                deferrable, spread)  # fmt: skip
             self._progress = progress
             return True
-        save_to(self.backend, prefix, sd, codec=self._codec, commit_info=commit_info, process_group=self._pg, fence=fence)
+        save_to(self.backend, prefix, sd, codec=self._codec, commit_info=commit_info, process_group=self._pg, fence=fence,
+                spread=spread)  # fmt: skip
         self._agree(lambda: self._after_commit(step))
         self._progress = progress
         return True
@@ -227,7 +232,10 @@ class CheckpointManager(ManagerKeywords):
             )
         return progress, due
 
-    def _after_commit(self, step: int) -> None:
+    def _after_commit(self, step: int, *, retention_later: bool = False) -> Any:
+        """Add the committed ``step`` to the manifest, then apply retention — or, with
+        ``retention_later``, return the deletes as a callable (the async worker runs them
+        after the save's verdict: they are clean-up, not part of committing)."""
         key = f"{step_prefix(step)}/COMMITTED"  # the marker holds everything the manifest lists
         entry = entry_from_committed(step, self.backend.read(key), f"{self.root}/{key}")
         drops: list[int] = []
@@ -243,6 +251,12 @@ class CheckpointManager(ManagerKeywords):
         if self._lock is not None:  # a job that lost the run lock changes nothing (RunLocked)
             self._lock.fence.check(self.backend, f"updating {self.root}/manifest.json")
         self._last_step = self.store.update_manifest(change).pointers.get(mf.LAST)
+        if retention_later:
+            return lambda: self._delete_dropped(drops)
+        self._delete_dropped(drops)
+        return None
+
+    def _delete_dropped(self, drops: list[int]) -> None:
         for dropped in drops:  # only now: the manifest that no longer lists them is durable
             try:
                 if self._lock is not None:
@@ -309,6 +323,14 @@ class CheckpointManager(ManagerKeywords):
         self._check_open()
         if self._engine is not None:
             self._engine.drain()
+
+    def wait_staged(self) -> None:
+        """``async_save="overlap"``: block until the in-flight save's staging copy is done (the
+        tracked optimizers' ``step()`` does this itself). Call it before changing parameters
+        or optimizer state in place anywhere else; a no-op otherwise."""
+        self._check_open()
+        if self._engine is not None:
+            self._engine.join_copy()
 
     def should_stop(self) -> bool:
         """With ``save_on_sigterm=True``: True on every rank once any rank received SIGTERM

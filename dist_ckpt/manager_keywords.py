@@ -83,8 +83,9 @@ class ManagerKeywords:
         tracker_run_id: str | None = None,
         compression: str = "none",
         compression_level: int = 1,
-        async_save: bool = False,
+        async_save: bool | str = False,
         async_mode: str = "thread",
+        ddp_spread_writes: bool = True,
         if_busy: str = "wait",
         max_staging_bytes: int | None = None,
         save_on_sigterm: bool = False,
@@ -126,8 +127,14 @@ class ManagerKeywords:
                 byte-grouped).
             compression_level: zstd level when ``compression="zstd"``.
             async_save: Return from ``save()`` once tensors are staged; write and commit in the
-                background.
+                background. ``"overlap"``: return before parameters and optimizer state are
+                copied (the copy runs during the next forward/backward; the tracked
+                optimizers' ``step()`` waits for it; a tensor changed in place before it is
+                copied fails the save, :class:`SnapshotInconsistent`).
             async_mode: Background worker: ``"thread"`` or ``"process"``.
+            ddp_spread_writes: Under DDP, parameters and their optimizer state (the same on
+                every rank) are written by all ranks in balanced parts; buffers and everything
+                else by rank 0. False: rank 0 writes every replicated tensor.
             if_busy: When a save is still in flight: ``"wait"`` for it, or ``"skip"`` the new
                 one (logged).
             max_staging_bytes: Cap on staging memory for async saves: a rank whose tensors

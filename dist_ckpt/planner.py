@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItem, WriteItemType
 from torch.distributed.checkpoint._nested_dict import set_element
 
 from dist_ckpt.errors import IncompatibleCheckpoint, UnsupportedValue
@@ -28,13 +28,16 @@ _MAX_LISTED = 20
 class JsonSavePlanner(DefaultSavePlanner):
     """Saves tensors as DCP does and every other value as tagged JSON."""
 
-    def __init__(self, **kwargs: Any):
+    def __init__(self, *, spread: frozenset[str] = frozenset(), **kwargs: Any):
         # A replicated tensor is written by rank 0, not by whichever rank DCP's size balancing
         # picks: replicas can differ (BatchNorm running stats after DDP's last forward are each
         # rank's own; DDP broadcasts rank 0's at the next forward), and an exact resume needs
         # the copy the uninterrupted run goes on with. Sharded (FSDP2) state is unaffected.
+        # Except ``spread``: keys identical on every rank (DDP parameters and their optimizer
+        # state), written by all ranks in balanced parts (dist_ckpt/spread_writes.py).
         kwargs.setdefault("dedup_save_to_lowest_rank", True)
         super().__init__(**kwargs)
+        self._spread = spread
         self._encoded: dict[str, bytes] = {}
 
     def set_up_planner(
@@ -62,6 +65,13 @@ class JsonSavePlanner(DefaultSavePlanner):
         if write_item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(self._encoded[write_item.index.fqn])
         return object
+
+    def _dedup_save_plans(self, all_plans: list[SavePlan]) -> list[SavePlan]:
+        if not self._spread:
+            return super()._dedup_save_plans(all_plans)
+        from dist_ckpt.spread_writes import spread_plans
+
+        return spread_plans(all_plans, self._spread)
 
 
 def _key_path(path: tuple[str | int, ...] | None, fqn: str) -> str:

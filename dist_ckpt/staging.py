@@ -48,6 +48,15 @@ from dist_ckpt.format import json_values
 log = logging.getLogger(__name__)
 
 ALIGN = 64  # every view starts on a cache line (and on any dtype's alignment)
+# Flat keys whose values save() builds anew for every call (rng.capture(), the progress record
+# Progress.encode()): nothing else holds them, so they are not deep-copied (the Python RNG
+# state alone is 625 ints; copying it was a measurable part of a small state's stall).
+FRESH_PREFIXES = ("rng.", "_dist_ckpt")
+
+
+def _snapshot_values(values: dict[str, Any]) -> dict[str, Any]:
+    live = {k: v for k, v in values.items() if not k.startswith(FRESH_PREFIXES)}
+    return {**values, **copy.deepcopy(live)}
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,7 @@ class Snapshot:
     shards: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     encoded: dict[str, bytes] | None = None  # the values' JSON, when encoded already
     value_error: tuple[str, str] | None = None  # (type name, message) of a failed encoding
+    spread: frozenset[str] = frozenset()  # keys written by all ranks in balanced parts (spread_writes)
 
     def flat_state_dict(self) -> dict[str, Any]:
         return {fqn: self.tensors[fqn] if fqn in self.tensors else self.values[fqn] for fqn in self.order}
@@ -196,13 +206,16 @@ class Stager:
     def nbytes(self) -> int:
         return 0 if self.buffer is None else self.buffer.numel()
 
-    def stage(self, layout: Layout) -> Snapshot:
-        """Copy the layout's tensors into the (reused) buffer; snapshot its values."""
-        values = copy.deepcopy(layout.values)
+    def stage(self, layout: Layout, defer: frozenset[str] = frozenset()) -> Snapshot:
+        """Copy the layout's tensors into the (reused) buffer — except those named in ``defer``,
+        whose views the caller fills later (:mod:`dist_ckpt.overlap`) —; snapshot its values."""
+        values = _snapshot_values(layout.values)
         self._ensure(layout)
         cuda_devices: set[torch.device] = set()
         with torch.no_grad():
             for spec in layout.specs:
+                if spec.fqn in defer:
+                    continue
                 src = layout.sources[spec.fqn]
                 if src.is_cuda:
                     cuda_devices.add(src.device)
@@ -216,7 +229,7 @@ class Stager:
     @staticmethod
     def unstaged(layout: Layout) -> Snapshot:
         """A snapshot that refers to the live tensors (a synchronous save streams from them)."""
-        return Snapshot(dict(layout.sources), copy.deepcopy(layout.values), layout.specs, layout.order,
+        return Snapshot(dict(layout.sources), _snapshot_values(layout.values), layout.specs, layout.order,
                         layout.mappings, shards_of(layout.specs))  # fmt: skip
 
     def _ensure(self, layout: Layout) -> None:

@@ -30,7 +30,7 @@ from dist_ckpt.config import ManagerConfig
 from dist_ckpt.errors import CheckpointError
 from dist_ckpt.format import metadata_json
 from dist_ckpt.run_store import RunStore, step_prefix
-from dist_ckpt.tiers.policy import moved_best, promotion_due
+from dist_ckpt.tiers.policy import moved_best, promotion_due, tiered_listing
 from dist_ckpt.tiers.queue import PromotionQueue, PromotionRequest
 from dist_ckpt.tiers.uploader import apply_local_retention, ensure_uploader, local_steps
 from storage_backends import Backend, ObjectExists, join_key, open_backend
@@ -227,14 +227,4 @@ class Tiers:
         """The root's entries plus this node's local-only ones, and in which tiers each is
         (``"local"``: this node's tier)."""
         return tiered_listing(root_entries, RunStore(self.local).committed_entries())
-
-
-def tiered_listing(root_entries: list[mf.Entry], local_entries: list[mf.Entry]
-                   ) -> tuple[list[mf.Entry], dict[int, tuple[str, ...]]]:  # fmt: skip
-    """Merge a run's root entries with a local tier's: every step once, with its tiers."""
-    by_step = {e.step: e for e in local_entries}
-    by_step.update({e.step: e for e in root_entries})
-    root_steps, local = {e.step for e in root_entries}, {e.step for e in local_entries}
-    tiers = {s: tuple(t for t, has in (("local", s in local), ("root", s in root_steps)) if has) for s in by_step}
-    return [by_step[s] for s in sorted(by_step)], tiers
 

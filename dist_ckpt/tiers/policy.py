@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 
+from dist_ckpt import manifest as mf
+
 
 def promotion_due(save_index: int, every_n_saves: int, *, force: bool, moved_best: bool) -> bool:
     """Whether the ``save_index``-th save of this manager (counted from 1) goes to the root:
@@ -23,3 +25,14 @@ def local_drops(local_steps: Iterable[int], keep_last: int, unsettled: Collectio
     steps = sorted(set(local_steps))
     keep = set(steps[-keep_last:]) | set(unsettled)
     return [s for s in steps if s not in keep]
+
+
+def tiered_listing(root_entries: list[mf.Entry], local_entries: list[mf.Entry]
+                   ) -> tuple[list[mf.Entry], dict[int, tuple[str, ...]]]:  # fmt: skip
+    """Merge a run's root entries with a local tier's: every step once, with its tiers
+    (``"local"``, ``"root"``), oldest first."""
+    by_step = {e.step: e for e in local_entries}
+    by_step.update({e.step: e for e in root_entries})
+    root_steps, local = {e.step for e in root_entries}, {e.step for e in local_entries}
+    tiers = {s: tuple(t for t, has in (("local", s in local), ("root", s in root_steps)) if has) for s in by_step}
+    return [by_step[s] for s in sorted(by_step)], tiers

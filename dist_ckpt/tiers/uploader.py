@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = "uploader.lock"
 LOG_NAME = "uploader.log"
-DEFAULT_IDLE_EXIT_S = 30.0
+DEFAULT_IDLE_EXIT_S = float(os.environ.get("DIST_CKPT_UPLOADER_IDLE_S", "30"))  # tests shorten it
 _POLL_S = 0.1
 _MAX_BACKOFF_S = 10.0
 
@@ -67,7 +67,7 @@ def uploader_alive(local_root: str) -> bool:
     return False
 
 
-def ensure_uploader(local_root: str, idle_exit: float = DEFAULT_IDLE_EXIT_S) -> bool:
+def ensure_uploader(local_root: str, idle_exit: float | None = None) -> bool:
     """Start the uploader of ``local_root`` unless one is alive. Returns whether one was started.
     Two callers racing both start one; the second exits at once (the lock)."""
     for proc, where in list(_started):  # reap; one of ours still starting counts as alive
@@ -78,6 +78,7 @@ def ensure_uploader(local_root: str, idle_exit: float = DEFAULT_IDLE_EXIT_S) -> 
     if uploader_alive(local_root):
         return False
     log_path = Path(local_root) / TIERS_DIR / LOG_NAME
+    idle_exit = DEFAULT_IDLE_EXIT_S if idle_exit is None else idle_exit
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(

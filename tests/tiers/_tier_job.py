@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--steps", default="")
     p.add_argument("--mb", type=float, default=1.0)
     p.add_argument("--kill-after-wait", type=int, default=None)
-    p.add_argument("--persisted", action="store_true", help="wait(persisted=True) after each save")
+    p.add_argument("--persisted", action="store_true", help="wait(persisted=True) after each save (up to --pause-after)")
     p.add_argument("--pause-after", type=int, default=None)
     p.add_argument("--go", default=None)
     p.add_argument("--no-wait-upload", action="store_true")
@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--persist-every", type=int, default=1)
     p.add_argument("--keep-last", type=int, default=None)
     p.add_argument("--async-save", action="store_true")
+    p.add_argument("--list", action="store_true", help="write checkpoints() (steps and tiers) to --dump/tiers.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     dump = Path(args.dump)
@@ -72,7 +73,7 @@ def main() -> None:
         _state(step, model)
         mgr.save(step, state, force=True)
         _dump(model, dump / f"saved_{step}.safetensors")
-        mgr.wait(persisted=args.persisted)
+        mgr.wait(persisted=args.persisted and (args.pause_after is None or step <= args.pause_after))
         if step == args.kill_after_wait:
             (dump / "waited").write_text(str(step))
             os.kill(os.getpid(), signal.SIGKILL)
@@ -83,7 +84,8 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise SystemExit("the test never said go")
                 time.sleep(0.05)
-    (dump / "tiers.json").write_text(json.dumps({c.step: list(c.tiers) for c in mgr.checkpoints()}))
+    if args.list:
+        (dump / "tiers.json").write_text(json.dumps({c.step: list(c.tiers) for c in mgr.checkpoints()}))
     mgr.close(wait_for_upload=not args.no_wait_upload)
 
 

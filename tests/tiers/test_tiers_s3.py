@@ -98,3 +98,47 @@ def test_flipped_byte_in_a_local_shard_falls_back_to_s3_naming_the_file(s3_uri: 
     assert resumed["step"] == 1 and resumed["uri"].startswith(s3_uri), resumed
     assert str(shard) in proc.stderr and "damaged" in proc.stderr, proc.stderr[-3000:]
     assert_same_tensors(dump / "saved_1.safetensors", work / "b" / "restored.safetensors")
+
+
+def _restart_same_ports(server) -> None:  # noqa: ANN001
+    """Start the stopped SeaweedFS again on its ports, over its data (the endpoint stays valid)."""
+    from support.s3server import _launch, _wait_ready, find_weed
+
+    server.process = _launch(find_weed(), server.workdir, server.ports, server.workdir / "s3-identities.json", server.log_path)
+    _wait_ready(server, 60)
+
+
+@pytest.mark.slow
+def test_s3_down_restore_takes_the_newer_local_step_and_promotion_catches_up(work: Path, monkeypatch) -> None:  # noqa: ANN001
+    from support.s3server import start_seaweedfs
+
+    server = start_seaweedfs(work / "weed")
+    try:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)  # the jobs and their uploaders use this server
+        uri = f"s3://{server.create_bucket()}/run"
+        local, dump, go = work / "node", work / "a", work / "go"
+        job = start_job("--root", uri, "--local-root", str(local), "--steps", "0,1,2,3", "--persisted",
+                        "--pause-after", "1", "--go", str(go), "--no-wait-upload", "--dump", str(dump))  # fmt: skip
+        wait_for(lambda: (dump / "paused_1").exists() or job.poll() is not None, 120, "steps 0, 1 persisted")
+        assert _committed_at(uri) == [0, 1]
+        server.stop()  # S3 unreachable: steps 2 and 3 commit locally, their promotion retries
+        go.write_text("")
+        assert job.wait(timeout=180) == 0, job.stderr.read()[-4000:] if job.stderr else ""
+        uploader = uploader_pid(local)
+        assert uploader is not None, "the uploader gave up while promotions were queued"
+        os.kill(uploader, signal.SIGSTOP)  # holds the promotion back until the restore has run
+        _restart_same_ports(server)
+        assert _committed_at(uri) == [0, 1]
+        run_job("--root", uri, "--local-root", str(local), "--restore", "--no-wait-upload", "--list", "--dump", str(work / "b"))
+        resumed = json.loads((work / "b" / "resume.json").read_text())
+        assert resumed["step"] == 3 and resumed["uri"].startswith(str(local)), resumed
+        assert_same_tensors(dump / "saved_3.safetensors", work / "b" / "restored.safetensors")
+        tiers = json.loads((work / "b" / "tiers.json").read_text())
+        # local_keep_last=2: 0 and 1 left the local tier once promoted; 2 and 3 wait for S3
+        assert tiers == {"0": ["root"], "1": ["root"], "2": ["local"], "3": ["local"]}, tiers
+        os.kill(uploader, signal.SIGCONT)  # S3 is back: the promotion catches up
+        wait_for(lambda: _committed_at(uri) == [0, 1, 2, 3], 90, "steps 2 and 3 promoted after the outage")
+        assert verify_checkpoint(open_backend(uri), "step_000000003").ok
+    finally:
+        server.stop()

@@ -40,6 +40,7 @@ LOG_NAME = "uploader.log"
 DEFAULT_IDLE_EXIT_S = float(os.environ.get("DIST_CKPT_UPLOADER_IDLE_S", "30"))  # tests shorten it
 _POLL_S = 0.1
 _MAX_BACKOFF_S = 10.0
+_WAITING_POLL_S = 0.25
 
 
 def _lock_path(local_root: str) -> Path:
@@ -121,15 +122,12 @@ class Uploader:
                 time.sleep(_POLL_S)
                 continue
             idle_since = time.monotonic()
-            worked = False
             for request in requests:
-                if self._retry_at.get(request.step, 0.0) > time.monotonic():
-                    continue
-                worked = True
-                if not self._one(request):
-                    break  # promotions go in step order: the next waits for this one
-            if not worked:
-                time.sleep(_POLL_S)
+                # Strictly in step order: a node starts sending step N+1 only once N is committed
+                # (so a step the root's retention dropped after its commit is never waited for).
+                if self._retry_at.get(request.step, 0.0) > time.monotonic() or not self._one(request):
+                    break
+            time.sleep(_POLL_S)
 
     def _one(self, request: PromotionRequest) -> bool:
         started = time.monotonic()
@@ -142,8 +140,8 @@ class Uploader:
             log.error("step %d cannot be promoted: %s", request.step, e)
             self.queue.fail(request.step, str(e))
             return True
-        if outcome is Outcome.WAITING:
-            self._later(request.step, "waiting for other nodes' files")
+        if outcome is Outcome.WAITING:  # another node's uploader commits when its files are there
+            self._retry_at[request.step] = time.monotonic() + _WAITING_POLL_S
             return False
         self._retry_at.pop(request.step, None)
         self._backoff.pop(request.step, None)

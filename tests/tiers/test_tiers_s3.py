@@ -46,6 +46,7 @@ def test_trainer_killed_after_wait_step_reaches_s3_and_a_new_node_resumes(s3_uri
     assert_same_tensors(dump / "saved_2.safetensors", dump_b / "restored.safetensors")
 
 
+@pytest.mark.slow  # 24 MiB single-stepped through SIGSTOP/SIGCONT, then three jobs
 def test_uploader_killed_mid_promotion_is_finished_by_the_next_start(s3_uri: str, s3_server, work: Path) -> None:  # noqa: ANN001
     local, dump = work / "node", work / "a"
     options = json.dumps({"part_size": 5 << 20, "max_concurrency": 1})
@@ -86,6 +87,7 @@ def test_uploader_killed_mid_promotion_is_finished_by_the_next_start(s3_uri: str
     assert_same_tensors(dump / "saved_0.safetensors", work / "c" / "restored.safetensors")
 
 
+@pytest.mark.slow  # three trainer processes
 def test_flipped_byte_in_a_local_shard_falls_back_to_s3_naming_the_file(s3_uri: str, work: Path) -> None:
     local, dump = work / "node", work / "a"
     run_job("--root", s3_uri, "--local-root", str(local), "--steps", "0,1", "--persisted", "--dump", str(dump))

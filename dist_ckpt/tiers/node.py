@@ -202,6 +202,9 @@ class Tiers:
 
     def _wait_here(self, timeout: float | None) -> None:
         started = last_note = time.monotonic()
+        if self.enqueued & self.queue.pending_steps():
+            log.info("waiting for the promotion of steps %s from %s to %s", sorted(self.enqueued & self.queue.pending_steps()),
+                     self.local_root, self.root)  # fmt: skip
         while True:
             queued = self.queue.pending_steps()  # dequeued only once committed at the root, or failed
             failed = [(s, self.queue.failure(s)) for s in sorted(self.enqueued - queued) if self.queue.failure(s) is not None]

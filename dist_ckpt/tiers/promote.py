@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import xxhash
@@ -33,6 +35,8 @@ from storage_backends import Backend, BackendError, ObjectExists, join_key
 
 log = logging.getLogger(__name__)
 
+_PARALLEL_FILES = 4
+
 
 class Outcome(enum.Enum):
     COMMITTED = "committed"  # the step is committed at the root (by us or before)
@@ -45,12 +49,15 @@ class _Count:
     def __init__(self) -> None:
         self.total = 0
         self.sent = 0
+        self._lock = threading.Lock()  # files are sent from several threads
 
     def add_total(self, n: int) -> None:
-        self.total += n
+        with self._lock:
+            self.total += n
 
     def update(self, n: int) -> None:
-        self.sent += n
+        with self._lock:
+            self.sent += n
 
 
 def attempt_id(committed: bytes) -> str:
@@ -86,13 +93,20 @@ def promote(local: Backend, root: Backend, request: PromotionRequest) -> Outcome
         mine = sorted(name for name in meta.files if local.exists(join_key(prefix, name)))
         at_root = {o.key.rsplit("/", 1)[-1]: o.size for o in root.list(staging + "/")}
         sink = _Count()
-        for name in mine:
-            record = meta.files[name]
+
+        def send(name: str) -> None:
             key = join_key(staging, name)
-            if at_root.get(name) == record.size:
-                continue  # sent before (objects appear only complete and checksum-checked)
             root.abort_uploads(key)  # a killed uploader's unfinished upload of this file
-            copy_object(local, join_key(prefix, name), root, key, record, sink)
+            copy_object(local, join_key(prefix, name), root, key, meta.files[name], sink)
+
+        # sent before: objects appear only complete (and the stream was checksum-checked)
+        todo = [name for name in mine if at_root.get(name) != meta.files[name].size]
+        if len(todo) > 1:  # the node's ranks' files at once, as the ranks themselves would send them
+            with ThreadPoolExecutor(min(len(todo), _PARALLEL_FILES), thread_name_prefix="dist_ckpt-promote") as pool:
+                for future in [pool.submit(send, name) for name in todo]:
+                    future.result()
+        elif todo:
+            send(todo[0])
         if sink.sent:
             log.info("step %d: sent %d bytes of %d files to %s", request.step, sink.sent, len(mine), where)
         at_root = {o.key.rsplit("/", 1)[-1]: o.size for o in root.list(staging + "/")}

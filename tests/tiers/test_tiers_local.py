@@ -96,3 +96,22 @@ def test_manager_with_a_local_tier(work: Path, async_save: bool) -> None:
     assert info is not None and info.step == 4 and info.uri == f"{local}/step_000000004"
     assert torch.equal(model.weight, saved)
     wait_for(lambda: uploader_pid(local) is None, 30, "the uploader exits when idle")
+
+
+def test_a_damaged_local_checkpoint_is_not_promoted_and_says_why(work: Path) -> None:
+    local, root = work / "local", work / "root"
+    dist_ckpt.save({"w": torch.arange(1 << 16, dtype=torch.float32)}, f"{local}/step_000000001")
+    shard = local / "step_000000001" / "rank_00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0x40
+    shard.write_bytes(bytes(data))
+    queue = PromotionQueue(local)
+    queue.enqueue(PromotionRequest(step=1, root=str(root), local_keep_last=1))
+    proc = subprocess.run([sys.executable, "-m", "dist_ckpt.tiers.uploader", str(local), "--idle-exit", "0.5"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    reason = queue.failure(1)
+    assert reason is not None and "checksum mismatch" in reason and str(shard) in reason, reason
+    assert queue.pending_steps() == set()
+    assert RunStore(open_backend(str(root))).committed_entries() == []  # nothing of it at the root
+    assert shard.exists()  # kept locally: its promotion never committed

@@ -109,6 +109,7 @@ class Job:
     in_process: bool = False  # written by the writer process (else in this process, on the background group)
     fence: Fence | None = None  # rank 0: the run lock, checked right before COMMITTED (also in the writer process)
     copy: OverlapCopy | None = None  # async_save="overlap": the deferred part of the staging copy
+    on_every_rank: Callable[[Any], None] | None = None  # tiers: gets rank 0's after_commit result on every rank
 
     @property
     def seconds(self) -> float | None:
@@ -197,7 +198,8 @@ class AsyncEngine:
 
     def submit(self, step: int, prefix: str, state_dict: dict[str, Any], commit_info: dict[str, Any],
                after_commit: Callable[[], Any] | None, fence: Fence | None = None,
-               deferrable: frozenset[int] = frozenset(), spread: frozenset[str] = frozenset()) -> None:  # fmt: skip
+               deferrable: frozenset[int] = frozenset(), spread: frozenset[str] = frozenset(),
+               on_every_rank: Callable[[Any], None] | None = None) -> None:  # fmt: skip
         """Stage ``state_dict`` and save it in the background as ``prefix`` (waits for the
         previous save first). Synchronous when the memory budget is exceeded on any rank.
         ``deferrable``: storages (:func:`dist_ckpt.overlap.deferrable`) whose tensors are
@@ -235,7 +237,7 @@ class AsyncEngine:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control)
             over_anywhere = bool(flag.item())
         job = Job(step, prefix, snapshot, dict(commit_info), after_commit, self.stager.buffer, self.stager.generation,
-                  fence=fence, copy=overlap)  # fmt: skip
+                  fence=fence, copy=overlap, on_every_rank=on_every_rank)  # fmt: skip
         job.in_process = self.process is not None and not over_anywhere
         self._job = job
         if over:
@@ -288,19 +290,21 @@ class AsyncEngine:
             except BaseException as e:  # noqa: BLE001 (reported to every rank)
                 error = e
             t1 = time.perf_counter()
-            retention: Any = None
+            result = None
             if error is None and job.after_commit is not None and self.rank == 0:
                 try:
-                    retention = job.after_commit()
+                    result = job.after_commit()
                 except BaseException as e:  # noqa: BLE001
                     error = e
             t2 = time.perf_counter()
             job.failure = self._agree(job.step, error)
+            if job.failure is None and job.on_every_rank is not None:
+                job.failure = self._agree(job.step, self._on_every_rank(job, result))
             t3 = time.perf_counter()
             job.finished = time.monotonic()  # committed, in the manifest, verdict agreed
-            if callable(retention) and job.failure is None:
+            if callable(result) and job.failure is None:
                 try:  # after the verdict: deleting old steps is clean-up, not committing (done waits for it)
-                    retention()
+                    result()
                 except Exception:  # noqa: BLE001 (the save is committed; gc removes what is left)
                     log.exception("step %d: retention after the commit failed; `dist-ckpt gc` removes what is left", job.step)
             job.timings = {"write_s": t1 - t0, "after_commit_s": t2 - t1, "agree_s": t3 - t2,
@@ -317,6 +321,19 @@ class AsyncEngine:
             if job.failure is not None:
                 log.error("background save of step %d failed: %s", job.step, job.failure)
             job.done.set()
+
+    def _on_every_rank(self, job: Job, result: Any) -> BaseException | None:
+        """Rank 0's after_commit result handed to ``job.on_every_rank`` on every rank (tiers:
+        each node completes its local commit); its error, to be agreed on."""
+        shared = [result]
+        if self._background is not None:
+            dist.broadcast_object_list(shared, src=dist.get_global_rank(self._background, 0), group=self._background)
+        try:
+            assert job.on_every_rank is not None
+            job.on_every_rank(shared[0])
+        except BaseException as e:  # noqa: BLE001 (reported to every rank)
+            return e
+        return None
 
     def _agree(self, step: int, error: BaseException | None) -> BaseException | None:
         """The same verdict on every rank: the lowest failing rank's error, or None."""

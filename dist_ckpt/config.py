@@ -110,11 +110,31 @@ class ManagerConfig:
     silently. Set this only when you are sure one job at a time writes the run; a warning is
     logged at every start. Local and NFS roots are not affected."""
 
+    local_root: str | None = None
+    """A fast node-local directory (NVMe, tmpfs) for a second tier: ``save()`` commits there
+    first (same format and protocol); a node-local uploader process then promotes committed
+    checkpoints to ``root`` in the background, and finishes even if the job dies. None: one tier."""
+
+    local_keep_last: int = 2
+    """With ``local_root``: keep the newest N checkpoints in the local tier (a step leaves it only
+    once its due promotion to ``root`` is committed)."""
+
+    persist_every_n_saves: int = 1
+    """With ``local_root``: promote every N-th save to ``root`` — and every save that moves a
+    ``best:<metric>`` pointer or is made with ``force=True``."""
+
     def __post_init__(self) -> None:
         for name in ("keep_last", "keep_every_n_steps", "save_every_n_steps", "total_steps", "total_epochs", "max_staging_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name}={value!r}: expected a positive integer or None")
+        for name in ("local_keep_last", "persist_every_n_saves"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}={value!r}: expected a positive integer")
+        if self.local_root is not None and (not isinstance(self.local_root, str) or not self.local_root
+                                            or "://" in self.local_root):  # fmt: skip
+            raise ConfigError(f"local_root={self.local_root!r}: expected a node-local directory path (not a URI)")
         if not isinstance(self.best, Mapping):
             raise ConfigError(f"best={self.best!r}: expected a dict like {{'val_loss': 'min'}}")
         for metric, mode in self.best.items():

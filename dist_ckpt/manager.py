@@ -56,6 +56,7 @@ class CheckpointInfo:
     codec: str
     pointers: tuple[str, ...]
     uri: str
+    tiers: tuple[str, ...] = ("root",)  # with local_root: "local" (this node's tier) and/or "root"
 
 
 class CheckpointManager(ManagerKeywords):
@@ -88,11 +89,20 @@ class CheckpointManager(ManagerKeywords):
         self._lock: RunLock | None = None
         self._last_step: int | None = None  # rank 0: the run's newest committed step
         self._engine: Any = None  # async saves and SIGTERM handling (dist_ckpt.async_engine)
+        self._tiers: Any = None  # with local_root: saves commit locally, promoted by the node's uploader
+        if self.config.local_root is not None:
+            from dist_ckpt.tiers.node import Tiers
+
+            self._tiers = Tiers(self.config, self.backend.uri, rank=self.rank, world_size=self.world_size,
+                                process_group=self._pg, distributed=self._distributed)  # fmt: skip
+        self._save_backend = self._tiers.local if self._tiers is not None else self.backend
         self._agree(self._start if self.rank == 0 else None)
+        if self._tiers is not None and not self.config.read_only:
+            self._tiers.start()  # node leaders: local leftovers; adopt the queue a dead job left
         if self.config.async_save or self.config.save_on_sigterm:
             from dist_ckpt.async_engine import AsyncEngine
 
-            self._engine = AsyncEngine(self.config, self.backend, self._codec, process_group=self._pg,
+            self._engine = AsyncEngine(self.config, self._save_backend, self._codec, process_group=self._pg,
                                        rank=self.rank, world_size=self.world_size)  # fmt: skip
 
     # -- collectives ------------------------------------------------------------------------
@@ -122,11 +132,15 @@ class CheckpointManager(ManagerKeywords):
         # The lock comes first: garbage collection must never touch another live job's saves.
         self._lock = RunLock(self.backend, self.config.lock_stale_after)
         self._lock.acquire()
-        if self.config.collect_garbage_on_start:
+        if self.config.collect_garbage_on_start and self._tiers is not None:  # spares promotions in flight
+            self._tiers.collect_root_garbage(self.store, self.store.reconciled_manifest(self.config.best).pointers.get(mf.LAST))
+        elif self.config.collect_garbage_on_start:
             found = self.store.collect_garbage()
             if found.temp_dirs or found.uncommitted_steps or found.unfinished_uploads:
                 log.warning("removed leftovers of interrupted saves in %s: %s", self.root, found)
         self._last_step = self.store.reconciled_manifest(self.config.best).pointers.get(mf.LAST)
+        if self._tiers is not None:  # a local step newer than the root's counts too
+            self._last_step = max([s for s in (self._last_step, *self._tiers.local_steps()[-1:]) if s is not None], default=None)
 
     # -- public API -------------------------------------------------------------------------
     def track(self, **objects: Any) -> TrainingState:
@@ -195,16 +209,23 @@ class CheckpointManager(ManagerKeywords):
         }
         fence = self._lock.fence if self._lock is not None else None  # rank 0: checked right before COMMITTED
         spread = spread_writes.replicated_fqns(state, sd, self.world_size) if self.config.ddp_spread_writes else frozenset()
+        after_commit, on_every_rank = (lambda: self._after_commit(step)), None
+        background_after_commit = lambda: self._after_commit(step, retention_later=True)  # noqa: E731
+        if self._tiers is not None:  # the local commit needs no run lock; the node's uploader promotes
+            after_commit, on_every_rank = self._tiers.hooks(step, force=force, before=self._progress.best, after=progress.best)
+            background_after_commit, fence = after_commit, None
         if self._engine is not None and self.config.async_save:
             # returns once the tensors are staged; write, commit and _after_commit run in the background
             deferrable = overlap.prepare(state, self._engine.join_copy) if self.config.async_save == "overlap" else frozenset()
-            self._engine.submit(step, prefix, sd, commit_info, lambda: self._after_commit(step, retention_later=True), fence,
-                                deferrable, spread)  # fmt: skip
+            self._engine.submit(step, prefix, sd, commit_info, background_after_commit, fence, deferrable, spread,
+                                on_every_rank)  # fmt: skip
             self._progress = progress
             return True
-        save_to(self.backend, prefix, sd, codec=self._codec, commit_info=commit_info, process_group=self._pg, fence=fence,
-                spread=spread)  # fmt: skip
-        self._agree(lambda: self._after_commit(step))
+        save_to(self._save_backend, prefix, sd, codec=self._codec, commit_info=commit_info, process_group=self._pg,
+                fence=fence, spread=spread)  # fmt: skip
+        result = self._agree(after_commit)
+        if on_every_rank is not None:
+            self._tiers.everywhere(on_every_rank, result)
         self._progress = progress
         return True
 
@@ -215,7 +236,7 @@ class CheckpointManager(ManagerKeywords):
         progress = replace(progress, step=step, epoch=epoch, metrics=metrics)
         every = self.config.save_every_n_steps
         due = bool(force or every is None or step % every == 0 or improved)
-        if due and self.backend.exists(f"{step_prefix(step)}/COMMITTED"):
+        if due and self._save_backend.exists(f"{step_prefix(step)}/COMMITTED"):
             raise StepAlreadyExists(
                 f"{self.root}: step {step} is already committed and is never overwritten. This happens "
                 "after resuming from an earlier checkpoint than the run's last: continue such a branch "
@@ -279,10 +300,14 @@ class CheckpointManager(ManagerKeywords):
         names: dict[int, list[str]] = {}
         for name, step in manifest.pointers.items():
             names.setdefault(step, []).append(name)
+        entries, tiers = list(manifest.entries), {}
+        if self._tiers is not None:  # local-only steps too, and where each one is
+            entries, tiers = self._tiers.listing(entries)
         return [
             CheckpointInfo(e.step, e.epoch, dict(e.metrics), e.time, e.size, e.world_size, e.codec,
-                           tuple(sorted(names.get(e.step, []))), f"{self.backend.uri}/{step_prefix(e.step)}")  # fmt: skip
-            for e in manifest.entries
+                           tuple(sorted(names.get(e.step, []))), f"{self.backend.uri}/{step_prefix(e.step)}",
+                           tiers.get(e.step, ("root",)))  # fmt: skip
+            for e in entries
         ]
 
     # -- resume (dist_ckpt/manager_restore.py) ----------------------------------------------
@@ -317,12 +342,16 @@ class CheckpointManager(ManagerKeywords):
         return start(self, state, args)
 
     # -- lifecycle --------------------------------------------------------------------------
-    def wait(self) -> None:
+    def wait(self, persisted: bool = False) -> None:
         """Block until no save is in flight (a no-op for synchronous saves); raises the
-        failure of a background save (on every rank)."""
+        failure of a background save (on every rank). With ``local_root`` that is the local
+        commit; ``persisted=True`` also waits until every promotion queued so far is committed
+        at ``root`` (logging progress)."""
         self._check_open()
         if self._engine is not None:
             self._engine.drain()
+        if persisted and self._tiers is not None:
+            self._tiers.wait_persisted()
 
     def wait_staged(self) -> None:
         """``async_save="overlap"``: block until the in-flight save's staging copy is done (the
@@ -344,13 +373,18 @@ class CheckpointManager(ManagerKeywords):
         self.close()
         raise SystemExit(code)
 
-    def close(self) -> None:
+    def close(self, wait_for_upload: bool = True) -> None:
+        """Wait for the in-flight save and release the run. With ``local_root``, also wait
+        until the queued promotions are committed at ``root`` (progress logged), unless
+        ``wait_for_upload=False``: the node's uploader finishes them after this job is gone."""
         if self._closed:
             return
         self._closed = True
         try:
             if self._engine is not None:
                 self._engine.close()  # waits for the in-flight save; raises its failure after cleaning up
+            if self._tiers is not None and wait_for_upload and not self.config.read_only:
+                self._tiers.wait_persisted()
         finally:
             if self._lock is not None:
                 self._lock.release()

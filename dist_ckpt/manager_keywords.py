@@ -96,6 +96,9 @@ class ManagerKeywords:
         lock_stale_after: float = 600.0,
         backend_options: Mapping[str, Any] | None = None,
         unsafe_single_writer: bool = False,
+        local_root: str | None = None,
+        local_keep_last: int = 2,
+        persist_every_n_saves: int = 1,
     ):
         """Open the run at ``root`` (a local/NFS path or ``s3://bucket/prefix``; created on the
         first save). Every rank constructs the manager together (it runs collectives).
@@ -164,6 +167,14 @@ class ManagerKeywords:
                 writing one run could both commit a step or lose each other's pointer updates,
                 silently. Set this only when you are sure one job at a time writes the run; a
                 warning is logged at every start. Local and NFS roots are not affected.
+            local_root: A fast node-local directory (NVMe, tmpfs) for a second tier: ``save()``
+                commits there first (same format and protocol); a node-local uploader process
+                then promotes committed checkpoints to ``root`` in the background, and finishes
+                even if the job dies. None: one tier.
+            local_keep_last: With ``local_root``: keep the newest N checkpoints in the local tier
+                (a step leaves it only once its due promotion to ``root`` is committed).
+            persist_every_n_saves: With ``local_root``: promote every N-th save to ``root`` — and
+                every save that moves a ``best:<metric>`` pointer or is made with ``force=True``.
 
         Raises:
             ConfigError: an invalid or unknown option (naming it).

@@ -69,6 +69,12 @@ class LoadedWeights:
 
 
 def _target(mgr: CheckpointManager, which: Any) -> tuple[Backend, str] | None:
+    if mgr._tiers is not None:  # the newest step every rank can read, in either tier
+        from dist_ckpt.tiers.restore_choice import restore_target
+
+        chosen = restore_target(mgr, which)
+        if chosen is not None:
+            return chosen
     target = mgr._agree(lambda: resolve_which(mgr._manifest(), mgr.store, which, mgr.config.best))
     if target is None:
         if mgr.config.read_only:

@@ -43,6 +43,8 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     p.add_argument("--async-mode", default="thread", choices=["thread", "process"], help="background worker of --async")
     p.add_argument("--save-on-sigterm", action="store_true", help="on SIGTERM: save the current step and exit with 143")
     p.add_argument("--step-delay", type=float, default=0.0, help="sleep this long after each step (tests: time to signal)")
+    p.add_argument("--local-root", default=None, help="node-local tier: saves commit there, promoted to --ckpt in the background")
+    p.add_argument("--persist-every", type=int, default=1, help="with --local-root: promote every N-th save (and bests)")
     return p.parse_args(argv)
 
 

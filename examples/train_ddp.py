@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None, *, wrap: Callable[[nn.Module], nn.Module
 
     mgr = CheckpointManager(
         args.ckpt, keep_last=args.keep_last, save_every_n_steps=args.save_every, best={"loss": "min"},
-        compression=args.compression, config=common.run_config(args, crash_at_step=None, step_delay=None), total_steps=args.steps,
-        async_save="overlap" if args.overlap else args.async_save, async_mode=args.async_mode, save_on_sigterm=args.save_on_sigterm,
+        compression=args.compression, config=common.run_config(args, crash_at_step=None, step_delay=None, local_root=None),
+        total_steps=args.steps, async_save="overlap" if args.overlap else args.async_save, async_mode=args.async_mode,
+        save_on_sigterm=args.save_on_sigterm, local_root=args.local_root, persist_every_n_saves=args.persist_every,
     )  # fmt: skip
     state = mgr.track(model=model, optimizer=opt, scheduler=sched)
     info = mgr.start(state, args)  # --resume / --init-from; exits 2 on an invalid combination

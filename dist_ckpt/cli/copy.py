@@ -107,6 +107,9 @@ def _copy_object(src: Backend, src_key: str, dst: Backend, dst_key: str, record:
         raise CorruptCheckpoint(f"{dst.uri}/{dst_key}: wrote {written} bytes, expected {size}")
 
 
+copy_object = _copy_object  # the tiers' uploader streams each file of a promotion with it
+
+
 def copy_checkpoint(src: Backend, src_prefix: str, dst: Backend, dst_prefix: str, sink: BarSink,
                     fence: Fence | None = None) -> Copied:  # fmt: skip
     """Copy one committed checkpoint and commit it at ``dst``/``dst_prefix`` (``fence``: the

@@ -16,6 +16,7 @@ the metric modes recorded in manifest.json.
 examples:
   dist-ckpt list /data/runs/exp1
   dist-ckpt list s3://bucket/runs/exp1 --json | jq '.pointers'
+  dist-ckpt list s3://bucket/runs/exp1 --local-root /local/nvme/exp1   # tiered: a TIERS column
 """
 
 
@@ -26,6 +27,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("run", metavar="RUN", help="run root: a directory or s3://bucket/prefix")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--local-root", default=None, metavar="DIR",
+                   help="the run's local tier on this node (CheckpointManager(local_root=...)): also list its "
+                   "checkpoints, and in which tiers (local, root) each is")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -42,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
         note(args, f"note: {backend.uri}/manifest.json is stale; showing the committed checkpoints (the manager "
              "reconciles it at its next start)")  # fmt: skip
     modes = dict(manifest.best_modes) if manifest is not None else {}
+    tiers: dict[int, tuple[str, ...]] = {}
+    if args.local_root is not None:
+        from dist_ckpt.tiers.policy import tiered_listing
+
+        entries, tiers = tiered_listing(entries, RunStore(run_at(args.local_root)).committed_entries())
     pointers = mf.compute_pointers(entries, modes)
     names: dict[int, list[str]] = {}
     for name, step in sorted(pointers.items()):
@@ -54,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
             "tracker_run_id": manifest.tracker_run_id if manifest is not None else None,
             "checkpoints": [
                 {**e.to_json(), "metrics": dict(e.metrics), "pointers": names.get(e.step, []),
-                 "uri": f"{backend.uri}/{step_prefix(e.step)}"}  # fmt: skip
+                 "uri": f"{backend.uri}/{step_prefix(e.step)}",
+                 **({"tiers": list(tiers[e.step])} if tiers else {})}  # fmt: skip
                 for e in entries
             ],
         })  # fmt: skip
@@ -65,9 +75,10 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         (e.step, "-" if e.epoch is None else e.epoch, human_time(e.time), human_size(e.size), e.world_size, e.codec,
          " ".join(f"{k}={fmt_number(v)}" for k, v in sorted(e.metrics.items())) or "-",
-         ", ".join(names.get(e.step, [])))  # fmt: skip
+         ", ".join(names.get(e.step, [])), *((",".join(tiers[e.step]),) if tiers else ()))  # fmt: skip
         for e in entries
     ]
     print(f"run {backend.uri}: {len(entries)} committed checkpoints, {human_size(sum(e.size for e in entries))}")
-    print(table(("STEP", "EPOCH", "TIME", "SIZE", "WORLD", "CODEC", "METRICS", "POINTERS"), rows, right=(0, 1, 3, 4)))
+    headers = ("STEP", "EPOCH", "TIME", "SIZE", "WORLD", "CODEC", "METRICS", "POINTERS", *(("TIERS",) if tiers else ()))
+    print(table(headers, rows, right=(0, 1, 3, 4)))
     return 0

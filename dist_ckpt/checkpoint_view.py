@@ -56,7 +56,7 @@ class CheckpointView:
     def refs(self, fqn: str) -> list[EntryRef]:
         """Where the chunks (or the value) of ``fqn`` are stored."""
         if fqn in self.meta.tensors:
-            return [c.ref for c in self.meta.tensors[fqn].chunks]
+            return [self.meta.resolve(c.ref) for c in self.meta.tensors[fqn].chunks]
         return [self.meta.values[fqn]]
 
     def committed_info(self) -> dict[str, Any]:
@@ -81,6 +81,7 @@ class CheckpointView:
 
     def _read_entry(self, ref: EntryRef) -> memoryview:
         try:
+            ref = self.meta.resolve(ref)  # format 2: checksum from the file's rank index
             return self._reader(ref.file).read(ref.entry, checksum=ref.checksum)
         except BackendError as e:
             raise wrap_backend_error(e, f"{self.uri}/{ref.file}") from e

@@ -7,7 +7,9 @@ Save call order (DCP drives it; "coordinator" is rank 0 of the process group):
    fresh attempt id and the staging prefix, and tells each rank its shard file name;
 3. every rank: ``write_data`` streams its items into one safetensors shard (checksums computed
    while writing) and reports where each item went;
-4. coordinator: ``finish`` writes ``metadata.json`` (create-if-absent, so of two racing jobs
+   and its rank index (``index_NNNNN.safetensors``: each entry's checksum and stored size);
+4. coordinator: ``finish`` writes ``metadata.json`` (format 2: O(tensors + ranks), see
+   :mod:`dist_ckpt.format.metadata_v2`) (create-if-absent, so of two racing jobs
    only one proceeds), renews the run lock through the manager's fence (a conditional write:
    a job that lost the lock raises ``RunLocked`` here and makes nothing visible), then writes
    ``COMMITTED``, then publishes the staging prefix (local: rename ``step_X.tmp-<attempt>`` →
@@ -44,8 +46,9 @@ from dist_ckpt.checkpoint_files import (  # noqa: F401
     wrap_backend_error,
 )
 from dist_ckpt.errors import CorruptCheckpoint, StepAlreadyExists
-from dist_ckpt.format import metadata_json
+from dist_ckpt.format import chunk_layout, metadata_v2
 from dist_ckpt.format.metadata_json import EntryRef, FileRecord
+from dist_ckpt.format.rank_index import index_entry, index_name
 from dist_ckpt.format.shard import ChunkCodec, PendingEntry, save_shard
 from dist_ckpt.lock_fence import Fence
 from storage_backends import Backend, BackendError, ObjectExists, ObjectNotFound, join_key
@@ -69,9 +72,7 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def entry_name(index: MetadataIndex) -> str:
-    if index.offset is None or not any(index.offset):
-        return index.fqn
-    return f"{index.fqn}@{','.join(map(str, index.offset))}"
+    return chunk_layout.entry_name(index.fqn, index.offset)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class _Assignment:
 class _ItemResult:
     ref: EntryRef
     file: FileRecord
+    index: FileRecord  # the rank index file of ``file``
 
 
 class CheckpointLocation:
@@ -181,7 +183,14 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
             entries.append(PendingEntry(name, ST_DTYPE[tensor.dtype], tuple(tensor.shape), raw_bytes(tensor)))
         key = join_key(assignment.staging, assignment.file)
         written = save_shard(self.backend, key, entries, self.codec)
-        record = FileRecord(assignment.rank, written.size, written.checksum)
+        # The per-entry checksums go to this rank's own index file, not into metadata.json
+        # (which every rank reads): a restoring rank reads only the indexes of its files.
+        index_file = index_name(assignment.file)
+        index_key = join_key(assignment.staging, index_file)
+        index_entries = [index_entry(assignment.file, written.entry_checksums, written.stored_bytes)]
+        index_written = save_shard(self.backend, index_key, index_entries, None)
+        index_record = FileRecord(assignment.rank, index_written.size, index_written.checksum)
+        record = FileRecord(assignment.rank, written.size, written.checksum, index_file)
         return [
             WriteResult(
                 index=item.index,
@@ -189,6 +198,7 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
                 storage_data=_ItemResult(
                     EntryRef(assignment.file, e.name, written.entry_checksums[e.name], written.stored_bytes[e.name]),
                     record,
+                    index_record,
                 ),
             )
             for item, e in zip(plan.items, entries)
@@ -196,16 +206,25 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         try:
-            refs: dict[MetadataIndex, EntryRef] = {}
+            # One pass over the results: which rank stored each chunk (metadata.json describes
+            # that by rule where one fits), the values' references, and the file table.
+            chunk_ranks: dict[tuple[str, tuple[int, ...]], int] = {}
+            values: dict[str, EntryRef] = {}
             files: dict[str, FileRecord] = {}
             for rank_results in results:
+                if rank_results:
+                    first: _ItemResult = rank_results[0].storage_data
+                    files[first.ref.file] = first.file
+                    files[first.file.index or ""] = first.index
                 for wr in rank_results:
-                    refs[wr.index] = wr.storage_data.ref
-                    files[wr.storage_data.ref.file] = wr.storage_data.file
-            metadata.storage_data = refs
+                    if wr.index.offset is None:
+                        values[wr.index.fqn] = wr.storage_data.ref
+                    else:
+                        chunk_ranks[wr.index.fqn, tuple(wr.index.offset)] = wr.storage_data.file.rank
             staging = self._staging
             versions = {"torch": torch.__version__, "dist_ckpt": _version()}
-            doc = metadata_json.dumps(metadata, files, len(results), self.codec.name if self.codec else "none", versions)
+            codec = self.codec.name if self.codec else "none"
+            doc = metadata_v2.dumps(metadata, chunk_ranks, values, files, len(results), codec, versions)
             try:
                 self.backend.create_if_absent(join_key(staging, METADATA), doc)
             except ObjectExists as e:

@@ -121,7 +121,9 @@ class DistCkptReader(CheckpointLocation, StorageReader):
 
     def _check_entry(self, shard: ShardReader, item: ReadItem) -> tuple[EntryRef, Any, torch.dtype, tuple[int, ...], tuple[int, ...]]:
         """The entry a tensor item reads, checked against metadata.json (header only, no data)."""
-        ref = self.storage_data[item.storage_index]
+        assert self.checkpoint is not None
+        # format 2: the checksum comes from the rank index of this file (read once, on demand)
+        ref = self.checkpoint.resolve(self.storage_data[item.storage_index])
         info = shard.entry(ref.entry)
         if info.kind != "tensor" or info.dtype not in TORCH_DTYPE:
             raise CorruptCheckpoint(f"{shard.header.file}, entry {ref.entry!r}: expected a tensor, found {info.kind}/{info.dtype}")

@@ -114,7 +114,7 @@ class CheckpointMetadata:
             raise CorruptCheckpoint(f"{ref.file}: entry {ref.entry!r} has no checksum and no rank index is open")
         found = self.indexes.entries(ref.file).get(ref.entry)
         if found is None:
-            raise CorruptCheckpoint(f"{ref.file}: entry {ref.entry!r} is missing from the file's rank index")
+            raise CorruptCheckpoint(f"{ref.file}: entry {ref.entry!r} is missing from the shard's rank index")
         return EntryRef(ref.file, ref.entry, found[0], found[1])
 
     def max_entries(self) -> int:
@@ -229,7 +229,7 @@ def loads(data: bytes, where: str) -> CheckpointMetadata:
     from dist_ckpt.format import metadata_v2
 
     if isinstance(doc, dict) and doc.get("format") == metadata_v2.FORMAT:
-        return metadata_v2.parse(doc, where)
+        return metadata_v2.parse(doc, where, data[:4096])
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise CorruptCheckpoint(f"{where}: expected format {FORMAT!r} or {metadata_v2.FORMAT!r}, found {found!r}")

@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 
 FORMAT = "dist_ckpt.checkpoint/2"
 _PROLOGUE = re.compile(
-    rb'^\{"format":"dist_ckpt\.checkpoint/2","counts":\{"ranks":(\d{1,9}),"files":(\d{1,9}),'
-    rb'"tensors":(\d{1,9}),"values":(\d{1,9}),"listed_chunks":(\d{1,12})\}'
+    rb'^\s*\{\s*"format"\s*:\s*"dist_ckpt\.checkpoint/2"\s*,\s*"counts"\s*:\s*\{\s*'
+    + rb"\s*,\s*".join(rb'"%s"\s*:\s*(\d{1,12})' % k for k in (b"ranks", b"files", b"tensors", b"values", b"listed_chunks"))
+    + rb"\s*\}"
 )
 # Generous per-item budgets (a key path of a few hundred characters, a 6-d size, a checksum);
 # the limit only has to refuse a file far bigger than its declared content.
@@ -129,8 +130,14 @@ class _Chunks(Sequence[ChunkRecord]):
         return (self._record(c) for c in self.layout)
 
 
-def parse(doc: dict[str, Any], where: str) -> CheckpointMetadata:
+def parse(doc: dict[str, Any], where: str, prologue: bytes) -> CheckpointMetadata:
     """A parsed format-2 document; :class:`CorruptCheckpoint` naming ``where`` if malformed."""
+    if size_limit(prologue) is None:
+        raise CorruptCheckpoint(
+            f"{where}: a format-2 metadata.json must open with its declared counts "
+            '({"format": ..., "counts": {"ranks", "files", "tensors", "values", "listed_chunks"}}); '
+            "the file is damaged or was rewritten"
+        )
     try:
         from storage_backends.base import validate_key
 

@@ -208,7 +208,7 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         try:
             # One pass over the results: which rank stored each chunk (metadata.json describes
             # that by rule where one fits), the values' references, and the file table.
-            chunk_ranks: dict[tuple[str, tuple[int, ...]], int] = {}
+            chunk_ranks: dict[tuple[str, Any], int] = {}
             values: dict[str, EntryRef] = {}
             files: dict[str, FileRecord] = {}
             for rank_results in results:
@@ -220,7 +220,7 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
                     if wr.index.offset is None:
                         values[wr.index.fqn] = wr.storage_data.ref
                     else:
-                        chunk_ranks[wr.index.fqn, tuple(wr.index.offset)] = wr.storage_data.file.rank
+                        chunk_ranks[wr.index.fqn, wr.index.offset] = wr.storage_data.file.rank
             staging = self._staging
             versions = {"torch": torch.__version__, "dist_ckpt": _version()}
             codec = self.codec.name if self.codec else "none"

@@ -124,6 +124,10 @@ class CheckpointMetadata:
     @cached_property
     def dcp(self) -> Metadata:
         """The DCP :class:`Metadata` (``state_dict_metadata`` and ``storage_data``) for loading."""
+        if self.format_version == 2:  # chunks and storage computed on access, not per chunk up front
+            from dist_ckpt.format import dcp_view
+
+            return dcp_view.build(self)
         import torch
         from torch.distributed.checkpoint.metadata import (
             BytesStorageMetadata,

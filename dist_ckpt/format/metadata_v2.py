@@ -64,14 +64,15 @@ def size_limit(prologue: bytes) -> int | None:
 
 def dumps(
     meta: Metadata,
-    chunk_ranks: Mapping[tuple[str, tuple[int, ...]], int],
+    chunk_ranks: Mapping[tuple[str, Sequence[int]], int],
     values: Mapping[str, EntryRef],
     files: Mapping[str, FileRecord],
     world_size: int,
     codec: str,
     versions: dict[str, str],
 ) -> bytes:
-    """Format-2 metadata.json. ``chunk_ranks``: the rank that stored each ``(fqn, offsets)``."""
+    """Format-2 metadata.json. ``chunk_ranks``: the rank that stored each ``(fqn, offsets)``
+    (offsets as DCP gives them: a ``torch.Size`` hashes and compares as the tuple)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     tensors: dict[str, Any] = {}
@@ -80,8 +81,9 @@ def dumps(
         if not isinstance(md, TensorStorageMetadata):
             continue
         size = tuple(md.size)
-        placed = [Placed(tuple(c.offsets), tuple(c.sizes), chunk_ranks[fqn, tuple(c.offsets)]) for c in md.chunks]
-        layout = layout_json(size, placed)
+        chunks = md.chunks
+        offsets = [c.offsets for c in chunks]
+        layout = layout_json(size, offsets, [c.sizes for c in chunks], [chunk_ranks[fqn, o] for o in offsets])
         listed += len(layout.get("chunks", ()))
         tensors[fqn] = {"dtype": dtype_name(md.properties.dtype), "size": list(size), **layout}
     value_json = {

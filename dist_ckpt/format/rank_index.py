@@ -57,6 +57,11 @@ class RankIndexes:
         self._lock = threading.Lock()
         self.bytes_read = 0
 
+    def loaded(self) -> list[str]:
+        """The shards whose index has been read so far (what a restoring rank needed)."""
+        with self._lock:
+            return sorted(self._loaded)
+
     def entries(self, shard: str) -> dict[str, tuple[str, int]]:
         """``entry -> (checksum, stored bytes)`` of shard file ``shard``."""
         with self._lock:

@@ -118,8 +118,13 @@ class CheckpointMetadata:
         return EntryRef(ref.file, ref.entry, found[0], found[1])
 
     def max_entries(self) -> int:
-        """The most entries any one shard can hold (sizes the rank index limit)."""
-        return sum(len(t.chunks) for t in self.tensors.values()) + len(self.values)
+        """The most entries any one shard can hold (sizes the rank index limit): a rule puts at
+        most one chunk of its tensor on a rank; listed chunks may all be on one."""
+        n = len(self.values)
+        for t in self.tensors.values():
+            layout = getattr(t.chunks, "layout", None)
+            n += 1 if layout is not None and layout.rule is not None else len(t.chunks)
+        return n
 
     @cached_property
     def dcp(self) -> Metadata:

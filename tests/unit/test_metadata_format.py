@@ -210,3 +210,32 @@ def test_format2_verify_inspect_export_copy(tmp_path):
     target = {"model": {k: torch.zeros_like(v) for k, v in state["model"].items()}, "step": None, "note": None}
     dist_ckpt.load(target, str(dst))
     assert torch.equal(target["model"]["w"], state["model"]["w"]) and target["step"] == 3
+
+
+def test_dcp_view_finds_chunks_and_overlaps_by_rule():
+    """DCP's view over a rule: lookups by offsets (empty trailing chunks included) and the
+    saved chunks overlapping a box are computed, and agree with a scan of every chunk."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    from dist_ckpt.format import dcp_view
+    from dist_ckpt.format.chunk_layout import Layout, SplitRule
+    from dist_ckpt.format.metadata_json import CheckpointMetadata, TensorRecord
+    from dist_ckpt.format.metadata_v2 import _Chunks
+
+    size, world = (10, 3), 16  # 10 rows over 16 ranks: chunk 1, ranks 10..15 empty at offset 10
+    layout = Layout(size, SplitRule(size, 0, 0, world, 1))
+    files = {r: f"rank_{r:05d}.safetensors" for r in range(world)}
+    record = TensorRecord("float32", size, _Chunks("t", layout, files, "metadata.json"))
+    meta = CheckpointMetadata({"t": record}, {}, {}, {}, world, "none", {}, format_version=2)
+    view = dcp_view.build(meta)
+    chunks = view.state_dict_metadata["t"].chunks
+    assert len(chunks) == world and [tuple(c.offsets) for c in chunks][9:12] == [(9, 0), (10, 0), (10, 0)]
+    assert view.storage_data[MetadataIndex("t", torch.Size((4, 0)))].file == "rank_00004.safetensors"
+    assert view.storage_data[MetadataIndex("t", torch.Size((4, 0)))].entry == "t@4,0"
+    with pytest.raises(KeyError):
+        view.storage_data[MetadataIndex("t", torch.Size((4, 1)))]
+    for lo, n in [(0, 10), (3, 4), (9, 1), (0, 0)]:
+        local = ChunkStorageMetadata(torch.Size((lo, 0)), torch.Size((n, 3)))
+        found = [tuple(c.offsets) for c in chunks.overlapping(local)]
+        scanned = [tuple(c.offsets) for c in chunks if c.sizes[0] and c.offsets[0] < lo + n and lo < c.offsets[0] + c.sizes[0]]
+        assert found == scanned, (lo, n)

@@ -90,6 +90,12 @@ def shard0(shape: tuple[int, ...], world: int) -> list[tuple[tuple[int, ...], tu
     return [((min(r * cs, n), *(0,) * (len(shape) - 1)), (max(0, min(cs, n - r * cs)), *shape[1:])) for r in range(world)]
 
 
+def shard0_box(shape: tuple[int, ...], world: int, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Rank ``r``'s box of :func:`shard0` (without building every rank's)."""
+    n, cs = shape[0], -(-shape[0] // world)
+    return (min(r * cs, n), *(0,) * (len(shape) - 1)), (max(0, min(cs, n - r * cs)), *shape[1:])
+
+
 class State:
     """The coordinator's view after DCP's global plan, and what ``finish`` receives."""
 
@@ -148,7 +154,7 @@ def plan_one_rank(meta: Any, rank: int, world: int) -> int:
     """Per tensor, the saved chunks overlapping ``rank``'s Shard(0) part (as narrow_for does)."""
     found = 0
     for fqn, md in meta.dcp.state_dict_metadata.items():
-        offsets, sizes = shard0(tuple(md.size), world)[rank]
+        offsets, sizes = shard0_box(tuple(md.size), world, rank)
         found += len(md.chunks.overlapping(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))))
     return found
 

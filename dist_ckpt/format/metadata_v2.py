@@ -165,6 +165,9 @@ def parse(doc: dict[str, Any], where: str, prologue: bytes) -> CheckpointMetadat
             if not isinstance(size, list) or not all(type(v) is int and v >= 0 for v in size):
                 raise ValueError(f"{tw}: size must be a list of non-negative integers")
             layout = parse_layout(t, tuple(size), world_size, tw)
+            if layout.rule is not None and layout.rule.count > len(rank_files):
+                # each chunk of a rule is on its own rank, and each such rank wrote a shard
+                raise ValueError(f"{tw}: a split over {layout.rule.count} ranks, but only {len(rank_files)} shards")
             listed += layout.listed_count if "chunks" in t else 0
             tensors[str(fqn)] = TensorRecord(check_dtype_name(t["dtype"], tw), tuple(size), _Chunks(fqn, layout, rank_files, where))
         values = {}

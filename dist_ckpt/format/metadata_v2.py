@@ -81,7 +81,10 @@ def dumps(
         if not isinstance(md, TensorStorageMetadata):
             continue
         size = tuple(md.size)
-        chunks = md.chunks
+        # Empty chunks (a rank past the end of a torch.chunk split) hold no bytes and are never
+        # read: leaving them out keeps the split a rule whichever rank DCP's de-duplication
+        # gave them to (they share one offset, so DCP keeps one of them, on any rank).
+        chunks = [c for c in md.chunks if all(c.sizes)] or list(md.chunks[:1])
         offsets = [c.offsets for c in chunks]
         layout = layout_json(size, offsets, [c.sizes for c in chunks], [chunk_ranks[fqn, o] for o in offsets])
         listed += len(layout.get("chunks", ()))

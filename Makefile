@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench soak clean
+.PHONY: setup test test-slow demo bench soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# tests marked slow (long multi-rank runs); .ci/run runs them after `make test`
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) examples/demo.py

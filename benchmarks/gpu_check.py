@@ -9,6 +9,8 @@ it prints one JSON object and commits nothing by itself. Sections:
   GPU machine, a job on ``cuda:0`` only, and — for comparison — what
   ``torch.cuda.get_rng_state_all()`` (the former capture) costs.
 - ``rng``: every visible device's generator is captured by a save and restored exactly.
+- ``nccl_single_rank``: one torchrun rank on NCCL — async saves, saves that are not due (the
+  decision broadcast on the CUDA device), a restore that gives back exactly what was saved.
 - ``pinned_staging``: async saves of CUDA tensors stage into one pinned buffer, reused.
 - ``stall``: async-save stall of CUDA tensors (2nd+ saves, interleaved rounds) vs
   ``dcp.async_save`` with a reused pinned ``DefaultStager`` (blocking and async staging) and the
@@ -37,6 +39,53 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MiB = 1 << 20
+
+
+def _child_nccl() -> None:
+    """One torchrun rank on NCCL: async saves of CUDA tensors, no-op saves (the decision
+    broadcast goes to the CUDA device NCCL needs), a restore, exactness of what came back."""
+    import torch
+    import torch.distributed as dist
+
+    from dist_ckpt import CheckpointManager
+
+    dist.init_process_group("nccl")
+    torch.cuda.set_device(0)
+    model = torch.nn.Linear(256, 256).cuda()
+    opt = torch.optim.AdamW(model.parameters())
+    with tempfile.TemporaryDirectory() as root:
+        mgr = CheckpointManager(root, async_save=True, save_every_n_steps=3, best={"loss": "min"})
+        state = mgr.track(model=model, optimizer=opt)
+        saved = []
+        for step in range(7):
+            loss = model(torch.randn(8, 256, device="cuda")).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            saved.append(mgr.save(step, state, metrics={"loss": 1.0 + step}))  # worse each step
+        mgr.wait()
+        expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        info = mgr.restore(state)
+        exact = all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+        mgr.close()
+    dist.destroy_process_group()
+    print(json.dumps({"saved": saved, "restored_step": info.step if info else None, "exact": exact}))
+
+
+def nccl_single_rank() -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", __file__, "--child-nccl"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+    )
+    if proc.returncode != 0:
+        return {"error": (proc.stdout + proc.stderr)[-3000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _nvml_memory() -> list[dict[str, Any]]:
@@ -148,21 +197,19 @@ def _median(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def _patch_dcp_stager(stager: Any) -> bool:
-    """Make torch 2.11's DefaultStager copy a plain dict of CUDA tensors; True when patched.
+def _usable_stager(stagers: dict[str, Any], name: str, make: Any, self_closing: set[str]) -> Any:
+    """The stager to use for this save: the reused one, or a new one where DCP closed it.
 
-    Seen on the GPU machine (torch 2.11.0+cu130): its deep copy reaches ``dict`` through
-    ``__reduce_ex__`` and then looks up ``type`` in a dispatch table that lacks it (KeyError:
-    <class 'type'>), so every ``async_save`` with it fails. Classes are atomic for a deep copy,
-    as in ``copy.deepcopy``; adding that entry is the whole patch, so the peer is measured as
-    its authors intend rather than skipped."""
-    import copy
-
-    table = getattr(getattr(stager, "_state_dict_stager", None), "_deepcopy_dispatch", None)
-    if table is None or type in table:
-        return False
-    table[type] = copy._deepcopy_atomic
-    return True
+    Seen on the GPU machine (torch 2.11.0+cu130): ``DefaultStager._stage`` calls
+    ``StateDictStager.close()`` after every stage, which empties its deep-copy dispatch table
+    and storage cache, so a reused stager fails on its second save (KeyError: <class 'type'>).
+    torch 2.13 keeps the stager usable. Where it closed itself, a fresh stager per save is the
+    best configuration that DCP version allows (its caches are dropped either way)."""
+    stager = stagers[name]
+    if not stager._state_dict_stager._deepcopy_dispatch:
+        stager = stagers[name] = make()
+        self_closing.add(name)
+    return stager
 
 
 def stall_and_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
@@ -191,15 +238,16 @@ def stall_and_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
 
     mgr = CheckpointManager(str(work / "ours"), async_save=True, keep_last=1)
     state = mgr.track(model=model)
-    stagers = {
-        "dcp_blocking_staging": DefaultStager(
+    makers = {
+        "dcp_blocking_staging": lambda: DefaultStager(
             StagingOptions(use_pinned_memory=True, use_shared_memory=False, use_async_staging=False)
         ),
-        "dcp_async_staging": DefaultStager(
+        "dcp_async_staging": lambda: DefaultStager(
             StagingOptions(use_pinned_memory=True, use_shared_memory=False, use_async_staging=True)
         ),
     }
-    patched = [_patch_dcp_stager(stager) for stager in stagers.values()]
+    stagers = {name: make() for name, make in makers.items()}
+    self_closing: set[str] = set()
     timings: dict[str, list[float]] = {"ours": [], "ours_to_commit": [], "floor": []}
     timings.update({name: [] for name in stagers})
     timings.update({f"{name}_to_commit": [] for name in stagers})
@@ -214,7 +262,8 @@ def stall_and_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
         timings_this["ours_to_commit"] = time.perf_counter() - t0
         buffer = mgr._engine.stager.buffer  # the reused staging buffer (test-only peek)
         buffers.append({"data_ptr": buffer.data_ptr(), "pinned": bool(buffer.is_pinned())})
-        for name, stager in stagers.items():
+        for name in list(stagers):
+            stager = _usable_stager(stagers, name, makers[name], self_closing)
             target = work / f"{name}_{step}"
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -243,7 +292,7 @@ def stall_and_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
         "seconds": summary,
         "ours_stall_vs_floor": ours / floor,
         "ours_stall_vs_dcp": {name: ours / summary[name]["median"] for name in stagers},
-        "dcp_stager_patched": any(patched),
+        "dcp_stagers_closed_after_each_save": sorted(self_closing),
         "pinned_staging": {
             "pinned_every_save": all(b["pinned"] for b in buffers),
             "same_buffer_every_save": len({b["data_ptr"] for b in buffers}) == 1,
@@ -295,7 +344,11 @@ def main() -> None:
     parser.add_argument("--state-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--child-context", help=argparse.SUPPRESS)
+    parser.add_argument("--child-nccl", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_nccl:
+        _child_nccl()
+        return
     if args.child_context:
         print(json.dumps(_child_context_case(args.child_context)))
         return
@@ -308,6 +361,7 @@ def main() -> None:
     sections = [
         ("contexts", contexts),
         ("rng", rng_roundtrip),
+        ("nccl_single_rank", nccl_single_rank),
         ("stall", lambda: stall_and_staging(args.state_mib * MiB, args.rounds)),
         ("compute_overlap", lambda: compute_overlap(args.state_mib * MiB, 5)),
     ]

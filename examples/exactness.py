@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -40,6 +41,28 @@ def torchrun(script: str, nproc: int, args: list[str], *, log: Path, timeout: fl
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as out:
         return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+
+
+def torchrun_once_more_on_abort(script: str, nproc: int, args: list[str], *, log: Path, timeout: float = 300,
+                                discard: tuple[Path, ...] = ()) -> int:
+    """:func:`torchrun`, started once more if a rank died of a C++ abort (SIGABRT).
+
+    Under heavy load on the 2-core test machine a gloo rank has been seen to abort with
+    "terminate called without an active exception" (no Python error; never reproduced on a
+    quiet machine). A scheduler restarts such a job; so does this, after removing ``discard``
+    (the run root and outputs of a job that must start from scratch — leave them to let it
+    resume). The caller's bit-for-bit comparison still decides the test."""
+    start = log.stat().st_size if log.exists() else 0
+    rc = torchrun(script, nproc, args, log=log, timeout=timeout)
+    if rc != 0 and "Signal 6 (SIGABRT)" in log.read_text()[start:]:
+        print(f"{script}: a rank aborted (SIGABRT), starting the job once more; log: {log}")
+        for path in discard:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        rc = torchrun(script, nproc, args, log=log, timeout=timeout)
+    return rc
 
 
 def read_losses(path: Path) -> dict[int, str]:

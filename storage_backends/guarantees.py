@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from storage_backends.base import Backend
+from storage_backends.base import Backend, Versioned
 from storage_backends.errors import BackendError, ObjectExists, PreconditionFailed
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,13 @@ def _stale_version(current: str) -> str:
     raise AssertionError("unreachable")
 
 
+def _current_version(backend: Backend, key: str, where: str) -> Versioned:
+    current = backend.read_versioned(key)
+    if current is None:
+        raise BackendError(f"{backend.uri}/{key}: the probe object vanished while probing {where}", key=key)
+    return current
+
+
 def probe_conditional_writes(backend: Backend, where: str) -> WriteGuarantees:
     """Check with real writes, through the backend's own methods, that the store refuses
     (1) a create-if-absent of an existing object and (2) a compare-and-swap with a stale
@@ -93,17 +100,13 @@ def probe_conditional_writes(backend: Backend, where: str) -> WriteGuarantees:
             create_refused = False
         except ObjectExists:
             create_refused = True
-        current = backend.read_versioned(key)
-        if current is None:
-            raise BackendError(f"{backend.uri}/{key}: the probe object vanished while probing {where}", key=key)
+        current = _current_version(backend, key, where)
         try:
             backend.compare_and_swap(key, b"probe: swapped with a stale version", _stale_version(current.version))
             cas_refused = False
         except PreconditionFailed:
             cas_refused = True
-        current = backend.read_versioned(key)
-        if current is None:
-            raise BackendError(f"{backend.uri}/{key}: the probe object vanished while probing {where}", key=key)
+        current = _current_version(backend, key, where)
         try:
             backend.compare_and_swap(key, b"probe: swapped with the current version", current.version)
         except PreconditionFailed as e:

@@ -114,6 +114,12 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             step += 1
     mgr.close()
+    # Persistent workers were forked after the process group and hold copies of its sockets;
+    # left alive until exit, they keep a peer's gloo threads from ever seeing the connection
+    # close (a job was seen hanging in ~ProcessGroupGloo). End them before the group goes.
+    shutdown_workers = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
+    if args.persistent and shutdown_workers is not None:
+        shutdown_workers()
     if args.final_out and rank == 0:
         from safetensors.torch import save_file
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
-from exactness import compare, read_losses, torchrun  # noqa: E402
+from exactness import compare, read_losses, torchrun, torchrun_once_more_on_abort  # noqa: E402
 
 from dist_ckpt import CheckpointManager, load  # noqa: E402
 from dist_ckpt.progress import KEY, Progress  # noqa: E402
@@ -48,11 +48,14 @@ def _layouts(run: Path) -> dict:
     return dict(Progress.decode(holder[KEY], str(run)).ddp_buckets)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# "defaults" runs in `make test`; the other variants are marked slow (.ci/run runs them after it)
+@pytest.mark.parametrize("variant", [v if v == "defaults" else pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS])
 def test_killed_and_resumed_ddp_run_at_4_ranks_is_bit_identical(variant: str, tmp_path: Path) -> None:
     (script, flags), log = VARIANTS[variant], tmp_path / "log"
     a, b = tmp_path / "a", tmp_path / "b"
-    rc = _run(4, [*flags, "--ckpt", str(a), "--losses-out", f"{a}.jsonl", "--final-out", f"{a}.st"], log, script)
+    rc = torchrun_once_more_on_abort(script, 4, [*COMMON, *flags, "--ckpt", str(a), "--losses-out", f"{a}.jsonl",
+                                                 "--final-out", f"{a}.st"], log=log, timeout=420,
+                                     discard=(a, Path(f"{a}.jsonl"), Path(f"{a}.st")))  # fmt: skip
     assert rc == 0, log.read_text()[-3000:]
     layouts = _layouts(a)
     assert len(layouts) == (2 if script == "train_gan.py" else 1), layouts
@@ -65,8 +68,8 @@ def test_killed_and_resumed_ddp_run_at_4_ranks_is_bit_identical(variant: str, tm
     assert rc != 0, "rank 0 SIGKILLed itself; the job must fail"
     resumed_from = max(c.step for c in CheckpointManager(str(b), read_only=True).checkpoints())
     assert resumed_from <= CRASH < STEPS - 1  # steps after it are trained again by the resumed job
-    rc = _run(4, [*flags, "--ckpt", str(b), "--resume", "auto", "--losses-out", f"{b}.jsonl", "--final-out", f"{b}.st"],
-              log, script)  # fmt: skip
+    rc = torchrun_once_more_on_abort(script, 4, [*COMMON, *flags, "--ckpt", str(b), "--resume", "auto", "--losses-out",
+                                                 f"{b}.jsonl", "--final-out", f"{b}.st"], log=log, timeout=420)  # fmt: skip
     assert rc == 0, log.read_text()[-3000:]
     assert "not bit-exact" not in log.read_text(), log.read_text()[-3000:]  # no layout warning of any kind
 

@@ -22,7 +22,9 @@ def test_error_once_per_rank_and_warning_once_per_job(tmp_path: Path) -> None:
     with pytest.raises(RanksFailed) as failed:
         run_torchrun(SCRIPT, 2, str(tmp_path / "run"), timeout=240)
     out = failed.value.failures[-1]
-    assert out.count("resumed") == 2, out  # both ranks got through the warning phase
+    assert out.count("rank 0 resumed") == out.count("rank 1 resumed") == 1, out  # both got through the warning phase
+    # the note that no data loader is tracked: once per job too
+    assert out.count("restore(): no data loader is tracked") == 1, out
 
     # the warning: once per job (rank 0), through warnings and through logging
     assert out.count("UserWarning: run config changed since the checkpoint: lr: 0.1 -> 0.2") == 1, out

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
-from exactness import compare, torchrun  # noqa: E402
+from exactness import compare, torchrun, torchrun_once_more_on_abort  # noqa: E402
 
 from dist_ckpt import CheckpointManager  # noqa: E402
 
@@ -27,18 +27,14 @@ def _run(script: str, nproc: int, args: list[str], log: Path) -> int:
 
 
 def _resume(script: str, nproc: int, args: list[str], log: Path) -> int:
-    """Run a resuming job; if it dies of a C++ abort (seen once under heavy machine load:
-    gloo's "terminate called without an active exception"), start it again — exactly what a
-    scheduler does — and the result must still be bit-identical."""
-    rc = _run(script, nproc, args, log)
-    if rc != 0 and "Signal 6 (SIGABRT)" in log.read_text():
-        print(f"resume job aborted (SIGABRT), restarting it once; log: {log}")
-        rc = _run(script, nproc, args, log)
-    return rc
+    return torchrun_once_more_on_abort(script, nproc, [*COMMON, *args], log=log, timeout=240)
 
 
 def _uninterrupted(script: str, tmp: Path) -> None:
-    rc = _run(script, 2, ["--ckpt", str(tmp / "a"), "--losses-out", str(tmp / "a.jsonl"), "--final-out", str(tmp / "a.st")], tmp / "log")
+    outputs = (tmp / "a", tmp / "a.jsonl", tmp / "a.st")
+    rc = torchrun_once_more_on_abort(script, 2, [*COMMON, "--ckpt", str(tmp / "a"), "--losses-out", str(tmp / "a.jsonl"),
+                                                 "--final-out", str(tmp / "a.st")], log=tmp / "log", timeout=240,
+                                     discard=outputs)  # fmt: skip
     assert rc == 0, (tmp / "log").read_text()[-3000:]
 
 

@@ -20,6 +20,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from exactness import compare  # noqa: E402
 
+pytestmark = pytest.mark.slow  # two torchrun agents, killed and resumed: run by .ci/run after make test
+
 STEPS = 16
 COMMON = ["--steps", str(STEPS), "--save-every", "4", "--keep-last", "2"]
 

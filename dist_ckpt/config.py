@@ -53,6 +53,12 @@ class ManagerConfig:
     compression_level: int = 1
     """zstd level when ``compression="zstd"``."""
 
+    incremental: bool = False
+    """Incremental checkpoints: an entry (tensor chunk) whose content equals one in the run's
+    newest committed checkpoint is not written again; the new checkpoint's file table refers to
+    the file that holds it (frozen weights are stored once). Content is hashed on the staged
+    copy, in the background for async saves."""
+
     async_save: bool = False
     """Return from ``save()`` once tensors are staged; write and commit in the background."""
 
@@ -126,7 +132,7 @@ class ManagerConfig:
             raise ConfigError(f"if_busy={self.if_busy!r}: expected one of {_IF_BUSY}")
         if not isinstance(self.compression_level, int) or not -7 <= self.compression_level <= 22:
             raise ConfigError(f"compression_level={self.compression_level!r}: expected an int in [-7, 22]")
-        for name in ("strict_config", "async_save", "save_on_sigterm", "collect_garbage_on_start"):
+        for name in ("strict_config", "async_save", "save_on_sigterm", "collect_garbage_on_start", "incremental"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected True or False")
         may_change = self.config_may_change

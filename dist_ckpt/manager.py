@@ -191,6 +191,7 @@ class CheckpointManager(ManagerKeywords):
             "metrics": dict(progress.metrics),
             "time": time.time(),
             "codec": self._codec.name if self._codec else "none",
+            **({"incremental": True} if self.config.incremental else {}),  # dist_ckpt.incremental
         }
         fence = self._lock.fence if self._lock is not None else None  # rank 0: checked right before COMMITTED
         if self._engine is not None and self.config.async_save:

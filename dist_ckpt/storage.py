@@ -48,7 +48,9 @@ from dist_ckpt.checkpoint_files import (  # noqa: F401
 from dist_ckpt.errors import CorruptCheckpoint, StepAlreadyExists
 from dist_ckpt.format import chunk_layout, metadata_v2
 from dist_ckpt.format.metadata_json import EntryRef, FileRecord
-from dist_ckpt.format.rank_index import index_entry, index_name
+from dist_ckpt.format.rank_index import IndexEntry, index_entry, index_name
+from dist_ckpt.incremental import choose_base, load_base, split_entries
+from dist_ckpt.references import own_and_logical_bytes
 from dist_ckpt.format.shard import ChunkCodec, PendingEntry, save_shard
 from dist_ckpt.lock_fence import Fence
 from storage_backends import Backend, BackendError, ObjectExists, ObjectNotFound, join_key
@@ -82,6 +84,8 @@ class _Assignment:
     staging: str
     file: str
     rank: int
+    incremental: bool = False  # record content hashes, reuse the base's entries
+    base: str | None = None  # the base checkpoint's folder in the run root (None: full save)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class _ItemResult:
     ref: EntryRef
     file: FileRecord
     index: FileRecord  # the rank index file of ``file``
+    referenced: dict[str, FileRecord] | None = None  # incremental: files of earlier steps read
 
 
 class CheckpointLocation:
@@ -125,6 +130,10 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         super().__init__()
         self.backend, self.prefix, self.codec = backend, prefix.strip("/"), codec
         self.commit_info = dict(commit_info or {})
+        # incremental saves (dist_ckpt.incremental): True (newest committed step before this one)
+        # or the base folder's name; carried in commit_info so async jobs need no new field
+        self.incremental: str | bool | None = self.commit_info.pop("incremental", None)
+        self._base: str | None = None
         self.fence = fence  # the run lock's holder (a manager's save): checked right before COMMITTED
         self.is_coordinator = False
         self._staging = ""
@@ -150,8 +159,10 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         # step must not overwrite our files: the attempt id goes into their names.
         suffix = f"-{attempt}" if staging == self.prefix else ""
         self._staging = staging
+        incremental = self.incremental is not None and self.incremental is not False  # "": hashes, no base
+        self._base = choose_base(self.backend, self.prefix, self.incremental)
         return [
-            replace(plan, storage_data=_Assignment(staging, f"rank_{rank:05d}{suffix}.safetensors", rank))
+            replace(plan, storage_data=_Assignment(staging, f"rank_{rank:05d}{suffix}.safetensors", rank, incremental, self._base))
             for rank, plan in enumerate(plans)
         ]
 
@@ -182,26 +193,38 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
                 raise CorruptCheckpoint(f"{item.index.fqn}: dtype {tensor.dtype} cannot be stored in safetensors")
             entries.append(PendingEntry(name, ST_DTYPE[tensor.dtype], tuple(tensor.shape), raw_bytes(tensor)))
         key = join_key(assignment.staging, assignment.file)
-        written = save_shard(self.backend, key, entries, self.codec)
+        extra: dict[str, IndexEntry] = {}
+        referenced: dict[str, FileRecord] = {}
+        to_write = entries
+        if assignment.incremental:  # hashing here runs on the staged copy (async: in the background)
+            split = split_entries(entries, load_base(self.backend, self.prefix, assignment.base, assignment.rank))
+            to_write, extra, referenced = split.to_write, split.index_extra, split.referenced
+        written = save_shard(self.backend, key, to_write, self.codec)
+        for name, e in extra.items():
+            if e.location is None:  # written now: its checksum and stored size are known now
+                extra[name] = IndexEntry(written.entry_checksums[name], written.stored_bytes[name], e.content)
         # The per-entry checksums go to this rank's own index file, not into metadata.json
         # (which every rank reads): a restoring rank reads only the indexes of its files.
         index_file = index_name(assignment.file)
         index_key = join_key(assignment.staging, index_file)
-        index_entries = [index_entry(assignment.file, written.entry_checksums, written.stored_bytes)]
+        index_entries = [index_entry(assignment.file, written.entry_checksums, written.stored_bytes, extra)]
         index_written = save_shard(self.backend, index_key, index_entries, None)
         index_record = FileRecord(assignment.rank, index_written.size, index_written.checksum)
         record = FileRecord(assignment.rank, written.size, written.checksum, index_file)
+        stored = {n: (written.entry_checksums[n], written.stored_bytes[n]) for n in written.entry_checksums}
+        stored.update({n: (e.checksum, e.stored_bytes) for n, e in extra.items() if e.location is not None})
         return [
             WriteResult(
                 index=item.index,
-                size_in_bytes=written.stored_bytes[e.name],
+                size_in_bytes=stored[e.name][1],
                 storage_data=_ItemResult(
-                    EntryRef(assignment.file, e.name, written.entry_checksums[e.name], written.stored_bytes[e.name]),
+                    EntryRef(assignment.file, e.name, *stored[e.name]),
                     record,
                     index_record,
+                    referenced if i == 0 else None,
                 ),
             )
-            for item, e in zip(plan.items, entries)
+            for i, (item, e) in enumerate(zip(plan.items, entries))
         ]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
@@ -216,6 +239,7 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
                     first: _ItemResult = rank_results[0].storage_data
                     files[first.ref.file] = first.file
                     files[first.file.index or ""] = first.index
+                    files.update(first.referenced or {})  # incremental: earlier steps' files it reads
                 for wr in rank_results:
                     if wr.index.offset is None:
                         values[wr.index.fqn] = wr.storage_data.ref
@@ -230,8 +254,11 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
             except ObjectExists as e:
                 self._check_fence()  # a job that lost the run lock is told so, not "step exists"
                 raise StepAlreadyExists(f"{self.uri}: another job is saving or has saved this step") from e
+            own_bytes, logical_bytes = own_and_logical_bytes(files)
             info = {**self.commit_info, "world_size": len(results), "files": len(files),
-                    "bytes": sum(f.size for f in files.values())}  # fmt: skip
+                    "bytes": own_bytes, "logical_bytes": logical_bytes}  # fmt: skip
+            if self._base is not None:
+                info["base"] = self._base
             self._check_fence()
             try:
                 self.backend.create_if_absent(join_key(staging, COMMITTED), json.dumps(info).encode())

@@ -115,7 +115,8 @@ class CheckpointMetadata:
         found = self.indexes.entries(ref.file).get(ref.entry)
         if found is None:
             raise CorruptCheckpoint(f"{ref.file}: entry {ref.entry!r} is missing from the shard's rank index")
-        return EntryRef(ref.file, ref.entry, found[0], found[1])
+        # an incremental checkpoint's entry may live in a referenced file of an earlier step
+        return EntryRef(getattr(found, "location", None) or ref.file, ref.entry, found[0], found[1])
 
     def max_entries(self) -> int:
         """The most entries any one shard can hold (sizes the rank index limit): a rule puts at

@@ -151,9 +151,15 @@ def parse(doc: dict[str, Any], where: str, prologue: bytes) -> CheckpointMetadat
         rank_files: dict[int, str] = {}
         for name, rec in doc["files"].items():
             validate_key(name)
-            if "/" in name:
-                raise ValueError(f"file name {name!r} must not contain '/'")
             index = rec.get("index")
+            if "/" in name:
+                # an incremental checkpoint's referenced file: '<checkpoint folder>/<file>'
+                # relative to the run root (dist_ckpt.references), never with an index
+                from dist_ckpt.references import check_reference
+
+                check_reference(name, where)
+                if index:
+                    raise ValueError(f"referenced file {name!r} must not carry an index")
             files[name] = FileRecord(int(rec["rank"]), int(rec["size"]), str(rec["checksum"]), str(index) if index else None)
             if index:
                 rank_files[files[name].rank] = name

@@ -55,6 +55,7 @@ class CheckpointInfo:
     codec: str
     pointers: tuple[str, ...]
     uri: str
+    logical_size: int = 0  # bytes of every file it reads: own (``size``) + referenced (incremental)
 
 
 class CheckpointManager(ManagerKeywords):
@@ -268,7 +269,8 @@ class CheckpointManager(ManagerKeywords):
             names.setdefault(step, []).append(name)
         return [
             CheckpointInfo(e.step, e.epoch, dict(e.metrics), e.time, e.size, e.world_size, e.codec,
-                           tuple(sorted(names.get(e.step, []))), f"{self.backend.uri}/{step_prefix(e.step)}")  # fmt: skip
+                           tuple(sorted(names.get(e.step, []))), f"{self.backend.uri}/{step_prefix(e.step)}",
+                           e.logical_size or e.size)  # fmt: skip
             for e in manifest.entries
         ]
 

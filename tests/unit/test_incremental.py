@@ -1,0 +1,132 @@
+"""Incremental checkpoints in one process: frozen weights stored once, retention keeps shared
+bytes, restores are bit-identical, references never leave the run root."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dist_ckpt
+from dist_ckpt.checkpoint_view import CheckpointView
+from dist_ckpt.errors import ConfigError, CorruptCheckpoint
+from dist_ckpt.export import export_checkpoint
+from dist_ckpt.verify import verify_run
+from storage_backends import open_backend
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from incremental_common import AdapterRun, assert_bit_identical, stored_bytes  # noqa: E402
+from manager_common import manager, steps_on_disk  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_frozen_base_adapter_eight_saves_keep_last_two(tmp_path, compression):
+    run = AdapterRun(0)
+    snaps = {}
+    first = None
+    with manager(tmp_path, keep_last=2, incremental=True, compression=compression) as mgr:
+        state = mgr.track(**run.objects())
+        for step in range(1, 9):
+            run.train_step()
+            assert mgr.save(step, state)
+            snaps[step] = run.snapshot()
+            if step == 1:
+                first = stored_bytes(tmp_path)
+        infos = mgr.checkpoints()
+    after = stored_bytes(tmp_path)
+    # without references this would be 2x the first save (two full checkpoints kept)
+    assert after <= 1.3 * first, (after, first)
+    assert steps_on_disk(tmp_path) == [7, 8]
+    # own bytes are the adapter's; the logical size includes the base the checkpoint reads
+    assert [i.step for i in infos] == [7, 8]
+    for info in infos:
+        assert info.size < 0.2 * first and info.logical_size > first * 0.9, info
+
+    for step in (7, 8):  # the newest and the kept older step
+        fresh = AdapterRun(99)
+        with manager(tmp_path, keep_last=2, incremental=True, read_only=True) as mgr:
+            mgr.restore(mgr.track(**fresh.objects()), which=step)
+        assert_bit_identical(snaps[step], fresh.snapshot())
+
+    report = verify_run(open_backend(str(tmp_path)))
+    assert report.ok, [p.message for c in report.checkpoints for p in c.problems] + [p.message for p in report.problems]
+    assert not report.notes, report.notes  # the retained base file of step 1 is no leftover
+
+    out = tmp_path / "export"
+    view = CheckpointView(open_backend(str(tmp_path)), "step_000000008")
+    export_checkpoint(view, open_backend(str(out)))
+    from safetensors.torch import load_file
+
+    exported = load_file(str(out / "model.safetensors"))
+    assert torch.equal(exported["base.weight"], snaps[8]["model"]["base.weight"])
+    assert torch.equal(exported["up.weight"], snaps[8]["model"]["up.weight"])
+
+
+def test_first_save_full_and_save_after_base_deleted_is_full(tmp_path):
+    run = AdapterRun(0)
+    with manager(tmp_path, keep_last=None, incremental=True) as mgr:
+        state = mgr.track(**run.objects())
+        mgr.save(1, state)
+        run.train_step()
+        mgr.save(2, state)
+    c1 = json.loads((tmp_path / "step_000000001" / "COMMITTED").read_text())
+    c2 = json.loads((tmp_path / "step_000000002" / "COMMITTED").read_text())
+    assert "base" not in c1 and c1["bytes"] == c1["logical_bytes"]
+    assert c2["base"] == "step_000000001" and c2["bytes"] < c2["logical_bytes"]
+    # prune both: the next save has no base and is full
+    from dist_ckpt.run_store import RunStore
+
+    store = RunStore(open_backend(str(tmp_path)))
+    store.delete_step(2)
+    store.delete_step(1)
+    assert not list(tmp_path.glob("step_*/*"))  # nothing referenced any more: all swept
+    with manager(tmp_path, keep_last=None, incremental=True) as mgr:
+        state = mgr.track(**run.objects())
+        mgr.save(3, state)
+    c3 = json.loads((tmp_path / "step_000000003" / "COMMITTED").read_text())
+    assert "base" not in c3 and c3["bytes"] == c3["logical_bytes"]
+
+
+def test_low_level_base_reuses_unchanged_tensors_and_restores(tmp_path):
+    frozen, trained = torch.randn(256, 256), torch.randn(4, 256)
+    dist_ckpt.save({"frozen": frozen, "trained": trained}, str(tmp_path / "a"), incremental=True)
+    trained2 = trained * 2
+    dist_ckpt.save({"frozen": frozen, "trained": trained2}, str(tmp_path / "b"), base=str(tmp_path / "a"))
+    meta = json.loads((tmp_path / "b" / "metadata.json").read_text())
+    assert "a/rank_00000.safetensors" in meta["files"]  # listed with size and checksum
+    assert meta["files"]["a/rank_00000.safetensors"]["size"] == (tmp_path / "a" / "rank_00000.safetensors").stat().st_size
+    assert (tmp_path / "b" / "rank_00000.safetensors").stat().st_size < 256 * 256 * 4 / 10
+    out = {"frozen": torch.zeros(256, 256), "trained": torch.zeros(4, 256)}
+    dist_ckpt.load(out, str(tmp_path / "b"))
+    assert torch.equal(out["frozen"], frozen) and torch.equal(out["trained"], trained2)
+    # content decides, not the name: a changed "frozen" tensor is written again
+    dist_ckpt.save({"frozen": frozen + 1, "trained": trained2}, str(tmp_path / "c"), base=str(tmp_path / "b"))
+    meta_c = json.loads((tmp_path / "c" / "metadata.json").read_text())
+    assert set(meta_c["files"]) == {"rank_00000.safetensors", "index_00000.safetensors", "b/rank_00000.safetensors"}
+    dist_ckpt.load(out, str(tmp_path / "c"))
+    assert torch.equal(out["frozen"], frozen + 1) and torch.equal(out["trained"], trained2)
+
+
+def test_base_outside_the_folder_is_refused(tmp_path):
+    dist_ckpt.save({"x": torch.ones(4)}, str(tmp_path / "r1" / "a"), incremental=True)
+    with pytest.raises(ConfigError, match="same folder"):
+        dist_ckpt.save({"x": torch.ones(4)}, str(tmp_path / "r2" / "b"), base=str(tmp_path / "r1" / "a"))
+    assert not (tmp_path / "r2" / "b").exists()
+
+
+@pytest.mark.parametrize("bad", ["../a/rank_00000.safetensors", "/etc/passwd/x", "a/../../x", "a/b/c"])
+def test_reference_leaving_the_run_root_is_refused(tmp_path, bad):
+    frozen = torch.randn(64, 64)
+    dist_ckpt.save({"f": frozen, "t": torch.ones(4)}, str(tmp_path / "a"), incremental=True)
+    dist_ckpt.save({"f": frozen, "t": torch.zeros(4)}, str(tmp_path / "b"), base=str(tmp_path / "a"))
+    path = tmp_path / "b" / "metadata.json"
+    text = path.read_text().replace('"a/rank_00000.safetensors"', json.dumps(bad))
+    path.write_text(text)
+    with pytest.raises(CorruptCheckpoint, match="referenced file|refusing"):
+        dist_ckpt.load({"f": torch.zeros(64, 64), "t": torch.zeros(4)}, str(tmp_path / "b"))

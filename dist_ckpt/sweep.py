@@ -75,12 +75,11 @@ def sweep_folder(backend: Backend, folder: str, marked: set[str]) -> list[str]:
     kept (the folder itself is removed once nothing in it is marked)."""
     objects = [o.key for o in backend.list(folder + "/")]
     kept = [k for k in objects if k in marked]
-    if not kept:
-        backend.delete_prefix(folder + "/")
-        return []
-    for key in objects:
+    for key in objects:  # one by one: a kill between any two deletes leaves a sweepable folder
         if key not in marked:
             backend.delete(key)
+    if not kept:
+        backend.delete_prefix(folder + "/")  # what remains of the folder itself (local: the directory)
     return kept
 
 

@@ -143,7 +143,7 @@ def _parse_entry(v: Any) -> IndexEntry:
         raise ValueError(f"expected [checksum, stored_bytes(, content(, file))], found {v!r:.80}")
     content = str(v[2]) if len(v) > 2 and v[2] else None
     location = str(v[3]) if len(v) > 3 else None
-    if location is not None:
+    if location is not None and "/" in location:  # no "/": an own file (a self-contained copy)
         from dist_ckpt.references import check_reference
 
         check_reference(location)

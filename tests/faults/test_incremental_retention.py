@@ -94,7 +94,8 @@ def _kill_at(tmp_path: Path, prep: Path, refs: Path, n: int) -> bool:
     assert _check_run(root, refs, f"after restart (n={n})")[-1] == 5
     leftovers = [p for p in root.glob("step_*") if not (p / "COMMITTED").exists()]
     for folder in leftovers:  # only files committed checkpoints still refer to may remain
-        assert sorted(f.name for f in folder.iterdir()) == ["rank_00000.safetensors"], folder
+        # (or an empty directory: a kill after the last file's delete, before the folder's)
+        assert {f.name for f in folder.iterdir()} <= {"rank_00000.safetensors"}, folder
     return True
 
 

@@ -130,3 +130,25 @@ def test_reference_leaving_the_run_root_is_refused(tmp_path, bad):
     path.write_text(text)
     with pytest.raises(CorruptCheckpoint, match="referenced file|refusing"):
         dist_ckpt.load({"f": torch.zeros(64, 64), "t": torch.zeros(4)}, str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("mode", ["thread", pytest.param("process", marks=pytest.mark.slow)])
+def test_async_saves_hash_in_the_background_and_reuse(tmp_path, mode):
+    """Async saves (thread, writer process): hashing runs in the background writer on the
+    staged copy; the frozen base is still written once and restores bit-identical."""
+    run = AdapterRun(0)
+    snaps = {}
+    with manager(tmp_path, keep_last=2, incremental=True, async_save=True, async_mode=mode) as mgr:
+        state = mgr.track(**run.objects())
+        for step in (1, 2, 3):
+            run.train_step()
+            mgr.save(step, state)
+            snaps[step] = run.snapshot()
+        mgr.wait()
+    for step in (2, 3):
+        info = json.loads((tmp_path / f"step_{step:09d}" / "COMMITTED").read_text())
+        assert info["base"] == f"step_{step - 1:09d}" and info["bytes"] * 5 < info["logical_bytes"], info
+    fresh = AdapterRun(5)
+    with manager(tmp_path, read_only=True) as mgr:
+        mgr.restore(mgr.track(**fresh.objects()))
+    assert_bit_identical(snaps[3], fresh.snapshot())

@@ -107,6 +107,7 @@ def test_kill_at_first_deletes_of_retention(tmp_path, n):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~12 kills, 2 jobs each
 def test_kill_at_every_delete_of_retention(tmp_path):
     prep, refs = _prepared(tmp_path)
     kills = 0
@@ -114,5 +115,6 @@ def test_kill_at_every_delete_of_retention(tmp_path):
         if not _kill_at(tmp_path, prep, refs, n):
             break
         kills += 1
+        print(f"killed at delete {n}: committed checkpoints verified, restart verified", flush=True)
     # two retentions (steps 1 and 2 dropped): COMMITTED, metadata, index, (rank file), folder each
     assert kills >= 8, kills

@@ -25,6 +25,7 @@ from dist_ckpt.decision import share_decision
 from dist_ckpt.errors import (
     CheckpointError,
     ConfigError,
+    CorruptCheckpoint,
     StepAlreadyExists,
     StorageError,
 )
@@ -250,7 +251,7 @@ class CheckpointManager(ManagerKeywords):
                 if self._lock is not None:
                     self._lock.fence.check(self.backend, f"deleting step {dropped} (retention)")
                 self.store.delete_step(dropped)
-            except StorageError:
+            except (StorageError, CorruptCheckpoint):  # corrupt: what the run's checkpoints reference is unknown
                 log.exception("retention could not delete step %d of %s; `dist-ckpt gc` will", dropped, self.root)
 
     def _manifest(self) -> mf.Manifest:

@@ -114,6 +114,8 @@ class RunStore:
             uncommitted = sweep.unmarked_folders(self.backend, uncommitted)
         except BackendError as e:
             raise self._wrap(e) from e
+        except CorruptCheckpoint as e:  # which files are referenced is unknown: all listed, none swept
+            log.warning("%s", e)
         return Leftovers(temp, tuple(uncommitted), uploads)
 
     def collect_garbage(self, dry_run: bool = False) -> Leftovers:
@@ -124,7 +126,11 @@ class RunStore:
             for folder in found.temp_dirs:
                 log.info("gc: removing %s/%s", self.uri, folder)
                 self.backend.delete_prefix(folder + "/")
-            marked = sweep.marks(self.backend) if found.uncommitted_steps else set()
+            try:
+                marked = sweep.marks(self.backend) if found.uncommitted_steps else set()
+            except CorruptCheckpoint as e:  # never delete what a checkpoint might reference
+                log.warning("gc: not removing %s: %s", ", ".join(found.uncommitted_steps), e)
+                found = Leftovers(found.temp_dirs, (), found.unfinished_uploads)
             for folder in found.uncommitted_steps:  # keeps files committed checkpoints refer to
                 log.info("gc: removing %s/%s", self.uri, folder)
                 sweep.sweep_folder(self.backend, folder, marked)

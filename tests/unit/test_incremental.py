@@ -152,3 +152,29 @@ def test_async_saves_hash_in_the_background_and_reuse(tmp_path, mode):
     with manager(tmp_path, read_only=True) as mgr:
         mgr.restore(mgr.track(**fresh.objects()))
     assert_bit_identical(snaps[3], fresh.snapshot())
+
+
+def test_unreadable_metadata_of_a_committed_checkpoint_stops_the_sweep(tmp_path):
+    """What a committed checkpoint references is unknown when its metadata.json is damaged:
+    deleting another step then removes that step's COMMITTED only, never a file."""
+    from dist_ckpt.run_store import RunStore
+
+    run = AdapterRun(0)
+    with manager(tmp_path, keep_last=None, incremental=True) as mgr:
+        state = mgr.track(**run.objects())
+        for step in (1, 2, 3):
+            run.train_step()
+            mgr.save(step, state)
+        snap = run.snapshot()
+    (tmp_path / "step_000000002" / "metadata.json").write_text("{ damaged")
+    before = sorted(p.name for p in (tmp_path / "step_000000001").iterdir())
+    with pytest.raises(CorruptCheckpoint, match="step_000000002.*nothing is deleted"):
+        RunStore(open_backend(str(tmp_path))).delete_step(1)
+    after = sorted(p.name for p in (tmp_path / "step_000000001").iterdir())
+    assert after == [n for n in before if n != "COMMITTED"]  # step 1 is gone as a checkpoint, its files stay
+    RunStore(open_backend(str(tmp_path))).collect_garbage()  # refuses to sweep them too (logged)
+    assert sorted(p.name for p in (tmp_path / "step_000000001").iterdir()) == after
+    fresh = AdapterRun(3)
+    with manager(tmp_path, read_only=True) as mgr:
+        mgr.restore(mgr.track(**fresh.objects()), which=3)
+    assert_bit_identical(snap, fresh.snapshot())

@@ -94,3 +94,34 @@ def load_job(rank: int, world: int, root: str, refs: str, step: int) -> bool:
         for k, v in expected.items():
             assert got[k].dtype == v.dtype and torch.equal(got[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
     return True
+
+
+def build_ddp(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 5))
+    for p in model[0].parameters():  # frozen: replicated, written by rank 0 once
+        p.requires_grad_(False)
+    model = DistributedDataParallel(model)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def ddp_job(rank: int, world: int, root: str, compression: str) -> dict[str, Any]:
+    """DDP, async incremental saves, restored into a fresh DDP job of the same ranks."""
+    model, opt = build_ddp(0)
+    with CheckpointManager(root, keep_last=2, incremental=True, async_save=True, compression=compression) as mgr:
+        state = mgr.track(model=model, optimizer=opt)
+        for step in STEPS:
+            train_step(model, opt, rank, step)
+            mgr.save(step, state)
+        mgr.wait()
+        infos = [(c.step, c.size, c.logical_size) for c in mgr.checkpoints()]
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh, fresh_opt = build_ddp(5)
+    train_step(fresh, fresh_opt, rank, 99)
+    with CheckpointManager(root, read_only=True) as mgr:
+        mgr.restore(mgr.track(model=fresh, optimizer=fresh_opt))
+    got = fresh.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    return {"checkpoints": infos}

@@ -43,3 +43,11 @@ def test_fsdp2_frozen_half_on_seaweedfs(s3_uri, tmp_path):
     refs = tmp_path / "refs"
     refs.mkdir()
     _check(s3_uri, refs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_ddp_2_ranks_async_incremental(tmp_path, compression):
+    results = run_ranks(workers.ddp_job, 2, str(tmp_path / "run"), compression, timeout=240)
+    for step, own, logical in results[0]["checkpoints"]:
+        assert logical > 2 * own, (step, own, logical)  # the frozen layer is read, not written again

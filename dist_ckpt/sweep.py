@@ -75,11 +75,12 @@ def sweep_folder(backend: Backend, folder: str, marked: set[str]) -> list[str]:
     kept (the folder itself is removed once nothing in it is marked)."""
     objects = [o.key for o in backend.list(folder + "/")]
     kept = [k for k in objects if k in marked]
+    if not kept:  # nothing in it is referenced (every non-incremental run): the folder goes whole
+        backend.delete_prefix(folder + "/")
+        return []
     for key in objects:  # one by one: a kill between any two deletes leaves a sweepable folder
         if key not in marked:
             backend.delete(key)
-    if not kept:
-        backend.delete_prefix(folder + "/")  # what remains of the folder itself (local: the directory)
     return kept
 
 

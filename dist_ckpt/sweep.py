@@ -78,7 +78,7 @@ def sweep_folder(backend: Backend, folder: str, marked: set[str]) -> list[str]:
     if not kept:  # nothing in it is referenced (every non-incremental run): the folder goes whole
         backend.delete_prefix(folder + "/")
         return []
-    for key in objects:  # one by one: a kill between any two deletes leaves a sweepable folder
+    for key in sorted(objects):  # one by one: a kill between any two deletes leaves a sweepable folder
         if key not in marked:
             backend.delete(key)
     return kept

@@ -75,15 +75,16 @@ def _prepared(tmp_path: Path) -> tuple[Path, Path]:
     return prep, refs
 
 
-def _kill_at(tmp_path: Path, prep: Path, refs: Path, n: int) -> bool:
-    """Kill at the n-th delete; False when the job had fewer deletes and ran through."""
+def _kill_at(tmp_path: Path, prep: Path, refs: Path, n: int) -> str | None:
+    """Kill at the n-th delete: the operation killed in; None when the job had fewer deletes
+    and ran through."""
     root, log = tmp_path / f"run{n}", tmp_path / f"faults{n}.jsonl"
     shutil.copytree(prep, root)
     proc = _job(root, refs, "3,4", resume=True, kill_at=n, log=log)
     if proc.returncode == 0:
         assert not log.exists(), "a fault was logged, yet the job ran through"
         _check_run(root, refs, f"no kill (n={n})")
-        return False
+        return None
     assert proc.returncode == KILLED, f"n={n}: rc={proc.returncode}\n{proc.stderr[-3000:]}"
     fired = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(fired) == 1 and fired[0]["op"] in DELETES, fired
@@ -96,7 +97,7 @@ def _kill_at(tmp_path: Path, prep: Path, refs: Path, n: int) -> bool:
     for folder in leftovers:  # only files committed checkpoints still refer to may remain
         # (or an empty directory: a kill after the last file's delete, before the folder's)
         assert {f.name for f in folder.iterdir()} <= {"rank_00000.safetensors"}, folder
-    return True
+    return f"{fired[0]['op']} {fired[0]['key']}"
 
 
 @pytest.mark.parametrize("n", [2])
@@ -110,11 +111,15 @@ def test_kill_at_first_deletes_of_retention(tmp_path, n):
 @pytest.mark.timeout(1800)  # ~12 kills, 2 jobs each
 def test_kill_at_every_delete_of_retention(tmp_path):
     prep, refs = _prepared(tmp_path)
-    kills = 0
+    killed = []
     for n in range(1, 60):
-        if not _kill_at(tmp_path, prep, refs, n):
+        op = _kill_at(tmp_path, prep, refs, n)
+        if op is None:
             break
-        kills += 1
-        print(f"killed at delete {n}: committed checkpoints verified, restart verified", flush=True)
-    # two retentions (steps 1 and 2 dropped): COMMITTED, metadata, index, (rank file), folder each
-    assert kills >= 8, kills
+        killed.append(op)
+        print(f"killed at delete {n} ({op}): committed checkpoints verified, restart verified", flush=True)
+    # two retentions: step 1 (its base file referenced: COMMITTED, metadata.json, its index, one
+    # by one), step 2 (nothing referenced: COMMITTED, then the folder), then none left
+    assert killed[:3] == ["delete step_000000001/COMMITTED", "delete step_000000001/index_00000.safetensors",
+                          "delete step_000000001/metadata.json"], killed  # fmt: skip
+    assert killed[3:] == ["delete step_000000002/COMMITTED", "delete_prefix step_000000002/"], killed

@@ -26,6 +26,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "scaling": (["bench_scaling.py"], ["bench_scaling.py", "--mb-per-rank", "32"]),
     "cli_startup": (["bench_cli_startup.py"], ["bench_cli_startup.py", "--rounds", "5"]),
     "save_noop": (["bench_save_noop.py"], ["bench_save_noop.py", "--rounds", "5"]),
+    "incremental": (["bench_incremental.py"], ["bench_incremental.py", "--saves", "4", "--no-s3"]),
     "ddp_step": (["bench_ddp_step.py", "--steps", "50", "--rounds", "15"], ["bench_ddp_step.py", "--steps", "20", "--rounds", "5"]),
 }
 

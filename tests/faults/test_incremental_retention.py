@@ -42,7 +42,7 @@ def _job(root: Path, refs: Path, steps: str, *, resume: bool, kill_at: int | Non
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("DIST_CKPT_FAULTS", None)
     if kill_at is not None:
-        rule = {"op": list(DELETES), "key": "*", "action": "exit", "nth": kill_at, "exit_code": KILLED}
+        rule = {"op": list(DELETES), "key": "step_*", "action": "exit", "nth": kill_at, "exit_code": KILLED}
         env.update(FaultyBackend.env([rule], log=str(log)))
     cmd = [sys.executable, str(JOB), "--root", str(root), "--refs", str(refs), "--steps", steps, *(["--resume"] if resume else [])]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)

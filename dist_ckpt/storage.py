@@ -49,10 +49,10 @@ from dist_ckpt.errors import CorruptCheckpoint, StepAlreadyExists
 from dist_ckpt.format import chunk_layout, metadata_v2
 from dist_ckpt.format.metadata_json import EntryRef, FileRecord
 from dist_ckpt.format.rank_index import IndexEntry, index_entry, index_name
-from dist_ckpt.incremental import choose_base, load_base, split_entries
-from dist_ckpt.references import own_and_logical_bytes
 from dist_ckpt.format.shard import ChunkCodec, PendingEntry, save_shard
+from dist_ckpt.incremental import choose_base, load_base, split_entries
 from dist_ckpt.lock_fence import Fence
+from dist_ckpt.references import own_and_logical_bytes
 from storage_backends import Backend, BackendError, ObjectExists, ObjectNotFound, join_key
 
 log = logging.getLogger(__name__)

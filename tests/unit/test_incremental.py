@@ -207,3 +207,46 @@ def test_hashing_runs_after_save_returns(tmp_path, monkeypatch):
         total = time.perf_counter() - t0
     assert calls, "the content hash was never computed"
     assert total >= 3.0 and stall < 3.0, (stall, total)
+
+
+class _CountingReads:
+    """A backend wrapper that counts the bytes read from each key."""
+
+    def __init__(self, inner):
+        from collections import Counter
+
+        self.inner, self.read_bytes = inner, Counter()
+
+    def read(self, key, offset=0, length=None):
+        data = self.inner.read(key, offset, length)
+        self.read_bytes[key] += len(data)
+        return data
+
+    def read_into(self, key, offset, buf):
+        n = self.inner.read_into(key, offset, buf)
+        self.read_bytes[key] += n
+        return n
+
+    def read_ranges(self, key, ranges):
+        out = self.inner.read_ranges(key, ranges)
+        self.read_bytes[key] += sum(len(b) for b in out)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_restore_reads_only_the_needed_bytes_of_a_referenced_file(tmp_path):
+    from dist_ckpt.api import load_from
+
+    frozen, changing = torch.randn(512, 512), torch.randn(512, 512)
+    dist_ckpt.save({"frozen": frozen, "changing": changing}, str(tmp_path / "a"), incremental=True)
+    dist_ckpt.save({"frozen": frozen, "changing": changing + 1}, str(tmp_path / "b"), base=str(tmp_path / "a"))
+    backend = _CountingReads(open_backend(str(tmp_path)))
+    out = {"frozen": torch.zeros(512, 512), "changing": torch.zeros(512, 512)}
+    load_from(backend, "b", out)
+    assert torch.equal(out["frozen"], frozen) and torch.equal(out["changing"], changing + 1)
+    from_a = backend.read_bytes["a/rank_00000.safetensors"]
+    a_size = (tmp_path / "a" / "rank_00000.safetensors").stat().st_size
+    # the frozen entry (1 MiB) and the header, not a's "changing" entry (another 1 MiB)
+    assert frozen.numel() * 4 <= from_a <= frozen.numel() * 4 + 80 * 1024 < a_size, (from_a, a_size)

@@ -141,10 +141,11 @@ def lora_local(tmp: Path, saves: int) -> dict[str, Any]:
     }
 
 
-def hashing_seconds(job: Job) -> float:
-    """Best of 5: content hashes of every tensor of the model and optimizer state."""
+def hashing_seconds(job: Job, which: str = "full") -> float:
+    """Best of 5: content hashes (``full``) or samples (``sample``: what a save computes before
+    writing a changed entry) of every tensor of the model and optimizer state."""
     from dist_ckpt.format.shard import PendingEntry
-    from dist_ckpt.incremental import content_hash
+    from dist_ckpt.incremental import content_hash, sample_hash
     from dist_ckpt.storage import ST_DTYPE, raw_bytes
 
     tensors = [t.detach().contiguous() for t in job.model.state_dict().values()]
@@ -154,7 +155,7 @@ def hashing_seconds(job: Job) -> float:
     for _ in range(5):
         t0 = time.perf_counter()
         for e in entries:
-            content_hash(e)
+            (content_hash if which == "full" else sample_hash)(e)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -172,13 +173,16 @@ def full_finetune(tmp: Path, saves: int) -> dict[str, Any]:
         for mgr in managers:
             mgr.close()
     inc, plain = rounds["incremental"], rounds["plain"]
-    hash_s = hashing_seconds(job)
+    hash_s, sample_s = hashing_seconds(job), hashing_seconds(job, "sample")
     return {
         "state_bytes": plain[-1]["bytes"],
         # the extra work incremental=True does, timed alone (less noisy than the save ratio on a
-        # loaded machine): one xxh3-128 pass over every tensor, against the plain save's median
+        # loaded machine): one xxh3-128 pass over every tensor (on a helper thread while the shard
+        # is written), and the samples computed before writing, against the plain save's median
         "hash_s_best_of_5": hash_s,
         "hash_share_of_plain_save": hash_s / statistics.median(r["save_s"] for r in plain),
+        "sample_s_best_of_5": sample_s,
+        "sample_share_of_plain_save": sample_s / statistics.median(r["save_s"] for r in plain),
         "save_s": {k: stats([r["save_s"] for r in rounds[k]]) for k in rounds},
         "save_ratio": stats([i["save_s"] / p["save_s"] for i, p in zip(inc, plain)]),
         "save_ratio_of_medians": statistics.median(r["save_s"] for r in inc) / statistics.median(r["save_s"] for r in plain),
@@ -253,8 +257,8 @@ def main() -> None:
         if "lora_s3" in result:
             s3_ratio = result["lora_s3"]["bytes_ratio_after_first"]["median"]
             result["targets"]["lora_s3_bytes_put_ratio_le_0.1"] = {"value": s3_ratio, "met": s3_ratio <= 0.1}
-        share = result["full_finetune_local"]["hash_share_of_plain_save"]
-        result["targets"]["full_finetune_hashing_share_of_plain_save"] = {"value": share, "met": share <= 0.05}
+        share = result["full_finetune_local"]["sample_share_of_plain_save"]
+        result["targets"]["full_finetune_work_before_write_share_of_plain_save"] = {"value": share, "met": share <= 0.05}
         result["load_average"] = {"before": load_before, "after": os.getloadavg()}
         result["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__}
         print(json.dumps(result, indent=1))

@@ -18,8 +18,10 @@ written again; the new checkpoint refers to the file that holds its bytes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import xxhash
 
@@ -34,6 +36,8 @@ from storage_backends import Backend, BackendError, join_key
 log = logging.getLogger(__name__)
 
 _HASH_PIECE = 2 << 20
+_SAMPLE = 16 << 10
+T = TypeVar("T")
 _STEP_PREFIX = "step_"
 
 
@@ -109,30 +113,90 @@ def load_base(backend: Backend, prefix: str, base: str | None, rank: int) -> Bas
     return BaseEntries(entries, files)
 
 
+def sample_hash(entry: PendingEntry) -> str:
+    """xxh3-128 of dtype, shape, length and three 16 KiB slices (start, middle, end): equal for
+    equal content, so a differing sample proves a change without hashing the whole entry."""
+    h = xxhash.xxh3_128(f"{entry.dtype}|{','.join(map(str, entry.shape))}|".encode())
+    data = entry.data.cast("B") if entry.data.format != "B" or entry.data.ndim != 1 else entry.data
+    n = len(data)
+    if n <= 4 * _SAMPLE:
+        h.update(data)
+    else:
+        for start in (0, n // 2 - _SAMPLE // 2, n - _SAMPLE):
+            h.update(data[start : start + _SAMPLE])
+    h.update(str(n).encode())
+    return h.hexdigest()
+
+
+def _content(sample: str, full: str) -> str:
+    """The content record of an entry: ``xxh3_128:<sample>:<full>``."""
+    return f"xxh3_128:{sample}:{full.removeprefix('xxh3_128:')}"
+
+
+def _parts(content: str | None) -> tuple[str | None, str | None]:
+    """``(sample, full)`` of a content record (a record without a sample: ``(None, full)``)."""
+    parts = (content or "").split(":")
+    if len(parts) == 3 and parts[0] == "xxh3_128":
+        return parts[1], parts[2]
+    if len(parts) == 2 and parts[0] == "xxh3_128":
+        return None, parts[1]
+    return None, None
+
+
 @dataclass(frozen=True)
 class Split:
     """One rank's entries after matching: what to write, and what the index records."""
 
     to_write: list[PendingEntry]
-    index_extra: dict[str, IndexEntry]  # content hashes of written entries; reused entries
+    index_extra: dict[str, IndexEntry]  # content records of written entries (None: pending); reused entries
     referenced: dict[str, FileRecord]  # the files reused entries are in
+    pending: dict[str, tuple[PendingEntry, str]]  # written entries whose full hash is still due (entry, sample)
 
 
 def split_entries(entries: Sequence[PendingEntry], base: BaseEntries) -> Split:
-    """Hash each tensor entry; keep out those whose bytes the base already has."""
+    """Keep out the tensor entries whose bytes the base already has. An entry whose sample
+    differs from the base's is written without waiting for its full hash (computed while the
+    shard is written, :func:`hashed_while`); only entries whose sample matches are hashed in
+    full first — in a fine-tune, the frozen ones, which are then not written at all."""
     to_write: list[PendingEntry] = []
     extra: dict[str, IndexEntry] = {}
     referenced: dict[str, FileRecord] = {}
+    pending: dict[str, tuple[PendingEntry, str]] = {}
     for e in entries:
         if e.kind != "tensor":
             to_write.append(e)  # values are small JSON: always written
             continue
-        digest = content_hash(e)
+        sample = sample_hash(e)
         found = base.entries.get(e.name)
-        if found is not None and found.content == digest and found.location and is_reference(found.location):
-            extra[e.name] = found
-            referenced[found.location] = base.files[found.location]
+        base_sample, base_full = _parts(found.content if found is not None else None)
+        usable = found is not None and base_full is not None and found.location and is_reference(found.location)
+        if usable and base_sample in (None, sample):
+            full = content_hash(e).removeprefix("xxh3_128:")
+            if full == base_full:
+                extra[e.name] = found  # type: ignore[assignment]
+                referenced[found.location] = base.files[found.location]  # type: ignore[union-attr,index]
+                continue
+            extra[e.name] = IndexEntry("", -1, _content(sample, full))  # checksum and size filled in after writing
         else:
-            to_write.append(e)
-            extra[e.name] = IndexEntry("", -1, digest)  # checksum and size filled in after writing
-    return Split(to_write, extra, referenced)
+            extra[e.name] = IndexEntry("", -1, None)
+            pending[e.name] = (e, sample)
+        to_write.append(e)
+    return Split(to_write, extra, referenced, pending)
+
+
+def hashed_while(split: Split, write: Callable[[], T]) -> tuple[T, dict[str, str]]:
+    """``write()`` while a helper thread computes the full content hashes still due; returns
+    its result and ``entry -> content record`` of every written tensor entry. The write
+    releases the GIL (I/O), so on a second core the hashing costs no wall time."""
+
+    def hash_pending() -> dict[str, str]:
+        return {name: _content(sample, content_hash(e)) for name, (e, sample) in split.pending.items()}
+
+    with ThreadPoolExecutor(1, thread_name_prefix="dist_ckpt-content-hash") as pool:
+        future = pool.submit(hash_pending)
+        try:
+            result = write()
+        finally:
+            pending = future.result()
+    contents = {name: e.content for name, e in split.index_extra.items() if e.location is None and e.content}
+    return result, {**contents, **pending}

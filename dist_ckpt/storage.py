@@ -50,7 +50,7 @@ from dist_ckpt.format import chunk_layout, metadata_v2
 from dist_ckpt.format.metadata_json import EntryRef, FileRecord
 from dist_ckpt.format.rank_index import IndexEntry, index_entry, index_name
 from dist_ckpt.format.shard import ChunkCodec, PendingEntry, save_shard
-from dist_ckpt.incremental import choose_base, load_base, split_entries
+from dist_ckpt.incremental import choose_base, hashed_while, load_base, split_entries
 from dist_ckpt.lock_fence import Fence
 from dist_ckpt.references import own_and_logical_bytes
 from storage_backends import Backend, BackendError, ObjectExists, ObjectNotFound, join_key
@@ -195,14 +195,15 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         key = join_key(assignment.staging, assignment.file)
         extra: dict[str, IndexEntry] = {}
         referenced: dict[str, FileRecord] = {}
-        to_write = entries
         if assignment.incremental:  # hashing here runs on the staged copy (async: in the background)
             split = split_entries(entries, load_base(self.backend, self.prefix, assignment.base, assignment.rank))
-            to_write, extra, referenced = split.to_write, split.index_extra, split.referenced
-        written = save_shard(self.backend, key, to_write, self.codec)
-        for name, e in extra.items():
-            if e.location is None:  # written now: its checksum and stored size are known now
-                extra[name] = IndexEntry(written.entry_checksums[name], written.stored_bytes[name], e.content)
+            extra, referenced = split.index_extra, split.referenced
+            written, contents = hashed_while(split, lambda: save_shard(self.backend, key, split.to_write, self.codec))
+            for name, e in extra.items():
+                if e.location is None:  # written now: its checksum and stored size are known now
+                    extra[name] = IndexEntry(written.entry_checksums[name], written.stored_bytes[name], contents[name])
+        else:
+            written = save_shard(self.backend, key, entries, self.codec)
         # The per-entry checksums go to this rank's own index file, not into metadata.json
         # (which every rank reads): a restoring rank reads only the indexes of its files.
         index_file = index_name(assignment.file)

@@ -28,6 +28,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "scaling": (["bench_scaling.py"], ["bench_scaling.py", "--mb-per-rank", "32"]),
     "cli_startup": (["bench_cli_startup.py"], ["bench_cli_startup.py", "--rounds", "5"]),
     "save_noop": (["bench_save_noop.py"], ["bench_save_noop.py", "--rounds", "5"]),
+    "incremental": (["bench_incremental.py"], ["bench_incremental.py", "--saves", "4", "--no-s3"]),
     "ddp_step": (["bench_ddp_step.py", "--steps", "50", "--rounds", "15"], ["bench_ddp_step.py", "--steps", "20", "--rounds", "5"]),
     "async_peers": (["bench_async_peers.py", "--mb", "32", "--rounds", "2", "--saves", "4"], ["bench_async_peers.py", "--mb", "16", "--rounds", "1", "--saves", "3"]),
     "ddp_spread": (["bench_ddp_spread.py", "--mb", "64", "--rounds", "11"], ["bench_ddp_spread.py", "--mb", "16", "--rounds", "3"]),

@@ -112,12 +112,34 @@ def save(
     *,
     compression: str | ChunkCodec | None = "none",
     process_group: dist.ProcessGroup | None = None,
+    base: str | None = None,
+    incremental: bool = False,
     **backend_options: Any,
 ) -> None:
     """Save ``state_dict`` (tensors, DTensors, JSON-able values) as a committed checkpoint at
-    ``uri``. Raises :class:`StepAlreadyExists` if one is committed there already."""
+    ``uri``. Raises :class:`StepAlreadyExists` if one is committed there already.
+
+    ``base``: the URI of an earlier checkpoint in the same folder (run root): entries whose
+    content it already stores are not written again, the new checkpoint refers to them (a
+    base that is not committed gives a full save). ``incremental=True`` (implied by ``base``)
+    records content hashes, so this checkpoint can be the base of a later one."""
     root, name = split_checkpoint_uri(uri)
-    save_to(open_backend(root, **backend_options), name, state_dict, codec=resolve_codec(compression), process_group=process_group)
+    commit_info: dict[str, Any] = {}
+    if base is not None or incremental:
+        commit_info["incremental"] = "" if base is None else _base_folder(root, base)  # "": no base
+    save_to(open_backend(root, **backend_options), name, state_dict, codec=resolve_codec(compression),
+            commit_info=commit_info, process_group=process_group)  # fmt: skip
+
+
+def _base_folder(root: str, base: str) -> str:
+    """The base's folder name; it must be in the same run root (references never leave it)."""
+    base_root, base_name = split_checkpoint_uri(base)
+    if base_root.rstrip("/") != root.rstrip("/"):
+        raise ConfigError(
+            f"base={base!r}: the base must be a checkpoint in the same folder as the new one ({root}); "
+            "references never leave the run root"
+        )
+    return base_name
 
 
 def load(

@@ -4,9 +4,12 @@ checkpoints without importing it (see :mod:`dist_ckpt.storage` for the DCP write
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from dist_ckpt.errors import CheckpointNotFound, ConfigError, CorruptCheckpoint, StorageError
 from dist_ckpt.format import metadata_json
 from dist_ckpt.format.metadata_json import CheckpointMetadata
+from dist_ckpt.format.rank_index import RankIndexes
 from storage_backends import Backend, BackendError, ObjectNotFound, join_key, split_uri
 
 COMMITTED = "COMMITTED"
@@ -58,16 +61,21 @@ def read_checkpoint_metadata(backend: Backend, prefix: str) -> CheckpointMetadat
                 )
             raise CheckpointNotFound(f"{uri}: no checkpoint here (expected {COMMITTED} and {METADATA})")
         try:
-            # refuse an oversized metadata.json before reading (allocating) it
+            # refuse an oversized metadata.json before reading (allocating) it: the limit
+            # follows from the counts format 2 declares in its first bytes (format 1: fixed)
             size = backend.size(join_key(prefix, METADATA))
-            if size > metadata_json.MAX_METADATA_BYTES:
+            limit = metadata_json.size_limit(backend.read(join_key(prefix, METADATA), 0, min(size, 4096)))
+            if size > limit:
                 raise CorruptCheckpoint(
-                    f"{uri}/{METADATA}: {size} bytes exceeds the {metadata_json.MAX_METADATA_BYTES}-byte "
-                    "metadata size limit; the file is damaged or was replaced"
+                    f"{uri}/{METADATA}: {size} bytes exceeds the {limit}-byte metadata size limit "
+                    "(sized from the tensor and rank counts it declares); the file is damaged or was replaced"
                 )
             data = backend.read(join_key(prefix, METADATA))
         except ObjectNotFound as e:
             raise CorruptCheckpoint(f"{uri}/{METADATA} is missing although the step is committed") from e
     except BackendError as e:
         raise wrap_backend_error(e, uri) from e
-    return metadata_json.loads(data, f"{uri}/{METADATA}")
+    meta = metadata_json.loads(data, f"{uri}/{METADATA}")
+    if meta.format_version == 1:
+        return meta
+    return replace(meta, indexes=RankIndexes(backend, prefix, meta.files, meta.max_entries()))

@@ -19,6 +19,7 @@ from dist_ckpt.format import json_values
 from dist_ckpt.format.metadata_json import CheckpointMetadata, EntryRef, TensorRecord, dtype_from_name
 from dist_ckpt.format.shard import ShardReader
 from dist_ckpt.progress import KEY, Progress
+from dist_ckpt.references import file_key
 from storage_backends import Backend, BackendError, ObjectNotFound, join_key, open_backend
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class CheckpointView:
     def refs(self, fqn: str) -> list[EntryRef]:
         """Where the chunks (or the value) of ``fqn`` are stored."""
         if fqn in self.meta.tensors:
-            return [c.ref for c in self.meta.tensors[fqn].chunks]
+            return [self.meta.resolve(c.ref) for c in self.meta.tensors[fqn].chunks]
         return [self.meta.values[fqn]]
 
     def committed_info(self) -> dict[str, Any]:
@@ -74,13 +75,14 @@ class CheckpointView:
     def _reader(self, file: str) -> ShardReader:
         if file not in self._readers:
             try:
-                self._readers[file] = ShardReader(self.backend, join_key(self.prefix, file), self.meta.files[file].size)
+                self._readers[file] = ShardReader(self.backend, file_key(self.prefix, file), self.meta.files[file].size)
             except BackendError as e:
                 raise wrap_backend_error(e, f"{self.uri}/{file}") from e
         return self._readers[file]
 
     def _read_entry(self, ref: EntryRef) -> memoryview:
         try:
+            ref = self.meta.resolve(ref)  # format 2: checksum from the file's rank index
             return self._reader(ref.file).read(ref.entry, checksum=ref.checksum)
         except BackendError as e:
             raise wrap_backend_error(e, f"{self.uri}/{ref.file}") from e

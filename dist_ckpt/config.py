@@ -53,6 +53,12 @@ class ManagerConfig:
     compression_level: int = 1
     """zstd level when ``compression="zstd"``."""
 
+    incremental: bool = False
+    """Incremental checkpoints: an entry (tensor chunk) whose content equals one in the run's
+    newest committed checkpoint is not written again; the new checkpoint's file table refers to
+    the file that holds it (frozen weights are stored once). Content is hashed on the staged
+    copy, in the background for async saves."""
+
     async_save: bool | str = False
     """Return from ``save()`` once tensors are staged; write and commit in the background.
     ``"overlap"``: return before parameters and optimizer state are copied (the copy runs
@@ -154,9 +160,12 @@ class ManagerConfig:
             raise ConfigError(f"if_busy={self.if_busy!r}: expected one of {_IF_BUSY}")
         if not isinstance(self.compression_level, int) or not -7 <= self.compression_level <= 22:
             raise ConfigError(f"compression_level={self.compression_level!r}: expected an int in [-7, 22]")
+        if self.incremental and self.local_root is not None:
+            # a promotion copies a step's own files; references into older local steps are not promoted yet
+            raise ConfigError("incremental=True with local_root: not supported together yet; choose one of them")
         if not (isinstance(self.async_save, bool) or self.async_save == "overlap"):
             raise ConfigError(f"async_save={self.async_save!r}: expected True, False or 'overlap'")
-        for name in ("strict_config", "save_on_sigterm", "collect_garbage_on_start", "ddp_spread_writes"):
+        for name in ("strict_config", "save_on_sigterm", "collect_garbage_on_start", "ddp_spread_writes", "incremental"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected True or False")
         may_change = self.config_may_change

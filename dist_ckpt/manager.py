@@ -26,6 +26,7 @@ from dist_ckpt.decision import share_decision
 from dist_ckpt.errors import (
     CheckpointError,
     ConfigError,
+    CorruptCheckpoint,
     StepAlreadyExists,
     StorageError,
 )
@@ -57,6 +58,7 @@ class CheckpointInfo:
     pointers: tuple[str, ...]
     uri: str
     tiers: tuple[str, ...] = ("root",)  # with local_root: "local" (this node's tier) and/or "root"
+    logical_size: int = 0  # bytes of every file it reads: own (``size``) + referenced (incremental)
 
 
 class CheckpointManager(ManagerKeywords):
@@ -206,6 +208,7 @@ class CheckpointManager(ManagerKeywords):
             "metrics": dict(progress.metrics),
             "time": time.time(),
             "codec": self._codec.name if self._codec else "none",
+            **({"incremental": True} if self.config.incremental else {}),  # dist_ckpt.incremental
         }
         fence = self._lock.fence if self._lock is not None else None  # rank 0: checked right before COMMITTED
         spread = spread_writes.replicated_fqns(state, sd, self.world_size) if self.config.ddp_spread_writes else frozenset()
@@ -283,7 +286,7 @@ class CheckpointManager(ManagerKeywords):
                 if self._lock is not None:
                     self._lock.fence.check(self.backend, f"deleting step {dropped} (retention)")
                 self.store.delete_step(dropped)
-            except StorageError:
+            except (StorageError, CorruptCheckpoint):  # corrupt: what the run's checkpoints reference is unknown
                 log.exception("retention could not delete step %d of %s; `dist-ckpt gc` will", dropped, self.root)
 
     def _manifest(self) -> mf.Manifest:
@@ -306,7 +309,7 @@ class CheckpointManager(ManagerKeywords):
         return [
             CheckpointInfo(e.step, e.epoch, dict(e.metrics), e.time, e.size, e.world_size, e.codec,
                            tuple(sorted(names.get(e.step, []))), f"{self.backend.uri}/{step_prefix(e.step)}",
-                           tiers.get(e.step, ("root",)))  # fmt: skip
+                           tiers.get(e.step, ("root",)), e.logical_size or e.size)  # fmt: skip
             for e in entries
         ]
 

@@ -83,6 +83,7 @@ class ManagerKeywords:
         tracker_run_id: str | None = None,
         compression: str = "none",
         compression_level: int = 1,
+        incremental: bool = False,
         async_save: bool | str = False,
         async_mode: str = "thread",
         ddp_spread_writes: bool = True,
@@ -129,6 +130,11 @@ class ManagerKeywords:
             compression: Shard codec: ``"none"`` (plain safetensors) or ``"zstd"`` (chunked,
                 byte-grouped).
             compression_level: zstd level when ``compression="zstd"``.
+            incremental: Incremental checkpoints: an entry (tensor chunk) whose content equals
+                one in the run's newest committed checkpoint is not written again; the new
+                checkpoint's file table refers to the file that holds it (frozen weights are
+                stored once). Content is hashed on the staged copy, in the background for async
+                saves.
             async_save: Return from ``save()`` once tensors are staged; write and commit in the
                 background. ``"overlap"``: return before parameters and optimizer state are
                 copied (the copy runs during the next forward/backward; the tracked

@@ -37,6 +37,7 @@ class Entry:
     size: int = 0
     world_size: int = 1
     codec: str = "none"
+    logical_size: int = 0  # own + referenced files (incremental checkpoints); 0: same as size
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -47,6 +48,7 @@ class Entry:
             "size": self.size,
             "world_size": self.world_size,
             "codec": self.codec,
+            **({"logical_size": self.logical_size} if self.logical_size not in (0, self.size) else {}),
         }
 
     @classmethod
@@ -59,6 +61,7 @@ class Entry:
             size=int(obj.get("size") or 0),
             world_size=int(obj.get("world_size") or 1),
             codec=str(obj.get("codec") or "none"),
+            logical_size=int(obj.get("logical_size") or 0),
         )
 
 

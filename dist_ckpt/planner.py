@@ -21,6 +21,7 @@ from torch.distributed.checkpoint._nested_dict import set_element
 
 from dist_ckpt.errors import IncompatibleCheckpoint, UnsupportedValue
 from dist_ckpt.format import json_values
+from dist_ckpt.format.dcp_view import narrow_for
 
 _MAX_LISTED = 20
 
@@ -108,7 +109,14 @@ class JsonLoadPlanner(DefaultLoadPlanner):
     def create_local_plan(self) -> LoadPlan:
         assert self.metadata is not None
         self._check_compatible(self.metadata)
-        return super().create_local_plan()
+        # Format 2: DCP's planner sees, per tensor, only the saved chunks overlapping this
+        # rank's part (found from the layout rule), not every rank's chunk.
+        full = self.metadata
+        self.metadata = narrow_for(full, self.state_dict)
+        try:
+            return super().create_local_plan()
+        finally:
+            self.metadata = full
 
     def _check_compatible(self, metadata: Metadata) -> None:
         stored = metadata.state_dict_metadata

@@ -14,9 +14,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from dist_ckpt import manifest as mf
+from dist_ckpt import sweep
 from dist_ckpt.errors import ConfigError, CorruptCheckpoint, StorageError
 from dist_ckpt.checkpoint_files import COMMITTED
-from storage_backends import Backend, BackendError, PreconditionFailed, join_key
+from storage_backends import Backend, BackendError, PreconditionFailed
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def entry_from_committed(step: int, data: bytes, where: str) -> mf.Entry:
             size=int(info.get("bytes") or 0),
             world_size=int(info.get("world_size") or 1),
             codec=str(info.get("codec") or "none"),
+            logical_size=int(info.get("logical_bytes") or 0),  # incremental: own + referenced
         )
     except (UnicodeDecodeError, ValueError, TypeError) as e:
         raise CorruptCheckpoint(f"{where}: COMMITTED marker is not valid JSON ({e})") from e
@@ -107,17 +109,31 @@ class RunStore:
             top, _, rest = o.key.partition("/")
             folders.setdefault(top, set()).add(rest)
         temp = tuple(sorted(f for f in folders if TMP_RE.match(f)))
-        uncommitted = tuple(sorted(f for f, names in folders.items() if STEP_RE.match(f) and COMMITTED not in names))
-        return Leftovers(temp, uncommitted, uploads)
+        uncommitted = sorted(f for f, names in folders.items() if STEP_RE.match(f) and COMMITTED not in names)
+        try:  # a deleted step's files that later incremental checkpoints still read are no leftovers
+            uncommitted = sweep.unmarked_folders(self.backend, uncommitted)
+        except BackendError as e:
+            raise self._wrap(e) from e
+        except CorruptCheckpoint as e:  # which files are referenced is unknown: all listed, none swept
+            log.warning("%s", e)
+        return Leftovers(temp, tuple(uncommitted), uploads)
 
     def collect_garbage(self, dry_run: bool = False) -> Leftovers:
         found = self.leftovers()
         if dry_run:
             return found
         try:
-            for folder in found.temp_dirs + found.uncommitted_steps:
+            for folder in found.temp_dirs:
                 log.info("gc: removing %s/%s", self.uri, folder)
                 self.backend.delete_prefix(folder + "/")
+            try:
+                marked = sweep.marks(self.backend) if found.uncommitted_steps else set()
+            except CorruptCheckpoint as e:  # never delete what a checkpoint might reference
+                log.warning("gc: not removing %s: %s", ", ".join(found.uncommitted_steps), e)
+                found = Leftovers(found.temp_dirs, (), found.unfinished_uploads)
+            for folder in found.uncommitted_steps:  # keeps files committed checkpoints refer to
+                log.info("gc: removing %s/%s", self.uri, folder)
+                sweep.sweep_folder(self.backend, folder, marked)
             self.backend.abort_uploads("step_")
         except BackendError as e:
             raise self._wrap(e) from e
@@ -190,10 +206,10 @@ class RunStore:
 
     def delete_step(self, step: int) -> None:
         """Delete a checkpoint: its COMMITTED marker first, so a half-deleted step is never
-        mistaken for a committed one."""
+        mistaken for a committed one; then only the files no committed checkpoint refers to
+        (:mod:`dist_ckpt.sweep`)."""
         prefix = step_prefix(step)
         try:
-            self.backend.delete(join_key(prefix, COMMITTED))
-            self.backend.delete_prefix(prefix + "/")
+            sweep.delete_checkpoint(self.backend, prefix)
         except BackendError as e:
             raise self._wrap(e) from e

@@ -7,7 +7,9 @@ Save call order (DCP drives it; "coordinator" is rank 0 of the process group):
    fresh attempt id and the staging prefix, and tells each rank its shard file name;
 3. every rank: ``write_data`` streams its items into one safetensors shard (checksums computed
    while writing) and reports where each item went;
-4. coordinator: ``finish`` writes ``metadata.json`` (create-if-absent, so of two racing jobs
+   and its rank index (``index_NNNNN.safetensors``: each entry's checksum and stored size);
+4. coordinator: ``finish`` writes ``metadata.json`` (format 2: O(tensors + ranks), see
+   :mod:`dist_ckpt.format.metadata_v2`) (create-if-absent, so of two racing jobs
    only one proceeds), renews the run lock through the manager's fence (a conditional write:
    a job that lost the lock raises ``RunLocked`` here and makes nothing visible), then writes
    ``COMMITTED``, then publishes the staging prefix (local: rename ``step_X.tmp-<attempt>`` →
@@ -44,10 +46,13 @@ from dist_ckpt.checkpoint_files import (  # noqa: F401
     wrap_backend_error,
 )
 from dist_ckpt.errors import CorruptCheckpoint, StepAlreadyExists
-from dist_ckpt.format import metadata_json
+from dist_ckpt.format import chunk_layout, metadata_v2
 from dist_ckpt.format.metadata_json import EntryRef, FileRecord
+from dist_ckpt.format.rank_index import IndexEntry, index_entry, index_name
 from dist_ckpt.format.shard import ChunkCodec, PendingEntry, save_shard
+from dist_ckpt.incremental import choose_base, hashed_while, load_base, split_entries
 from dist_ckpt.lock_fence import Fence
+from dist_ckpt.references import own_and_logical_bytes
 from storage_backends import Backend, BackendError, ObjectExists, ObjectNotFound, join_key
 
 log = logging.getLogger(__name__)
@@ -69,9 +74,7 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def entry_name(index: MetadataIndex) -> str:
-    if index.offset is None or not any(index.offset):
-        return index.fqn
-    return f"{index.fqn}@{','.join(map(str, index.offset))}"
+    return chunk_layout.entry_name(index.fqn, index.offset)
 
 
 @dataclass(frozen=True)
@@ -81,12 +84,16 @@ class _Assignment:
     staging: str
     file: str
     rank: int
+    incremental: bool = False  # record content hashes, reuse the base's entries
+    base: str | None = None  # the base checkpoint's folder in the run root (None: full save)
 
 
 @dataclass(frozen=True)
 class _ItemResult:
     ref: EntryRef
     file: FileRecord
+    index: FileRecord  # the rank index file of ``file``
+    referenced: dict[str, FileRecord] | None = None  # incremental: files of earlier steps read
 
 
 class CheckpointLocation:
@@ -123,6 +130,10 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         super().__init__()
         self.backend, self.prefix, self.codec = backend, prefix.strip("/"), codec
         self.commit_info = dict(commit_info or {})
+        # incremental saves (dist_ckpt.incremental): True (newest committed step before this one)
+        # or the base folder's name; carried in commit_info so async jobs need no new field
+        self.incremental: str | bool | None = self.commit_info.pop("incremental", None)
+        self._base: str | None = None
         self.fence = fence  # the run lock's holder (a manager's save): checked right before COMMITTED
         self.is_coordinator = False
         self._staging = ""
@@ -148,8 +159,10 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         # step must not overwrite our files: the attempt id goes into their names.
         suffix = f"-{attempt}" if staging == self.prefix else ""
         self._staging = staging
+        incremental = self.incremental is not None and self.incremental is not False  # "": hashes, no base
+        self._base = choose_base(self.backend, self.prefix, self.incremental)
         return [
-            replace(plan, storage_data=_Assignment(staging, f"rank_{rank:05d}{suffix}.safetensors", rank))
+            replace(plan, storage_data=_Assignment(staging, f"rank_{rank:05d}{suffix}.safetensors", rank, incremental, self._base))
             for rank, plan in enumerate(plans)
         ]
 
@@ -180,39 +193,73 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
                 raise CorruptCheckpoint(f"{item.index.fqn}: dtype {tensor.dtype} cannot be stored in safetensors")
             entries.append(PendingEntry(name, ST_DTYPE[tensor.dtype], tuple(tensor.shape), raw_bytes(tensor)))
         key = join_key(assignment.staging, assignment.file)
-        written = save_shard(self.backend, key, entries, self.codec)
-        record = FileRecord(assignment.rank, written.size, written.checksum)
+        extra: dict[str, IndexEntry] = {}
+        referenced: dict[str, FileRecord] = {}
+        if assignment.incremental:  # hashing here runs on the staged copy (async: in the background)
+            split = split_entries(entries, load_base(self.backend, self.prefix, assignment.base, assignment.rank))
+            extra, referenced = split.index_extra, split.referenced
+            written, contents = hashed_while(split, lambda: save_shard(self.backend, key, split.to_write, self.codec))
+            for name, e in extra.items():
+                if e.location is None:  # written now: its checksum and stored size are known now
+                    extra[name] = IndexEntry(written.entry_checksums[name], written.stored_bytes[name], contents[name])
+        else:
+            written = save_shard(self.backend, key, entries, self.codec)
+        # The per-entry checksums go to this rank's own index file, not into metadata.json
+        # (which every rank reads): a restoring rank reads only the indexes of its files.
+        index_file = index_name(assignment.file)
+        index_key = join_key(assignment.staging, index_file)
+        index_entries = [index_entry(assignment.file, written.entry_checksums, written.stored_bytes, extra)]
+        index_written = save_shard(self.backend, index_key, index_entries, None)
+        index_record = FileRecord(assignment.rank, index_written.size, index_written.checksum)
+        record = FileRecord(assignment.rank, written.size, written.checksum, index_file)
+        stored = {n: (written.entry_checksums[n], written.stored_bytes[n]) for n in written.entry_checksums}
+        stored.update({n: (e.checksum, e.stored_bytes) for n, e in extra.items() if e.location is not None})
         return [
             WriteResult(
                 index=item.index,
-                size_in_bytes=written.stored_bytes[e.name],
+                size_in_bytes=stored[e.name][1],
                 storage_data=_ItemResult(
-                    EntryRef(assignment.file, e.name, written.entry_checksums[e.name], written.stored_bytes[e.name]),
+                    EntryRef(assignment.file, e.name, *stored[e.name]),
                     record,
+                    index_record,
+                    referenced if i == 0 else None,
                 ),
             )
-            for item, e in zip(plan.items, entries)
+            for i, (item, e) in enumerate(zip(plan.items, entries))
         ]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         try:
-            refs: dict[MetadataIndex, EntryRef] = {}
+            # One pass over the results: which rank stored each chunk (metadata.json describes
+            # that by rule where one fits), the values' references, and the file table.
+            chunk_ranks: dict[tuple[str, Any], int] = {}
+            values: dict[str, EntryRef] = {}
             files: dict[str, FileRecord] = {}
             for rank_results in results:
+                if rank_results:
+                    first: _ItemResult = rank_results[0].storage_data
+                    files[first.ref.file] = first.file
+                    files[first.file.index or ""] = first.index
+                    files.update(first.referenced or {})  # incremental: earlier steps' files it reads
                 for wr in rank_results:
-                    refs[wr.index] = wr.storage_data.ref
-                    files[wr.storage_data.ref.file] = wr.storage_data.file
-            metadata.storage_data = refs
+                    if wr.index.offset is None:
+                        values[wr.index.fqn] = wr.storage_data.ref
+                    else:
+                        chunk_ranks[wr.index.fqn, wr.index.offset] = wr.storage_data.file.rank
             staging = self._staging
             versions = {"torch": torch.__version__, "dist_ckpt": _version()}
-            doc = metadata_json.dumps(metadata, files, len(results), self.codec.name if self.codec else "none", versions)
+            codec = self.codec.name if self.codec else "none"
+            doc = metadata_v2.dumps(metadata, chunk_ranks, values, files, len(results), codec, versions)
             try:
                 self.backend.create_if_absent(join_key(staging, METADATA), doc)
             except ObjectExists as e:
                 self._check_fence()  # a job that lost the run lock is told so, not "step exists"
                 raise StepAlreadyExists(f"{self.uri}: another job is saving or has saved this step") from e
+            own_bytes, logical_bytes = own_and_logical_bytes(files)
             info = {**self.commit_info, "world_size": len(results), "files": len(files),
-                    "bytes": sum(f.size for f in files.values())}  # fmt: skip
+                    "bytes": own_bytes, "logical_bytes": logical_bytes}  # fmt: skip
+            if self._base is not None:
+                info["base"] = self._base
             self._check_fence()
             try:
                 self.backend.create_if_absent(join_key(staging, COMMITTED), json.dumps(info).encode())

@@ -27,7 +27,8 @@ from dist_ckpt.errors import CorruptCheckpoint
 from dist_ckpt.format.metadata_json import CheckpointMetadata, EntryRef
 from dist_ckpt.format.shard import ChunkCodec, ShardReader
 from dist_ckpt.storage import TORCH_DTYPE, CheckpointLocation, raw_bytes, read_checkpoint_metadata, wrap_backend_error
-from storage_backends import Backend, BackendError, join_key
+from dist_ckpt.references import file_key
+from storage_backends import Backend, BackendError
 
 log = logging.getLogger(__name__)
 _READ_THREADS = 8
@@ -47,6 +48,8 @@ def _flat_span(shape: tuple[int, ...], offsets: tuple[int, ...], lengths: tuple[
 def _chunk_at(md: TensorStorageMetadata, index: Any) -> Any:
     """The chunk of ``md`` that ``index`` (a MetadataIndex) names, by its offsets."""
     offsets = tuple(index.offset) if index.offset is not None else ()
+    if hasattr(md.chunks, "find"):  # format 2: O(1) from the layout rule
+        return md.chunks.find(offsets)
     hint = index.index
     if hint is not None and 0 <= hint < len(md.chunks) and tuple(md.chunks[hint].offsets) == offsets:
         return md.chunks[hint]
@@ -89,18 +92,19 @@ class DistCkptReader(CheckpointLocation, StorageReader):
         assert self.checkpoint is not None
         by_file: dict[str, list[ReadItem]] = defaultdict(list)
         for item in plan.items:
-            by_file[self.storage_data[item.storage_index].file].append(item)
+            # resolved first: an incremental checkpoint's entry may be in an earlier step's file
+            by_file[self._resolve(item).file].append(item)
         # Open (size + header check) every shard before copying anything, so a truncated or
         # damaged file fails by name before any tensor of the state is overwritten.
         shards = {}
         for file in by_file:
             record = self.checkpoint.files[file]
-            shards[file] = ShardReader(self.backend, join_key(self.prefix, file), record.size, self.codecs)
+            shards[file] = ShardReader(self.backend, file_key(self.prefix, file), record.size, self.codecs)
         tensor_items: list[tuple[ShardReader, ReadItem]] = []
         for file, items in by_file.items():
             for item in items:
                 if item.type == LoadItemType.BYTE_IO:
-                    ref = self.storage_data[item.storage_index]
+                    ref = self._resolve(item)
                     data = shards[file].read(ref.entry, checksum=ref.checksum)
                     try:
                         planner.load_bytes(item, io.BytesIO(bytes(data)))
@@ -119,9 +123,15 @@ class DistCkptReader(CheckpointLocation, StorageReader):
             for fut in [pool.submit(self._read_tensor, shard, item, planner) for shard, item in tensor_items]:
                 fut.result()
 
+    def _resolve(self, item: ReadItem) -> EntryRef:
+        assert self.checkpoint is not None
+        return self.checkpoint.resolve(self.storage_data[item.storage_index])
+
     def _check_entry(self, shard: ShardReader, item: ReadItem) -> tuple[EntryRef, Any, torch.dtype, tuple[int, ...], tuple[int, ...]]:
         """The entry a tensor item reads, checked against metadata.json (header only, no data)."""
-        ref = self.storage_data[item.storage_index]
+        assert self.checkpoint is not None
+        # format 2: the checksum comes from the rank index of this file (read once, on demand)
+        ref = self._resolve(item)
         info = shard.entry(ref.entry)
         if info.kind != "tensor" or info.dtype not in TORCH_DTYPE:
             raise CorruptCheckpoint(f"{shard.header.file}, entry {ref.entry!r}: expected a tensor, found {info.kind}/{info.dtype}")

@@ -26,6 +26,7 @@ from dist_ckpt.format.metadata_json import CheckpointMetadata, FileRecord
 from dist_ckpt.format.safetensors_header import header_length, parse_header
 from dist_ckpt.run_store import MANIFEST, RunStore, entry_from_committed, parse_step_prefix
 from dist_ckpt.checkpoint_files import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
+from dist_ckpt.references import file_key
 from storage_backends import Backend, BackendError, ObjectNotFound, join_key, open_backend
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ def verify_files(
     problems = []
     for name, record in sorted(files.items()):
         try:
-            problem = verify_file(backend, join_key(prefix, name), record, quick=quick, progress=progress)
+            # an incremental checkpoint's referenced files (earlier steps') are checked too
+            problem = verify_file(backend, file_key(prefix, name), record, quick=quick, progress=progress)
         except BackendError as e:
             raise wrap_backend_error(e, f"{backend.uri}/{prefix}/{name}") from e
         if problem is not None:

@@ -25,6 +25,8 @@ from dist_ckpt.format.safetensors_header import header_length
 from dist_ckpt.lock_fence import Fence
 from dist_ckpt.run_store import STEP_RE, RunStore, parse_step_prefix
 from dist_ckpt.checkpoint_files import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
+from dist_ckpt.cli.copy_refs import copy_referenced_files, copy_self_contained
+from dist_ckpt.references import is_reference
 from dist_ckpt.verify import BLOCK_BYTES, locate, parse_checksum, verify_files
 from storage_backends import Backend, BackendError, ObjectExists, join_key, open_backend
 
@@ -53,6 +55,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print what was copied as JSON")
     add_flag(p)
     p.add_argument("--break-lock", action="store_true", help=BREAK_LOCK_HELP)
+    p.add_argument("--keep-references", action="store_true",
+                   help="incremental checkpoints: also copy the earlier checkpoints' files they refer to, to the same "
+                   "paths, keeping the dedup at the destination (default: each copy is self-contained)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -111,9 +116,10 @@ copy_object = _copy_object  # the tiers' uploader streams each file of a promoti
 
 
 def copy_checkpoint(src: Backend, src_prefix: str, dst: Backend, dst_prefix: str, sink: BarSink,
-                    fence: Fence | None = None) -> Copied:  # fmt: skip
+                    fence: Fence | None = None, keep_references: bool = False) -> Copied:  # fmt: skip
     """Copy one committed checkpoint and commit it at ``dst``/``dst_prefix`` (``fence``: the
-    destination's run lock, checked right before ``COMMITTED``)."""
+    destination's run lock, checked right before ``COMMITTED``). An incremental checkpoint
+    becomes self-contained unless ``keep_references`` (:mod:`dist_ckpt.cli.copy_refs`)."""
     meta = read_checkpoint_metadata(src, src_prefix)
     dst_uri = f"{dst.uri}/{dst_prefix}"
     try:
@@ -129,12 +135,25 @@ def copy_checkpoint(src: Backend, src_prefix: str, dst: Backend, dst_prefix: str
     total = sum(r.size for r in meta.files.values())
     sink.add_total(2 * total)  # copy, then read back to verify
     written: list[str] = []
+    files = meta.files
+
+    def copy_object(s: Backend, s_key: str, d: Backend, d_key: str, record: FileRecord) -> None:
+        _copy_object(s, s_key, d, d_key, record, sink)
+
     try:
-        for name, record in sorted(meta.files.items()):
-            key = join_key(staging, name)
-            written.append(key)
-            _copy_object(src, join_key(src_prefix, name), dst, key, record, sink)
-        problems = verify_files(dst, staging, meta.files, progress=sink)
+        if any(is_reference(n) for n in files) and not keep_references:
+            done = copy_self_contained(src, src_prefix, dst, staging, files, metadata, committed, copy_object, written)
+            files, metadata, committed = done.files, done.metadata, done.committed
+        else:
+            if keep_references:  # the earlier steps' files it reads, at the same relative paths
+                copy_referenced_files(src, src_prefix, dst, dst_prefix, files, copy_object)
+            for name, record in sorted(files.items()):
+                if is_reference(name):
+                    continue
+                key = join_key(staging, name)
+                written.append(key)
+                _copy_object(src, join_key(src_prefix, name), dst, key, record, sink)
+        problems = verify_files(dst, staging, files, progress=sink)
         if problems:
             raise CorruptCheckpoint(f"{dst_uri}: the copy failed verification: " + "; ".join(p.message for p in problems))
         # Where staging is the final prefix (S3), losing a race to another writer of this step
@@ -168,7 +187,7 @@ def copy_checkpoint(src: Backend, src_prefix: str, dst: Backend, dst_prefix: str
     except BaseException:
         _cleanup(dst, staging, dst_prefix, written)
         raise
-    return Copied(f"{src.uri}/{src_prefix}", dst_uri, len(meta.files), total)
+    return Copied(f"{src.uri}/{src_prefix}", dst_uri, len(files), total)
 
 
 def _cleanup(dst: Backend, staging: str, final: str, written: list[str]) -> None:
@@ -235,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         sink = BarSink(bar)
         try:
             for src_name, dst_name in names:
-                copied.append(copy_checkpoint(src, src_name, dst, dst_name, sink, lock.fence))
+                copied.append(copy_checkpoint(src, src_name, dst, dst_name, sink, lock.fence, args.keep_references))
         finally:  # also after a failure: the checkpoints committed so far are listed
             if copied and (kind == "run" or parse_step_prefix(dst_prefix) is not None):
                 manifest = rebuild_manifest(dst, src_manifest)

@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
             "best_modes": modes,
             "tracker_run_id": manifest.tracker_run_id if manifest is not None else None,
             "checkpoints": [
-                {**e.to_json(), "metrics": dict(e.metrics), "pointers": names.get(e.step, []),
-                 "uri": f"{backend.uri}/{step_prefix(e.step)}",
+                {**e.to_json(), "logical_size": e.logical_size or e.size, "metrics": dict(e.metrics),
+                 "pointers": names.get(e.step, []), "uri": f"{backend.uri}/{step_prefix(e.step)}",
                  **({"tiers": list(tiers[e.step])} if tiers else {})}  # fmt: skip
                 for e in entries
             ],
@@ -79,6 +79,12 @@ def run(args: argparse.Namespace) -> int:
         for e in entries
     ]
     print(f"run {backend.uri}: {len(entries)} committed checkpoints, {human_size(sum(e.size for e in entries))}")
-    headers = ("STEP", "EPOCH", "TIME", "SIZE", "WORLD", "CODEC", "METRICS", "POINTERS", *(("TIERS",) if tiers else ()))
-    print(table(headers, rows, right=(0, 1, 3, 4)))
+    tier_header = ("TIERS",) if tiers else ()
+    if any(e.logical_size not in (0, e.size) for e in entries):  # incremental: own bytes, and all it reads
+        rows = [(*r[:4], human_size(e.logical_size or e.size), *r[4:]) for r, e in zip(rows, entries)]
+        print(table(("STEP", "EPOCH", "TIME", "OWN", "LOGICAL", "WORLD", "CODEC", "METRICS", "POINTERS", *tier_header),
+                    rows, right=(0, 1, 3, 4, 5)))  # fmt: skip
+        return 0
+    print(table(("STEP", "EPOCH", "TIME", "SIZE", "WORLD", "CODEC", "METRICS", "POINTERS", *tier_header), rows,
+                right=(0, 1, 3, 4)))  # fmt: skip
     return 0

@@ -1,8 +1,10 @@
 """DCP :class:`Metadata` as JSON (DCP's own ``.metadata`` is a pickle; ours never is).
 
-``metadata.json`` holds the DCP metadata (tensor sizes, dtypes, chunk layout), where each
-chunk and value lives (file, entry, checksum), the file table (size and checksum of every shard
-file, which rank wrote it), the world size, the codec, and torch / format versions.
+``metadata.json`` holds the DCP metadata (tensor sizes, dtypes, chunk layout), the file table
+(size and checksum of every shard file, which rank wrote it), the world size, the codec, and
+torch / format versions. Format 1 also lists every chunk's file, entry and checksum (O(tensors ×
+ranks)); format 2 (:mod:`dist_ckpt.format.metadata_v2`, written today) describes regular
+shardings by a rule and keeps per-chunk details in per-rank index files. Both are read.
 
 Reading it needs no torch: the command line (``dist-ckpt list/inspect/verify/copy``) starts in
 a fraction of the time ``import torch`` takes. :class:`CheckpointMetadata` holds the parsed,
@@ -13,7 +15,8 @@ the first time it is used.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +27,7 @@ if TYPE_CHECKING:  # torch is imported only where DCP objects are built (loading
     from torch.distributed.checkpoint.metadata import Metadata
 
 FORMAT = "dist_ckpt.checkpoint/1"
-MAX_METADATA_BYTES = 256 * 1024 * 1024
+MAX_METADATA_BYTES = 256 * 1024 * 1024  # format 1 (no declared counts); format 2: metadata_v2.size_limit
 
 # dtype name (as torch spells it, without "torch.") -> bytes per element
 ITEMSIZE: dict[str, int] = {
@@ -59,8 +62,8 @@ class EntryRef:
 
     file: str
     entry: str
-    checksum: str
-    stored_bytes: int
+    checksum: str  # "" in format 2 until resolved from the file's rank index
+    stored_bytes: int  # -1 likewise
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class FileRecord:
     rank: int
     size: int
     checksum: str
+    index: str | None = None  # format 2: the name of this shard's rank index file
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ class ChunkRecord:
 class TensorRecord:
     dtype: str  # torch's name without "torch.", e.g. "bfloat16"
     size: tuple[int, ...]
-    chunks: tuple[ChunkRecord, ...]
+    chunks: Sequence[ChunkRecord]  # format 2: computed on access from the layout rule
 
 
 @dataclass(frozen=True)
@@ -98,10 +102,38 @@ class CheckpointMetadata:
     world_size: int
     codec: str
     versions: dict[str, str]
+    format_version: int = 1
+    # format 2: reads the per-rank index files on demand (set by read_checkpoint_metadata)
+    indexes: Any = field(default=None, compare=False, repr=False)
+
+    def resolve(self, ref: EntryRef) -> EntryRef:
+        """``ref`` with its checksum and stored size (format 2: from its file's rank index)."""
+        if ref.checksum:
+            return ref
+        if self.indexes is None:
+            raise CorruptCheckpoint(f"{ref.file}: entry {ref.entry!r} has no checksum and no rank index is open")
+        found = self.indexes.entries(ref.file).get(ref.entry)
+        if found is None:
+            raise CorruptCheckpoint(f"{ref.file}: entry {ref.entry!r} is missing from the shard's rank index")
+        # an incremental checkpoint's entry may live in a referenced file of an earlier step
+        return EntryRef(getattr(found, "location", None) or ref.file, ref.entry, found[0], found[1])
+
+    def max_entries(self) -> int:
+        """The most entries any one shard can hold (sizes the rank index limit): a rule puts at
+        most one chunk of its tensor on a rank; listed chunks may all be on one."""
+        n = len(self.values)
+        for t in self.tensors.values():
+            layout = getattr(t.chunks, "layout", None)
+            n += 1 if layout is not None and layout.rule is not None else len(t.chunks)
+        return n
 
     @cached_property
     def dcp(self) -> Metadata:
         """The DCP :class:`Metadata` (``state_dict_metadata`` and ``storage_data``) for loading."""
+        if self.format_version == 2:  # chunks and storage computed on access, not per chunk up front
+            from dist_ckpt.format import dcp_view
+
+            return dcp_view.build(self)
         import torch
         from torch.distributed.checkpoint.metadata import (
             BytesStorageMetadata,
@@ -185,10 +217,18 @@ def _ints(obj: Any, where: str) -> list[int]:
     return obj
 
 
+def size_limit(prologue: bytes) -> int:
+    """The size metadata.json may have, from its first bytes (format 2 declares its counts)."""
+    from dist_ckpt.format import metadata_v2
+
+    return metadata_v2.size_limit(prologue) or MAX_METADATA_BYTES
+
+
 def loads(data: bytes, where: str) -> CheckpointMetadata:
     """Parse metadata.json. Anything unexpected raises :class:`CorruptCheckpoint` naming ``where``."""
-    if len(data) > MAX_METADATA_BYTES:
-        raise CorruptCheckpoint(f"{where}: {len(data)} bytes exceeds the metadata size limit")
+    limit = size_limit(data[:4096])
+    if len(data) > limit:
+        raise CorruptCheckpoint(f"{where}: {len(data)} bytes exceeds the {limit}-byte metadata size limit")
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -196,9 +236,13 @@ def loads(data: bytes, where: str) -> CheckpointMetadata:
             f"{where}: not valid JSON ({e.__class__.__name__}); dist_ckpt metadata is always JSON, "
             "never a pickle — this file is damaged or was replaced"
         ) from e
+    from dist_ckpt.format import metadata_v2
+
+    if isinstance(doc, dict) and doc.get("format") == metadata_v2.FORMAT:
+        return metadata_v2.parse(doc, where, data[:4096])
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise CorruptCheckpoint(f"{where}: expected format {FORMAT!r}, found {found!r}")
+        raise CorruptCheckpoint(f"{where}: expected format {FORMAT!r} or {metadata_v2.FORMAT!r}, found {found!r}")
     try:
         from storage_backends.base import validate_key
 

@@ -52,7 +52,7 @@ class WrappedBackend:
 
     def open_writer(self, key: str, *, reserve_head: int = 0) -> Any:
         writer = self.inner.open_writer(key, reserve_head=reserve_head)
-        if key.endswith(".safetensors"):
+        if key.rsplit("/", 1)[-1].startswith("rank_"):  # data shards, not their rank index files
             self.shards_opened += 1
             if self.fail_at is not None and self.shards_opened == self.fail_at:
                 writer.abort()

@@ -39,7 +39,7 @@ def test_list_table_and_json(run_dir: Run):
     by_step = {c["step"]: c for c in doc["checkpoints"]}
     assert by_step[5]["metrics"] == {"loss": 2.5, "acc": 0.4} and by_step[5]["pointers"] == ["best:loss"]
     assert by_step[8]["epoch"] == 2 and by_step[8]["world_size"] == 1 and by_step[8]["codec"] == "none"
-    on_disk = sum(f.stat().st_size for f in run_dir.ckpt(8).glob("rank_*.safetensors"))
+    on_disk = sum(f.stat().st_size for f in run_dir.ckpt(8).glob("*.safetensors"))  # shards and their rank indexes
     assert by_step[8]["size"] == on_disk and by_step[8]["uri"] == str(run_dir.ckpt(8))
 
 
@@ -54,8 +54,9 @@ def test_inspect_json_and_key_filter(run_dir: Run):
     assert doc["tracker_run_id"] == "wandb-123" and doc["config"] == CONFIG
     assert doc["objects"] == {"model": "model", "optimizer": "optimizer", "counters": "values"}
     assert doc["versions"]["torch"] == torch.__version__ and "dist_ckpt" in doc["versions"]
-    rank_file = run_dir.ckpt(8) / "rank_00000.safetensors"
-    assert [(f["name"], f["rank"], f["size"]) for f in doc["files"]] == [(rank_file.name, 0, rank_file.stat().st_size)]
+    rank_file, index_file = run_dir.ckpt(8) / "rank_00000.safetensors", run_dir.ckpt(8) / "index_00000.safetensors"
+    assert [(f["name"], f["rank"], f["size"]) for f in doc["files"]] == [
+        (index_file.name, 0, index_file.stat().st_size), (rank_file.name, 0, rank_file.stat().st_size)]  # fmt: skip
     keys = {k["key"]: k for k in doc["keys"]}
     w = keys["model.0.weight"]
     assert (w["kind"], w["dtype"], w["shape"], w["raw_bytes"], w["stored_bytes"]) == ("tensor", "float32", [16, 8], 512, 512)

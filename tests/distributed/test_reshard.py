@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 import _reshard_workers as workers  # noqa: E402
+
+from dist_ckpt.format import metadata_json  # noqa: E402
 from support.dist import RanksFailed, run_ranks  # noqa: E402
 
 KINDS = ("ddp", "fsdp")
@@ -37,10 +39,12 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], tup
         results = run_ranks(workers.save_job, ws, jobs, timeout=120)
         for (kind, ckpt, ref), info in zip(jobs, results[0]):
             assert info["world_size"] == ws
+            shards = [f for f in info["files"] if f.startswith("rank_")]  # each with its index_NNNNN file
+            assert info["files"] == sorted(shards + [f.replace("rank_", "index_") for f in shards]), info
             if kind == "fsdp":  # sharded state: every rank wrote its own part, in parallel
-                assert info["files"] == [f"rank_{r:05d}.safetensors" for r in range(ws)], info
+                assert shards == [f"rank_{r:05d}.safetensors" for r in range(ws)], info
             else:  # replicated (DDP) state is written once, by rank 0 (see JsonSavePlanner)
-                assert info["files"] == ["rank_00000.safetensors"], info
+                assert shards == ["rank_00000.safetensors"], info
             assert (Path(ckpt) / "COMMITTED").exists()
             out[kind, ws] = (ckpt, ref)
     return out
@@ -55,23 +59,26 @@ def test_fsdp_shards_hold_only_their_part(saved):
     full copy, and chunk offsets in metadata.json tile the whole tensor."""
     ckpt, _ = saved["fsdp", 4]
     doc = json.loads((Path(ckpt) / "metadata.json").read_text())
-    w = doc["tensors"]["model.3.weight"]
-    assert w["size"] == [7, 20]
-    rows = sorted((c["offsets"][0], c["sizes"][0]) for c in w["chunks"])
+    meta = metadata_json.loads((Path(ckpt) / "metadata.json").read_bytes(), "metadata.json")
+    w = meta.tensors["model.3.weight"]
+    assert w.size == (7, 20)
+    rows = sorted((c.offsets[0], c.sizes[0]) for c in w.chunks)
     assert rows == [(0, 2), (2, 2), (4, 2), (6, 1)]
-    assert sorted({c["file"] for c in w["chunks"]}) == [f"rank_{r:05d}.safetensors" for r in range(4)]
+    assert sorted({c.ref.file for c in w.chunks}) == [f"rank_{r:05d}.safetensors" for r in range(4)]
+    # Format 2: Shard(0) over ranks 0..3 is one rule, not four chunk records.
+    assert doc["tensors"]["model.3.weight"]["split"] == [0, 0, 4, 2]
     # The first weight is sharded by columns (Shard(1)): 12 columns in 4 chunks of 3.
-    w0 = doc["tensors"]["model.0.weight"]
-    assert w0["size"] == [20, 12]
-    assert sorted((tuple(c["offsets"]), tuple(c["sizes"])) for c in w0["chunks"]) == [
+    w0 = meta.tensors["model.0.weight"]
+    assert w0.size == (20, 12) and doc["tensors"]["model.0.weight"]["split"] == [1, 0, 4, 3]
+    assert sorted((c.offsets, c.sizes) for c in w0.chunks) == [
         ((0, 0), (20, 3)), ((0, 3), (20, 3)), ((0, 6), (20, 3)), ((0, 9), (20, 3)),
     ]  # fmt: skip
     # 3 rows over 4 ranks: the chunks still tile rows 0..3 exactly.
-    last = doc["tensors"]["model.5.weight"]
-    covered = sorted((c["offsets"][0], c["sizes"][0]) for c in last["chunks"] if c["sizes"][0])
+    last = meta.tensors["model.5.weight"]
+    covered = sorted((c.offsets[0], c.sizes[0]) for c in last.chunks if c.sizes[0])
     assert sum(n for _, n in covered) == 3 and covered[0][0] == 0
     # The AdamW moments are sharded the same way.
-    assert len(doc["tensors"]["optim.state.0.weight.exp_avg"]["chunks"]) == 4
+    assert len(meta.tensors["optim.state.0.weight.exp_avg"].chunks) == 4
 
 
 def test_load_4_ranks_into_2(saved):

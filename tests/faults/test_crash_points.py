@@ -30,7 +30,7 @@ def test_crash_after_all_shards_before_committed(tmp_path: Path) -> None:
     assert [f["op"] for f in injected(tmp_path)] == ["create_if_absent"]
     # the crash really came after every shard and metadata.json: they sit in the staging folder
     (staging,) = _staging_dirs(root, 3)
-    assert {p.name for p in staging.iterdir()} == {"rank_00000.safetensors", "metadata.json"}
+    assert {p.name for p in staging.iterdir()} == {"rank_00000.safetensors", "index_00000.safetensors", "metadata.json"}
     assert committed_steps(open_backend(str(root))) == [1, 2]
     info, _ = restore_into_fresh(str(root), None)  # a reader before any cleanup: step 3 invisible
     assert info.step == 2

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from dist_ckpt import CheckpointManager
 from dist_ckpt.errors import CheckpointError, CorruptCheckpoint
 from dist_ckpt.format.shard import PendingEntry, save_shard
+from support.ckpt_edit import restamp_index
 from storage_backends.local import LocalBackend
 
 pytestmark = QUIET
@@ -80,11 +81,12 @@ def _rebuild_shard_with_pickles(step_dir: Path, payload: bytes, which: set[str] 
             entries.append(PendingEntry(name, info.dtype, info.shape, memoryview(raw), info.kind))
     written = save_shard(backend, SHARD, entries, None)
     meta["files"][SHARD].update(size=written.size, checksum=written.checksum)
-    refs = [c for t in meta["tensors"].values() for c in t["chunks"]] + list(meta["values"].values())
-    for ref in refs:
+    for ref in meta["values"].values():
         ref["checksum"] = written.entry_checksums[ref["entry"]]
         ref["stored_bytes"] = written.stored_bytes[ref["entry"]]
     (step_dir / "metadata.json").write_text(json.dumps(meta))
+    # format 2: tensor chunk checksums live in the shard's rank index
+    restamp_index(step_dir, SHARD, written.entry_checksums, written.stored_bytes)
     return replaced
 
 

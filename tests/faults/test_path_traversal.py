@@ -69,7 +69,7 @@ def test_metadata_file_table_naming_a_path_outside_the_run(run, name: str) -> No
     meta = json.loads((step / "metadata.json").read_text())
     meta["files"] = {name: meta["files"][SHARD]}
     for t in meta["tensors"].values():
-        for c in t["chunks"]:
+        for c in t.get("chunks", ()):  # format 2 lists no files per chunk (the rank's file is used)
             c["file"] = name
     for v in meta["values"].values():
         v["file"] = name

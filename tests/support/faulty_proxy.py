@@ -91,6 +91,7 @@ class FaultyProxy:
         self._rules: list[FaultRule] = []
         self.records: list[Record] = []
         self.faults: Counter[str] = Counter()
+        self.body_bytes: Counter[str] = Counter()  # request body bytes received, per HTTP method
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -185,7 +186,9 @@ def _make_handler(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
                         while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                             pass
                         return
-                    yield self.rfile.read(size)
+                    data = self.rfile.read(size)
+                    self._count(len(data))
+                    yield data
                     self.rfile.readline()
             remaining = int(self.headers.get("Content-Length") or 0)
             while remaining > 0:
@@ -193,7 +196,12 @@ def _make_handler(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
                 if not chunk:
                     raise ConnectionError("client closed mid-body")
                 remaining -= len(chunk)
+                self._count(len(chunk))
                 yield chunk
+
+        def _count(self, n: int) -> None:
+            with proxy._lock:
+                proxy.body_bytes[self.command] += n
 
         def _reset(self) -> None:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

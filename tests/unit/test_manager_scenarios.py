@@ -241,7 +241,7 @@ def test_checkpoints_lists_step_epoch_metrics(tmp_path):
     assert [c.pointers for c in cps] == [("best:val_loss",), ("last",)]
     for c in cps:
         assert c.world_size == 1 and c.codec == "zstd" and c.time > 0
-        files = [p for p in (tmp_path / f"step_{c.step:09d}").iterdir() if p.name.startswith("rank_")]
+        files = [p for p in (tmp_path / f"step_{c.step:09d}").iterdir() if p.name.startswith(("rank_", "index_"))]  # shards + rank indexes
         assert c.size == sum(p.stat().st_size for p in files) > 0
         assert Path(c.uri).resolve() == (tmp_path / f"step_{c.step:09d}").resolve()
 

@@ -259,12 +259,16 @@ def test_layout_of_a_committed_checkpoint(tmp_path):
     state = {"w": torch.randn(8, 8), "meta": {"step": 100}}
     dist_ckpt.save(state, str(uri))
     assert sorted(os.listdir(run)) == ["step_000000100"]  # no staging dir left
-    assert sorted(os.listdir(uri)) == ["COMMITTED", "metadata.json", "rank_00000.safetensors"]
+    shard, index = "rank_00000.safetensors", "index_00000.safetensors"  # the shard and its rank index
+    assert sorted(os.listdir(uri)) == ["COMMITTED", index, "metadata.json", shard]
     committed = json.loads((uri / "COMMITTED").read_text())
-    assert committed["world_size"] == 1 and committed["files"] == 1
-    assert committed["bytes"] == (uri / "rank_00000.safetensors").stat().st_size
+    assert committed["world_size"] == 1 and committed["files"] == 2
+    assert committed["bytes"] == (uri / shard).stat().st_size + (uri / index).stat().st_size
     meta = json.loads((uri / "metadata.json").read_text())
-    assert meta["format"] == "dist_ckpt.checkpoint/1" and meta["world_size"] == 1
+    assert meta["format"] == "dist_ckpt.checkpoint/2" and meta["world_size"] == 1
+    assert meta["counts"] == {"ranks": 1, "files": 2, "tensors": 1, "values": 1, "listed_chunks": 0}
+    assert meta["files"][shard]["index"] == index and meta["files"][index]["rank"] == 0
+    assert meta["tensors"]["w"]["on"] == 0  # one whole chunk on rank 0: no per-chunk record
     assert meta["versions"]["torch"] == torch.__version__
     rec = meta["files"]["rank_00000.safetensors"]
     assert rec["size"] == (uri / "rank_00000.safetensors").stat().st_size and rec["rank"] == 0
@@ -307,10 +311,12 @@ def test_file_checksums_are_those_of_the_bytes_written(tmp_path, big):
     assert algo == "xxh3_128"
     assert head == xxhash.xxh3_128_hexdigest(data[:hlen])
     assert body == xxhash.xxh3_128_hexdigest(data[hlen:])
+    # Per-entry checksums live in the rank's index file (format 2), not in metadata.json.
+    with safe_open(str(uri / "index_00000.safetensors"), "pt") as f:
+        index = json.loads(f.get_tensor("index").numpy().tobytes())["entries"]
     with safe_open(str(uri / "rank_00000.safetensors"), "pt") as f:
         for name in [k for k in state if k != "v"]:
-            chunk = meta["tensors"][name]["chunks"][0]
-            assert chunk["checksum"] == xxhash.xxh3_64_hexdigest(f.get_tensor(name).numpy().tobytes())
+            assert index[name][0] == xxhash.xxh3_64_hexdigest(f.get_tensor(name).numpy().tobytes())
 
 
 def test_codec_none_shard_opens_with_safetensors(tmp_path):

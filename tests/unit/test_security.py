@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import struct
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 import xxhash
 
 import dist_ckpt
+from support.ckpt_edit import restamp_index
 from dist_ckpt import CorruptCheckpoint
 from dist_ckpt.format.safetensors_header import MAX_HEADER_BYTES
 from storage_backends.local import LocalBackend
@@ -21,6 +23,7 @@ from storage_backends.local import LocalBackend
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 SHARD = "rank_00000.safetensors"
+FORMAT1_FIXTURE = Path(__file__).parent.parent / "fixtures" / "format1_checkpoint" / "step_000000003"
 NOTE = "n" * 400  # a JSON value long enough to hold a pickle in its bytes
 
 
@@ -99,11 +102,17 @@ def write_shard(uri: Path, header: dict, data: bytes, *, raw_header: bytes | Non
     doc["files"][SHARD]["size"] = len(blob)
     hlen = 8 + len(body)
     if raw_header is None:
-        for refs in [*(c for t in doc["tensors"].values() for c in t["chunks"]), *doc["values"].values()]:
-            spec = header.get(refs["entry"])
+        sums, stored = {}, {}
+        for name, spec in header.items():
             if isinstance(spec, dict) and isinstance(spec.get("data_offsets"), list):
                 b, e = spec["data_offsets"]
-                refs["checksum"] = xxhash.xxh3_64_hexdigest(blob[hlen + b : hlen + e])
+                sums[name], stored[name] = xxhash.xxh3_64_hexdigest(blob[hlen + b : hlen + e]), e - b
+        for refs in doc["values"].values():
+            if refs["entry"] in sums:
+                refs["checksum"] = sums[refs["entry"]]
+        write_meta(uri, doc)
+        restamp_index(uri, SHARD, sums, stored)  # format 2: tensor checksums live in the rank index
+        return
     write_meta(uri, doc)
 
 
@@ -225,7 +234,7 @@ def test_file_table_path_traversal(ckpt, tmp_path, monkeypatch, name):
     doc = read_meta(ckpt)
     doc["files"] = {name: doc["files"][SHARD]}
     for t in doc["tensors"].values():
-        for c in t["chunks"]:
+        for c in t.get("chunks", ()):  # format 2 lists no files per chunk (the rank's file is used)
             c["file"] = name
     for v in doc["values"].values():
         v["file"] = name
@@ -245,11 +254,31 @@ def test_file_table_path_traversal(ckpt, tmp_path, monkeypatch, name):
     assert touched and all(p == root or p.startswith(root + os.sep) for p in touched), touched
 
 
-def test_chunk_naming_a_file_outside_the_table(ckpt):
+def test_chunk_naming_a_file_outside_the_table(tmp_path):
+    """Format 1 (the committed fixture): a chunk record names its file."""
+    ckpt = tmp_path / "step_000000003"
+    shutil.copytree(FORMAT1_FIXTURE, ckpt)
     doc = read_meta(ckpt)
-    doc["tensors"]["w"]["chunks"][0]["file"] = "../../etc/passwd"
+    doc["tensors"]["model.w"]["chunks"][0]["file"] = "../../etc/passwd"
     write_meta(ckpt, doc)
-    expect_corrupt(ckpt, "metadata.json", "not in the file table")
+    with pytest.raises(CorruptCheckpoint, match="not in the file table"):
+        dist_ckpt.load({"model": {"w": torch.zeros(7, 5)}}, str(ckpt))
+
+
+@pytest.mark.parametrize(
+    ("layout", "what"),
+    [({"on": 5}, "outside world size"), ({"split": [0, 0, 2, 8]}, "does not fit"),
+     ({"split": [3, 0, 1, 8]}, "does not fit"), ({"chunks": [[[0, 0], [16, 8], 9]]}, "outside world size"),
+     ({"on": 0, "split": [0, 0, 1, 16]}, "exactly one of")],
+)  # fmt: skip
+def test_layout_naming_a_rank_outside_the_world(ckpt, layout, what):
+    """Format 2: a layout names ranks, whose files the file table gives; a rank that wrote no
+    file (or a rule that does not fit the tensor) is refused, naming metadata.json."""
+    doc = read_meta(ckpt)
+    w = doc["tensors"]["w"]
+    doc["tensors"]["w"] = {"dtype": w["dtype"], "size": w["size"], **layout}
+    write_meta(ckpt, doc)
+    expect_corrupt(ckpt, "metadata.json", what)
 
 
 # --- damaged shards --------------------------------------------------------------------------
@@ -405,8 +434,10 @@ def test_missing_shard(ckpt):
         (lambda d: d.__setitem__("format", "torch.dcp/1"), "expected format"),
         (lambda d: d["tensors"]["w"].__setitem__("dtype", "object"), "unknown dtype"),
         (lambda d: d["tensors"]["w"].__setitem__("size", [-16, 8]), "non-negative integers"),
-        (lambda d: d["tensors"]["w"]["chunks"][0].__setitem__("offsets", "0,0"), "non-negative integers"),
-        (lambda d: d["tensors"]["w"]["chunks"][0].pop("entry"), "malformed"),
+        (lambda d: d["tensors"]["w"].__setitem__("on", "0"), "non-negative integers"),
+        (lambda d: d["tensors"]["w"].pop("on"), "exactly one of"),
+        (lambda d: d["counts"].__setitem__("tensors", 3), "declared counts"),
+        (lambda d: d.pop("counts"), "must open with its declared counts"),
         (lambda d: d["files"][SHARD].__setitem__("size", "big"), "malformed"),
         (lambda d: d.pop("files"), "malformed"),
         (lambda d: d.__setitem__("values", []), "malformed"),

@@ -1,0 +1,202 @@
+"""Incremental saves: an entry whose content is already stored in the base checkpoint is not
+written again; the new checkpoint refers to the file that holds its bytes.
+
+- **Base.** The coordinator picks it once per save (``prepare_global_plan``): the checkpoint
+  named by ``dist_ckpt.save(..., base=...)``, or, for a manager with ``incremental=True``, the
+  newest committed step of the run root below the one being saved. A base that is not
+  committed (deleted, never finished) gives a full save.
+- **Matching.** Each rank reads the base's metadata.json and the rank index of the base's shard
+  written by the same rank (the same rank writes the same entries when the world size is
+  unchanged; after a world-size change names rarely match and the save is simply fuller). An
+  entry is reused when its name and content hash (xxh3-128 over dtype, shape and raw bytes)
+  equal the base entry's. Reused entries point straight at the file that holds the bytes
+  (never a chain through the base), so deleting a step never needs to rewrite another.
+- **Where hashing runs.** In ``write_data``, i.e. on the staged copy in the background worker of
+  an async save (thread or writer process): it never lengthens the training stall.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import xxhash
+
+from dist_ckpt.checkpoint_files import COMMITTED, read_checkpoint_metadata
+from dist_ckpt.errors import CheckpointNotFound, CorruptCheckpoint
+from dist_ckpt.format.metadata_json import FileRecord
+from dist_ckpt.format.rank_index import IndexEntry
+from dist_ckpt.format.shard import PendingEntry
+from dist_ckpt.references import check_reference, is_reference, run_parent
+from storage_backends import Backend, BackendError, join_key
+
+log = logging.getLogger(__name__)
+
+_HASH_PIECE = 2 << 20
+_SAMPLE = 16 << 10
+T = TypeVar("T")
+_STEP_PREFIX = "step_"
+
+
+def content_hash(entry: PendingEntry) -> str:
+    """xxh3-128 of an entry's dtype, shape and raw bytes (what must be equal to reuse it)."""
+    h = xxhash.xxh3_128(f"{entry.dtype}|{','.join(map(str, entry.shape))}|".encode())
+    data = entry.data.cast("B") if entry.data.format != "B" or entry.data.ndim != 1 else entry.data
+    for pos in range(0, len(data), _HASH_PIECE):
+        h.update(data[pos : pos + _HASH_PIECE])
+    return "xxh3_128:" + h.hexdigest()
+
+
+def choose_base(backend: Backend, prefix: str, requested: str | bool | None) -> str | None:
+    """The folder name (in the run root of ``prefix``) of the base checkpoint, or None for a
+    full save. ``requested``: a folder name, True (the newest committed ``step_*`` folder
+    below this one), or None/False/"" (no base)."""
+    if not requested:
+        return None
+    parent, own = run_parent(prefix), prefix.strip("/").rsplit("/", 1)[-1]
+    try:
+        if isinstance(requested, str):
+            found = requested if backend.exists(join_key(parent, requested, COMMITTED)) else None
+            if found is None:
+                log.info("base %s of %s is not committed: saving in full", requested, prefix)
+            return found
+        steps = []
+        for obj in backend.list(join_key(parent, _STEP_PREFIX)):
+            folder, _, rest = obj.key[len(parent) + 1 if parent else 0 :].partition("/")
+            if rest == COMMITTED and folder != own and folder[len(_STEP_PREFIX) :].isdigit():
+                steps.append(folder)
+    except BackendError as e:
+        raise CorruptCheckpoint(f"{backend.uri}/{parent}: cannot list the run's committed steps ({e})") from e
+    own_step = own[len(_STEP_PREFIX) :]
+    older = [s for s in steps if not own_step.isdigit() or int(s[len(_STEP_PREFIX) :]) < int(own_step)]
+    return max(older, key=lambda s: int(s[len(_STEP_PREFIX) :])) if older else None
+
+
+@dataclass(frozen=True)
+class BaseEntries:
+    """What this rank may reuse: base entry -> where its bytes are, and those files' records."""
+
+    entries: Mapping[str, IndexEntry]  # location always set, content always set
+    files: Mapping[str, FileRecord]  # run-root-relative path -> size and checksum
+
+
+def load_base(backend: Backend, prefix: str, base: str | None, rank: int) -> BaseEntries:
+    """The base's entries written by ``rank`` (empty when there is no usable base)."""
+    if base is None:
+        return BaseEntries({}, {})
+    base_prefix = join_key(run_parent(prefix), base)
+    try:
+        meta = read_checkpoint_metadata(backend, base_prefix)
+    except CheckpointNotFound:
+        log.info("base %s is gone: saving in full", base_prefix)
+        return BaseEntries({}, {})
+    if meta.format_version < 2 or meta.indexes is None:
+        return BaseEntries({}, {})  # format 1 records no content hashes
+    shard = next((n for n, r in meta.files.items() if r.index and r.rank == rank), None)
+    if shard is None:
+        return BaseEntries({}, {})
+    entries: dict[str, IndexEntry] = {}
+    files: dict[str, FileRecord] = {}
+    for name, e in meta.indexes.entries(shard).items():
+        if e.content is None:
+            continue
+        location = e.location or f"{base}/{shard}"
+        record = meta.files.get(e.location or shard)
+        if record is None:
+            raise CorruptCheckpoint(f"{backend.uri}/{base_prefix}: entry {name!r} refers to an unlisted file")
+        check_reference(location, f"{backend.uri}/{base_prefix}")
+        entries[name] = IndexEntry(e.checksum, e.stored_bytes, e.content, location)
+        files[location] = FileRecord(record.rank, record.size, record.checksum)
+    return BaseEntries(entries, files)
+
+
+def sample_hash(entry: PendingEntry) -> str:
+    """xxh3-128 of dtype, shape, length and three 16 KiB slices (start, middle, end): equal for
+    equal content, so a differing sample proves a change without hashing the whole entry."""
+    h = xxhash.xxh3_128(f"{entry.dtype}|{','.join(map(str, entry.shape))}|".encode())
+    data = entry.data.cast("B") if entry.data.format != "B" or entry.data.ndim != 1 else entry.data
+    n = len(data)
+    if n <= 4 * _SAMPLE:
+        h.update(data)
+    else:
+        for start in (0, n // 2 - _SAMPLE // 2, n - _SAMPLE):
+            h.update(data[start : start + _SAMPLE])
+    h.update(str(n).encode())
+    return h.hexdigest()
+
+
+def _content(sample: str, full: str) -> str:
+    """The content record of an entry: ``xxh3_128:<sample>:<full>``."""
+    return f"xxh3_128:{sample}:{full.removeprefix('xxh3_128:')}"
+
+
+def _parts(content: str | None) -> tuple[str | None, str | None]:
+    """``(sample, full)`` of a content record (a record without a sample: ``(None, full)``)."""
+    parts = (content or "").split(":")
+    if len(parts) == 3 and parts[0] == "xxh3_128":
+        return parts[1], parts[2]
+    if len(parts) == 2 and parts[0] == "xxh3_128":
+        return None, parts[1]
+    return None, None
+
+
+@dataclass(frozen=True)
+class Split:
+    """One rank's entries after matching: what to write, and what the index records."""
+
+    to_write: list[PendingEntry]
+    index_extra: dict[str, IndexEntry]  # content records of written entries (None: pending); reused entries
+    referenced: dict[str, FileRecord]  # the files reused entries are in
+    pending: dict[str, tuple[PendingEntry, str]]  # written entries whose full hash is still due (entry, sample)
+
+
+def split_entries(entries: Sequence[PendingEntry], base: BaseEntries) -> Split:
+    """Keep out the tensor entries whose bytes the base already has. An entry whose sample
+    differs from the base's is written without waiting for its full hash (computed while the
+    shard is written, :func:`hashed_while`); only entries whose sample matches are hashed in
+    full first — in a fine-tune, the frozen ones, which are then not written at all."""
+    to_write: list[PendingEntry] = []
+    extra: dict[str, IndexEntry] = {}
+    referenced: dict[str, FileRecord] = {}
+    pending: dict[str, tuple[PendingEntry, str]] = {}
+    for e in entries:
+        if e.kind != "tensor":
+            to_write.append(e)  # values are small JSON: always written
+            continue
+        sample = sample_hash(e)
+        found = base.entries.get(e.name)
+        base_sample, base_full = _parts(found.content if found is not None else None)
+        usable = found is not None and base_full is not None and found.location and is_reference(found.location)
+        if usable and base_sample in (None, sample):
+            full = content_hash(e).removeprefix("xxh3_128:")
+            if full == base_full:
+                extra[e.name] = found  # type: ignore[assignment]
+                referenced[found.location] = base.files[found.location]  # type: ignore[union-attr,index]
+                continue
+            extra[e.name] = IndexEntry("", -1, _content(sample, full))  # checksum and size filled in after writing
+        else:
+            extra[e.name] = IndexEntry("", -1, None)
+            pending[e.name] = (e, sample)
+        to_write.append(e)
+    return Split(to_write, extra, referenced, pending)
+
+
+def hashed_while(split: Split, write: Callable[[], T]) -> tuple[T, dict[str, str]]:
+    """``write()`` while a helper thread computes the full content hashes still due; returns
+    its result and ``entry -> content record`` of every written tensor entry. The write
+    releases the GIL (I/O), so on a second core the hashing costs no wall time."""
+
+    def hash_pending() -> dict[str, str]:
+        return {name: _content(sample, content_hash(e)) for name, (e, sample) in split.pending.items()}
+
+    with ThreadPoolExecutor(1, thread_name_prefix="dist_ckpt-content-hash") as pool:
+        future = pool.submit(hash_pending)
+        try:
+            result = write()
+        finally:
+            pending = future.result()
+    contents = {name: e.content for name, e in split.index_extra.items() if e.location is None and e.content}
+    return result, {**contents, **pending}

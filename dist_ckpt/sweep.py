@@ -1,0 +1,102 @@
+"""Deleting checkpoints without losing shared bytes: mark-and-sweep over the run root.
+
+An incremental checkpoint reads some entries from files in earlier checkpoints' folders
+(:mod:`dist_ckpt.references`). So deleting a step (retention, ``dist-ckpt prune``) or removing
+leftovers (``gc``) may remove only what no *committed* checkpoint needs:
+
+- **Mark**: every committed checkpoint keeps its own folder whole, plus the referenced files its
+  metadata.json lists. Only checkpoints whose ``COMMITTED`` marker names a ``base`` can hold
+  references, so a run without incremental saves reads no metadata.json here.
+- **Sweep**: deleting a step removes its ``COMMITTED`` first (the step is no longer a
+  checkpoint, and no longer marks anything), then each of its files that no remaining
+  committed checkpoint references; referenced files stay in the folder, which is then a
+  leftover holding only marked files until the last checkpoint referencing them goes.
+
+Crash-safe at every point: a kill after ``COMMITTED`` is gone leaves an uncommitted folder whose
+unmarked files ``gc`` removes later; a file a committed checkpoint references is never deleted,
+because the mark is taken from the committed checkpoints after the ``COMMITTED`` removal and
+before any other delete. Callers hold the run lock (the manager's rank 0, ``dist-ckpt
+prune|gc``), so no other job commits a checkpoint meanwhile; this job's own in-flight save
+refers only to files its base (committed, the newest step: retention never drops it) marks.
+If a committed checkpoint's metadata.json cannot be read, nothing is swept
+(:class:`CorruptCheckpoint`): what it references is unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+
+from dist_ckpt.checkpoint_files import COMMITTED, read_checkpoint_metadata
+from dist_ckpt.errors import CorruptCheckpoint
+from dist_ckpt.references import marked_keys
+from storage_backends import Backend
+
+log = logging.getLogger(__name__)
+
+
+def committed_folders(backend: Backend) -> list[str]:
+    """The run root's committed checkpoint folders (``step_*/COMMITTED``)."""
+    return sorted(
+        o.key.split("/", 1)[0]
+        for o in backend.list("step_")
+        if o.key.count("/") == 1 and o.key.endswith("/" + COMMITTED) and ".tmp-" not in o.key
+    )
+
+
+def _has_base(backend: Backend, folder: str) -> bool:
+    try:
+        info = json.loads(backend.read(f"{folder}/{COMMITTED}").decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptCheckpoint(
+            f"{backend.uri}/{folder}/{COMMITTED}: not valid JSON ({e}); nothing is deleted while it is "
+            "unknown which files this checkpoint needs"
+        ) from e
+    return isinstance(info, dict) and bool(info.get("base"))
+
+
+def marks(backend: Backend) -> set[str]:
+    """Keys (run-root relative) outside their own folder that committed checkpoints read."""
+    marked: set[str] = set()
+    for folder in committed_folders(backend):
+        if not _has_base(backend, folder):
+            continue
+        try:
+            meta = read_checkpoint_metadata(backend, folder)
+        except CorruptCheckpoint as e:
+            raise CorruptCheckpoint(f"{e}; nothing is deleted while it is unknown which files it references") from e
+        marked |= marked_keys(folder, meta.files)
+    return marked
+
+
+def sweep_folder(backend: Backend, folder: str, marked: set[str]) -> list[str]:
+    """Delete every object of an uncommitted ``folder`` not in ``marked``; returns what was
+    kept (the folder itself is removed once nothing in it is marked)."""
+    objects = [o.key for o in backend.list(folder + "/")]
+    kept = [k for k in objects if k in marked]
+    if not kept:  # nothing in it is referenced (every non-incremental run): the folder goes whole
+        backend.delete_prefix(folder + "/")
+        return []
+    for key in sorted(objects):  # one by one: a kill between any two deletes leaves a sweepable folder
+        if key not in marked:
+            backend.delete(key)
+    return kept
+
+
+def delete_checkpoint(backend: Backend, folder: str) -> None:
+    """Delete the checkpoint ``folder``: ``COMMITTED`` first, then what no committed checkpoint
+    references (see the module docstring)."""
+    backend.delete(f"{folder}/{COMMITTED}")
+    kept = sweep_folder(backend, folder, marks(backend))
+    if kept:
+        log.info("%s/%s: kept %d file(s) later checkpoints refer to", backend.uri, folder, len(kept))
+
+
+def unmarked_folders(backend: Backend, folders: Iterable[str]) -> list[str]:
+    """Of uncommitted ``folders``, those holding anything no committed checkpoint references."""
+    folders = list(folders)
+    if not folders:
+        return []
+    marked = marks(backend)
+    return [f for f in folders if any(o.key not in marked for o in backend.list(f + "/"))]

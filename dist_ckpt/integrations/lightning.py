@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,15 +83,19 @@ class DistCkptIO(CheckpointIO):
     """Lightning ``CheckpointIO`` writing dist_ckpt checkpoints (see the module docstring).
 
     ``compression``: ``"zstd"`` or ``"none"``; ``backend_options``: passed to the storage
-    backend (e.g. an S3 ``endpoint_url``); ``lock_stale_after``: the run lock's lease (s)."""
+    backend (e.g. an S3 ``endpoint_url``); ``lock_stale_after``: the run lock's lease (s);
+    ``backend_factory``: opens the backend of a run root instead (a wrapper, a preconfigured
+    client), as ``CheckpointManager(backend=...)``."""
 
     def __init__(self, async_save: bool = True, compression: str = "zstd", *, compression_level: int = 1,
-                 lock_stale_after: float = 600.0, backend_options: Mapping[str, Any] | None = None):  # fmt: skip
+                 lock_stale_after: float = 600.0, backend_options: Mapping[str, Any] | None = None,
+                 backend_factory: Callable[[str], Backend] | None = None):  # fmt: skip
         super().__init__()
         self.async_save = bool(async_save)
         self._codec = resolve_codec(compression, compression_level)
         self.lock_stale_after = float(lock_stale_after)
         self.backend_options = dict(backend_options or {})
+        self.backend_factory = backend_factory
         self._writers: dict[str, RunWriter] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._stager = Stager()
@@ -179,6 +183,8 @@ class DistCkptIO(CheckpointIO):
 
     # -- internals ---------------------------------------------------------------------------
     def _backend(self, root: str) -> Backend:
+        if self.backend_factory is not None:
+            return self.backend_factory(root)
         try:
             return open_backend(root, **self.backend_options)
         except ValueError as e:
@@ -285,8 +291,8 @@ class DistCkptModelCheckpoint(ModelCheckpoint):
     def _find_last_checkpoints(self, trainer: Any) -> set[str]:
         dirpath = self._dirpath(trainer)
         plugin = _plugin_of(trainer)
-        options = plugin.backend_options if isinstance(plugin, DistCkptIO) else {}
-        backend = open_backend(parse_path(f"{dirpath}/last.ckpt").root, **options)
+        root = parse_path(f"{dirpath}/last.ckpt").root
+        backend = plugin._backend(root) if isinstance(plugin, DistCkptIO) else open_backend(root)
         return {f"{PROTOCOL}://{dirpath}/last.ckpt"} if last_step(backend) is not None else set()
 
     def _update_best_and_save(self, current: Any, trainer: Any, monitor_candidates: dict[str, Any]) -> None:

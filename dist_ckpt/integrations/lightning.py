@@ -292,7 +292,9 @@ class DistCkptModelCheckpoint(ModelCheckpoint):
         dirpath = self._dirpath(trainer)
         plugin = _plugin_of(trainer)
         root = parse_path(f"{dirpath}/last.ckpt").root
-        backend = plugin._backend(root) if isinstance(plugin, DistCkptIO) else open_backend(root)
+        if isinstance(plugin, DistCkptIO):
+            _OPENERS[root] = plugin._backend  # the Trainer's fsspec check below opens it the same way
+        backend = _OPENERS.get(root, open_backend)(root)
         return {f"{PROTOCOL}://{dirpath}/last.ckpt"} if last_step(backend) is not None else set()
 
     def _update_best_and_save(self, current: Any, trainer: Any, monitor_candidates: dict[str, Any]) -> None:
@@ -316,6 +318,9 @@ class DistCkptModelCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(proxy(self))
 
 
+_OPENERS: dict[str, Callable[[str], Backend]] = {}  # run root → how its DistCkptIO opens it
+
+
 class _PointerFileSystem(AbstractFileSystem):
     """What ``trainer.fit(ckpt_path="last")`` asks of the path ModelCheckpoint offers
     (``distckpt://<dirpath>/last.ckpt``): Lightning checks it with fsspec (``exists``,
@@ -326,7 +331,7 @@ class _PointerFileSystem(AbstractFileSystem):
 
     def _last(self, path: str) -> tuple[Backend, int | None]:
         where = parse_path(path)
-        backend = open_backend(where.root)
+        backend = _OPENERS.get(where.root, open_backend)(where.root)
         return backend, last_step(backend) if LAST_NAME.match(where.name) else None
 
     def exists(self, path: str, **kwargs: Any) -> bool:

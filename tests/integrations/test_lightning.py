@@ -71,6 +71,7 @@ def test_top_k_retention_keeps_the_best_and_last_as_manifest_pointers(tmp_path: 
     assert verify_run(backend).ok
 
 
+@pytest.mark.slow  # ~10 s; the DDP kill-and-resume tests cover exactness too
 def test_fit_resumed_from_last_is_bit_identical(tmp_path: Path) -> None:
     scores = [3.0, 2.0, 1.0, 0.5]
     _, model_a, trainer_a = _fit(tmp_path / "a", 4, scores)

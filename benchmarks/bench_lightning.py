@@ -8,6 +8,7 @@ the same ``ModelCheckpoint(every_n_train_steps=5, save_top_k=1)`` schedule, fitt
 plugin in each round (interleaved, the order rotated every round) in this one process:
 
 - ``distckpt``: ``DistCkptIO(async_save=True, compression="zstd")`` + ``DistCkptModelCheckpoint``
+- ``distckpt_none``: the same with ``compression="none"`` (less background CPU, more bytes)
 - ``torch``: Lightning's default ``TorchCheckpointIO`` (``torch.save``, synchronous)
 - ``async``: Lightning's ``AsyncCheckpointIO`` (clones every tensor, then ``torch.save`` on a thread)
 
@@ -44,7 +45,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dist_ckpt.integrations.lightning import DistCkptIO, DistCkptModelCheckpoint
 
-PLUGINS = ("distckpt", "torch", "async")
+PLUGINS = ("distckpt", "distckpt_none", "torch", "async")
 EVERY = 5
 
 
@@ -83,8 +84,8 @@ def _bytes(path: Path) -> int:
 def fit_once(plugin: str, width: int, saves: int, step_ms: float, root: Path) -> dict[str, Any]:
     dirpath = root / plugin
     shutil.rmtree(dirpath, ignore_errors=True)
-    if plugin == "distckpt":
-        io: Any = DistCkptIO(async_save=True, compression="zstd")
+    if plugin.startswith("distckpt"):
+        io: Any = DistCkptIO(async_save=True, compression="zstd" if plugin == "distckpt" else "none")
         cb: ModelCheckpoint = DistCkptModelCheckpoint(dirpath=dirpath, every_n_train_steps=EVERY, save_top_k=1)
     else:
         io = TorchCheckpointIO() if plugin == "torch" else AsyncCheckpointIO(TorchCheckpointIO())
@@ -115,7 +116,7 @@ def main() -> None:
     raw = {name: {"first": [], "later": [], "fit_s": [], "bytes": []} for name in PLUGINS}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         for r in range(args.rounds):
-            order = PLUGINS[r % 3 :] + PLUGINS[: r % 3]
+            order = PLUGINS[r % len(PLUGINS) :] + PLUGINS[: r % len(PLUGINS)]
             for name in order:
                 out = fit_once(name, args.width, args.saves, args.step_ms, Path(tmp))
                 raw[name]["first"].append(out["stalls"][0])
@@ -143,7 +144,7 @@ def main() -> None:
     pl = res["plugins"]
     res["ratios"] = {
         f"stall_later_distckpt_vs_{o}": pl["distckpt"]["stall_later_s"]["median"] / pl[o]["stall_later_s"]["median"]
-        for o in ("torch", "async")
+        for o in ("torch", "async", "distckpt_none")
     }
     res["ratios"].update({
         f"bytes_distckpt_vs_{o}": pl["distckpt"]["bytes_per_checkpoint"] / pl[o]["bytes_per_checkpoint"] for o in ("torch", "async")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from lightning_common import Regressor, final_state, loader
 
-from dist_ckpt.errors import CheckpointNotFound, UnsupportedValue
+from dist_ckpt.errors import CheckpointNotFound, ConfigError, UnsupportedValue
 from dist_ckpt.integrations.lightning import DistCkptIO, DistCkptModelCheckpoint
 from dist_ckpt.integrations.lightning_run import committed_names
 from dist_ckpt.run_store import RunStore
@@ -24,7 +24,7 @@ from dist_ckpt.verify import verify_run
 from storage_backends import open_backend
 from support.faulty_backend import FaultyBackend, Rule
 
-STEPS_PER_EPOCH = 8  # 64 samples, batch 8, one process
+STEPS_PER_EPOCH = 4  # 32 samples, batch 8, one process
 
 
 def _trainer(epochs: int, callback: L.Callback | None, io: DistCkptIO | None = None) -> L.Trainer:
@@ -38,26 +38,26 @@ def _fit(run: Path, epochs: int, scores: list[float], top_k: int = 2) -> tuple[D
     model = Regressor(scores=scores)
     cb = DistCkptModelCheckpoint(dirpath=run, save_last=True, save_top_k=top_k, monitor="score", every_n_epochs=1)
     trainer = _trainer(epochs, cb)
-    trainer.fit(model, loader(shuffle=False), loader(shuffle=False), ckpt_path="last")
+    trainer.fit(model, loader(32, shuffle=False), loader(32, shuffle=False), ckpt_path="last")
     return cb, model, trainer
 
 
 def test_top_k_retention_keeps_the_best_and_last_as_manifest_pointers(tmp_path: Path) -> None:
     run = tmp_path / "run"
     scores = [5.0, 3.0, 4.0, 1.0, 2.0, 6.0, 0.5]
-    cb, _, _ = _fit(run, 6, scores)
+    cb, _, _ = _fit(run, 5, scores)
     backend = open_backend(str(run))
     manifest, _ = RunStore(backend).read_manifest()
     assert manifest is not None
     # top-2 by score: epochs 3 (1.0) and 4 (2.0); Lightning 2.6 saves `last` only at steps it
     # saves a top-k checkpoint, so `last` is epoch 4's step: a pointer, not another copy
     step = lambda epoch: STEPS_PER_EPOCH * (epoch + 1)  # noqa: E731
-    assert committed_names(backend) == {step(3): "epoch=3-step=32.ckpt", step(4): "epoch=4-step=40.ckpt"}
+    assert committed_names(backend) == {step(3): "epoch=3-step=16.ckpt", step(4): "epoch=4-step=20.ckpt"}
     assert manifest.pointers == {"last": step(4), "best:score": step(3)}
-    assert sorted(os.listdir(run)) == ["manifest.json", "step_000000032", "step_000000040"]
+    assert sorted(os.listdir(run)) == ["manifest.json", "step_000000016", "step_000000020"]
     assert not any(p.is_symlink() for p in run.rglob("*"))
-    assert set(cb.best_k_models) == {str(run / "epoch=3-step=32.ckpt"), str(run / "epoch=4-step=40.ckpt")}
-    assert cb.best_model_path == str(run / "epoch=3-step=32.ckpt") and cb.last_model_path == str(run / "last.ckpt")
+    assert set(cb.best_k_models) == {str(run / "epoch=3-step=16.ckpt"), str(run / "epoch=4-step=20.ckpt")}
+    assert cb.best_model_path == str(run / "epoch=3-step=16.ckpt") and cb.last_model_path == str(run / "last.ckpt")
     assert DistCkptIO().load_checkpoint(cb.best_model_path)["global_step"] == step(3)
     assert verify_run(backend).ok
 
@@ -65,9 +65,9 @@ def test_top_k_retention_keeps_the_best_and_last_as_manifest_pointers(tmp_path: 
     # (0.5) enters the top 2 and epoch 4 leaves it, once `last` no longer names it
     cb, _, _ = _fit(run, 7, scores)
     manifest, _ = RunStore(backend).read_manifest()
-    assert committed_names(backend) == {step(3): "epoch=3-step=32.ckpt", step(6): "epoch=6-step=56.ckpt"}
+    assert committed_names(backend) == {step(3): "epoch=3-step=16.ckpt", step(6): "epoch=6-step=28.ckpt"}
     assert manifest is not None and manifest.pointers == {"last": step(6), "best:score": step(6)}
-    assert cb.best_model_path == str(run / "epoch=6-step=56.ckpt")
+    assert cb.best_model_path == str(run / "epoch=6-step=28.ckpt")
     assert verify_run(backend).ok
 
 
@@ -161,3 +161,12 @@ def test_unsupported_value_is_refused_naming_its_key_and_nothing_is_written(tmp_
     with pytest.raises(UnsupportedValue, match=r"extras\.loss_fn.*torch\.nn\.modules\.loss\.MSELoss"):
         _trainer(2, cb).fit(_BadExtra(), loader(shuffle=False), loader(shuffle=False))
     assert not any(p.name.startswith("step_") for p in run.iterdir()) if run.exists() else True
+
+
+def test_model_checkpoint_without_the_plugin_is_refused(tmp_path: Path) -> None:
+    cb = DistCkptModelCheckpoint(dirpath=tmp_path / "run", save_top_k=1, monitor="val_loss")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, callbacks=[cb], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"Trainer\(plugins=\[DistCkptIO"):
+        trainer.fit(Regressor(), loader(shuffle=False), loader(shuffle=False))
+    assert not (tmp_path / "run").exists()

@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--step-ms", type=float, default=100.0)
     args = p.parse_args()
     torch.set_num_threads(1)
-    raw = {name: {"first": [], "later": [], "fit_s": [], "bytes": []} for name in PLUGINS}
+    raw = {name: {"first": [], "later": [], "fit_s": [], "bytes": [], "round_later": []} for name in PLUGINS}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         for r in range(args.rounds):
             order = PLUGINS[r % len(PLUGINS) :] + PLUGINS[: r % len(PLUGINS)]
@@ -121,6 +121,7 @@ def main() -> None:
                 out = fit_once(name, args.width, args.saves, args.step_ms, Path(tmp))
                 raw[name]["first"].append(out["stalls"][0])
                 raw[name]["later"] += out["stalls"][1:]
+                raw[name]["round_later"].append(statistics.median(out["stalls"][1:]))
                 raw[name]["fit_s"].append(out["fit_s"])
                 raw[name]["bytes"].append(out["bytes"])
                 print(f"round {r} {name}: stalls {['%.3f' % s for s in out['stalls']]} fit {out['fit_s']:.2f}s "
@@ -149,6 +150,10 @@ def main() -> None:
     res["ratios"].update({
         f"bytes_distckpt_vs_{o}": pl["distckpt"]["bytes_per_checkpoint"] / pl[o]["bytes_per_checkpoint"] for o in ("torch", "async")
     })
+    res["ratios_per_round"] = {  # each round's ratio of 2nd+ stall medians: the spread of the ratio itself
+        f"stall_later_distckpt_vs_{o}": _summary([a / b for a, b in zip(raw["distckpt"]["round_later"], raw[o]["round_later"])])
+        for o in ("torch", "async", "distckpt_none")
+    }
     res["ratios"].update({f"fit_distckpt_vs_{o}": pl["distckpt"]["fit_s"]["median"] / pl[o]["fit_s"]["median"] for o in ("torch", "async")})
     print(json.dumps(res, indent=1))
 

@@ -86,17 +86,19 @@ class DistCkptIO(CheckpointIO):
     ``compression``: ``"zstd"`` or ``"none"``; ``backend_options``: passed to the storage
     backend (e.g. an S3 ``endpoint_url``); ``lock_stale_after``: the run lock's lease (s);
     ``backend_factory``: opens the backend of a run root instead (a wrapper, a preconfigured
-    client), as ``CheckpointManager(backend=...)``."""
+    client), as ``CheckpointManager(backend=...)``; ``unsafe_single_writer``: as the manager's
+    option, for an S3 server that ignores conditional writes (README, "S3 servers")."""
 
     def __init__(self, async_save: bool = True, compression: str = "zstd", *, compression_level: int = 1,
                  lock_stale_after: float = 600.0, backend_options: Mapping[str, Any] | None = None,
-                 backend_factory: Callable[[str], Backend] | None = None):  # fmt: skip
+                 backend_factory: Callable[[str], Backend] | None = None, unsafe_single_writer: bool = False):  # fmt: skip
         super().__init__()
         self.async_save = bool(async_save)
         self._codec = resolve_codec(compression, compression_level)
         self.lock_stale_after = float(lock_stale_after)
         self.backend_options = dict(backend_options or {})
         self.backend_factory = backend_factory
+        self.unsafe_single_writer = bool(unsafe_single_writer)
         self._writers: dict[str, RunWriter] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._stager = Stager()
@@ -194,7 +196,8 @@ class DistCkptIO(CheckpointIO):
     def _writer(self, root: str) -> RunWriter:
         writer = self._writers.get(root)
         if writer is None:
-            writer = RunWriter(self._backend(root), self._codec, lock_stale_after=self.lock_stale_after)
+            writer = RunWriter(self._backend(root), self._codec, lock_stale_after=self.lock_stale_after,
+                               unsafe_single_writer=self.unsafe_single_writer)  # fmt: skip
             self._writers[root] = writer
         return writer
 

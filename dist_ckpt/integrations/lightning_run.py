@@ -135,10 +135,12 @@ def resolve_step(backend: Backend, name: str) -> int:
 class RunWriter:
     """The writing side of one run root (Lightning's global rank 0 only)."""
 
-    def __init__(self, backend: Backend, codec: ChunkCodec | None, *, lock_stale_after: float = 600.0):
+    def __init__(self, backend: Backend, codec: ChunkCodec | None, *, lock_stale_after: float = 600.0,
+                 unsafe_single_writer: bool = False):  # fmt: skip
         self.backend, self.codec = backend, codec
         self.store = RunStore(backend)
-        require_conditional_writes(backend, unsafe_single_writer=False, opt_in="a server that enforces them")
+        require_conditional_writes(backend, unsafe_single_writer=unsafe_single_writer,
+                                   opt_in="DistCkptIO(unsafe_single_writer=True)")  # S3: probed once per bucket
         self.lock = RunLock(backend, lock_stale_after)  # before gc: never touch a live job's saves
         self.lock.acquire()
         found = self.store.collect_garbage()

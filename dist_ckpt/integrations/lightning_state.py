@@ -78,7 +78,13 @@ def split_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 
     skeleton = walk(dict(checkpoint), [])
     flat: dict[str, Any] = dict(tensors)
-    flat[SKELETON_KEY] = json_values.encode(skeleton).decode("utf-8")  # UnsupportedValue names the path
+    try:
+        flat[SKELETON_KEY] = json_values.encode(skeleton).decode("utf-8")  # UnsupportedValue names the path
+    except UnsupportedValue as e:
+        raise UnsupportedValue(
+            f"{e} In a Lightning checkpoint: leave it out of save_hyperparameters(ignore=[...]), "
+            "or replace or drop it in on_save_checkpoint(). Nothing was written."
+        ) from e
     flat[PATHS_KEY] = json_values.encode(refs).decode("utf-8")
     return flat
 

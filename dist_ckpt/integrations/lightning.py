@@ -78,6 +78,7 @@ class SaveOptions:
 
     metrics: Mapping[str, float] = field(default_factory=dict)
     best_modes: Mapping[str, str] = field(default_factory=dict)
+    retires: tuple[str, ...] = ()  # checkpoint names this save replaces (deleted once it commits)
 
 
 class DistCkptIO(CheckpointIO):
@@ -129,7 +130,7 @@ class DistCkptIO(CheckpointIO):
             saved.add(step)
             return
         kwargs = {"epoch": _int_or_none(checkpoint.get("epoch")), "metrics": dict(options.metrics),
-                  "best_modes": dict(options.best_modes)}  # fmt: skip
+                  "best_modes": dict(options.best_modes), "retires": tuple(options.retires)}  # fmt: skip
         saved.add(step)
         if not self.async_save:
             writer.commit(step, name, flat, **kwargs)
@@ -277,6 +278,7 @@ class DistCkptModelCheckpoint(ModelCheckpoint):
         if self.save_last == "link":
             self.save_last = True  # a pointer already: no symlink
         self._score: Any = None  # the monitored value of the top-k save in progress
+        self._retiring: str | None = None  # the checkpoint the top-k save in progress replaces
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if not isinstance(_plugin_of(trainer), DistCkptIO):
@@ -303,15 +305,27 @@ class DistCkptModelCheckpoint(ModelCheckpoint):
 
     def _update_best_and_save(self, current: Any, trainer: Any, monitor_candidates: dict[str, Any]) -> None:
         self._score = float("inf" if self.mode == "min" else "-inf") if torch.isnan(current) else float(current)
+        k = self.save_top_k
+        # the path ModelCheckpoint will remove right after this save (as it computes it)
+        self._retiring = self.kth_best_model_path if k > 0 and len(self.best_k_models) == k else None
         try:
             super()._update_best_and_save(current, trainer, monitor_candidates)
         finally:
-            self._score = None
+            self._score = self._retiring = None
+
+    def _save_none_monitor_checkpoint(self, trainer: Any, monitor_candidates: dict[str, Any]) -> None:
+        self._retiring = self.best_model_path if self.save_top_k == 1 and self.best_model_path else None
+        try:
+            super()._save_none_monitor_checkpoint(trainer, monitor_candidates)
+        finally:
+            self._retiring = None
 
     def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
-        options = None
-        if self._score is not None and self.monitor:
-            options = SaveOptions(metrics={self.monitor: self._score}, best_modes={self.monitor: self.mode})
+        metrics = {self.monitor: self._score} if self._score is not None and self.monitor else {}
+        retires: tuple[str, ...] = ()
+        if self._retiring and self._retiring != filepath and parse_path(self._retiring).root == parse_path(filepath).root:
+            retires = (parse_path(self._retiring).name,)
+        options = SaveOptions(metrics=metrics, best_modes={m: self.mode for m in metrics}, retires=retires)
         trainer.save_checkpoint(filepath, self.save_weights_only, storage_options=options)
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath

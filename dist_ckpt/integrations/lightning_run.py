@@ -80,10 +80,10 @@ def parse_path(path: Any) -> CheckpointPath:
     return CheckpointPath(os.path.dirname(text), os.path.basename(text))
 
 
-def committed_names(backend: Backend) -> dict[int, str | None]:
-    """step → the Lightning name it was saved under (None: saved as ``last`` only), for every
-    committed step of the run that DistCkptIO wrote."""
-    out: dict[int, str | None] = {}
+def committed_records(backend: Backend) -> dict[int, tuple[str | None, tuple[str, ...]]]:
+    """step → (the Lightning name it was saved under — None: saved as ``last`` only —, the
+    names its save retired), for every committed step of the run that DistCkptIO wrote."""
+    out: dict[int, tuple[str | None, tuple[str, ...]]] = {}
     try:
         for obj in backend.list("step_"):
             top, _, rest = obj.key.partition("/")
@@ -96,10 +96,16 @@ def committed_names(backend: Backend) -> dict[int, str | None]:
                 continue  # not ours to judge here: the manager's reconciliation reports it
             if isinstance(info, dict) and isinstance(info.get("lightning"), dict):
                 name = info["lightning"].get("name")
-                out[step] = name if isinstance(name, str) else None
+                retires = info["lightning"].get("retires") or []
+                out[step] = (name if isinstance(name, str) else None, tuple(r for r in retires if isinstance(r, str)))
     except BackendError as e:
         raise StorageError(f"cannot list the checkpoints of {backend.uri}: {e}") from e
     return out
+
+
+def committed_names(backend: Backend) -> dict[int, str | None]:
+    """step → the Lightning name it was saved under (None: saved as ``last`` only)."""
+    return {step: name for step, (name, _) in committed_records(backend).items()}
 
 
 def last_step(backend: Backend) -> int | None:
@@ -146,16 +152,25 @@ class RunWriter:
         found = self.store.collect_garbage()
         if found.temp_dirs or found.uncommitted_steps or found.unfinished_uploads:
             log.warning("removed leftovers of interrupted saves in %s: %s", backend.uri, found)
-        self.store.reconciled_manifest({})
-        self.names = committed_names(backend)  # step → name, for retention
-        self.retired: set[int] = set()  # removed by Lightning while a pointer still named them
+        manifest = self.store.reconciled_manifest({})
+        records = committed_records(backend)
+        self.names = {step: name for step, (name, _) in records.items()}  # step → name, for retention
+        # Steps a later committed save retired (Lightning's top-k drop, recorded in that save's
+        # COMMITTED): a job killed between that commit and the delete leaves them behind.
+        self.retired: set[int] = {
+            old for step, (_, retires) in records.items() for old, name in self.names.items()
+            if name in retires and old < step
+        }  # fmt: skip
+        self._retain(manifest)
 
     def has_step(self, step: int) -> bool:
         return step in self.names or self.backend.exists(join_key(step_prefix(step), COMMITTED))
 
     def commit(self, step: int, name: str | None, flat: dict[str, Any], *, epoch: int | None,
-               metrics: Mapping[str, float], best_modes: Mapping[str, str]) -> None:  # fmt: skip
-        """Write, commit and index one checkpoint, then apply retention."""
+               metrics: Mapping[str, float], best_modes: Mapping[str, str], retires: tuple[str, ...] = ()) -> None:  # fmt: skip
+        """Write, commit and index one checkpoint, then apply retention. ``retires``: names
+        this save replaces (ModelCheckpoint's top-k drop), recorded in its COMMITTED marker so
+        that the drop survives a crash between this commit and the delete."""
         self.lock.raise_if_lost()
         info = {
             "step": step,
@@ -163,7 +178,7 @@ class RunWriter:
             "metrics": dict(metrics),
             "time": time.time(),
             "codec": self.codec.name if self.codec else "none",
-            "lightning": {"name": name},
+            "lightning": {"name": name, "retires": list(retires)},
         }
         writer = DistCkptWriter(self.backend, step_prefix(step), codec=self.codec, commit_info=info, fence=self.lock.fence)
         try:
@@ -174,6 +189,7 @@ class RunWriter:
         except CheckpointException as e:
             raise_from_dcp(e)
         self.names[step] = name
+        self.retired |= {s for s, n in self.names.items() if n in retires and s < step}
         key = join_key(step_prefix(step), COMMITTED)
         entry = entry_from_committed(step, self.backend.read(key), f"{self.backend.uri}/{key}")
         self.lock.fence.check(self.backend, f"updating {self.backend.uri}/manifest.json")

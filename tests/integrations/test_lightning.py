@@ -170,3 +170,38 @@ def test_model_checkpoint_without_the_plugin_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"Trainer\(plugins=\[DistCkptIO"):
         trainer.fit(Regressor(), loader(shuffle=False), loader(shuffle=False))
     assert not (tmp_path / "run").exists()
+
+
+_KILLED_BETWEEN_COMMIT_AND_DELETE = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from support.faulty_backend import FaultyBackend, Rule
+from storage_backends import open_backend
+from dist_ckpt.integrations.lightning import DistCkptIO, SaveOptions
+# the process dies (os._exit) at the manifest update of its second save (the 3rd: the first
+# writes the new run's manifest at start), after that save's COMMITTED
+rule = Rule("compare_and_swap", "manifest.json", "exit", nth=3)
+io = DistCkptIO(async_save=False, backend_factory=lambda root: FaultyBackend(open_backend(root), [rule]))
+state = lambda step: {{"global_step": step, "state_dict": {{"w": torch.full((3,), float(step))}}}}
+io.save_checkpoint(state(10), {run!r} + "/a.ckpt", SaveOptions(metrics={{"loss": 2.0}}, best_modes={{"loss": "min"}}))
+io.save_checkpoint(state(20), {run!r} + "/b.ckpt", SaveOptions(metrics={{"loss": 1.0}}, best_modes={{"loss": "min"}},
+                                                               retires=("a.ckpt",)))
+"""
+
+
+def test_top_k_drop_survives_a_kill_between_the_commit_and_the_delete(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    script = _KILLED_BETWEEN_COMMIT_AND_DELETE.format(tests=str(Path(__file__).parents[1]), run=str(run))
+    proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ), capture_output=True, timeout=120)
+    assert proc.returncode == 137, proc.stderr.decode()[-3000:]
+    assert committed_names(open_backend(str(run))) == {10: "a.ckpt", 20: "b.ckpt"}  # step 10 left behind
+    io = DistCkptIO(async_save=False)
+    io.save_checkpoint({"global_step": 30, "state_dict": {"w": torch.zeros(3)}}, run / "c.ckpt")  # the next job's first save
+    io.teardown()
+    assert committed_names(open_backend(str(run))) == {20: "b.ckpt", 30: "c.ckpt"}  # b's commit retired a: gone
+    manifest, _ = RunStore(open_backend(str(run))).read_manifest()
+    assert manifest is not None and manifest.pointers == {"last": 30, "best:loss": 20}
+    assert verify_run(open_backend(str(run))).ok

@@ -52,9 +52,12 @@ def _progress(tmp: Path, name: str) -> int:
         return -1
 
 
-def _kill_after_step(proc: subprocess.Popen[bytes], tmp: Path, name: str, step: int) -> None:
+def _kill_after_step(proc: subprocess.Popen[bytes], tmp: Path, name: str, step: int, run: str) -> None:
+    """SIGKILL the job once it passed ``step`` and has committed a checkpoint (on S3 the first
+    async commit may still be in flight at any given step)."""
     deadline = time.monotonic() + TIMEOUT
-    while _progress(tmp, name) < step:
+    backend = open_backend(run)
+    while _progress(tmp, name) < step or last_step(backend) is None:
         assert proc.poll() is None, (tmp / f"{name}.log").read_text()[-4000:]
         assert time.monotonic() < deadline, "the job did not reach the step to kill at"
         time.sleep(0.02)
@@ -66,7 +69,7 @@ def _kill_and_resume(dirpath: str, tmp: Path) -> None:
     _finish(_start(str(tmp / "a_run") if not dirpath.startswith("s3://") else dirpath + "-a", tmp, "a"), tmp, "a")
     run_b = dirpath if not dirpath.startswith("s3://") else dirpath + "-b"
     kill_at = random.Random().randrange(6, STEPS - 6)
-    _kill_after_step(_start(run_b, tmp, "b"), tmp, "b", kill_at)
+    _kill_after_step(_start(run_b, tmp, "b"), tmp, "b", kill_at, run_b)
 
     backend = open_backend(run_b)
     # `last` never names an uncommitted step: the manifest (and the markers) name a committed one

@@ -38,7 +38,10 @@ def test_second_job_on_the_same_run_fails_with_run_locked(tmp_path: Path) -> Non
         with pytest.raises(RunLocked) as err:
             dist_ckpt.CheckpointManager(str(root), best={"loss": "min"})
         assert_named_error(err.value, str(root), "LOCK", f":{first_pid}:")
-        assert len(before) == 3 and _files(root) == before  # the second manager touched nothing
+        # shard, rank index, metadata.json, COMMITTED: the second manager touched none of them
+        assert sorted(before) == sorted(f"step_000000001/{n}" for n in ("rank_00000.safetensors", "index_00000.safetensors",
+                                                                        "metadata.json", "COMMITTED"))  # fmt: skip
+        assert _files(root) == before
         rc = job.wait(120)
     finally:
         job.kill()

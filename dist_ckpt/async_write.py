@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import _compare_save_plans, _create_write_items
 
+from dist_ckpt.compact_plan import MeshSplit
 from dist_ckpt.dcp_errors import raise_from_dcp
 from dist_ckpt.format.shard import ChunkCodec
 from dist_ckpt.lock_fence import Fence
@@ -86,9 +87,12 @@ class StagedSavePlanner(JsonSavePlanner):
             cached = SavePlanner._cached_save_plan.get(self._cached_plans_key)
             if cached is not None and _compare_save_plans(plan, cached):
                 self.local_plan_reused = True
-                return SavePlan([], usable=False)
+                return self._keep_ruled(SavePlan([], usable=False))
             self._pending_local_plan = plan
-        return plan
+        return self._keep_ruled(plan)
+
+    def _splits(self) -> dict[str, MeshSplit]:
+        return {s.fqn: s.split for s in self._snapshot.specs if s.split is not None}
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
         fresh = new_plan.storage_data  # this save's assignment, even on an unusable (cached) plan

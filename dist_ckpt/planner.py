@@ -9,6 +9,7 @@ written.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Mapping
 from typing import Any
@@ -16,9 +17,10 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItem, WriteItemType
 from torch.distributed.checkpoint._nested_dict import set_element
 
+from dist_ckpt import compact_plan
 from dist_ckpt.errors import IncompatibleCheckpoint, UnsupportedValue
 from dist_ckpt.format import json_values
 from dist_ckpt.format.dcp_view import narrow_for
@@ -37,6 +39,9 @@ class JsonSavePlanner(DefaultSavePlanner):
         kwargs.setdefault("dedup_save_to_lowest_rank", True)
         super().__init__(**kwargs)
         self._encoded: dict[str, bytes] = {}
+        self._kept: tuple[WriteItem, ...] = ()  # items a split rule describes: not sent (compact_plan)
+        self.ruled_fqns: frozenset[str] = frozenset()  # read by DistCkptWriter: no WriteResult per chunk
+        self.coordinator_items: int | None = None  # items the coordinator was sent (tests, benchmark)
 
     def set_up_planner(
         self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False
@@ -58,6 +63,35 @@ class JsonSavePlanner(DefaultSavePlanner):
             for fqn, value in self.state_dict.items()
             if not isinstance(value, torch.Tensor)
         }
+
+    def create_local_plan(self) -> SavePlan:
+        return self._keep_ruled(super().create_local_plan())
+
+    def _splits(self) -> dict[str, compact_plan.MeshSplit]:
+        return {fqn: s for fqn, v in self.state_dict.items() if (s := compact_plan.split_of(v)) is not None}
+
+    def _keep_ruled(self, sent: SavePlan) -> SavePlan:
+        """What goes to the coordinator: not the items a split rule describes (compact_plan)."""
+        split = compact_plan.split_local_plan(sent, self.plan, self._splits())
+        self._kept, self.ruled_fqns = split.kept, split.ruled_fqns
+        return split.sent
+
+    def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        self.coordinator_items = sum(len(p.items) for p in all_plans)
+        unpacked = compact_plan.unpack(all_plans)
+        if unpacked is None:
+            return super()._create_global_plan(all_plans)
+        plans, data = unpacked
+        ruled = compact_plan.resolve(data)  # first: a rank that disagrees is named, not DCP's symptom
+        global_plan, metadata = super()._create_global_plan(plans)
+        return global_plan, compact_plan.add_ruled(metadata, ruled, data)
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        plan = super().finish_plan(new_plan)
+        if self._kept:  # the ruled items were never sent: this rank writes them all the same
+            plan = dataclasses.replace(plan, items=[*self._kept, *plan.items])
+            self.plan = plan
+        return plan
 
     def transform_object(self, write_item: WriteItem, object: Any) -> torch.Tensor | io.BytesIO:
         if write_item.type == WriteItemType.BYTE_IO:

@@ -191,6 +191,9 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         index_written = save_shard(self.backend, index_key, index_entries, None)
         index_record = FileRecord(assignment.rank, index_written.size, index_written.checksum)
         record = FileRecord(assignment.rank, written.size, written.checksum, index_file)
+        # No result per chunk of a tensor a split rule describes (compact_plan): the coordinator
+        # gathers O(tensors + ranks) results; the first carries this rank's file records.
+        ruled = getattr(planner, "ruled_fqns", frozenset())
         return [
             WriteResult(
                 index=item.index,
@@ -201,7 +204,8 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
                     index_record,
                 ),
             )
-            for item, e in zip(plan.items, entries)
+            for pos, (item, e) in enumerate(zip(plan.items, entries))
+            if pos == 0 or item.index.fqn not in ruled
         ]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:

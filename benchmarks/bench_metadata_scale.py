@@ -52,6 +52,8 @@ from torch.distributed.checkpoint.metadata import (  # noqa: E402
     TensorStorageMetadata,
 )
 
+from _coordinator_sim import Coordinator  # noqa: E402
+
 from dist_ckpt.format import chunk_layout, metadata_json, metadata_v2  # noqa: E402
 from dist_ckpt.format.metadata_json import EntryRef, FileRecord  # noqa: E402
 from dist_ckpt.format.rank_index import index_entry, index_name  # noqa: E402
@@ -176,7 +178,13 @@ def run_world(world: int, rounds: int, baselines: bool, tmp: str) -> dict[str, A
     idx_json, idx_file = rank_index_bytes(st, world // 2, tmp)
     t: dict[str, list[float]] = {k: [] for k in ("v2_write", "v2_parse", "v2_dcp_view", "v2_plan", "v1_write", "v1_parse", "dcp_write", "dcp_parse")}
     sizes: dict[str, int] = {}
+    coord = Coordinator(tensors(), [name for name, _ in params()], world, per_chunk=baselines)
+    modes = ["compact", "compact_cached"] + (["per_chunk", "per_chunk_cached"] if baselines else [])
+    coord_runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     for _ in range(rounds):
+        for mode in modes:
+            gc.collect()
+            coord_runs[mode].append(coord.run(mode, tmp))
         dt, doc = timed(v2_write, st)
         t["v2_write"].append(dt)
         sizes["v2"] = len(doc)
@@ -204,6 +212,12 @@ def run_world(world: int, rounds: int, baselines: bool, tmp: str) -> dict[str, A
                "coordinator_write_s": summary(t["v2_write"]), "per_rank_parse_s": summary(t["v2_parse"]),
                "dcp_view_s": summary(t["v2_dcp_view"]), "plan_s": summary(t["v2_plan"])},
     }  # fmt: skip
+    out["coordinator_save"] = {
+        mode: {"items_received": runs[0]["items_received"], "results_received": runs[0]["results_received"],
+               **{k: summary([r[k] for r in runs]) for k in ("receive_s", "plan_s", "finish_s", "total_s")}}
+        for mode, runs in coord_runs.items()
+    }  # fmt: skip
+    del coord
     if baselines:
         out["v1"] = {"read_by_any_rank_bytes": sizes["v1"], "read_by_any_rank_MiB": round(sizes["v1"] / MiB, 3),
                      "bytes_per_chunk": round(sizes["v1"] / chunks, 1),

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import _compare_save_plans, _create_write_items
 
-from dist_ckpt.compact_plan import MeshSplit
+from dist_ckpt.compact_plan import MeshSplit, agreement
 from dist_ckpt.dcp_errors import raise_from_dcp
 from dist_ckpt.format.shard import ChunkCodec
 from dist_ckpt.lock_fence import Fence
@@ -55,8 +55,8 @@ def _shard_item(fqn: str, local: torch.Tensor, offsets: tuple[int, ...], global_
 class StagedSavePlanner(JsonSavePlanner):
     """Plans a flat, already staged state dict (see the module docstring)."""
 
-    def __init__(self, snapshot: Snapshot, *, cache_key: str | None = None):
-        super().__init__(enable_plan_caching=cache_key is not None)
+    def __init__(self, snapshot: Snapshot, *, cache_key: str | None = None, agree: Any = None):
+        super().__init__(enable_plan_caching=cache_key is not None, agree=agree)
         if cache_key is not None:
             self._cached_plans_key = cache_key
         self._snapshot = snapshot
@@ -134,7 +134,8 @@ def write_snapshot(
     """Save ``snapshot`` as the committed checkpoint ``prefix`` (all ranks of the group;
     ``fence``: the run lock the coordinator checks right before ``COMMITTED``)."""
     writer = DistCkptWriter(backend, prefix, codec=codec, commit_info=commit_info, fence=fence)
-    planner = StagedSavePlanner(snapshot, cache_key=cache_key)
+    distributed = dist.is_available() and dist.is_initialized()
+    planner = StagedSavePlanner(snapshot, cache_key=cache_key, agree=agreement(process_group) if distributed else None)
     try:
         dcp.save(
             snapshot.flat_state_dict(),

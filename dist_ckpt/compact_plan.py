@@ -13,7 +13,10 @@ that rule from its own DTensor. So, through DCP's public planner hooks:
   (:class:`LocalSplit`); the plan sent holds the other items and a :class:`CompactPlanData`:
   the rank's place in each mesh, the rules of the meshes it is the first rank of (mesh index
   0), the flatten mappings of those and of its other keys only, and a digest of all the rules
-  it holds;
+  it holds. The other items (replicated state: plain tensors such as AdamW's ``step``,
+  values) are agreed by one ``all_reduce`` of a digest (:func:`agreement`): where every rank
+  holds the same, only the coordinator sends and writes them (DCP's dedup to the lowest rank
+  would pick it from every rank's copy); where they differ, every rank sends its own;
 - ``create_global_plan`` (coordinator): resolves each mesh to process-group ranks, checks each
   rank's digest against the rules its meshes' first ranks sent (a rank that holds other
   DTensors than its mesh peers fails the save, naming the rank), and adds the ruled tensors to
@@ -22,15 +25,17 @@ that rule from its own DTensor. So, through DCP's public planner hooks:
 - the writer returns one ``WriteResult`` per unruled item (and one for a rank's file), and
   ``metadata_v2.dumps`` writes a ruled tensor's rule without looking at its chunks.
 
-What stays O(chunks) at the coordinator is only what DCP does with the items it is sent:
-tensors no rule describes (plain replicated tensors such as AdamW's ``step``; 2-D meshes).
+What stays O(ranks × items) at the coordinator: the items no rule describes where the ranks'
+replicated state differs (then each rank's are sent, as DCP does), and the chunks of tensors no
+rule fits (2-D meshes such as HSDP, strided or uneven shards, ShardedTensor): DCP's per-chunk
+items. DCP still gathers one plan object and one result list per rank: O(ranks).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -130,9 +135,32 @@ class LocalSplit:
     ruled_fqns: frozenset[str]
 
 
-def split_local_plan(plan: SavePlan, full: SavePlan, splits: Mapping[str, MeshSplit]) -> LocalSplit:
+def unruled_digest(items: Iterable[WriteItem], mappings: Mapping[str, Any]) -> str:
+    """A digest of the items no rule describes (keys, offsets, kinds, shapes, dtypes) and their
+    mappings: equal on every rank when every rank holds the same replicated state."""
+    keys = []
+    for i in items:
+        td = i.tensor_data
+        offset = None if i.index.offset is None else list(i.index.offset)
+        shape = None if td is None else [list(td.size), str(td.properties.dtype), list(td.chunk.offsets), list(td.chunk.sizes)]
+        keys.append([i.index.fqn, offset, int(i.type.value), shape, repr(mappings.get(i.index.fqn))])
+    return _digest(sorted(keys, key=repr))
+
+
+def split_local_plan(
+    plan: SavePlan,
+    full: SavePlan,
+    splits: Mapping[str, MeshSplit],
+    *,
+    coordinator: bool = True,
+    agree: Callable[[str], bool] | None = None,
+) -> LocalSplit:
     """``full``: this rank's whole local plan; ``plan``: what DCP would send (``full``, or an
-    empty unusable plan when the cached plan is reused); ``splits``: the ruled DTensors."""
+    empty unusable plan when the cached plan is reused); ``splits``: the ruled DTensors.
+
+    ``agree`` (a collective: every rank calls it, with its :func:`unruled_digest`) tells
+    whether every rank holds the same unruled items; then only the coordinator sends (and
+    writes) them — what DCP's dedup to the lowest rank would decide from every rank's copy."""
     mappings = full.planner_data if isinstance(full.planner_data, dict) else {}
     kept: list[WriteItem] = []
     rules: dict[str, RuledTensor] = {}
@@ -146,7 +174,11 @@ def split_local_plan(plan: SavePlan, full: SavePlan, splits: Mapping[str, MeshSp
             continue  # not the chunk the rule gives it: sent as DCP's item
         kept.append(item)
         rules[rt.fqn] = rt
-    if not rules:
+    unruled = [i for i in full.items if i.index.fqn not in rules]
+    # every rank calls the collective, whatever it sends
+    replicated = agree(unruled_digest(unruled, mappings)) if agree is not None else False
+    drop_unruled = replicated and not coordinator
+    if not rules and not drop_unruled:
         return LocalSplit(plan, (), frozenset())
     if not plan.usable:  # the cached plan is reused: nothing is sent
         return LocalSplit(plan, tuple(kept), frozenset(rules))
@@ -154,13 +186,29 @@ def split_local_plan(plan: SavePlan, full: SavePlan, splits: Mapping[str, MeshSp
     owned = tuple(r for r in rules.values() if meshes[r.mesh] == 0)
     owned_fqns = {r.fqn for r in owned}
     data = CompactPlanData(
-        mappings={k: v for k, v in mappings.items() if k not in rules or k in owned_fqns},
+        mappings={k: v for k, v in mappings.items() if k in owned_fqns or (k not in rules and not drop_unruled)},
         meshes=tuple(sorted(meshes.items())),
         owned=owned,
         digest=rules_digest(rules.values()),
     )
-    sent = replace(plan, items=[i for i in plan.items if i.index.fqn not in rules], planner_data=data)
+    sent = replace(plan, items=[] if drop_unruled else [i for i in plan.items if i.index.fqn not in rules], planner_data=data)
     return LocalSplit(sent, tuple(kept), frozenset(rules))
+
+
+def agreement(group: Any = None) -> Callable[[str], bool]:
+    """A collective over ``group``: whether every rank passed the same digest (one
+    ``all_reduce`` of two integers: min == max)."""
+    import torch.distributed as dist
+
+    def same_everywhere(digest: str) -> bool:
+        backend = str(dist.get_backend(group))
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        h = int(digest[:15], 16)
+        t = torch.tensor([h, -h], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+        return int(t[0]) == -int(t[1])
+
+    return same_everywhere
 
 
 def unpack(all_plans: Sequence[SavePlan]) -> tuple[list[SavePlan], list[CompactPlanData]] | None:

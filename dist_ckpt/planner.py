@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ _MAX_LISTED = 20
 class JsonSavePlanner(DefaultSavePlanner):
     """Saves tensors as DCP does and every other value as tagged JSON."""
 
-    def __init__(self, **kwargs: Any):
+    def __init__(self, *, agree: Callable[[str], bool] | None = None, **kwargs: Any):
         # A replicated tensor is written by rank 0, not by whichever rank DCP's size balancing
         # picks: replicas can differ (BatchNorm running stats after DDP's last forward are each
         # rank's own; DDP broadcasts rank 0's at the next forward), and an exact resume needs
@@ -42,6 +42,7 @@ class JsonSavePlanner(DefaultSavePlanner):
         self._kept: tuple[WriteItem, ...] = ()  # items a split rule describes: not sent (compact_plan)
         self.ruled_fqns: frozenset[str] = frozenset()  # read by DistCkptWriter: no WriteResult per chunk
         self.coordinator_items: int | None = None  # items the coordinator was sent (tests, benchmark)
+        self._agree = agree  # collective: do all ranks hold the same unruled items (compact_plan.agreement)
 
     def set_up_planner(
         self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False
@@ -72,7 +73,7 @@ class JsonSavePlanner(DefaultSavePlanner):
 
     def _keep_ruled(self, sent: SavePlan) -> SavePlan:
         """What goes to the coordinator: not the items a split rule describes (compact_plan)."""
-        split = compact_plan.split_local_plan(sent, self.plan, self._splits())
+        split = compact_plan.split_local_plan(sent, self.plan, self._splits(), coordinator=self.is_coordinator, agree=self._agree)
         self._kept, self.ruled_fqns = split.kept, split.ruled_fqns
         return split.sent
 

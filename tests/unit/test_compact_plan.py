@@ -1,6 +1,6 @@
 """Compact save plans (issue 20): what a rank sends the coordinator for tensors a split rule
 describes, how the coordinator checks and resolves it, and that metadata.json is the same as
-from DCP's per-chunk plans. Multi-rank saves through these hooks: tests/distributed/test_compact_plan.py."""
+from DCP's per-chunk plans. Multi-rank saves through these hooks: tests/distributed/test_compact_plan_ranks.py."""
 
 from __future__ import annotations
 
@@ -114,3 +114,40 @@ def test_global_plan_returns_unruled_items_and_finish_plan_puts_the_kept_ones_ba
     final = rank2.finish_plan(global_plan[2])
     assert [i.index.fqn for i in final.items] == ["w", "b", "small"]
     assert create_default_global_save_plan  # DCP's helper the per-chunk path uses (imported: API present)
+
+
+def test_agreed_replicated_items_are_sent_and_written_by_the_coordinator_only() -> None:
+    digests: list[str] = []
+
+    def agree(digest: str) -> bool:  # every rank passes the same digest here: the collective says "same"
+        digests.append(digest)
+        return True
+
+    plans = [compact_plan.split_local_plan(_full_plan(r), _full_plan(r), _splits(r), coordinator=r == 0, agree=agree)
+             for r in range(WORLD)]  # fmt: skip
+    assert len(set(digests)) == 1 and len(digests) == WORLD
+    assert [[i.index.fqn for i in p.sent.items] for p in plans] == [["step"], [], [], []]
+    assert [sorted(p.sent.planner_data.mappings) for p in plans] == [["b", "small", "step", "w"], [], [], []]
+    planner = JsonSavePlanner()
+    global_plan, meta = planner._create_global_plan([p.sent for p in plans])
+    assert planner.coordinator_items == 1 and "step" in meta.state_dict_metadata
+    assert meta.planner_data["step"] == ("model", "step")
+
+
+def test_no_agreement_or_a_cached_plan_still_calls_the_collective_on_every_rank() -> None:
+    calls: list[int] = []
+    for r in range(WORLD):
+        # ranks disagree: each sends its unruled items, as DCP's plans do
+        split = compact_plan.split_local_plan(_full_plan(r), _full_plan(r), _splits(r), coordinator=r == 0,
+                                              agree=lambda d, r=r: calls.append(r) or False)  # fmt: skip
+        assert [i.index.fqn for i in split.sent.items] == ["step"]
+    unusable = SavePlan([], usable=False)
+    split = compact_plan.split_local_plan(unusable, _full_plan(1), {}, coordinator=False, agree=lambda d: calls.append(9) or True)
+    assert split.sent is unusable and calls == [0, 1, 2, 3, 9]
+
+
+def test_unruled_digest_differs_when_a_replicated_tensor_differs_in_shape() -> None:
+    items = _full_plan(0).items[3:]
+    other = [_item("step", (2,), 0, 1)]
+    assert compact_plan.unruled_digest(items, {}) != compact_plan.unruled_digest(other, {})
+    assert compact_plan.unruled_digest(items, {"step": ("a",)}) != compact_plan.unruled_digest(items, {"step": ("b",)})

@@ -62,7 +62,7 @@ class StagedSavePlanner(JsonSavePlanner):
         self._snapshot = snapshot
         self.local_plan_reused = False  # tests: whether the cached local plan was reused
 
-    def set_up_planner(self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False) -> None:
+    def _set_up(self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False) -> None:
         self.state_dict = state_dict  # already flat; values are JSON bytes
         self.mappings = self._snapshot.mappings
         self.is_coordinator = is_coordinator
@@ -73,7 +73,7 @@ class StagedSavePlanner(JsonSavePlanner):
             raise rebuild_error(*snap.value_error)
         self._encoded = snap.encoded if snap.encoded is not None else encode_values(snap.values)
 
-    def create_local_plan(self) -> SavePlan:
+    def _local_plan(self) -> SavePlan:
         items: list[WriteItem] = []
         shards = self._snapshot.shards
         for fqn, obj in self.state_dict.items():
@@ -87,9 +87,9 @@ class StagedSavePlanner(JsonSavePlanner):
             cached = SavePlanner._cached_save_plan.get(self._cached_plans_key)
             if cached is not None and _compare_save_plans(plan, cached):
                 self.local_plan_reused = True
-                return self._keep_ruled(SavePlan([], usable=False))
+                return SavePlan([], usable=False)
             self._pending_local_plan = plan
-        return self._keep_ruled(plan)
+        return plan
 
     def _splits(self) -> dict[str, MeshSplit]:
         return {s.fqn: s.split for s in self._snapshot.specs if s.split is not None}

@@ -153,7 +153,7 @@ def split_local_plan(
     splits: Mapping[str, MeshSplit],
     *,
     coordinator: bool = True,
-    agree: Callable[[str], bool] | None = None,
+    agree: Callable[[str | None], bool] | None = None,
 ) -> LocalSplit:
     """``full``: this rank's whole local plan; ``plan``: what DCP would send (``full``, or an
     empty unusable plan when the cached plan is reused); ``splits``: the ruled DTensors.
@@ -178,6 +178,10 @@ def split_local_plan(
     # every rank calls the collective, whatever it sends
     replicated = agree(unruled_digest(unruled, mappings)) if agree is not None else False
     drop_unruled = replicated and not coordinator
+    if not plan.usable and agree is not None and not replicated:
+        # The cached plan may date from a save where the ranks agreed (and this rank sent no
+        # unruled item); now they differ, so this rank's own items must reach the coordinator.
+        plan = full
     if not rules and not drop_unruled:
         return LocalSplit(plan, (), frozenset())
     if not plan.usable:  # the cached plan is reused: nothing is sent
@@ -195,15 +199,17 @@ def split_local_plan(
     return LocalSplit(sent, tuple(kept), frozenset(rules))
 
 
-def agreement(group: Any = None) -> Callable[[str], bool]:
+def agreement(group: Any = None) -> Callable[[str | None], bool]:
     """A collective over ``group``: whether every rank passed the same digest (one
     ``all_reduce`` of two integers: min == max)."""
     import torch.distributed as dist
 
-    def same_everywhere(digest: str) -> bool:
+    def same_everywhere(digest: str | None) -> bool:
+        """``None``: this rank failed to plan (it raises next); it still takes part, and no rank
+        sees an agreement (its -1 is below every digest's value)."""
         backend = str(dist.get_backend(group))
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        h = int(digest[:15], 16)
+        h = int(digest[:15], 16) if digest is not None else -1
         t = torch.tensor([h, -h], dtype=torch.int64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
         return int(t[0]) == -int(t[1])

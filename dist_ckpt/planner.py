@@ -31,7 +31,7 @@ _MAX_LISTED = 20
 class JsonSavePlanner(DefaultSavePlanner):
     """Saves tensors as DCP does and every other value as tagged JSON."""
 
-    def __init__(self, *, agree: Callable[[str], bool] | None = None, **kwargs: Any):
+    def __init__(self, *, agree: Callable[[str | None], bool] | None = None, **kwargs: Any):
         # A replicated tensor is written by rank 0, not by whichever rank DCP's size balancing
         # picks: replicas can differ (BatchNorm running stats after DDP's last forward are each
         # rank's own; DDP broadcasts rank 0's at the next forward), and an exact resume needs
@@ -43,10 +43,23 @@ class JsonSavePlanner(DefaultSavePlanner):
         self.ruled_fqns: frozenset[str] = frozenset()  # read by DistCkptWriter: no WriteResult per chunk
         self.coordinator_items: int | None = None  # items the coordinator was sent (tests, benchmark)
         self._agree = agree  # collective: do all ranks hold the same unruled items (compact_plan.agreement)
+        self._failed: Exception | None = None  # set_up_planner's error, raised after the agreement
 
     def set_up_planner(
         self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False
     ) -> None:
+        self._failed: Exception | None = None
+        self.is_coordinator = is_coordinator
+        try:
+            self._set_up(state_dict, storage_meta, is_coordinator)
+        except Exception as e:
+            if self._agree is None:
+                raise
+            # Raised by create_local_plan once this rank has taken part in the agreement (a
+            # collective every rank must reach); DCP then gathers the error as it would have.
+            self._failed = e
+
+    def _set_up(self, state_dict: dict[str, Any], storage_meta: StorageMeta | None, is_coordinator: bool) -> None:
         try:
             super().set_up_planner(state_dict, storage_meta, is_coordinator)
         except ValueError as e:
@@ -66,14 +79,32 @@ class JsonSavePlanner(DefaultSavePlanner):
         }
 
     def create_local_plan(self) -> SavePlan:
-        return self._keep_ruled(super().create_local_plan())
+        agreed = False
+
+        def agree(digest: str | None) -> bool:
+            nonlocal agreed
+            agreed = True
+            return self._agree(digest)  # type: ignore[misc]
+
+        try:
+            if self._failed is not None:
+                raise self._failed
+            return self._keep_ruled(self._local_plan(), agree if self._agree is not None else None)
+        except Exception:
+            if self._agree is not None and not agreed:
+                self._agree(None)  # the collective, as a rank that cannot agree
+            raise
+
+    def _local_plan(self) -> SavePlan:
+        """This rank's whole local plan as DCP sends it (unusable: the cached one is reused)."""
+        return super().create_local_plan()
 
     def _splits(self) -> dict[str, compact_plan.MeshSplit]:
         return {fqn: s for fqn, v in self.state_dict.items() if (s := compact_plan.split_of(v)) is not None}
 
-    def _keep_ruled(self, sent: SavePlan) -> SavePlan:
+    def _keep_ruled(self, sent: SavePlan, agree: Callable[[str | None], bool] | None) -> SavePlan:
         """What goes to the coordinator: not the items a split rule describes (compact_plan)."""
-        split = compact_plan.split_local_plan(sent, self.plan, self._splits(), coordinator=self.is_coordinator, agree=self._agree)
+        split = compact_plan.split_local_plan(sent, self.plan, self._splits(), coordinator=self.is_coordinator, agree=agree)
         self._kept, self.ruled_fqns = split.kept, split.ruled_fqns
         return split.sent
 

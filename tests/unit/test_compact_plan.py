@@ -144,6 +144,12 @@ def test_no_agreement_or_a_cached_plan_still_calls_the_collective_on_every_rank(
     unusable = SavePlan([], usable=False)
     split = compact_plan.split_local_plan(unusable, _full_plan(1), {}, coordinator=False, agree=lambda d: calls.append(9) or True)
     assert split.sent is unusable and calls == [0, 1, 2, 3, 9]
+    # a cached plan while the ranks now disagree: the cache may hold a plan made when they
+    # agreed (no unruled items sent), so this rank's own items are sent afresh
+    split = compact_plan.split_local_plan(unusable, _full_plan(1), _splits(1), coordinator=False, agree=lambda d: False)
+    assert split.sent.usable and [i.index.fqn for i in split.sent.items] == ["step"] and len(split.kept) == 3
+    split = compact_plan.split_local_plan(unusable, _full_plan(1), {}, coordinator=False, agree=lambda d: False)
+    assert split.sent.usable and len(split.sent.items) == 4 and split.kept == ()
 
 
 def test_unruled_digest_differs_when_a_replicated_tensor_differs_in_shape() -> None:

@@ -1,6 +1,7 @@
 """Checkpoint metadata at scale, simulated (no process group): issue 20.
 
-    python benchmarks/bench_metadata_scale.py [--ranks 64 256 1024 4096] [--baseline-ranks 64 256] [--rounds 3]
+    python benchmarks/bench_metadata_scale.py [--ranks 64 256 1024 4096] [--baseline-ranks 64 256]
+        [--coordinator-baseline-ranks 64] [--rounds 3]
 
 A 70B-shaped state (Llama-2-70B: 80 layers, hidden 8192, GQA k/v 1024, MLP 28672, vocab 32000:
 723 parameters in bf16, AdamW ``exp_avg``/``exp_avg_sq`` in fp32: 2,169 tensors), every tensor
@@ -8,8 +9,13 @@ split on dim 0 over all ranks as FSDP2 (DTensor ``Shard(0)``, ``torch.chunk`` si
 each world size the DCP :class:`Metadata` the coordinator holds after DCP's global plan is built
 once, then per round, interleaved:
 
-- ``v2`` (ours, format 2): coordinator write = the work of ``DistCkptWriter.finish`` (one pass
-  over the write results for chunk → rank, then ``metadata_v2.dumps``); what a restoring rank
+- ``coordinator_save`` (:mod:`_coordinator_sim`): everything rank 0 does at save between DCP's
+  gather of the local plans and the commit, with compact plans (ours) and DCP's per-chunk plans
+  (``--coordinator-baseline-ranks``; estimated beyond), each without and with DCP's plan caching;
+- ``v2`` (ours, format 2): coordinator write = ``metadata_v2.dumps`` from the ``Metadata`` the
+  coordinator holds after compact plans (a rule per tensor, one write result per rank);
+  ``coordinator_write_from_per_chunk_plans_s``: the same document from DCP's per-chunk
+  ``Metadata`` and a result per chunk (dist_ckpt before compact plans); what a restoring rank
   reads = metadata.json + its own rank index file (the one file that holds its chunks at the
   same world size); parse = ``metadata_json.loads`` of metadata.json + the index's JSON.
   Also reported: ``dcp_view_s``, DCP's ``Metadata`` view over the parsed records (chunks and
@@ -52,7 +58,11 @@ from torch.distributed.checkpoint.metadata import (  # noqa: E402
     TensorStorageMetadata,
 )
 
+from _coordinator_sim import Coordinator  # noqa: E402
+
+from dist_ckpt import compact_plan  # noqa: E402
 from dist_ckpt.format import chunk_layout, metadata_json, metadata_v2  # noqa: E402
+from dist_ckpt.format.chunk_layout import SplitRule  # noqa: E402
 from dist_ckpt.format.metadata_json import EntryRef, FileRecord  # noqa: E402
 from dist_ckpt.format.rank_index import index_entry, index_name  # noqa: E402
 from dist_ckpt.format.shard import save_shard  # noqa: E402
@@ -117,6 +127,19 @@ class State:
 
 
 def v2_write(st: State) -> bytes:
+    """metadata.json as the coordinator builds it now (compact plans): from one rule per
+    tensor, with one write result per rank."""
+    sd = {fqn: TensorStorageMetadata(md.properties, md.size, compact_plan.RuledChunks(SplitRule(tuple(md.size), 0, 0, st.world, -(-md.size[0] // st.world))))
+          for fqn, md in st.sd_meta.items()}  # fmt: skip
+    first = next(iter(st.sd_meta))
+    chunk_ranks = {(first, st.results[r][0][1]): r for r in range(st.world)}
+    meta = Metadata(state_dict_metadata=sd, planner_data={})
+    return metadata_v2.dumps(meta, chunk_ranks, {}, st.files, st.world, "none", {"torch": torch.__version__})
+
+
+def v2_write_per_chunk(st: State) -> bytes:
+    """The same document from DCP's per-chunk plans (dist_ckpt before compact plans): a pass
+    over every write result, then a rule check over every chunk."""
     chunk_ranks = {}
     for rank_results in st.results:  # what DistCkptWriter.finish does per write result
         for fqn, offsets, rank in rank_results:
@@ -170,16 +193,26 @@ def summary(xs: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(xs), 4), "min": round(min(xs), 4), "max": round(max(xs), 4)}
 
 
-def run_world(world: int, rounds: int, baselines: bool, tmp: str) -> dict[str, Any]:
+def run_world(world: int, rounds: int, baselines: bool, tmp: str, coord_baseline: bool = False) -> dict[str, Any]:
     st = State(world)
     chunks = sum(len(m.chunks) for m in st.sd_meta.values())
     idx_json, idx_file = rank_index_bytes(st, world // 2, tmp)
-    t: dict[str, list[float]] = {k: [] for k in ("v2_write", "v2_parse", "v2_dcp_view", "v2_plan", "v1_write", "v1_parse", "dcp_write", "dcp_parse")}
+    t: dict[str, list[float]] = {k: [] for k in ("v2_write", "v2_write_per_chunk", "v2_parse", "v2_dcp_view", "v2_plan", "v1_write", "v1_parse", "dcp_write", "dcp_parse")}
     sizes: dict[str, int] = {}
+    coord = Coordinator(tensors(), [name for name, _ in params()], world, per_chunk=coord_baseline)
+    modes = ["compact", "compact_cached"] + (["per_chunk", "per_chunk_cached"] if coord_baseline else [])
+    coord_runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     for _ in range(rounds):
-        dt, doc = timed(v2_write, st)
+        for mode in modes:
+            gc.collect()
+            coord_runs[mode].append(coord.run(mode, tmp))
+        dt, doc = timed(v2_write_per_chunk, st)
+        t["v2_write_per_chunk"].append(dt)
+        dt, doc2 = timed(v2_write, st)
         t["v2_write"].append(dt)
+        assert json.loads(doc) == json.loads(doc2), "metadata.json differs between compact and per-chunk plans"
         sizes["v2"] = len(doc)
+        del doc2
         dt, meta = timed(lambda: (metadata_json.loads(doc, "metadata.json"), json.loads(idx_json))[0])
         t["v2_parse"].append(dt)
         t["v2_dcp_view"].append(timed(lambda: meta.dcp)[0])
@@ -201,9 +234,17 @@ def run_world(world: int, rounds: int, baselines: bool, tmp: str) -> dict[str, A
         "v2": {"metadata_json_bytes": sizes["v2"], "rank_index_file_bytes": idx_file,
                "read_by_any_rank_bytes": sizes["v2"] + idx_file,
                "read_by_any_rank_MiB": round((sizes["v2"] + idx_file) / MiB, 3),
-               "coordinator_write_s": summary(t["v2_write"]), "per_rank_parse_s": summary(t["v2_parse"]),
+               "coordinator_write_s": summary(t["v2_write"]),
+               "coordinator_write_from_per_chunk_plans_s": summary(t["v2_write_per_chunk"]),
+               "per_rank_parse_s": summary(t["v2_parse"]),
                "dcp_view_s": summary(t["v2_dcp_view"]), "plan_s": summary(t["v2_plan"])},
     }  # fmt: skip
+    out["coordinator_save"] = {
+        mode: {"items_received": runs[0]["items_received"], "results_received": runs[0]["results_received"],
+               **{k: summary([r[k] for r in runs]) for k in ("receive_s", "plan_s", "finish_s", "total_s")}}
+        for mode, runs in coord_runs.items()
+    }  # fmt: skip
+    del coord
     if baselines:
         out["v1"] = {"read_by_any_rank_bytes": sizes["v1"], "read_by_any_rank_MiB": round(sizes["v1"] / MiB, 3),
                      "bytes_per_chunk": round(sizes["v1"] / chunks, 1),
@@ -220,12 +261,21 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ranks", type=int, nargs="+", default=[64, 256, 1024, 4096])
     p.add_argument("--baseline-ranks", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--coordinator-baseline-ranks", type=int, nargs="+", default=[64],
+                   help="world sizes at which the coordinator's work is also measured with DCP's per-chunk plans")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    results, per_chunk = [], {}
+    results, per_chunk, per_item = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for world in args.ranks:
-            row = run_world(world, args.rounds, world in args.baseline_ranks, tmp)
+            row = run_world(world, args.rounds, world in args.baseline_ranks, tmp, world in args.coordinator_baseline_ranks)
+            cs = row["coordinator_save"]
+            if "per_chunk" in cs:  # seconds per item received or result gathered, for the estimates beyond
+                per_item = {m: cs[m]["total_s"]["median"] / (cs[m]["items_received"] + cs[m]["results_received"]) for m in ("per_chunk", "per_chunk_cached")}
+            elif per_item:
+                items = row["chunks"] + 735 * world  # every chunk and every rank's unruled items
+                for m, sec in per_item.items():
+                    cs[m] = {"estimated": True, "total_s": round(sec * (items * (m == "per_chunk") + row["chunks"] + 735), 1)}
             if "v1" in row:
                 per_chunk = {k: (row[k]["bytes_per_chunk"], row[k]["per_rank_parse_s"]["median"] / row["chunks"]) for k in ("v1", "dcp")}
             elif per_chunk:
@@ -244,6 +294,17 @@ def main() -> None:
         "benchmark": "metadata_scale", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()}, "torch": torch.__version__,
         "rounds": args.rounds, "results": results, "target_1024": target,
+        "coordinator_notes": [
+            "coordinator_save: receive (unpickling what DCP gathers: local plans, write results) + plan "
+            "(create_global_plan, prepare_global_plan) + finish (metadata.json written, COMMITTED, publish; local disk)",
+            "compact: items_received and results_received grow with tensors + ranks (735 unruled items from "
+            "the coordinator, one result per rank); per_chunk: with tensors x ranks",
+            "still O(ranks) inside DCP, through its public API: one plan object gathered and scattered per "
+            "rank, one result list gathered per rank; plus one all_reduce of two integers (the replicated-state agreement)",
+            "still O(ranks x items) where no rule applies: replicated state that differs between ranks "
+            "(each rank sends its own, as DCP does), and tensors no split rule fits (2-D meshes, strided shards)",
+            "per_chunk beyond --coordinator-baseline-ranks: estimated from seconds per item and result measured there",
+        ],
     }, indent=1))  # fmt: skip
 
 

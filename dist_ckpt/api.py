@@ -22,6 +22,7 @@ from dist_ckpt.dcp_errors import raise_from_dcp, unwrap  # noqa: F401 (unwrap re
 from dist_ckpt.errors import ConfigError
 from dist_ckpt.format.shard import ChunkCodec
 from dist_ckpt.lock_fence import Fence
+from dist_ckpt import compact_plan
 from dist_ckpt.planner import JsonLoadPlanner, JsonSavePlanner
 from dist_ckpt.storage import DistCkptWriter
 from dist_ckpt.storage_reader import DistCkptReader
@@ -70,7 +71,7 @@ def save_to(
             dcp.save(
                 state_dict,
                 storage_writer=writer,
-                planner=JsonSavePlanner(spread=spread),
+                planner=JsonSavePlanner(spread=spread, agree=compact_plan.agreement(process_group) if _distributed() else None),
                 process_group=process_group,
                 no_dist=not _distributed(),
             )

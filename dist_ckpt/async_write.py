@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import _compare_save_plans, _create_write_items
 
+from dist_ckpt.compact_plan import MeshSplit, agreement
 from dist_ckpt.dcp_errors import raise_from_dcp
 from dist_ckpt.format.shard import ChunkCodec
 from dist_ckpt.lock_fence import Fence
@@ -54,14 +55,14 @@ def _shard_item(fqn: str, local: torch.Tensor, offsets: tuple[int, ...], global_
 class StagedSavePlanner(JsonSavePlanner):
     """Plans a flat, already staged state dict (see the module docstring)."""
 
-    def __init__(self, snapshot: Snapshot, *, cache_key: str | None = None):
-        super().__init__(enable_plan_caching=cache_key is not None, spread=snapshot.spread)
+    def __init__(self, snapshot: Snapshot, *, cache_key: str | None = None, agree: Any = None):
+        super().__init__(enable_plan_caching=cache_key is not None, spread=snapshot.spread, agree=agree)
         if cache_key is not None:
             self._cached_plans_key = cache_key
         self._snapshot = snapshot
         self.local_plan_reused = False  # tests: whether the cached local plan was reused
 
-    def set_up_planner(self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False) -> None:
+    def _set_up(self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False) -> None:
         self.state_dict = state_dict  # already flat; values are JSON bytes
         self.mappings = self._snapshot.mappings
         self.is_coordinator = is_coordinator
@@ -72,7 +73,7 @@ class StagedSavePlanner(JsonSavePlanner):
             raise rebuild_error(*snap.value_error)
         self._encoded = snap.encoded if snap.encoded is not None else encode_values(snap.values)
 
-    def create_local_plan(self) -> SavePlan:
+    def _local_plan(self) -> SavePlan:
         items: list[WriteItem] = []
         shards = self._snapshot.shards
         for fqn, obj in self.state_dict.items():
@@ -89,6 +90,9 @@ class StagedSavePlanner(JsonSavePlanner):
                 return SavePlan([], usable=False)
             self._pending_local_plan = plan
         return plan
+
+    def _splits(self) -> dict[str, MeshSplit]:
+        return {s.fqn: s.split for s in self._snapshot.specs if s.split is not None}
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
         fresh = new_plan.storage_data  # this save's assignment, even on an unusable (cached) plan
@@ -130,7 +134,8 @@ def write_snapshot(
     """Save ``snapshot`` as the committed checkpoint ``prefix`` (all ranks of the group;
     ``fence``: the run lock the coordinator checks right before ``COMMITTED``)."""
     writer = DistCkptWriter(backend, prefix, codec=codec, commit_info=commit_info, fence=fence)
-    planner = StagedSavePlanner(snapshot, cache_key=cache_key)
+    distributed = dist.is_available() and dist.is_initialized()
+    planner = StagedSavePlanner(snapshot, cache_key=cache_key, agree=agreement(process_group) if distributed else None)
     try:
         dcp.save(
             snapshot.flat_state_dict(),

@@ -35,6 +35,10 @@ class UnsupportedValue(CheckpointError, TypeError):
     """A non-tensor value in the state cannot be stored as JSON (pickle is never used)."""
 
 
+class InconsistentState(CheckpointError, ValueError):
+    """The ranks of one save disagree about the state (e.g. the DTensors a mesh holds)."""
+
+
 class ConfigError(CheckpointError, ValueError):
     """A dist_ckpt option or argument is invalid."""
 

@@ -9,8 +9,9 @@ written.
 
 from __future__ import annotations
 
+import dataclasses
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItem, WriteItemType
 from torch.distributed.checkpoint._nested_dict import set_element
 
+from dist_ckpt import compact_plan
 from dist_ckpt.errors import IncompatibleCheckpoint, UnsupportedValue
 from dist_ckpt.format import json_values
 from dist_ckpt.format.dcp_view import narrow_for
@@ -29,7 +31,8 @@ _MAX_LISTED = 20
 class JsonSavePlanner(DefaultSavePlanner):
     """Saves tensors as DCP does and every other value as tagged JSON."""
 
-    def __init__(self, *, spread: frozenset[str] = frozenset(), **kwargs: Any):
+    def __init__(self, *, spread: frozenset[str] = frozenset(), agree: Callable[[str | None], bool] | None = None,
+                 **kwargs: Any):  # fmt: skip
         # A replicated tensor is written by rank 0, not by whichever rank DCP's size balancing
         # picks: replicas can differ (BatchNorm running stats after DDP's last forward are each
         # rank's own; DDP broadcasts rank 0's at the next forward), and an exact resume needs
@@ -40,10 +43,30 @@ class JsonSavePlanner(DefaultSavePlanner):
         super().__init__(**kwargs)
         self._spread = spread
         self._encoded: dict[str, bytes] = {}
+        self._kept: tuple[WriteItem, ...] = ()  # items a split rule describes: not sent (compact_plan)
+        self.ruled_fqns: frozenset[str] = frozenset()  # read by DistCkptWriter: no WriteResult per chunk
+        self.coordinator_items: int | None = None  # items the coordinator was sent (tests, benchmark)
+        # collective: do all ranks hold the same unruled items (compact_plan.agreement). Not with
+        # ``spread``: every rank writes a part of the replicated items, so they are not left to the
+        # coordinator; ``spread`` follows from the model's structure, so every rank or none skips it.
+        self._agree = agree if not spread else None
+        self._failed: Exception | None = None  # set_up_planner's error, raised after the agreement
 
     def set_up_planner(
         self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False
     ) -> None:
+        self._failed: Exception | None = None
+        self.is_coordinator = is_coordinator
+        try:
+            self._set_up(state_dict, storage_meta, is_coordinator)
+        except Exception as e:
+            if self._agree is None:
+                raise
+            # Raised by create_local_plan once this rank has taken part in the agreement (a
+            # collective every rank must reach); DCP then gathers the error as it would have.
+            self._failed = e
+
+    def _set_up(self, state_dict: dict[str, Any], storage_meta: StorageMeta | None, is_coordinator: bool) -> None:
         try:
             super().set_up_planner(state_dict, storage_meta, is_coordinator)
         except ValueError as e:
@@ -61,6 +84,53 @@ class JsonSavePlanner(DefaultSavePlanner):
             for fqn, value in self.state_dict.items()
             if not isinstance(value, torch.Tensor)
         }
+
+    def create_local_plan(self) -> SavePlan:
+        agreed = False
+
+        def agree(digest: str | None) -> bool:
+            nonlocal agreed
+            agreed = True
+            return self._agree(digest)  # type: ignore[misc]
+
+        try:
+            if self._failed is not None:
+                raise self._failed
+            return self._keep_ruled(self._local_plan(), agree if self._agree is not None else None)
+        except Exception:
+            if self._agree is not None and not agreed:
+                self._agree(None)  # the collective, as a rank that cannot agree
+            raise
+
+    def _local_plan(self) -> SavePlan:
+        """This rank's whole local plan as DCP sends it (unusable: the cached one is reused)."""
+        return super().create_local_plan()
+
+    def _splits(self) -> dict[str, compact_plan.MeshSplit]:
+        return {fqn: s for fqn, v in self.state_dict.items() if (s := compact_plan.split_of(v)) is not None}
+
+    def _keep_ruled(self, sent: SavePlan, agree: Callable[[str | None], bool] | None) -> SavePlan:
+        """What goes to the coordinator: not the items a split rule describes (compact_plan)."""
+        split = compact_plan.split_local_plan(sent, self.plan, self._splits(), coordinator=self.is_coordinator, agree=agree)
+        self._kept, self.ruled_fqns = split.kept, split.ruled_fqns
+        return split.sent
+
+    def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        self.coordinator_items = sum(len(p.items) for p in all_plans)
+        unpacked = compact_plan.unpack(all_plans)
+        if unpacked is None:
+            return super()._create_global_plan(all_plans)
+        plans, data = unpacked
+        ruled = compact_plan.resolve(data)  # first: a rank that disagrees is named, not DCP's symptom
+        global_plan, metadata = super()._create_global_plan(plans)
+        return global_plan, compact_plan.add_ruled(metadata, ruled, data)
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        plan = super().finish_plan(new_plan)
+        if self._kept:  # the ruled items were never sent: this rank writes them all the same
+            plan = dataclasses.replace(plan, items=[*self._kept, *plan.items])
+            self.plan = plan
+        return plan
 
     def transform_object(self, write_item: WriteItem, object: Any) -> torch.Tensor | io.BytesIO:
         if write_item.type == WriteItemType.BYTE_IO:

@@ -42,6 +42,7 @@ import torch
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.tensor import DTensor
 
+from dist_ckpt.compact_plan import MeshSplit, split_of
 from dist_ckpt.errors import ConfigError
 from dist_ckpt.format import json_values
 
@@ -70,6 +71,7 @@ class TensorSpec:
     dtype: torch.dtype
     chunk_offsets: tuple[int, ...] | None = None  # DTensor shard: its offset in the global tensor
     global_shape: tuple[int, ...] | None = None  # DTensor shard: the global shape
+    split: MeshSplit | None = None  # DTensor shard a split rule describes (compact_plan)
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -149,7 +151,8 @@ def describe(state_dict: dict[str, Any]) -> Layout:
             order.append(fqn)
             continue
         nbytes = local.numel() * local.element_size()
-        specs.append(TensorSpec(fqn, offset, nbytes, tuple(local.shape), local.dtype, chunk, global_shape))
+        split = split_of(obj) if chunk is not None else None
+        specs.append(TensorSpec(fqn, offset, nbytes, tuple(local.shape), local.dtype, chunk, global_shape, split))
         sources[fqn] = local
         order.append(fqn)
         offset += math.ceil(nbytes / ALIGN) * ALIGN

@@ -214,6 +214,9 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         record = FileRecord(assignment.rank, written.size, written.checksum, index_file)
         stored = {n: (written.entry_checksums[n], written.stored_bytes[n]) for n in written.entry_checksums}
         stored.update({n: (e.checksum, e.stored_bytes) for n, e in extra.items() if e.location is not None})
+        # No result per chunk of a tensor a split rule describes (compact_plan): the coordinator
+        # gathers O(tensors + ranks) results; the first carries this rank's file records.
+        ruled = getattr(planner, "ruled_fqns", frozenset())
         return [
             WriteResult(
                 index=item.index,
@@ -226,6 +229,7 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
                 ),
             )
             for i, (item, e) in enumerate(zip(plan.items, entries))
+            if i == 0 or item.index.fqn not in ruled
         ]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:

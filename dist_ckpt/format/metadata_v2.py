@@ -84,9 +84,13 @@ def dumps(
         # Empty chunks (a rank past the end of a torch.chunk split) hold no bytes and are never
         # read: leaving them out keeps the split a rule whichever rank DCP's de-duplication
         # gave them to (they share one offset, so DCP keeps one of them, on any rank).
-        chunks = [c for c in md.chunks if all(c.sizes)] or list(md.chunks[:1])
-        offsets = [c.offsets for c in chunks]
-        layout = layout_json(size, offsets, [c.sizes for c in chunks], [chunk_ranks[fqn, o] for o in offsets])
+        rule = getattr(md.chunks, "rule", None)  # compact_plan.RuledChunks: the rule, no scan
+        if rule is not None:
+            layout = {"on": rule.first_rank} if rule.count == 1 else {"split": [rule.dim, rule.first_rank, rule.count, rule.chunk]}
+        else:
+            chunks = [c for c in md.chunks if all(c.sizes)] or list(md.chunks[:1])
+            offsets = [c.offsets for c in chunks]
+            layout = layout_json(size, offsets, [c.sizes for c in chunks], [chunk_ranks[fqn, o] for o in offsets])
         listed += len(layout.get("chunks", ()))
         tensors[fqn] = {"dtype": dtype_name(md.properties.dtype), "size": list(size), **layout}
     value_json = {

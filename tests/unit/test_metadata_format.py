@@ -170,8 +170,11 @@ def test_format1_checkpoint_restores_bit_identical(old):
 
 
 def test_format1_verify_inspect_export_copy(old, tmp_path):
+    """Each CLI command that reads a checkpoint (verify, inspect, export, copy) on format 1."""
     expected = fixture_state()["model"]
     assert verify_checkpoint(LocalBackend(str(old.parent)), old.name).ok
+    verified = cli_in("verify", old)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
     view = CheckpointView(LocalBackend(str(old.parent)), old.name)
     assert view.meta.format_version == 1 and torch.equal(view.tensor("model.w"), expected["w"])
     inspected = as_json(cli_in("inspect", old, "--json"))
@@ -193,11 +196,19 @@ def test_format1_verify_inspect_export_copy(old, tmp_path):
 
 
 def test_format2_verify_inspect_export_copy(tmp_path):
+    """The same commands on format 2, and diff across the two formats."""
     state = fixture_state()
     ckpt = tmp_path / "run" / "step_000000003"
     dist_ckpt.save(state, str(ckpt))
     assert json.loads((ckpt / "metadata.json").read_text())["format"] == "dist_ckpt.checkpoint/2"
     assert verify_checkpoint(LocalBackend(str(ckpt.parent)), ckpt.name).ok
+    verified = cli_in("verify", ckpt)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    old = tmp_path / "old" / FIXTURE.name
+    shutil.copytree(FIXTURE, old)
+    # the same state in format 1 and format 2: diff finds no difference, values included
+    same = cli_in("diff", old, ckpt, "--values")
+    assert same.returncode == 0, same.stdout + same.stderr
     view = CheckpointView(LocalBackend(str(ckpt.parent)), ckpt.name)
     assert torch.equal(view.tensor("model.w"), state["model"]["w"]) and view.refs("model.w")[0].checksum
     inspected = as_json(cli_in("inspect", ckpt, "--json"))

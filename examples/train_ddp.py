@@ -108,3 +108,4 @@ def main(argv: list[str] | None = None, *, wrap: Callable[[nn.Module], nn.Module
 
 if __name__ == "__main__":
     main()
+    common.exit_without_finalization()  # see its docstring: a PyTorch gloo/DDP teardown race

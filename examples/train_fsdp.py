@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from torch import nn  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
+import common  # noqa: E402
 import train_ddp  # noqa: E402
 
 
@@ -29,3 +30,4 @@ def wrap_fsdp(model: nn.Module) -> nn.Module:
 
 if __name__ == "__main__":
     train_ddp.main(wrap=wrap_fsdp, doc=__doc__)
+    common.exit_without_finalization()  # see its docstring: a PyTorch gloo teardown race

@@ -76,3 +76,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    common.exit_without_finalization()  # see its docstring: a PyTorch gloo/DDP teardown race

@@ -60,6 +60,16 @@ def try_lock(local_root: str) -> IO[bytes] | None:
     return f
 
 
+def holds_current_lock(held: IO[bytes], local_root: str) -> bool:
+    """Whether ``held`` is still the lock file at ``local_root``: a local tier deleted and
+    re-created under a live uploader (a wiped node disk, ``rm -rf``) has a new lock file that
+    a new uploader takes — the old one must then stop, or two would serve one queue."""
+    try:
+        return os.fstat(held.fileno()).st_ino == os.stat(_lock_path(local_root)).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def uploader_alive(local_root: str) -> bool:
     held = try_lock(local_root)
     if held is None:
@@ -98,8 +108,9 @@ _started: list[tuple[subprocess.Popen[bytes], str]] = []
 class Uploader:
     """The loop of the uploader process (see the module docstring)."""
 
-    def __init__(self, local_root: str, idle_exit: float):
+    def __init__(self, local_root: str, idle_exit: float, held: IO[bytes] | None = None):
         self.local_root = str(local_root)
+        self._held = held  # the uploader lock this process holds (None: not checked, in tests)
         self.queue = PromotionQueue(local_root)
         self.local = open_backend(self.local_root)
         self.idle_exit = idle_exit
@@ -112,13 +123,18 @@ class Uploader:
             self._roots[request.root] = open_backend(request.root, **request.backend_options)
         return self._roots[request.root]
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Serve the queue until idle (returns True) or until the local tier was replaced
+        under this process (returns False: the new tier has, or gets, its own uploader)."""
         idle_since = time.monotonic()
         while True:
+            if self._held is not None and not holds_current_lock(self._held, self.local_root):
+                log.warning("%s was deleted and re-created; leaving its queue to its new uploader", self.local_root)
+                return False
             requests = self.queue.pending()
             if not requests:
                 if time.monotonic() - idle_since >= self.idle_exit:
-                    return
+                    return True
                 time.sleep(_POLL_S)
                 continue
             idle_since = time.monotonic()
@@ -137,6 +153,8 @@ class Uploader:
             self._later(request.step, f"root unreachable or failing ({e})")
             return False
         except CheckpointError as e:
+            if request.step not in self.queue.pending_steps():
+                return True  # settled meanwhile (by an uploader of a replaced tier), not a failure
             log.error("step %d cannot be promoted: %s", request.step, e)
             self.queue.fail(request.step, str(e))
             return True
@@ -204,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         held.write(f"{os.getpid()}\n".encode())
         held.flush()
         log.info("serving %s", args.local_root)
-        Uploader(args.local_root, args.idle_exit).run()
+        served = Uploader(args.local_root, args.idle_exit, held).run()
         held.close()  # releases the lock
+        if not served:
+            return 0
         if not queue.pending():  # a request enqueued while we decided to exit is served
             log.info("idle for %.0f s; exiting", args.idle_exit)
             return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -60,6 +61,25 @@ def test_never_two_uploaders_and_no_double_upload(work: Path) -> None:
     assert text.count("step 1: sent ") == 1 and text.count("step 1 committed") == 1, text
     assert [e.step for e in RunStore(open_backend(str(root))).committed_entries()] == [1]
     assert PromotionQueue(local).pending_steps() == set()
+
+
+def test_an_uploader_whose_local_tier_was_wiped_leaves_the_new_tier_to_its_new_uploader(work: Path) -> None:
+    """A wiped and re-created local tier (a node disk replaced under a live uploader) gets its
+    own uploader; the old one must stop, not serve the new queue beside it (it once did, and
+    the two settled each other's steps: one promoted, the other then recorded it as failed)."""
+    local = work / "local"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    old = subprocess.Popen([sys.executable, "-m", "dist_ckpt.tiers.uploader", str(local), "--idle-exit", "60"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    wait_for(lambda: uploader_pid(local), 60, "the first uploader serves")
+    shutil.rmtree(local)
+    local.mkdir()
+    new = subprocess.Popen([sys.executable, "-m", "dist_ckpt.tiers.uploader", str(local), "--idle-exit", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    old_log = old.communicate(timeout=30)[0]  # long before its 60 s idle exit
+    assert old.returncode == 0 and "was deleted and re-created" in old_log, old_log
+    new_log = new.communicate(timeout=60)[0]
+    assert new.returncode == 0 and "serving " in new_log, new_log
 
 
 @pytest.mark.parametrize("async_save", [False, True])

@@ -79,8 +79,9 @@ def test_uploader_killed_mid_promotion_is_finished_by_the_next_start(s3_uri: str
         name = obj["Key"].rsplit("/", 1)[-1]
         assert name in meta.files and obj["Size"] == meta.files[name].size, obj
     # the next manager start on this node adopts the queue and finishes the promotion
+    # (its close() waits for its own saves only: the adopted step is the detached uploader's to finish)
     run_job("--root", s3_uri, "--local-root", str(local), "--mb", "24", "--backend-options", options, "--dump", str(work / "b"))
-    assert _committed_at(s3_uri) == [0]
+    wait_for(lambda: _committed_at(s3_uri) == [0], 120, "the adopted promotion of step 0 committed")
     assert verify_checkpoint(open_backend(s3_uri), "step_000000000").ok
     assert not list(open_backend(s3_uri).abandoned_uploads("step_")), "the killed upload was not aborted"
     run_job("--root", s3_uri, "--local-root", str(work / "fresh"), "--restore", "--mb", "24", "--dump", str(work / "c"))

@@ -37,10 +37,12 @@ class RoutedBackend:
     """Reads of one checkpoint folder, each file from the tier ``routes`` names (the rest of
     the Backend protocol — writes — is not needed by readers and not offered)."""
 
-    def __init__(self, local: Backend, root: Backend, prefix: str, local_files: set[str]):
+    def __init__(self, local: Backend, root: Backend, prefix: str, local_files: set[str], *, all_local: bool):
         self.local, self.root, self.prefix = local, root, prefix
         self.local_files = set(local_files)
-        self.uri = root.uri if not local_files else local.uri
+        # named for the root unless every file is read locally: a damaged or missing local file
+        # (metadata format 2 also has rank index files, which may be sound beside it) is read there
+        self.uri = local.uri if all_local else root.uri
 
     def _for(self, key: str) -> Backend:
         folder, _, name = key.partition("/")
@@ -150,4 +152,6 @@ def restore_target(mgr: CheckpointManager, which: Any) -> tuple[Any, str] | None
         where = ("the local tier" if files is not None and sound == set(files) else
                  f"the local tier ({len(sound)} files) and the root" if sound else "the root")  # fmt: skip
         log.info("rank %d restores step %d from %s", mgr.rank, step, where)
-    return RoutedBackend(tiers.local, mgr.backend, prefix, sound | ({METADATA, COMMITTED} if sound else set())), prefix
+    complete = files is not None and sound == set(files)
+    return RoutedBackend(tiers.local, mgr.backend, prefix, sound | ({METADATA, COMMITTED} if sound else set()),
+                         all_local=complete), prefix  # fmt: skip

@@ -89,9 +89,6 @@ def test_uploader_killed_mid_promotion_is_finished_by_the_next_start(s3_uri: str
 
 
 @pytest.mark.slow  # three trainer processes
-@pytest.mark.xfail(strict=True, reason="regression from merging tiers with metadata format 2 / compact plans "
-                   "(passed on the tiers branch): the damaged local step is restored from the local tier; "
-                   "issue 17 stays open until this passes")
 def test_flipped_byte_in_a_local_shard_falls_back_to_s3_naming_the_file(s3_uri: str, work: Path) -> None:
     local, dump = work / "node", work / "a"
     run_job("--root", s3_uri, "--local-root", str(local), "--steps", "0,1", "--persisted", "--dump", str(dump))

@@ -43,23 +43,47 @@ from dist_ckpt.storage import DistCkptWriter, _ItemResult
 from storage_backends.local import LocalBackend
 
 FILE_SUM = "xxh3_128:" + "0" * 32 + ":" + "1" * 32
-GROUP_VALUES = ("lr", "betas", "eps", "weight_decay", "amsgrad", "foreach", "maximize", "capturable",
-                "differentiable", "fused", "decoupled_weight_decay", "params")  # fmt: skip
+GROUP_VALUES = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "amsgrad",
+    "foreach",
+    "maximize",
+    "capturable",
+    "differentiable",
+    "fused",
+    "decoupled_weight_decay",
+    "params",
+)
 
 
 def _shard_item(fqn: str, shape: tuple[int, ...], dtype: torch.dtype, world: int, rank: int) -> WriteItem:
     n, cs = shape[0], -(-shape[0] // world)
     offsets = torch.Size((min(rank * cs, n), *(0,) * (len(shape) - 1)))
     sizes = torch.Size((max(0, min(cs, n - rank * cs)), *shape[1:]))
-    return WriteItem(MetadataIndex(fqn, offsets), WriteItemType.SHARD,
-                     tensor_data=TensorWriteData(ChunkStorageMetadata(offsets, sizes), TensorProperties(dtype=dtype), torch.Size(shape)))  # fmt: skip
+    return WriteItem(
+        MetadataIndex(fqn, offsets),
+        WriteItemType.SHARD,
+        tensor_data=TensorWriteData(
+            ChunkStorageMetadata(offsets, sizes), TensorProperties(dtype=dtype), torch.Size(shape)
+        ),
+    )
 
 
 def _unruled_items(param_names: list[str]) -> list[WriteItem]:
     scalar = torch.Size([])
-    items = [WriteItem(MetadataIndex(f"optim.state.{p}.step", scalar), WriteItemType.TENSOR,
-                       tensor_data=TensorWriteData(ChunkStorageMetadata(scalar, scalar), TensorProperties(dtype=torch.float32), scalar))
-             for p in param_names]  # fmt: skip
+    items = [
+        WriteItem(
+            MetadataIndex(f"optim.state.{p}.step", scalar),
+            WriteItemType.TENSOR,
+            tensor_data=TensorWriteData(
+                ChunkStorageMetadata(scalar, scalar), TensorProperties(dtype=torch.float32), scalar
+            ),
+        )
+        for p in param_names
+    ]
     return items + [WriteItem(MetadataIndex(f"optim.param_groups.0.{v}"), WriteItemType.BYTE_IO) for v in GROUP_VALUES]
 
 
@@ -88,11 +112,15 @@ class Coordinator:
         firsts = [_full_plan(tensors, unruled, world, r) for r in (0, 1)]
         # the ranks hold the same replicated state (the agreement's all_reduce says so): only
         # the coordinator sends its unruled items
-        sent = [compact_plan.split_local_plan(p, p, sp, coordinator=r == 0, agree=lambda d: True).sent
-                for r, (p, sp) in enumerate(zip(firsts, splits))]  # fmt: skip
+        sent = [
+            compact_plan.split_local_plan(p, p, sp, coordinator=r == 0, agree=lambda d: True).sent
+            for r, (p, sp) in enumerate(zip(firsts, splits))
+        ]
         # every other rank sends what rank 1 sends, at its own place in the mesh
-        self.compact = sent + [replace(sent[1], planner_data=replace(sent[1].planner_data, meshes=(((0, world), r),)))
-                               for r in range(2, world)]  # fmt: skip
+        self.compact = sent + [
+            replace(sent[1], planner_data=replace(sent[1].planner_data, meshes=(((0, world), r),)))
+            for r in range(2, world)
+        ]
         self.per_chunk = [_full_plan(tensors, unruled, world, r) for r in range(world)] if per_chunk else None
 
     def _results(self, global_plan: list[SavePlan], compact: bool) -> list[list[WriteResult]]:
@@ -102,8 +130,16 @@ class Coordinator:
             rec, irec = FileRecord(r, 10**9, FILE_SUM, index), FileRecord(r, 200_000, FILE_SUM)
             # compact: the rank's first (ruled) item carries its file records, then its unruled items
             items = ([_shard_item(*self.tensors[0], self.world, r)] if compact else []) + list(plan.items)
-            out.append([WriteResult(i.index, 1, _ItemResult(EntryRef(file, entry_name(i.index.fqn, i.index.offset), "0" * 16, 1), rec, irec))
-                        for i in items])  # fmt: skip
+            out.append(
+                [
+                    WriteResult(
+                        i.index,
+                        1,
+                        _ItemResult(EntryRef(file, entry_name(i.index.fqn, i.index.offset), "0" * 16, 1), rec, irec),
+                    )
+                    for i in items
+                ]
+            )
         return out
 
     def run(self, mode: str, tmp: str) -> dict[str, Any]:
@@ -136,7 +172,10 @@ class Coordinator:
 
             forget_cached_plans(key)
         return {
-            "items_received": sum(len(p.items) for p in plans), "results_received": sum(map(len, results)),
-            "receive_s": t_receive_plans + t_receive_results, "plan_s": t_plan, "finish_s": t_finish,
+            "items_received": sum(len(p.items) for p in plans),
+            "results_received": sum(map(len, results)),
+            "receive_s": t_receive_plans + t_receive_results,
+            "plan_s": t_plan,
+            "finish_s": t_finish,
             "total_s": t_receive_plans + t_plan + t_receive_results + t_finish,
-        }  # fmt: skip
+        }

@@ -40,8 +40,15 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["copy_floor", "raw_write_fsync", "ours_thread", "ours_process", "dcp_async_thread",
-           "dcp_async_thread_cached_stager", "dcp_async_process"]  # fmt: skip
+METHODS = [
+    "copy_floor",
+    "raw_write_fsync",
+    "ours_thread",
+    "ours_process",
+    "dcp_async_thread",
+    "dcp_async_thread_cached_stager",
+    "dcp_async_process",
+]
 
 
 def rss_mb(pid: int | str = "self") -> float:
@@ -106,8 +113,14 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
             t.mul_(1.0001)
 
     idle = [train_step()[0] for _ in range(20)]
-    result: dict[str, Any] = {"rank": rank, "state_mb": state_bytes / 2**20, "stall_s": [], "background_s": [],
-                              "step_s_during_save": [], "step_s_idle": statistics.median(idle)}  # fmt: skip
+    result: dict[str, Any] = {
+        "rank": rank,
+        "state_mb": state_bytes / 2**20,
+        "stall_s": [],
+        "background_s": [],
+        "step_s_during_save": [],
+        "step_s_idle": statistics.median(idle),
+    }
     root = Path(workdir) / method
     if rank == 0:
         shutil.rmtree(root, ignore_errors=True)
@@ -125,7 +138,7 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
 
     if method == "copy_floor":
         buffers = {k: torch.empty_like(v) for k, v in tensors.items()}
-        for i in range(saves):
+        for _ in range(saves):
             mutate()
             dist.barrier()
             t = time.perf_counter()
@@ -195,8 +208,13 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
             dist.barrier()
             finished: list[float] = []
             t = time.perf_counter()
-            fut = dcp.async_save({"shard": dict(tensors)}, checkpoint_id=str(root / f"step{i}"), async_checkpointer_type=kind,
-                                 async_stager=stager, process_group=group)  # fmt: skip
+            fut = dcp.async_save(
+                {"shard": dict(tensors)},
+                checkpoint_id=str(root / f"step{i}"),
+                async_checkpointer_type=kind,
+                async_stager=stager,
+                process_group=group,
+            )
             result["stall_s"].append(time.perf_counter() - t)
             fut.add_done_callback(lambda _f: finished.append(time.perf_counter()))
             during(lambda: bool(finished))
@@ -209,8 +227,13 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
             mutate()
             dist.barrier()
             t = time.perf_counter()
-            fut = dcp.async_save({"shard": dict(tensors)}, checkpoint_id=str(root / f"step{i}"), async_checkpointer_type=kind,
-                                 async_stager=stager, process_group=group)  # fmt: skip
+            fut = dcp.async_save(
+                {"shard": dict(tensors)},
+                checkpoint_id=str(root / f"step{i}"),
+                async_checkpointer_type=kind,
+                async_stager=stager,
+                process_group=group,
+            )
             fut.result()
             result.setdefault("background_s_loop_idle", []).append(time.perf_counter() - t)
             dist.barrier()
@@ -249,7 +272,9 @@ def _summary(ranks: list[dict[str, Any]]) -> dict[str, Any]:
         out["background_s_loop_idle"] = worst("background_s_loop_idle", skip_first=False)
     for key in ("background_parts", "background_parts_loop_idle"):
         if ranks[0].get(key):  # write_s: until COMMITTED is published; then the manifest, retention, the exchange
-            out[f"{key}_rank0_median"] = {k: statistics.median(p[k] for p in ranks[0][key][1:]) for k in ranks[0][key][0]}
+            out[f"{key}_rank0_median"] = {
+                k: statistics.median(p[k] for p in ranks[0][key][1:]) for k in ranks[0][key][0]
+            }
     out["step_s_idle"] = max(r["step_s_idle"] for r in ranks)
     during = [s for r in ranks for s in r["step_s_during_save"]]
     if during:
@@ -268,11 +293,30 @@ def launch(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-async-", dir="/tmp"))
     for method in args.methods:
         out = workdir / f"{method}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
-               "--worker", method, "--mb", str(args.mb), "--saves", str(args.saves), "--workdir", str(workdir), "--out", str(out)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            __file__,
+            "--worker",
+            method,
+            "--mb",
+            str(args.mb),
+            "--saves",
+            str(args.saves),
+            "--workdir",
+            str(workdir),
+            "--out",
+            str(out),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        )
         try:
             output, _ = proc.communicate(timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -305,14 +349,17 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
         model_mb = r[mode]["state_mb_per_rank"]
         rss_budget = (model_mb + r[mode].get("staging_mb", 0)) * 1.1
         out[mode] = {
-            "stall_over_copy_floor": stall / floor if floor else None, "target_stall_over_copy_floor": 1.5,
-            "stall_over_dcp_async_stall": stall / dcp_stall if dcp_stall else None, "target_stall_over_dcp_async_stall": 0.3,
-            "background_over_raw_write_fsync": bg_idle / raw if raw else None, "target_background_over_raw_write_fsync": 1.3,
+            "stall_over_copy_floor": stall / floor if floor else None,
+            "target_stall_over_copy_floor": 1.5,
+            "stall_over_dcp_async_stall": stall / dcp_stall if dcp_stall else None,
+            "target_stall_over_dcp_async_stall": 0.3,
+            "background_over_raw_write_fsync": bg_idle / raw if raw else None,
+            "target_background_over_raw_write_fsync": 1.3,
             "background_over_raw_write_fsync_while_training": bg / raw if raw else None,
             "stall_over_dcp_async_cached_stager_stall": stall / dcp_cached if dcp_cached else None,
             "peak_rss_mb_over_baseline": r[mode]["peak_rss_mb_over_baseline"],
             "rss_budget_mb_model_plus_staging_plus_10pct": rss_budget,
-        }  # fmt: skip
+        }
     return out
 
 
@@ -335,8 +382,12 @@ def main() -> None:
         "benchmark": "bench_async",
         "date": datetime.date.today().isoformat(),
         "config": {"mb_per_rank": args.mb, "saves": args.saves, "ranks": 2, "stats_over": "saves 2..N, max over ranks"},
-        "host": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                 "python": sys.version.split()[0]},  # fmt: skip
+        "host": {
+            "cpus": os.cpu_count(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "python": sys.version.split()[0],
+        },
         "results": results,
         "targets": targets(results),
         "notes": [

@@ -11,7 +11,8 @@ methods run interleaved in every round. Per save (the first of each job is a war
 * ``blocked_s``: how long the training loop is held up by the save: the ``save`` call, plus
   — where the method lets the copy run during the next forward/backward — the wait before
   the next ``optimizer.step()`` for the copy to finish (ours: ``mgr.wait_staged()``, what the
-  optimizer's step pre-hook does; DCP: ``response.staging_completion.result()``); the two parts as ``call_s`` and ``wait_s``;
+  optimizer's step pre-hook does; DCP: ``response.staging_completion.result()``); the two parts as ``call_s``
+  and ``wait_s``;
 * ``call_to_commit_s``: from the save call to the committed checkpoint (ours: COMMITTED
   published and the manifest updated; DCP: its upload future done), the loop training on;
 * ``fwd_bwd_s``: the forward/backward right after the save call (the overlapped copy and
@@ -90,9 +91,18 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
         step()
     idle = [fwd_bwd() for _ in range(5)]
     tensors = [p for p in model.parameters()] + [v for st in opt.state.values() for v in st.values() if v.numel() > 1]
-    result: dict[str, Any] = {"rank": rank, "world_size": world, "layers": layers, "fwd_bwd_s_idle": statistics.median(idle),
-                              "state_mb": sum(t.numel() * t.element_size() for t in tensors) / 2**20,
-                              "blocked_s": [], "call_to_commit_s": [], "fwd_bwd_s": [], "call_s": [], "wait_s": []}  # fmt: skip
+    result: dict[str, Any] = {
+        "rank": rank,
+        "world_size": world,
+        "layers": layers,
+        "fwd_bwd_s_idle": statistics.median(idle),
+        "state_mb": sum(t.numel() * t.element_size() for t in tensors) / 2**20,
+        "blocked_s": [],
+        "call_to_commit_s": [],
+        "fwd_bwd_s": [],
+        "call_s": [],
+        "wait_s": [],
+    }
     root = Path(workdir) / f"{method}-{world}-{os.getpid() if rank == 0 else 0}"
     group = dist.new_group(backend="gloo")  # DCP's collectives, apart from the loop's all-reduce
     marker = [str(root)]
@@ -145,8 +155,8 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
         mgr.close()
     else:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         class App:  # DCP's documented Stateful wrapper
             def state_dict(self) -> dict[str, Any]:
@@ -164,7 +174,9 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
             finished: list[float] = []
             called = time.monotonic()
             t = time.perf_counter()
-            resp = dcp.async_save({"app": App()}, checkpoint_id=str(root / f"step{i}"), async_stager=stager, process_group=group)
+            resp = dcp.async_save(
+                {"app": App()}, checkpoint_id=str(root / f"step{i}"), async_stager=stager, process_group=group
+            )
             blocked = time.perf_counter() - t
             upload = resp.upload_completion if async_staging else resp
             upload.add_done_callback(lambda _f: finished.append(time.monotonic()))
@@ -195,10 +207,29 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
 
 def run_job(method: str, world: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any] | str:
     out = workdir / f"{method}-{world}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), __file__,
-           "--worker", method, "--mb", str(args.mb), "--saves", str(args.saves), "--workdir", str(workdir), "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(world),
+        __file__,
+        "--worker",
+        method,
+        "--mb",
+        str(args.mb),
+        "--saves",
+        str(args.saves),
+        "--workdir",
+        str(workdir),
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -216,14 +247,21 @@ def summarise(jobs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("blocked_s", "call_s", "wait_s", "call_to_commit_s", "fwd_bwd_s"):
         per_save = [max(vals) for job in jobs for vals in list(zip(*[r[key] for r in job["ranks"]]))[1:]]
         if per_save:
-            out[key] = {"median": statistics.median(per_save), "min": min(per_save), "max": max(per_save), "n": len(per_save)}
+            out[key] = {
+                "median": statistics.median(per_save),
+                "min": min(per_save),
+                "max": max(per_save),
+                "n": len(per_save),
+            }
     out["fwd_bwd_s_idle"] = statistics.median(max(r["fwd_bwd_s_idle"] for r in job["ranks"]) for job in jobs)
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mb", type=int, default=32, help="fp32 parameters per rank (MB); the state is about 3x (84 MB at 32)")
+    p.add_argument(
+        "--mb", type=int, default=32, help="fp32 parameters per rank (MB); the state is about 3x (84 MB at 32)"
+    )
     p.add_argument("--saves", type=int, default=4, help="saves per job (the first is a warm-up)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
@@ -256,6 +294,7 @@ def main() -> None:
     results = {ws: {m: summarise(jobs) for m, jobs in by_m.items() if jobs} for ws, by_m in raw.items()}
     ratios: dict[str, Any] = {}
     for ws, r in results.items():
+
         def med(m: str, k: str) -> float | None:
             return r.get(m, {}).get(k, {}).get("median")
 
@@ -265,17 +304,30 @@ def main() -> None:
             b, c = med(ours, "blocked_s"), med(ours, "call_to_commit_s")
             ratios[ws][ours] = {
                 "blocked_over_copy_floor": b / floor if b and floor else None,
-                **{f"blocked_over_{d}": b / med(d, "blocked_s") if b and med(d, "blocked_s") else None
-                   for d in ("dcp_reused_stager", "dcp_reused_stager_async_staging")},
-                **{f"call_to_commit_over_{d}": c / med(d, "call_to_commit_s") if c and med(d, "call_to_commit_s") else None
-                   for d in ("dcp_reused_stager", "dcp_reused_stager_async_staging")},
-            }  # fmt: skip
+                **{
+                    f"blocked_over_{d}": b / med(d, "blocked_s") if b and med(d, "blocked_s") else None
+                    for d in ("dcp_reused_stager", "dcp_reused_stager_async_staging")
+                },
+                **{
+                    f"call_to_commit_over_{d}": c / med(d, "call_to_commit_s")
+                    if c and med(d, "call_to_commit_s")
+                    else None
+                    for d in ("dcp_reused_stager", "dcp_reused_stager_async_staging")
+                },
+            }
     doc = {
         "benchmark": "async_peers",
         "date": datetime.date.today().isoformat(),
-        "config": {"param_mb_per_rank": args.mb, "saves_per_job": args.saves, "warmup_saves_dropped": 1,
-                   "rounds": args.rounds, "world_sizes": args.world_sizes, "width": WIDTH, "torch": torch.__version__,
-                   "stats": "per save the slower rank; median, min, max over every round's saves"},  # fmt: skip
+        "config": {
+            "param_mb_per_rank": args.mb,
+            "saves_per_job": args.saves,
+            "warmup_saves_dropped": 1,
+            "rounds": args.rounds,
+            "world_sizes": args.world_sizes,
+            "width": WIDTH,
+            "torch": torch.__version__,
+            "stats": "per save the slower rank; median, min, max over every round's saves",
+        },
         "host": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "results": results,
         "ratios": ratios,

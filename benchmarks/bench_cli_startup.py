@@ -72,7 +72,11 @@ def _wall(cmd: list[str]) -> float:
 
 
 def _summary(values: list[float]) -> dict[str, float]:
-    return {"median_s": round(statistics.median(values), 4), "min_s": round(min(values), 4), "max_s": round(max(values), 4)}
+    return {
+        "median_s": round(statistics.median(values), 4),
+        "min_s": round(min(values), 4),
+        "max_s": round(max(values), 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[float]] = {name: [] for name in names}
         ratios: list[float] = []
         for r in range(args.rounds):
-            order = names[r % len(names):] + names[: r % len(names)]  # rotate: no command always runs first
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no command always runs first
             this_round = {name: _wall(commands[name]) for name in order}
             for name, t in this_round.items():
                 times[name].append(t)
@@ -103,14 +107,23 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "commands": {name: " ".join(cmd) for name, cmd in commands.items()},
         "results": {name: _summary(values) for name, values in times.items()},
-        "ratio_list_over_import_torch": {"median": round(ratio, 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3)},
+        "ratio_list_over_import_torch": {
+            "median": round(ratio, 3),
+            "min": round(min(ratios), 3),
+            "max": round(max(ratios), 3),
+        },
         "ratio_list_with_torch_over_import_torch": round(
-            statistics.median(times["list_with_torch"]) / statistics.median(times["import_torch"]), 3),
+            statistics.median(times["list_with_torch"]) / statistics.median(times["import_torch"]), 3
+        ),
         "target": f"<= {TARGET}",
         "met": ratio <= TARGET,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": metadata.version("torch"),
-                    "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
-    }  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": metadata.version("torch"),
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
+    }
     text = json.dumps(doc, indent=2)
     print(text)
     if args.out:

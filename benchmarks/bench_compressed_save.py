@@ -73,8 +73,14 @@ def main() -> None:
     p.add_argument("--no-s3", action="store_true")
     args = p.parse_args()
     state = _state(args.mb, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    out: dict[str, Any] = {"benchmark": "compressed_save", "date": time.strftime("%Y-%m-%d"), "mb": args.mb,
-                           "dtype": args.dtype, "cpus": os.cpu_count(), "results": {}}  # fmt: skip
+    out: dict[str, Any] = {
+        "benchmark": "compressed_save",
+        "date": time.strftime("%Y-%m-%d"),
+        "mb": args.mb,
+        "dtype": args.dtype,
+        "cpus": os.cpu_count(),
+        "results": {},
+    }
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
         out["results"]["local"] = _target("local", f"{tmp}/run", state, args.repeat)
         if not args.no_s3:
@@ -82,8 +88,14 @@ def main() -> None:
 
             server = start_seaweedfs(Path(tmp) / "seaweed")
             try:
-                os.environ.update({"AWS_ENDPOINT_URL_S3": server.endpoint_url, "AWS_ACCESS_KEY_ID": server.access_key,
-                                   "AWS_SECRET_ACCESS_KEY": server.secret_key, "AWS_REGION": server.region})  # fmt: skip
+                os.environ.update(
+                    {
+                        "AWS_ENDPOINT_URL_S3": server.endpoint_url,
+                        "AWS_ACCESS_KEY_ID": server.access_key,
+                        "AWS_SECRET_ACCESS_KEY": server.secret_key,
+                        "AWS_REGION": server.region,
+                    }
+                )
                 out["results"]["s3_loopback"] = _target("s3", f"s3://{server.create_bucket()}/run", state, args.repeat)
             finally:
                 server.stop()

@@ -52,13 +52,17 @@ def worker(target_root: str, mb: int, rounds: int, out: str) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    managers = {spread: CheckpointManager(f"{target_root}/{'spread' if spread else 'rank0'}", ddp_spread_writes=spread,
-                                          keep_last=2) for spread in (True, False)}  # fmt: skip
+    managers = {
+        spread: CheckpointManager(
+            f"{target_root}/{'spread' if spread else 'rank0'}", ddp_spread_writes=spread, keep_last=2
+        )
+        for spread in (True, False)
+    }
     states = {spread: mgr.track(model=model, optimizer=opt) for spread, mgr in managers.items()}
     result: dict[str, Any] = {"spread": [], "rank0": []}
     took = torch.zeros(1, dtype=torch.float64)
     for i in range(rounds):
-        for spread in ((True, False) if i % 2 == 0 else (False, True)):
+        for spread in (True, False) if i % 2 == 0 else (False, True):
             mgr = managers[spread]
             dist.barrier()
             t = time.perf_counter()
@@ -68,7 +72,9 @@ def worker(target_root: str, mb: int, rounds: int, out: str) -> None:
             sizes = {}
             if rank == 0:
                 prefix = f"step_{i:09d}/"
-                sizes = {o.key.rsplit("/", 1)[-1]: o.size for o in mgr.backend.list(prefix) if o.key.endswith(".safetensors")}
+                sizes = {
+                    o.key.rsplit("/", 1)[-1]: o.size for o in mgr.backend.list(prefix) if o.key.endswith(".safetensors")
+                }
             result["spread" if spread else "rank0"].append({"save_s": float(took[0]), "shard_bytes": sizes})
     for mgr in managers.values():
         mgr.close()
@@ -80,24 +86,51 @@ def worker(target_root: str, mb: int, rounds: int, out: str) -> None:
 def summarise(saves: list[dict[str, Any]]) -> dict[str, Any]:
     times = [s["save_s"] for s in saves]
     last = saves[-1]["shard_bytes"]
-    return {"save_s": {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)},
-            "bytes_per_rank_file": dict(sorted(last.items())), "bytes_total": sum(last.values())}  # fmt: skip
+    return {
+        "save_s": {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)},
+        "bytes_per_rank_file": dict(sorted(last.items())),
+        "bytes_total": sum(last.values()),
+    }
 
 
 def run(target: str, root: str, args: argparse.Namespace, env: dict[str, str], workdir: Path) -> dict[str, Any]:
     out = workdir / f"{target}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
-           "--worker", root, "--mb", str(args.mb), "--rounds", str(args.rounds), "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env, "OMP_NUM_THREADS": "1",
-                          "PYTHONPATH": str(ROOT)}, timeout=args.timeout)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        __file__,
+        "--worker",
+        root,
+        "--mb",
+        str(args.mb),
+        "--rounds",
+        str(args.rounds),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+        timeout=args.timeout,
+    )
     if proc.returncode != 0:
         return {"error": (proc.stdout + proc.stderr)[-3000:]}
     raw = json.loads(out.read_text())
     res = {layout: summarise(saves) for layout, saves in raw.items()}
     res["spread_over_rank0_save_s"] = res["spread"]["save_s"]["median"] / res["rank0"]["save_s"]["median"]
     paired = [a["save_s"] / b["save_s"] for a, b in zip(raw["spread"], raw["rank0"])]  # the same round's pair
-    res["spread_over_rank0_per_round"] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired),
-                                          "all": paired}  # fmt: skip
+    res["spread_over_rank0_per_round"] = {
+        "median": statistics.median(paired),
+        "min": min(paired),
+        "max": max(paired),
+        "all": paired,
+    }
     res["raw"] = raw
     return res
 
@@ -139,12 +172,19 @@ def main() -> None:
     doc = {
         "benchmark": "ddp_spread",
         "date": datetime.date.today().isoformat(),
-        "config": {"param_mb": args.mb, "ranks": 2, "rounds": args.rounds, "save": "synchronous save(), fsync on (local)",
-                   "s3_server": server_version},  # fmt: skip
+        "config": {
+            "param_mb": args.mb,
+            "ranks": 2,
+            "rounds": args.rounds,
+            "save": "synchronous save(), fsync on (local)",
+            "s3_server": server_version,
+        },
         "host": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "results": results,
-        "notes": ["2 ranks on a 2-CPU VM shared with other jobs; S3 is SeaweedFS on the same machine (loopback), so "
-                  "its server competes with both writers for the CPUs and the disk."],
+        "notes": [
+            "2 ranks on a 2-CPU VM shared with other jobs; S3 is SeaweedFS on the same machine (loopback), so "
+            "its server competes with both writers for the CPUs and the disk."
+        ],
     }
     text = json.dumps(doc, indent=1)
     print(text)

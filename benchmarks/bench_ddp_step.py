@@ -80,14 +80,21 @@ def worker(args: argparse.Namespace) -> None:
 
 def summarize(rounds: dict[str, list[float]]) -> dict[str, object]:
     out: dict[str, object] = {
-        name: {"median_ms": round(1e3 * statistics.median(v), 3), "min_ms": round(1e3 * min(v), 3),
-               "max_ms": round(1e3 * max(v), 3), "rounds_ms": [round(1e3 * t, 3) for t in v]}
+        name: {
+            "median_ms": round(1e3 * statistics.median(v), 3),
+            "min_ms": round(1e3 * min(v), 3),
+            "max_ms": round(1e3 * max(v), 3),
+            "rounds_ms": [round(1e3 * t, 3) for t in v],
+        }
         for name, v in rounds.items()
-    }  # fmt: skip
+    }
     ratios = [u / d for u, d in zip(rounds["find_unused_parameters"], rounds["defaults"])]
-    out["ratio_find_unused_vs_defaults"] = {"median": round(statistics.median(ratios), 3),
-                                            "min": round(min(ratios), 3), "max": round(max(ratios), 3),
-                                            "of_fastest_rounds": round(min(rounds["find_unused_parameters"]) / min(rounds["defaults"]), 3)}  # fmt: skip
+    out["ratio_find_unused_vs_defaults"] = {
+        "median": round(statistics.median(ratios), 3),
+        "min": round(min(ratios), 3),
+        "max": round(max(ratios), 3),
+        "of_fastest_rounds": round(min(rounds["find_unused_parameters"]) / min(rounds["defaults"]), 3),
+    }
     return out
 
 
@@ -111,23 +118,45 @@ def main() -> None:
     for world in args.ranks:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "rounds.json")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-                   __file__, "--worker", "--out", out, *(f"--{k}={getattr(args, k)}" for k in
-                   ("rounds", "steps", "warmup", "depth", "width", "batch"))]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(world),
+                __file__,
+                "--worker",
+                "--out",
+                out,
+                *(f"--{k}={getattr(args, k)}" for k in ("rounds", "steps", "warmup", "depth", "width", "batch")),
+            ]
             subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
             with open(out) as f:
                 results[str(world)] = summarize(json.load(f))
     import torch
 
-    doc = json.dumps({
-        "benchmark": "ddp_step", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-        "model": {"depth": args.depth, "width": args.width, "batch": args.batch,
-                  "parameters": args.depth * (args.width * args.width + args.width) + args.width + 1},
-        "method": f"{args.rounds} interleaved rounds of {args.steps} steps per variant after {args.warmup} warm-up "
-                  "steps; a round's time is the slowest rank's mean step time; gloo on CPU, OMP_NUM_THREADS=1",
-        "host": {"cpus": os.cpu_count(), "loadavg_before_after": [round(x, 2) for x in (*load_before, *os.getloadavg())]},
-        "results_by_world_size": results,
-    }, indent=1)  # fmt: skip
+    doc = json.dumps(
+        {
+            "benchmark": "ddp_step",
+            "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__,
+            "model": {
+                "depth": args.depth,
+                "width": args.width,
+                "batch": args.batch,
+                "parameters": args.depth * (args.width * args.width + args.width) + args.width + 1,
+            },
+            "method": f"{args.rounds} interleaved rounds of {args.steps} steps per variant after {args.warmup} warm-up "
+            "steps; a round's time is the slowest rank's mean step time; gloo on CPU, OMP_NUM_THREADS=1",
+            "host": {
+                "cpus": os.cpu_count(),
+                "loadavg_before_after": [round(x, 2) for x in (*load_before, *os.getloadavg())],
+            },
+            "results_by_world_size": results,
+        },
+        indent=1,
+    )
     if args.out:
         with open(args.out, "w") as f:
             f.write(doc + "\n")

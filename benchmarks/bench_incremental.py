@@ -79,7 +79,9 @@ def stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def interleaved(saves: int, job: Job, savers: dict[str, Callable[[int], dict[str, float]]]) -> dict[str, list[dict[str, float]]]:
+def interleaved(
+    saves: int, job: Job, savers: dict[str, Callable[[int], dict[str, float]]]
+) -> dict[str, list[dict[str, float]]]:
     """Train a step, then save with every saver (order rotated per round)."""
     out: dict[str, list[dict[str, float]]] = {name: [] for name in savers}
     names = list(savers)
@@ -127,12 +129,20 @@ def lora_local(tmp: Path, saves: int) -> dict[str, Any]:
         "params": params,
         "trainable_params": trainable,
         "bytes_first_save": {"incremental": inc[0]["bytes"], "plain": plain[0]["bytes"]},
-        "bytes_per_save_after_first": {"incremental": stats([r["bytes"] for r in inc[1:]]),
-                                       "plain": stats([r["bytes"] for r in plain[1:]])},  # fmt: skip
+        "bytes_per_save_after_first": {
+            "incremental": stats([r["bytes"] for r in inc[1:]]),
+            "plain": stats([r["bytes"] for r in plain[1:]]),
+        },
         "bytes_ratio_after_first": stats(ratios),
-        "sync_save_s_after_first": {k: stats([r["save_s"] for r in rounds[f"{k}_sync"][1:]]) for k in ("incremental", "plain")},
-        "async_stall_s_after_first": {k: stats([r["stall_s"] for r in rounds[f"{k}_async"][1:]]) for k in ("incremental", "plain")},
-        "async_total_s_after_first": {k: stats([r["save_s"] for r in rounds[f"{k}_async"][1:]]) for k in ("incremental", "plain")},
+        "sync_save_s_after_first": {
+            k: stats([r["save_s"] for r in rounds[f"{k}_sync"][1:]]) for k in ("incremental", "plain")
+        },
+        "async_stall_s_after_first": {
+            k: stats([r["stall_s"] for r in rounds[f"{k}_async"][1:]]) for k in ("incremental", "plain")
+        },
+        "async_total_s_after_first": {
+            k: stats([r["save_s"] for r in rounds[f"{k}_async"][1:]]) for k in ("incremental", "plain")
+        },
         "sync_save_ratio_after_first": stats([i["save_s"] / p["save_s"] for i, p in zip(inc[1:], plain[1:])]),
         "async_stall_ratio_after_first": stats(
             [i["stall_s"] / p["stall_s"] for i, p in zip(rounds["incremental_async"][1:], rounds["plain_async"][1:])]
@@ -185,7 +195,8 @@ def full_finetune(tmp: Path, saves: int) -> dict[str, Any]:
         "sample_share_of_plain_save": sample_s / statistics.median(r["save_s"] for r in plain),
         "save_s": {k: stats([r["save_s"] for r in rounds[k]]) for k in rounds},
         "save_ratio": stats([i["save_s"] / p["save_s"] for i, p in zip(inc, plain)]),
-        "save_ratio_of_medians": statistics.median(r["save_s"] for r in inc) / statistics.median(r["save_s"] for r in plain),
+        "save_ratio_of_medians": statistics.median(r["save_s"] for r in inc)
+        / statistics.median(r["save_s"] for r in plain),
         "bytes_ratio": stats([i["bytes"] / p["bytes"] for i, p in zip(inc, plain)]),
         "rounds": rounds,
     }
@@ -225,7 +236,8 @@ def lora_s3(tmp: Path, saves: int) -> dict[str, Any]:
         server.stop()
     inc, plain = rounds["incremental"], rounds["plain"]
     return {
-        "counted_at": "HTTP proxy in front of SeaweedFS: request-body bytes of every request a save sends (PUT parts and objects, POSTs)",
+        "counted_at": "HTTP proxy in front of SeaweedFS: request-body bytes of every request a save "
+        "sends (PUT parts and objects, POSTs)",
         "bytes_first_save": {"incremental": inc[0]["bytes_sent"], "plain": plain[0]["bytes_sent"]},
         "bytes_per_save_after_first": {k: stats([r["bytes_sent"] for r in rounds[k][1:]]) for k in rounds},
         "bytes_ratio_after_first": stats([i["bytes_sent"] / p["bytes_sent"] for i, p in zip(inc[1:], plain[1:])]),
@@ -258,7 +270,10 @@ def main() -> None:
             s3_ratio = result["lora_s3"]["bytes_ratio_after_first"]["median"]
             result["targets"]["lora_s3_bytes_put_ratio_le_0.1"] = {"value": s3_ratio, "met": s3_ratio <= 0.1}
         share = result["full_finetune_local"]["sample_share_of_plain_save"]
-        result["targets"]["full_finetune_work_before_write_share_of_plain_save"] = {"value": share, "met": share <= 0.05}
+        result["targets"]["full_finetune_work_before_write_share_of_plain_save"] = {
+            "value": share,
+            "met": share <= 0.05,
+        }
         result["load_average"] = {"before": load_before, "after": os.getloadavg()}
         result["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__}
         print(json.dumps(result, indent=1))

@@ -53,8 +53,13 @@ class Wide(L.LightningModule):
     def __init__(self, width: int, step_ms: float = 0.0):
         super().__init__()
         self.step_s = step_ms / 1000
-        self.net = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
-                                       torch.nn.ReLU(), torch.nn.Linear(width, 1))  # fmt: skip
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, width),
+            torch.nn.ReLU(),
+            torch.nn.Linear(width, width),
+            torch.nn.ReLU(),
+            torch.nn.Linear(width, 1),
+        )
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -92,8 +97,16 @@ def fit_once(plugin: str, width: int, saves: int, step_ms: float, root: Path) ->
         cb = ModelCheckpoint(dirpath=dirpath, every_n_train_steps=EVERY, save_top_k=1)
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(64 * 4, 64), torch.randn(64 * 4, 1))
-    trainer = TimedTrainer(accelerator="cpu", devices=1, max_steps=EVERY * saves, plugins=[io], callbacks=[cb],
-                           logger=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = TimedTrainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=EVERY * saves,
+        plugins=[io],
+        callbacks=[cb],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.stalls = []
     t0 = time.perf_counter()
     trainer.fit(Wide(width, step_ms), DataLoader(data, batch_size=4))
@@ -124,8 +137,11 @@ def main() -> None:
                 raw[name]["round_later"].append(statistics.median(out["stalls"][1:]))
                 raw[name]["fit_s"].append(out["fit_s"])
                 raw[name]["bytes"].append(out["bytes"])
-                print(f"round {r} {name}: stalls {['%.3f' % s for s in out['stalls']]} fit {out['fit_s']:.2f}s "
-                      f"bytes {out['bytes']}", file=sys.stderr)  # fmt: skip
+                print(
+                    f"round {r} {name}: stalls {[f'{s:.3f}' for s in out['stalls']]} fit {out['fit_s']:.2f}s "
+                    f"bytes {out['bytes']}",
+                    file=sys.stderr,
+                )
     model = Wide(args.width)
     params = sum(p.numel() for p in model.parameters())
     res: dict[str, Any] = {
@@ -133,12 +149,22 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()},
         "versions": {"torch": torch.__version__, "lightning": L.__version__},
-        "setup": {"width": args.width, "params": params, "state_mb_fp32_with_adam": params * 4 * 3 / 1e6,
-                  "rounds": args.rounds, "saves_per_fit": args.saves, "every_n_train_steps": EVERY,
-                  "step_sleep_ms": args.step_ms},  # fmt: skip
+        "setup": {
+            "width": args.width,
+            "params": params,
+            "state_mb_fp32_with_adam": params * 4 * 3 / 1e6,
+            "rounds": args.rounds,
+            "saves_per_fit": args.saves,
+            "every_n_train_steps": EVERY,
+            "step_sleep_ms": args.step_ms,
+        },
         "plugins": {
-            name: {"stall_first_s": _summary(v["first"]), "stall_later_s": _summary(v["later"]),
-                   "fit_s": _summary(v["fit_s"]), "bytes_per_checkpoint": statistics.median(v["bytes"])}  # fmt: skip
+            name: {
+                "stall_first_s": _summary(v["first"]),
+                "stall_later_s": _summary(v["later"]),
+                "fit_s": _summary(v["fit_s"]),
+                "bytes_per_checkpoint": statistics.median(v["bytes"]),
+            }
             for name, v in raw.items()
         },
     }
@@ -147,14 +173,24 @@ def main() -> None:
         f"stall_later_distckpt_vs_{o}": pl["distckpt"]["stall_later_s"]["median"] / pl[o]["stall_later_s"]["median"]
         for o in ("torch", "async", "distckpt_none")
     }
-    res["ratios"].update({
-        f"bytes_distckpt_vs_{o}": pl["distckpt"]["bytes_per_checkpoint"] / pl[o]["bytes_per_checkpoint"] for o in ("torch", "async")
-    })
+    res["ratios"].update(
+        {
+            f"bytes_distckpt_vs_{o}": pl["distckpt"]["bytes_per_checkpoint"] / pl[o]["bytes_per_checkpoint"]
+            for o in ("torch", "async")
+        }
+    )
     res["ratios_per_round"] = {  # each round's ratio of 2nd+ stall medians: the spread of the ratio itself
-        f"stall_later_distckpt_vs_{o}": _summary([a / b for a, b in zip(raw["distckpt"]["round_later"], raw[o]["round_later"])])
+        f"stall_later_distckpt_vs_{o}": _summary(
+            [a / b for a, b in zip(raw["distckpt"]["round_later"], raw[o]["round_later"])]
+        )
         for o in ("torch", "async", "distckpt_none")
     }
-    res["ratios"].update({f"fit_distckpt_vs_{o}": pl["distckpt"]["fit_s"]["median"] / pl[o]["fit_s"]["median"] for o in ("torch", "async")})
+    res["ratios"].update(
+        {
+            f"fit_distckpt_vs_{o}": pl["distckpt"]["fit_s"]["median"] / pl[o]["fit_s"]["median"]
+            for o in ("torch", "async")
+        }
+    )
     print(json.dumps(res, indent=1))
 
 

@@ -49,6 +49,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from _coordinator_sim import Coordinator  # noqa: E402
 from torch.distributed.checkpoint.filesystem import _StorageInfo  # noqa: E402
 from torch.distributed.checkpoint.metadata import (  # noqa: E402
     ChunkStorageMetadata,
@@ -57,8 +58,6 @@ from torch.distributed.checkpoint.metadata import (  # noqa: E402
     TensorProperties,
     TensorStorageMetadata,
 )
-
-from _coordinator_sim import Coordinator  # noqa: E402
 
 from dist_ckpt import compact_plan  # noqa: E402
 from dist_ckpt.format import chunk_layout, metadata_json, metadata_v2  # noqa: E402
@@ -78,11 +77,17 @@ def params() -> list[tuple[str, tuple[int, ...]]]:
     out = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
     for i in range(LAYERS):
         p = f"model.layers.{i}."
-        out += [(p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)), (p + "self_attn.k_proj.weight", (KV, HIDDEN)),
-                (p + "self_attn.v_proj.weight", (KV, HIDDEN)), (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
-                (p + "mlp.gate_proj.weight", (MLP, HIDDEN)), (p + "mlp.up_proj.weight", (MLP, HIDDEN)),
-                (p + "mlp.down_proj.weight", (HIDDEN, MLP)), (p + "input_layernorm.weight", (HIDDEN,)),
-                (p + "post_attention_layernorm.weight", (HIDDEN,))]  # fmt: skip
+        out += [
+            (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "self_attn.k_proj.weight", (KV, HIDDEN)),
+            (p + "self_attn.v_proj.weight", (KV, HIDDEN)),
+            (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "mlp.gate_proj.weight", (MLP, HIDDEN)),
+            (p + "mlp.up_proj.weight", (MLP, HIDDEN)),
+            (p + "mlp.down_proj.weight", (HIDDEN, MLP)),
+            (p + "input_layernorm.weight", (HIDDEN,)),
+            (p + "post_attention_layernorm.weight", (HIDDEN,)),
+        ]
     return out + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
 
 
@@ -97,7 +102,9 @@ def tensors() -> list[tuple[str, tuple[int, ...], torch.dtype]]:
 def shard0(shape: tuple[int, ...], world: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """DTensor Shard(0) boxes (torch.chunk sizes; empty trailing chunks at offset n)."""
     n, cs = shape[0], -(-shape[0] // world)
-    return [((min(r * cs, n), *(0,) * (len(shape) - 1)), (max(0, min(cs, n - r * cs)), *shape[1:])) for r in range(world)]
+    return [
+        ((min(r * cs, n), *(0,) * (len(shape) - 1)), (max(0, min(cs, n - r * cs)), *shape[1:])) for r in range(world)
+    ]
 
 
 def shard0_box(shape: tuple[int, ...], world: int, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -117,9 +124,12 @@ class State:
             boxes = shard0(shape, world)
             chunks = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in boxes]
             self.sd_meta[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(shape), chunks)
-            for r, (o, _) in enumerate(boxes):
+            for r, (_o, _) in enumerate(boxes):
                 self.results[r].append((fqn, chunks[r].offsets, r))
-        self.files = {f"rank_{r:05d}.safetensors": FileRecord(r, 10**9, FILE_SUM, f"index_{r:05d}.safetensors") for r in range(world)}
+        self.files = {
+            f"rank_{r:05d}.safetensors": FileRecord(r, 10**9, FILE_SUM, f"index_{r:05d}.safetensors")
+            for r in range(world)
+        }
         self.files.update({f"index_{r:05d}.safetensors": FileRecord(r, 200_000, FILE_SUM) for r in range(world)})
 
     def metadata(self, storage: dict | None = None) -> Metadata:
@@ -129,8 +139,14 @@ class State:
 def v2_write(st: State) -> bytes:
     """metadata.json as the coordinator builds it now (compact plans): from one rule per
     tensor, with one write result per rank."""
-    sd = {fqn: TensorStorageMetadata(md.properties, md.size, compact_plan.RuledChunks(SplitRule(tuple(md.size), 0, 0, st.world, -(-md.size[0] // st.world))))
-          for fqn, md in st.sd_meta.items()}  # fmt: skip
+    sd = {
+        fqn: TensorStorageMetadata(
+            md.properties,
+            md.size,
+            compact_plan.RuledChunks(SplitRule(tuple(md.size), 0, 0, st.world, -(-md.size[0] // st.world))),
+        )
+        for fqn, md in st.sd_meta.items()
+    }
     first = next(iter(st.sd_meta))
     chunk_ranks = {(first, st.results[r][0][1]): r for r in range(st.world)}
     meta = Metadata(state_dict_metadata=sd, planner_data={})
@@ -152,7 +168,9 @@ def v1_write(st: State) -> bytes:
     for rank_results in st.results:
         for fqn, offsets, rank in rank_results:
             name = chunk_layout.entry_name(fqn, offsets)
-            storage[MetadataIndex(fqn, torch.Size(offsets))] = EntryRef(f"rank_{rank:05d}.safetensors", name, SUM, 10**8)
+            storage[MetadataIndex(fqn, torch.Size(offsets))] = EntryRef(
+                f"rank_{rank:05d}.safetensors", name, SUM, 10**8
+            )
     files = {k: FileRecord(v.rank, v.size, v.checksum) for k, v in st.files.items() if k.startswith("rank_")}
     return metadata_json.dumps(st.metadata(storage), files, st.world, "none", {"torch": torch.__version__})
 
@@ -176,7 +194,7 @@ def rank_index_bytes(st: State, rank: int, tmp: str) -> tuple[bytes, int]:
 def plan_one_rank(meta: Any, rank: int, world: int) -> int:
     """Per tensor, the saved chunks overlapping ``rank``'s Shard(0) part (as narrow_for does)."""
     found = 0
-    for fqn, md in meta.dcp.state_dict_metadata.items():
+    for _fqn, md in meta.dcp.state_dict_metadata.items():
         offsets, sizes = shard0_box(tuple(md.size), world, rank)
         found += len(md.chunks.overlapping(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))))
     return found
@@ -197,7 +215,20 @@ def run_world(world: int, rounds: int, baselines: bool, tmp: str, coord_baseline
     st = State(world)
     chunks = sum(len(m.chunks) for m in st.sd_meta.values())
     idx_json, idx_file = rank_index_bytes(st, world // 2, tmp)
-    t: dict[str, list[float]] = {k: [] for k in ("v2_write", "v2_write_per_chunk", "v2_parse", "v2_dcp_view", "v2_plan", "v1_write", "v1_parse", "dcp_write", "dcp_parse")}
+    t: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "v2_write",
+            "v2_write_per_chunk",
+            "v2_parse",
+            "v2_dcp_view",
+            "v2_plan",
+            "v1_write",
+            "v1_parse",
+            "dcp_write",
+            "dcp_parse",
+        )
+    }
     sizes: dict[str, int] = {}
     coord = Coordinator(tensors(), [name for name, _ in params()], world, per_chunk=coord_baseline)
     modes = ["compact", "compact_cached"] + (["per_chunk", "per_chunk_cached"] if coord_baseline else [])
@@ -215,7 +246,7 @@ def run_world(world: int, rounds: int, baselines: bool, tmp: str, coord_baseline
         del doc2
         dt, meta = timed(lambda: (metadata_json.loads(doc, "metadata.json"), json.loads(idx_json))[0])
         t["v2_parse"].append(dt)
-        t["v2_dcp_view"].append(timed(lambda: meta.dcp)[0])
+        t["v2_dcp_view"].append(timed(lambda: meta.dcp)[0])  # noqa: F821 (bound above; ruff is misled by the del below)
         t["v2_plan"].append(timed(plan_one_rank, meta, world // 2, world)[0])
         del doc, meta
         if baselines:
@@ -230,28 +261,45 @@ def run_world(world: int, rounds: int, baselines: bool, tmp: str, coord_baseline
             t["dcp_parse"].append(timed(pickle.loads, doc)[0])
             del doc
     out: dict[str, Any] = {
-        "world_size": world, "tensors": len(st.sd_meta), "chunks": chunks,
-        "v2": {"metadata_json_bytes": sizes["v2"], "rank_index_file_bytes": idx_file,
-               "read_by_any_rank_bytes": sizes["v2"] + idx_file,
-               "read_by_any_rank_MiB": round((sizes["v2"] + idx_file) / MiB, 3),
-               "coordinator_write_s": summary(t["v2_write"]),
-               "coordinator_write_from_per_chunk_plans_s": summary(t["v2_write_per_chunk"]),
-               "per_rank_parse_s": summary(t["v2_parse"]),
-               "dcp_view_s": summary(t["v2_dcp_view"]), "plan_s": summary(t["v2_plan"])},
-    }  # fmt: skip
+        "world_size": world,
+        "tensors": len(st.sd_meta),
+        "chunks": chunks,
+        "v2": {
+            "metadata_json_bytes": sizes["v2"],
+            "rank_index_file_bytes": idx_file,
+            "read_by_any_rank_bytes": sizes["v2"] + idx_file,
+            "read_by_any_rank_MiB": round((sizes["v2"] + idx_file) / MiB, 3),
+            "coordinator_write_s": summary(t["v2_write"]),
+            "coordinator_write_from_per_chunk_plans_s": summary(t["v2_write_per_chunk"]),
+            "per_rank_parse_s": summary(t["v2_parse"]),
+            "dcp_view_s": summary(t["v2_dcp_view"]),
+            "plan_s": summary(t["v2_plan"]),
+        },
+    }
     out["coordinator_save"] = {
-        mode: {"items_received": runs[0]["items_received"], "results_received": runs[0]["results_received"],
-               **{k: summary([r[k] for r in runs]) for k in ("receive_s", "plan_s", "finish_s", "total_s")}}
+        mode: {
+            "items_received": runs[0]["items_received"],
+            "results_received": runs[0]["results_received"],
+            **{k: summary([r[k] for r in runs]) for k in ("receive_s", "plan_s", "finish_s", "total_s")},
+        }
         for mode, runs in coord_runs.items()
-    }  # fmt: skip
+    }
     del coord
     if baselines:
-        out["v1"] = {"read_by_any_rank_bytes": sizes["v1"], "read_by_any_rank_MiB": round(sizes["v1"] / MiB, 3),
-                     "bytes_per_chunk": round(sizes["v1"] / chunks, 1),
-                     "coordinator_write_s": summary(t["v1_write"]), "per_rank_parse_s": summary(t["v1_parse"])}
-        out["dcp"] = {"read_by_any_rank_bytes": sizes["dcp"], "read_by_any_rank_MiB": round(sizes["dcp"] / MiB, 3),
-                      "bytes_per_chunk": round(sizes["dcp"] / chunks, 1),
-                      "coordinator_write_s": summary(t["dcp_write"]), "per_rank_parse_s": summary(t["dcp_parse"])}  # fmt: skip
+        out["v1"] = {
+            "read_by_any_rank_bytes": sizes["v1"],
+            "read_by_any_rank_MiB": round(sizes["v1"] / MiB, 3),
+            "bytes_per_chunk": round(sizes["v1"] / chunks, 1),
+            "coordinator_write_s": summary(t["v1_write"]),
+            "per_rank_parse_s": summary(t["v1_parse"]),
+        }
+        out["dcp"] = {
+            "read_by_any_rank_bytes": sizes["dcp"],
+            "read_by_any_rank_MiB": round(sizes["dcp"] / MiB, 3),
+            "bytes_per_chunk": round(sizes["dcp"] / chunks, 1),
+            "coordinator_write_s": summary(t["dcp_write"]),
+            "per_rank_parse_s": summary(t["dcp_parse"]),
+        }
         out["ratio_read_bytes_v1_over_v2"] = round(sizes["v1"] / (sizes["v2"] + idx_file), 1)
         out["ratio_parse_v1_over_v2"] = round(statistics.median(t["v1_parse"]) / statistics.median(t["v2_parse"]), 1)
     return out
@@ -261,51 +309,88 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ranks", type=int, nargs="+", default=[64, 256, 1024, 4096])
     p.add_argument("--baseline-ranks", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--coordinator-baseline-ranks", type=int, nargs="+", default=[64],
-                   help="world sizes at which the coordinator's work is also measured with DCP's per-chunk plans")
+    p.add_argument(
+        "--coordinator-baseline-ranks",
+        type=int,
+        nargs="+",
+        default=[64],
+        help="world sizes at which the coordinator's work is also measured with DCP's per-chunk plans",
+    )
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     results, per_chunk, per_item = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for world in args.ranks:
-            row = run_world(world, args.rounds, world in args.baseline_ranks, tmp, world in args.coordinator_baseline_ranks)
+            row = run_world(
+                world, args.rounds, world in args.baseline_ranks, tmp, world in args.coordinator_baseline_ranks
+            )
             cs = row["coordinator_save"]
             if "per_chunk" in cs:  # seconds per item received or result gathered, for the estimates beyond
-                per_item = {m: cs[m]["total_s"]["median"] / (cs[m]["items_received"] + cs[m]["results_received"]) for m in ("per_chunk", "per_chunk_cached")}
+                per_item = {
+                    m: cs[m]["total_s"]["median"] / (cs[m]["items_received"] + cs[m]["results_received"])
+                    for m in ("per_chunk", "per_chunk_cached")
+                }
             elif per_item:
                 items = row["chunks"] + 735 * world  # every chunk and every rank's unruled items
                 for m, sec in per_item.items():
-                    cs[m] = {"estimated": True, "total_s": round(sec * (items * (m == "per_chunk") + row["chunks"] + 735), 1)}
+                    cs[m] = {
+                        "estimated": True,
+                        "total_s": round(sec * (items * (m == "per_chunk") + row["chunks"] + 735), 1),
+                    }
             if "v1" in row:
-                per_chunk = {k: (row[k]["bytes_per_chunk"], row[k]["per_rank_parse_s"]["median"] / row["chunks"]) for k in ("v1", "dcp")}
+                per_chunk = {
+                    k: (row[k]["bytes_per_chunk"], row[k]["per_rank_parse_s"]["median"] / row["chunks"])
+                    for k in ("v1", "dcp")
+                }
             elif per_chunk:
                 for k, (b, s) in per_chunk.items():
-                    row[k] = {"estimated": True, "read_by_any_rank_MiB": round(b * row["chunks"] / MiB, 1),
-                              "per_rank_parse_s": round(s * row["chunks"], 1)}  # fmt: skip
+                    row[k] = {
+                        "estimated": True,
+                        "read_by_any_rank_MiB": round(b * row["chunks"] / MiB, 1),
+                        "per_rank_parse_s": round(s * row["chunks"], 1),
+                    }
             results.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     at_1024 = next((r for r in results if r["world_size"] == 1024), None)
     target = None
     if at_1024 is not None:
         v2 = at_1024["v2"]
-        target = {"read_MiB": v2["read_by_any_rank_MiB"], "read_target_MiB": 16, "parse_s": v2["per_rank_parse_s"]["median"],
-                  "parse_target_s": 1.0, "met": v2["read_by_any_rank_MiB"] <= 16 and v2["per_rank_parse_s"]["max"] <= 1.0}  # fmt: skip
-    print(json.dumps({
-        "benchmark": "metadata_scale", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()}, "torch": torch.__version__,
-        "rounds": args.rounds, "results": results, "target_1024": target,
-        "coordinator_notes": [
-            "coordinator_save: receive (unpickling what DCP gathers: local plans, write results) + plan "
-            "(create_global_plan, prepare_global_plan) + finish (metadata.json written, COMMITTED, publish; local disk)",
-            "compact: items_received and results_received grow with tensors + ranks (735 unruled items from "
-            "the coordinator, one result per rank); per_chunk: with tensors x ranks",
-            "still O(ranks) inside DCP, through its public API: one plan object gathered and scattered per "
-            "rank, one result list gathered per rank; plus one all_reduce of two integers (the replicated-state agreement)",
-            "still O(ranks x items) where no rule applies: replicated state that differs between ranks "
-            "(each rank sends its own, as DCP does), and tensors no split rule fits (2-D meshes, strided shards)",
-            "per_chunk beyond --coordinator-baseline-ranks: estimated from seconds per item and result measured there",
-        ],
-    }, indent=1))  # fmt: skip
+        target = {
+            "read_MiB": v2["read_by_any_rank_MiB"],
+            "read_target_MiB": 16,
+            "parse_s": v2["per_rank_parse_s"]["median"],
+            "parse_target_s": 1.0,
+            "met": v2["read_by_any_rank_MiB"] <= 16 and v2["per_rank_parse_s"]["max"] <= 1.0,
+        }
+    print(
+        json.dumps(
+            {
+                "benchmark": "metadata_scale",
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()},
+                "torch": torch.__version__,
+                "rounds": args.rounds,
+                "results": results,
+                "target_1024": target,
+                "coordinator_notes": [
+                    "coordinator_save: receive (unpickling what DCP gathers: local plans, write results) + plan "
+                    "(create_global_plan, prepare_global_plan) + finish (metadata.json written, "
+                    "COMMITTED, publish; local disk)",
+                    "compact: items_received and results_received grow with tensors + ranks (735 unruled items from "
+                    "the coordinator, one result per rank); per_chunk: with tensors x ranks",
+                    "still O(ranks) inside DCP, through its public API: one plan object gathered and scattered per "
+                    "rank, one result list gathered per rank; plus one all_reduce of two integers "
+                    "(the replicated-state agreement)",
+                    "still O(ranks x items) where no rule applies: replicated state that differs between ranks "
+                    "(each rank sends its own, as DCP does), and tensors no split rule fits (2-D "
+                    "meshes, strided shards)",
+                    "per_chunk beyond --coordinator-baseline-ranks: estimated from seconds per item "
+                    "and result measured there",
+                ],
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

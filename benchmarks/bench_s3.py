@@ -141,9 +141,7 @@ def main() -> None:
         "--fsspec-python",
         help="Python of a venv with torch (same version) + s3fs for the DCP+fsspec anchor; without it: not run",
     )
-    ap.add_argument(
-        "--dcp-thread-count", type=int, help="FsspecWriter thread_count (default: --concurrency)"
-    )
+    ap.add_argument("--dcp-thread-count", type=int, help="FsspecWriter thread_count (default: --concurrency)")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
     dcp_threads = args.dcp_thread_count or args.concurrency
@@ -286,6 +284,7 @@ def main() -> None:
                 results["download_MBps"]["ours_read_ranges"] / results["download_MBps"]["transfer_manager"], 3
             ),
         }
+
         def ck_mbps(seconds: list[float]) -> float | None:
             return round(state_bytes / min(seconds) / 1e6, 1) if seconds else None
 

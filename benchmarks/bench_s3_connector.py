@@ -45,8 +45,18 @@ SIDES = ("dist_ckpt", "s3torchconnector")
 
 class Worker:
     def __init__(self, side: str, env: dict[str, str], bucket: str, mb: int, thread_count: int) -> None:
-        cmd = [sys.executable, str(WORKER), "--side", side, "--mb", str(mb), "--bucket", bucket,
-               "--thread-count", str(thread_count)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(WORKER),
+            "--side",
+            side,
+            "--mb",
+            str(mb),
+            "--bucket",
+            bucket,
+            "--thread-count",
+            str(thread_count),
+        ]
         self.side = side
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
         self.ready = self._reply()["ready"]
@@ -126,19 +136,26 @@ def main() -> None:
                     cpu[op][side].append(got["cpu_s"])
                     if op == "load" and not workers[side].ask("verify")["ok"]:
                         raise SystemExit(f"{side}: loaded tensors differ from the saved ones (round {r})")
-            print(f"round {r}: " + ", ".join(f"{op} {s} {wall[op][s][-1]:.2f}s/{cpu[op][s][-1]:.2f}cpu"
-                                             for op in wall for s in SIDES), file=sys.stderr)  # fmt: skip
+            print(
+                f"round {r}: "
+                + ", ".join(f"{op} {s} {wall[op][s][-1]:.2f}s/{cpu[op][s][-1]:.2f}cpu" for op in wall for s in SIDES),
+                file=sys.stderr,
+            )
 
         def ratio(d: dict[str, list[float]]) -> dict[str, Any]:
             a, b = d["dist_ckpt"], d["s3torchconnector"]
             return {
                 "of_medians": round(statistics.median(a) / statistics.median(b), 3),
                 "paired_ratio_median": round(statistics.median(x / y for x, y in zip(a, b, strict=True)), 3),
-                "paired_ratio_range": [round(min(x / y for x, y in zip(a, b, strict=True)), 3),
-                                       round(max(x / y for x, y in zip(a, b, strict=True)), 3)],  # fmt: skip
+                "paired_ratio_range": [
+                    round(min(x / y for x, y in zip(a, b, strict=True)), 3),
+                    round(max(x / y for x, y in zip(a, b, strict=True)), 3),
+                ],
             }
 
-        ratios = {f"{op}_{kind}": ratio(src[op]) for op in ("save", "load") for kind, src in (("wall", wall), ("cpu", cpu))}
+        ratios = {
+            f"{op}_{kind}": ratio(src[op]) for op in ("save", "load") for kind, src in (("wall", wall), ("cpu", cpu))
+        }
         targets = {
             "save_wall_le_0.9": ratios["save_wall"]["of_medians"] <= 0.9,
             "load_wall_le_0.9": ratios["load_wall"]["of_medians"] <= 0.9,
@@ -149,7 +166,8 @@ def main() -> None:
         doc = {
             "benchmark": "s3_connector",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "state": f"{args.mb} MiB in 16 fp32 tensors, identical on both sides (digest checked); every load checked bit for bit",
+            "state": f"{args.mb} MiB in 16 fp32 tensors, identical on both sides (digest checked); "
+            "every load checked bit for bit",
             "rounds": args.rounds,
             "configuration": {
                 "dist_ckpt": "dist_ckpt.save/load, compression none, default S3Backend options; endpoint and "
@@ -166,8 +184,9 @@ def main() -> None:
             "wall_s": {op: {s: summary(v) for s, v in d.items()} for op, d in wall.items()},
             "client_cpu_s": {op: {s: summary(v) for s, v in d.items()} for op, d in cpu.items()},
             "server_cpu_s": {op: {s: summary(v) for s, v in d.items()} for op, d in server_cpu.items()},
-            "MBps_median": {op: {s: round(size / statistics.median(v) / 1e6, 1) for s, v in d.items()}
-                            for op, d in wall.items()},  # fmt: skip
+            "MBps_median": {
+                op: {s: round(size / statistics.median(v) / 1e6, 1) for s, v in d.items()} for op, d in wall.items()
+            },
             "ratios_dist_ckpt_over_s3torchconnector": ratios,
             "targets": targets,
             "runs": {"wall_s": wall, "client_cpu_s": cpu, "server_cpu_s": server_cpu},

@@ -31,8 +31,9 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,7 +48,9 @@ def cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def make_side(side: str, bucket: str, prefix: str, thread_count: int) -> tuple[Callable[..., None], Callable[..., None], dict[str, Any]]:
+def make_side(
+    side: str, bucket: str, prefix: str, thread_count: int
+) -> tuple[Callable[..., None], Callable[..., None], dict[str, Any]]:
     """``(save(state, name), load(target, name), versions)`` of one side."""
     import torch.distributed.checkpoint as dcp
 
@@ -79,7 +82,9 @@ def make_side(side: str, bucket: str, prefix: str, thread_count: int) -> tuple[C
         config = S3ClientConfig(force_path_style=True)
 
         def save(state: dict[str, torch.Tensor], name: str) -> None:
-            writer = S3StorageWriter(region, f"s3://{bucket}/{prefix}/{name}", s3client_config=config, thread_count=thread_count)
+            writer = S3StorageWriter(
+                region, f"s3://{bucket}/{prefix}/{name}", s3client_config=config, thread_count=thread_count
+            )
             dcp.save(state, storage_writer=writer, no_dist=True)
 
         def load(target: dict[str, torch.Tensor], name: str) -> None:

@@ -14,7 +14,8 @@ Loads run from the page cache (the files were just written). Prints one JSON doc
 times (s, wall clock, best of the rounds), process CPU times, throughputs (GB/s) and the
 ratios ``ours/raw`` and ``ours/dcp``; ``--out`` also writes it to a file. Rounds interleave the
 contenders and every save starts after ``os.sync()``, so a slow spell of a shared disk or CPU,
-or the previous contender's dirty pages, do not land on one contender only. Use a directory on a real disk (``--dir``; the default is the system temp
+or the previous contender's dirty pages, do not land on one contender only. Use a directory on a real disk
+(``--dir``; the default is the system temp
 dir, refused when it is a tmpfs).
 """
 
@@ -186,7 +187,7 @@ def run(mb: int, tensors: int, repeat: int, base_dir: str, only: list[str]) -> d
         targets = {name: empty_like_state(state) for name in only}
         for name in only:  # warm-up: page cache, lazy imports, first-touch of the targets
             CONTENDERS[name][1](targets[name], last[name])
-        for i in range(repeat):
+        for _ in range(repeat):
             for name in only:
                 gc.collect()
                 c0, t0 = time.process_time(), time.perf_counter()
@@ -276,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensors", type=int, default=16, help="number of tensors (default 16)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best counts (default 3)")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write (a real disk, not tmpfs)")
-    parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated subset of " + ",".join(CONTENDERS))
+    parser.add_argument(
+        "--only", default=",".join(CONTENDERS), help="comma-separated subset of " + ",".join(CONTENDERS)
+    )
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.tensors < 1 or args.mb < 1:

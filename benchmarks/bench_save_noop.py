@@ -29,8 +29,20 @@ import tempfile
 import time
 from typing import Any
 
-COLLECTIVES = ("broadcast", "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "barrier",
-               "gather", "scatter", "send", "recv", "all_to_all", "monitored_barrier")  # fmt: skip
+COLLECTIVES = (
+    "broadcast",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "barrier",
+    "gather",
+    "scatter",
+    "send",
+    "recv",
+    "all_to_all",
+    "monitored_barrier",
+)
 
 
 class CollectiveCounter:
@@ -97,7 +109,11 @@ def worker(calls: int, rounds: int, out: str) -> None:
         counts[name] = counter.count - before
     samples: dict[str, list[float]] = {"noop_save": [], "barrier": [], "decision_as_object": []}
     for _ in range(rounds):  # interleaved: load changes hit every variant alike
-        for name, fn in (("noop_save", noop_save), ("barrier", dist.barrier), ("decision_as_object", decision_as_object)):
+        for name, fn in (
+            ("noop_save", noop_save),
+            ("barrier", dist.barrier),
+            ("decision_as_object", decision_as_object),
+        ):
             dist.barrier()
             samples[name].append(_per_call_us(fn, calls))
     mgr.close()
@@ -124,26 +140,49 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         env = {**os.environ, "BENCH_ROOT": os.path.join(tmp, "run"), "OMP_NUM_THREADS": "1"}
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
-                        "--worker", "--calls", str(args.calls), "--rounds", str(args.rounds), "--out", out],
-                       check=True, env=env, stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                __file__,
+                "--worker",
+                "--calls",
+                str(args.calls),
+                "--rounds",
+                str(args.rounds),
+                "--out",
+                out,
+            ],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
         with open(out) as f:
             raw = json.load(f)
     s = raw["samples"]
     ratio = [n / b for n, b in zip(s["noop_save"], s["barrier"], strict=True)]
     ratio_old = [o / b for o, b in zip(s["decision_as_object"], s["barrier"], strict=True)]
-    print(json.dumps({
-        "benchmark": "save_noop",
-        "ranks": 2,
-        "calls_per_round": args.calls,
-        "rounds": args.rounds,
-        "us_per_call": {name: _summary(v) for name, v in s.items()},
-        "noop_save_vs_barrier": _summary(ratio),
-        "decision_as_object_vs_barrier": _summary(ratio_old),
-        "collectives_per_call": raw["counts"],
-        "cpu_count": os.cpu_count(),
-        "load_average_1min": round(os.getloadavg()[0], 2),
-    }, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": "save_noop",
+                "ranks": 2,
+                "calls_per_round": args.calls,
+                "rounds": args.rounds,
+                "us_per_call": {name: _summary(v) for name, v in s.items()},
+                "noop_save_vs_barrier": _summary(ratio),
+                "decision_as_object_vs_barrier": _summary(ratio_old),
+                "collectives_per_call": raw["counts"],
+                "cpu_count": os.cpu_count(),
+                "load_average_1min": round(os.getloadavg()[0], 2),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -66,9 +66,25 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
             out = os.path.join(tmp, "result.json")
             env = {**os.environ, "BENCH_ROOT": os.path.join(tmp, "run"), "OMP_NUM_THREADS": "1"}
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-                            __file__, "--worker", "--mb-per-rank", str(args.mb_per_rank), "--out", out],
-                           check=True, env=env, stdout=subprocess.DEVNULL)  # fmt: skip
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc-per-node",
+                    str(world),
+                    __file__,
+                    "--worker",
+                    "--mb-per-rank",
+                    str(args.mb_per_rank),
+                    "--out",
+                    out,
+                ],
+                check=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )
             with open(out) as f:
                 results.append(json.load(f))
     base = results[0]
@@ -78,8 +94,18 @@ def main() -> None:
         r["load_MBps_aggregate"] = round(total_mb / r["load_s"], 1)
         r["save_time_vs_1_rank"] = round(r["save_s"] / base["save_s"], 2)
         r["load_time_vs_1_rank"] = round(r["load_s"] / base["load_s"], 2)
-    print(json.dumps({"benchmark": "weak_scaling", "cpu_cores": os.cpu_count(), "mb_per_rank": args.mb_per_rank,
-                      "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": "weak_scaling",
+                "cpu_cores": os.cpu_count(),
+                "mb_per_rank": args.mb_per_rank,
+                "date": time.strftime("%Y-%m-%d"),
+                "results": results,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -76,7 +76,10 @@ def worker(args: argparse.Namespace) -> None:
     direct = CheckpointManager(f"{uri}/direct")
     tiered = CheckpointManager(f"{uri}/tiered", local_root=str(work / "local_tiered"))
     tiered_async = CheckpointManager(f"{uri}/tiered_async", local_root=str(work / "local_async"), async_save=True)
-    states = {name: m.track(shard=Shard()) for name, m in (("direct", direct), ("tiered", tiered), ("tiered_async", tiered_async))}
+    states = {
+        name: m.track(shard=Shard())
+        for name, m in (("direct", direct), ("tiered", tiered), ("tiered_async", tiered_async))
+    }
     idle = [train_step()[0] for _ in range(30)]
     out: dict[str, Any] = {"rank": rank, "step_s_idle": statistics.median(idle), "rounds": []}
     for r in range(args.rounds):
@@ -120,8 +123,10 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def summarize(ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    rounds = [{k: max(r["rounds"][i][k] or 0.0 for r in ranks) for k in ranks[0]["rounds"][i]}
-              for i in range(len(ranks[0]["rounds"]))]  # fmt: skip
+    rounds = [
+        {k: max(r["rounds"][i][k] or 0.0 for r in ranks) for k in ranks[0]["rounds"][i]}
+        for i in range(len(ranks[0]["rounds"]))
+    ]
     rounds = rounds[1:] if len(rounds) > 2 else rounds  # the first round warms up (plans, connections)
     col = lambda k: [r[k] for r in rounds]  # noqa: E731
     ratio = [r["local_commit_s"] / r["direct_save_s"] for r in rounds]
@@ -129,14 +134,18 @@ def summarize(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     idle = max(r["step_s_idle"] for r in ranks)
     return {
         "direct": {"save_s": _stats(col("direct_save_s"))},
-        "tiered": {"local_commit_s": _stats(col("local_commit_s")), "s3_commit_s": _stats(col("s3_commit_s")),
-                   "step_s_idle": idle, "step_s_during_promotion": _stats(during) if during else None,
-                   "steps_during_promotion": _stats(col("steps_during_promotion"))},
+        "tiered": {
+            "local_commit_s": _stats(col("local_commit_s")),
+            "s3_commit_s": _stats(col("s3_commit_s")),
+            "step_s_idle": idle,
+            "step_s_during_promotion": _stats(during) if during else None,
+            "steps_during_promotion": _stats(col("steps_during_promotion")),
+        },
         "tiered_async": {"stall_s": _stats(col("async_stall_s"))},
         "ratio_local_commit_to_direct_s3_save": _stats(ratio),
         "ratio_step_during_promotion_to_idle": (statistics.median(during) / idle) if during else None,
         "rounds": rounds,
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -159,10 +168,36 @@ def main() -> None:
     try:
         uri = f"s3://{server.create_bucket()}/bench"
         raw = workdir / "out.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, "--worker",
-               "--uri", uri, "--workdir", str(workdir), "--mb", str(args.mb), "--rounds", str(args.rounds), "--out", str(raw)]  # fmt: skip
-        env = {**os.environ, **server.env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DIST_CKPT_UPLOADER_IDLE_S": "5"}
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            __file__,
+            "--worker",
+            "--uri",
+            uri,
+            "--workdir",
+            str(workdir),
+            "--mb",
+            str(args.mb),
+            "--rounds",
+            str(args.rounds),
+            "--out",
+            str(raw),
+        ]
+        env = {
+            **os.environ,
+            **server.env(),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+            "DIST_CKPT_UPLOADER_IDLE_S": "5",
+        }
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        )
         try:
             output, _ = proc.communicate(timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -171,9 +206,17 @@ def main() -> None:
         if proc.returncode != 0:
             raise SystemExit(f"benchmark job failed:\n{output[-4000:]}")
         ranks = [json.loads(Path(f"{raw}.rank{r}").read_text()) for r in range(2)]
-        result = {"benchmark": "tiered", "date": datetime.date.today().isoformat(), "mb_per_rank": args.mb, "ranks": 2,
-                  "root": "SeaweedFS on loopback", "local_root": "ext4 (virtual disk), fsync on", "rounds": args.rounds,
-                  "loadavg": os.getloadavg(), **summarize(ranks)}  # fmt: skip
+        result = {
+            "benchmark": "tiered",
+            "date": datetime.date.today().isoformat(),
+            "mb_per_rank": args.mb,
+            "ranks": 2,
+            "root": "SeaweedFS on loopback",
+            "local_root": "ext4 (virtual disk), fsync on",
+            "rounds": args.rounds,
+            "loadavg": os.getloadavg(),
+            **summarize(ranks),
+        }
     finally:
         server.stop()
         time.sleep(6)  # the uploaders' idle exit (they have nothing left)

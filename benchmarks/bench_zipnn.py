@@ -160,8 +160,12 @@ def compare(entries: list[bytes], st_dtype: str, zipnn_dtype: str, rounds: int) 
                 if any(bytes(o) != e for o, e in zip(outs, entries)):
                     raise SystemExit(f"{name} did not round-trip {st_dtype}")
                 continue
-            for key, seconds in (("compress_cpu", c_cpu), ("decompress_cpu", d_cpu),
-                                 ("compress_wall", c_wall), ("decompress_wall", d_wall)):  # fmt: skip
+            for key, seconds in (
+                ("compress_cpu", c_cpu),
+                ("decompress_cpu", d_cpu),
+                ("compress_wall", c_wall),
+                ("decompress_wall", d_wall),
+            ):
                 samples[name][key].append(raw / seconds / 1e6)
     out: dict = {"raw_MB": round(raw / 1e6, 2), "tensors": len(entries)}
     for name in sides:
@@ -195,8 +199,9 @@ def main() -> None:
                 t.detach().to(torch_dtype).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors
             ]
             results[ds_name][st_dtype] = compare(entries, st_dtype, zipnn_dtype, args.rounds)
-    import zipnn as zipnn_pkg  # noqa: F401  (version below)
     from importlib.metadata import version
+
+    import zipnn as zipnn_pkg  # noqa: F401  (version below)
 
     doc = {
         "benchmark": "bench_zipnn",
@@ -219,11 +224,21 @@ def main() -> None:
         "settings": {
             "rounds": args.rounds,
             "adamw_steps": args.steps,
-            "dist_ckpt": {"codec": "zstd", "level": 1, "chunk_bytes": CHUNK, "threads": 1,
-                          "numba_kernels": float_jit.AVAILABLE},
-            "zipnn": {"method": "AUTO (default)", "input_format": "byte", "bytearray_dtype": "per dtype",
-                      "threads": 1, "compression_chunk": "256 KiB (default)"},
-        },  # fmt: skip
+            "dist_ckpt": {
+                "codec": "zstd",
+                "level": 1,
+                "chunk_bytes": CHUNK,
+                "threads": 1,
+                "numba_kernels": float_jit.AVAILABLE,
+            },
+            "zipnn": {
+                "method": "AUTO (default)",
+                "input_format": "byte",
+                "bytearray_dtype": "per dtype",
+                "threads": 1,
+                "compression_chunk": "256 KiB (default)",
+            },
+        },
         "notes": [
             "ratio = stored/raw (lower is better); MB/s are of raw bytes; *_cpu = per core (process CPU time)",
             "median and [min, max] over interleaved rounds; round 0 (warm-up, round-trip check) is not kept",

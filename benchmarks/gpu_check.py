@@ -269,7 +269,9 @@ def stall_and_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
             target = work / f"{name}_{step}"
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            response = dcp.async_save(dict(model.state_dict()), checkpoint_id=str(target), async_stager=stager, no_dist=True)
+            response = dcp.async_save(
+                dict(model.state_dict()), checkpoint_id=str(target), async_stager=stager, no_dist=True
+            )
             staged = getattr(response, "staging_completion", None)
             if staged is not None:
                 staged.result()  # parameters may change only after staging completed
@@ -361,8 +363,10 @@ def overlap_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
     fwd_bwd()
     opt.step()
     work = tempfile.mkdtemp(prefix="gpu_overlap_staging_")
-    managers = {mode: CheckpointManager(f"{work}/{mode}", async_save=True if mode == "blocking" else "overlap", keep_last=2)
-                for mode in ("blocking", "overlap")}  # fmt: skip
+    managers = {
+        mode: CheckpointManager(f"{work}/{mode}", async_save=True if mode == "blocking" else "overlap", keep_last=2)
+        for mode in ("blocking", "overlap")
+    }
     states = {mode: mgr.track(model=model, optimizer=opt) for mode, mgr in managers.items()}
     blocked: dict[str, list[float]] = {mode: [] for mode in managers}
     exact: list[bool] = []

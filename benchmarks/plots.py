@@ -42,8 +42,16 @@ def plot_compression(results: Path) -> Path | None:
                 series[method].append(figures["per_core"][method]["ratio"])
     width = 0.27
     for i, (method, values) in enumerate(series.items()):
-        ax.bar([x + (i - 1) * width for x in range(len(labels))], values, width, label={"codec": "dist_ckpt zstd-1",
-               "zstd1_byte_grouped": "byte-grouped zstd-1", "zstd1_plain": "plain zstd-1"}[method])  # fmt: skip
+        ax.bar(
+            [x + (i - 1) * width for x in range(len(labels))],
+            values,
+            width,
+            label={
+                "codec": "dist_ckpt zstd-1",
+                "zstd1_byte_grouped": "byte-grouped zstd-1",
+                "zstd1_plain": "plain zstd-1",
+            }[method],
+        )
     ax.set_xticks(range(len(labels)), labels, fontsize=7)
     ax.set_ylabel("stored / raw (lower is better)")
     ax.set_ylim(0.5, 1.0)
@@ -79,15 +87,27 @@ def plot_throughput(results: Path) -> Path | None:
         r = save[1]["results"]
         names = [n for n in ("ours", "raw", "dcp", "torch") if n in r]
         for i, op in enumerate(("save", "load")):
-            local_ax.bar([x + (i - 0.5) * 0.4 for x in range(len(names))], [r[n][f"{op}_GBps"] * 1000 for n in names], 0.4, label=op)
-        local_ax.set_xticks(range(len(names)), [{"raw": "raw write/read", "dcp": "DCP", "torch": "torch.save/load"}.get(n, n) for n in names])
+            local_ax.bar(
+                [x + (i - 0.5) * 0.4 for x in range(len(names))],
+                [r[n][f"{op}_GBps"] * 1000 for n in names],
+                0.4,
+                label=op,
+            )
+        local_ax.set_xticks(
+            range(len(names)),
+            [{"raw": "raw write/read", "dcp": "DCP", "torch": "torch.save/load"}.get(n, n) for n in names],
+        )
         local_ax.set_ylabel("MB/s")
         local_ax.set_title(f"local disk, {save[1]['config']['mb']} MB (page cache, fsync on save)", fontsize=9)
         local_ax.legend()
     if s3 is not None:
         r = s3[1]["results"]
-        bars = {"upload\nours": r["upload_MBps"]["ours"], "upload\nTransferManager": r["upload_MBps"]["transfer_manager"],
-                "download\nours": r["download_MBps"]["ours_read_ranges"], "download\nTransferManager": r["download_MBps"]["transfer_manager"]}  # fmt: skip
+        bars = {
+            "upload\nours": r["upload_MBps"]["ours"],
+            "upload\nTransferManager": r["upload_MBps"]["transfer_manager"],
+            "download\nours": r["download_MBps"]["ours_read_ranges"],
+            "download\nTransferManager": r["download_MBps"]["transfer_manager"],
+        }
         s3_ax.bar(range(len(bars)), list(bars.values()), color=["C0" if "ours" in k else "C7" for k in bars])
         s3_ax.set_xticks(range(len(bars)), list(bars), fontsize=8)
         s3_ax.set_ylabel("MB/s")

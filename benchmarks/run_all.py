@@ -1,6 +1,9 @@
 """`make bench`: run every benchmark, store each JSON as results/<date>-<name>.json, draw plots.
 
-    python benchmarks/run_all.py [--only save,compress,zipnn,s3,s3_connector,async,scaling,save_noop,ddp_step,cli_startup,async_peers,ddp_spread,async_sweep] [--quick]
+    python benchmarks/run_all.py [--only NAME,...] [--quick]
+
+    NAME: save, compress, zipnn, s3, s3_connector, async, scaling, save_noop, ddp_step,
+    cli_startup, async_peers, ddp_spread, async_sweep
 
 Each benchmark script prints one JSON document; see benchmarks/README.md for what each
 measures and which anchors it is compared with. ``--quick`` uses smaller states.
@@ -29,9 +32,18 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "cli_startup": (["bench_cli_startup.py"], ["bench_cli_startup.py", "--rounds", "5"]),
     "save_noop": (["bench_save_noop.py"], ["bench_save_noop.py", "--rounds", "5"]),
     "incremental": (["bench_incremental.py"], ["bench_incremental.py", "--saves", "4", "--no-s3"]),
-    "ddp_step": (["bench_ddp_step.py", "--steps", "50", "--rounds", "15"], ["bench_ddp_step.py", "--steps", "20", "--rounds", "5"]),
-    "async_peers": (["bench_async_peers.py", "--mb", "32", "--rounds", "2", "--saves", "4"], ["bench_async_peers.py", "--mb", "16", "--rounds", "1", "--saves", "3"]),
-    "ddp_spread": (["bench_ddp_spread.py", "--mb", "64", "--rounds", "11"], ["bench_ddp_spread.py", "--mb", "16", "--rounds", "3"]),
+    "ddp_step": (
+        ["bench_ddp_step.py", "--steps", "50", "--rounds", "15"],
+        ["bench_ddp_step.py", "--steps", "20", "--rounds", "5"],
+    ),
+    "async_peers": (
+        ["bench_async_peers.py", "--mb", "32", "--rounds", "2", "--saves", "4"],
+        ["bench_async_peers.py", "--mb", "16", "--rounds", "1", "--saves", "3"],
+    ),
+    "ddp_spread": (
+        ["bench_ddp_spread.py", "--mb", "64", "--rounds", "11"],
+        ["bench_ddp_spread.py", "--mb", "16", "--rounds", "3"],
+    ),
 }
 
 
@@ -44,13 +56,33 @@ def async_sweep(quick: bool) -> str:
     ``stall_vs_size`` series per method (median stall of saves 2..N, slower rank)."""
     series: dict[str, dict[str, float]] = {m: {} for m in SWEEP_METHODS}
     for mb in SWEEP_MB[:2] if quick else SWEEP_MB:
-        proc = subprocess.run([sys.executable, str(HERE / "bench_async.py"), "--mb", str(mb), "--saves", "4",
-                               "--methods", *SWEEP_METHODS], capture_output=True, text=True, check=True)  # fmt: skip
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "bench_async.py"),
+                "--mb",
+                str(mb),
+                "--saves",
+                "4",
+                "--methods",
+                *SWEEP_METHODS,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results = json.loads(proc.stdout)["results"]
         for method in SWEEP_METHODS:
             series[method][str(mb)] = results[method]["stall_s"]["median"]
-    return json.dumps({"benchmark": "async_sweep", "date": datetime.date.today().isoformat(),
-                       "sizes_mb_per_rank": list(SWEEP_MB), "stall_vs_size": series}, indent=1)  # fmt: skip
+    return json.dumps(
+        {
+            "benchmark": "async_sweep",
+            "date": datetime.date.today().isoformat(),
+            "sizes_mb_per_rank": list(SWEEP_MB),
+            "stall_vs_size": series,
+        },
+        indent=1,
+    )
 
 
 def main() -> int:

@@ -17,12 +17,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from dist_ckpt import compact_plan
 from dist_ckpt.checkpoint_files import split_checkpoint_uri  # noqa: F401 (re-exported: torch-free home)
 from dist_ckpt.dcp_errors import raise_from_dcp, unwrap  # noqa: F401 (unwrap re-exported)
 from dist_ckpt.errors import ConfigError
 from dist_ckpt.format.shard import ChunkCodec
 from dist_ckpt.lock_fence import Fence
-from dist_ckpt import compact_plan
 from dist_ckpt.planner import JsonLoadPlanner, JsonSavePlanner
 from dist_ckpt.storage import DistCkptWriter
 from dist_ckpt.storage_reader import DistCkptReader
@@ -71,7 +71,9 @@ def save_to(
             dcp.save(
                 state_dict,
                 storage_writer=writer,
-                planner=JsonSavePlanner(spread=spread, agree=compact_plan.agreement(process_group) if _distributed() else None),
+                planner=JsonSavePlanner(
+                    spread=spread, agree=compact_plan.agreement(process_group) if _distributed() else None
+                ),
                 process_group=process_group,
                 no_dist=not _distributed(),
             )
@@ -128,8 +130,14 @@ def save(
     commit_info: dict[str, Any] = {}
     if base is not None or incremental:
         commit_info["incremental"] = "" if base is None else _base_folder(root, base)  # "": no base
-    save_to(open_backend(root, **backend_options), name, state_dict, codec=resolve_codec(compression),
-            commit_info=commit_info, process_group=process_group)  # fmt: skip
+    save_to(
+        open_backend(root, **backend_options),
+        name,
+        state_dict,
+        codec=resolve_codec(compression),
+        commit_info=commit_info,
+        process_group=process_group,
+    )
 
 
 def _base_folder(root: str, base: str) -> str:
@@ -154,4 +162,10 @@ def load(
     """Load the committed checkpoint at ``uri`` into ``state_dict`` in place (tensors are
     copied into, values replaced), resharding as needed."""
     root, name = split_checkpoint_uri(uri)
-    load_from(open_backend(root, **backend_options), name, state_dict, allow_partial_load=allow_partial_load, process_group=process_group)
+    load_from(
+        open_backend(root, **backend_options),
+        name,
+        state_dict,
+        allow_partial_load=allow_partial_load,
+        process_group=process_group,
+    )

@@ -152,8 +152,14 @@ class AsyncEngine:
             if config.async_mode == "process":
                 from dist_ckpt.async_process import WriterProcess
 
-                self.process = WriterProcess(config, backend, rank=rank, world_size=world_size,
-                                             control_group=self._control, cache_key=self.cache_key)  # fmt: skip
+                self.process = WriterProcess(
+                    config,
+                    backend,
+                    rank=rank,
+                    world_size=world_size,
+                    control_group=self._control,
+                    cache_key=self.cache_key,
+                )
             self._thread = threading.Thread(target=self._worker, name=f"dist_ckpt-async-rank{rank}", daemon=True)
             self._thread.start()
         ref = weakref.ref(self)
@@ -196,10 +202,18 @@ class AsyncEngine:
         if job.failure is not None:
             raise job.failure
 
-    def submit(self, step: int, prefix: str, state_dict: dict[str, Any], commit_info: dict[str, Any],
-               after_commit: Callable[[], Any] | None, fence: Fence | None = None,
-               deferrable: frozenset[int] = frozenset(), spread: frozenset[str] = frozenset(),
-               on_every_rank: Callable[[Any], None] | None = None) -> None:  # fmt: skip
+    def submit(
+        self,
+        step: int,
+        prefix: str,
+        state_dict: dict[str, Any],
+        commit_info: dict[str, Any],
+        after_commit: Callable[[], Any] | None,
+        fence: Fence | None = None,
+        deferrable: frozenset[int] = frozenset(),
+        spread: frozenset[str] = frozenset(),
+        on_every_rank: Callable[[Any], None] | None = None,
+    ) -> None:
         """Stage ``state_dict`` and save it in the background as ``prefix`` (waits for the
         previous save first). Synchronous when the memory budget is exceeded on any rank.
         ``deferrable``: storages (:func:`dist_ckpt.overlap.deferrable`) whose tensors are
@@ -220,7 +234,9 @@ class AsyncEngine:
                 defer = frozenset(f for f, t in layout.sources.items() if deferrable and storage_key(t) in deferrable)
                 snapshot = self.stager.stage(layout, defer)
                 if defer:
-                    overlap = OverlapCopy(step, {f: layout.sources[f] for f in layout.sources if f in defer}, snapshot.tensors)
+                    overlap = OverlapCopy(
+                        step, {f: layout.sources[f] for f in layout.sources if f in defer}, snapshot.tensors
+                    )
             nbytes = layout.nbytes
         except Exception as e:  # noqa: BLE001
             # No collective here to tell the other ranks: the save goes ahead with a snapshot
@@ -229,19 +245,35 @@ class AsyncEngine:
             snapshot, nbytes = Snapshot({}, {}, (), (), {}, value_error=(type(e).__name__, f"staging failed: {e}")), 0
         snapshot.spread = spread
         t2 = time.perf_counter()
-        self.last_submit = {"wait_previous_s": t1 - t0, "stage_s": t2 - t1, "bytes": nbytes,
-                            "deferred_bytes": overlap.nbytes if overlap is not None else 0}  # fmt: skip
+        self.last_submit = {
+            "wait_previous_s": t1 - t0,
+            "stage_s": t2 - t1,
+            "bytes": nbytes,
+            "deferred_bytes": overlap.nbytes if overlap is not None else 0,
+        }
         over_anywhere = over
         if cap is not None and self.process is not None and self._control is not None:
             flag = torch.tensor([1 if over else 0], dtype=torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control)
             over_anywhere = bool(flag.item())
-        job = Job(step, prefix, snapshot, dict(commit_info), after_commit, self.stager.buffer, self.stager.generation,
-                  fence=fence, copy=overlap, on_every_rank=on_every_rank)  # fmt: skip
+        job = Job(
+            step,
+            prefix,
+            snapshot,
+            dict(commit_info),
+            after_commit,
+            self.stager.buffer,
+            self.stager.generation,
+            fence=fence,
+            copy=overlap,
+            on_every_rank=on_every_rank,
+        )
         job.in_process = self.process is not None and not over_anywhere
         self._job = job
         if over:
-            log.info("step %d: %d bytes of tensors exceed max_staging_bytes=%d: saving synchronously", step, nbytes, cap)
+            log.info(
+                "step %d: %d bytes of tensors exceed max_staging_bytes=%d: saving synchronously", step, nbytes, cap
+            )
             self._execute(job)  # its outcome is consumed like any other's
         else:
             self._queue.put(job)
@@ -285,8 +317,16 @@ class AsyncEngine:
                 if job.in_process:
                     self.process.save(job)
                 else:
-                    write_snapshot(self.backend, job.prefix, job.snapshot, codec=self.codec, commit_info=job.commit_info,
-                                   process_group=self._background, cache_key=self.cache_key, fence=job.fence)  # fmt: skip
+                    write_snapshot(
+                        self.backend,
+                        job.prefix,
+                        job.snapshot,
+                        codec=self.codec,
+                        commit_info=job.commit_info,
+                        process_group=self._background,
+                        cache_key=self.cache_key,
+                        fence=job.fence,
+                    )
             except BaseException as e:  # noqa: BLE001 (reported to every rank)
                 error = e
             t1 = time.perf_counter()
@@ -306,9 +346,15 @@ class AsyncEngine:
                 try:  # after the verdict: deleting old steps is clean-up, not committing (done waits for it)
                     result()
                 except Exception:  # noqa: BLE001 (the save is committed; gc removes what is left)
-                    log.exception("step %d: retention after the commit failed; `dist-ckpt gc` removes what is left", job.step)
-            job.timings = {"write_s": t1 - t0, "after_commit_s": t2 - t1, "agree_s": t3 - t2,
-                           "retention_s": time.perf_counter() - t3}  # fmt: skip
+                    log.exception(
+                        "step %d: retention after the commit failed; `dist-ckpt gc` removes what is left", job.step
+                    )
+            job.timings = {
+                "write_s": t1 - t0,
+                "after_commit_s": t2 - t1,
+                "agree_s": t3 - t2,
+                "retention_s": time.perf_counter() - t3,
+            }
         except BaseException as e:  # noqa: BLE001 (never leave a job without a verdict)
             job.failure = CheckpointError(f"background save of step {job.step} failed: {type(e).__name__}: {e}")
         finally:
@@ -379,16 +425,22 @@ class AsyncEngine:
         if job is not None:
             self.join_copy()
             if not job.done.is_set():
-                _loud(f"dist_ckpt: interpreter exit with the save of step {job.step} in flight; waiting for it "
-                      f"(up to {timeout:.0f}s). Call mgr.close() before exiting to do this explicitly.")  # fmt: skip
+                _loud(
+                    f"dist_ckpt: interpreter exit with the save of step {job.step} in flight; waiting for it "
+                    f"(up to {timeout:.0f}s). Call mgr.close() before exiting to do this explicitly."
+                )
             if not job.done.wait(timeout):
-                _loud(f"dist_ckpt: the save of step {job.step} did not finish within {timeout:.0f}s; exiting "
-                      "without it (it is not committed; the previous checkpoint stays the latest)")  # fmt: skip
+                _loud(
+                    f"dist_ckpt: the save of step {job.step} did not finish within {timeout:.0f}s; exiting "
+                    "without it (it is not committed; the previous checkpoint stays the latest)"
+                )
                 return
             self._job = None
             if job.failure is not None:
-                _loud(f"dist_ckpt: the background save of step {job.step} FAILED and nobody called save(), "
-                      f"wait() or close() afterwards to see it: {job.failure}")  # fmt: skip
+                _loud(
+                    f"dist_ckpt: the background save of step {job.step} FAILED and nobody called save(), "
+                    f"wait() or close() afterwards to see it: {job.failure}"
+                )
         self._shutdown()
 
 

@@ -1,6 +1,7 @@
 """``async_mode="process"``: the background saves of one rank run in a separate process.
 
-The process is started once (a fresh interpreter running :func:`main`), when the manager is created, and serves every save of that
+The process is started once (a fresh interpreter running :func:`main`), when the manager is created, and
+serves every save of that
 manager. Its ranks (one per training rank) join their own gloo group — rendezvous on the
 store the training job already uses (``MASTER_ADDR``/``MASTER_PORT``), under a prefix that
 rank 0 draws and broadcasts; without those variables rank 0 hosts a fresh ``TCPStore``.
@@ -58,8 +59,16 @@ def rebuild_error(type_name: str, message: str) -> CheckpointError:
 class WriterProcess:
     """Parent side: starts the process, sends buffers and save requests, relays the replies."""
 
-    def __init__(self, config: ManagerConfig, backend: Backend, *, rank: int, world_size: int,
-                 control_group: dist.ProcessGroup | None, cache_key: str):  # fmt: skip
+    def __init__(
+        self,
+        config: ManagerConfig,
+        backend: Backend,
+        *,
+        rank: int,
+        world_size: int,
+        control_group: dist.ProcessGroup | None,
+        cache_key: str,
+    ):
         self._store: Any = None  # kept alive on rank 0 when it hosts the rendezvous
         rendezvous = self._rendezvous(rank, control_group)
         try:
@@ -81,7 +90,9 @@ class WriterProcess:
         self._conn, child_conn = mp.Pipe()
         fd = child_conn.fileno()
         code = f"import sys; sys.path[:0] = {list(sys.path)!r}; from dist_ckpt.async_process import main; main({fd})"
-        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen([sys.executable, "-c", code], pass_fds=(fd,), close_fds=True)
+        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [sys.executable, "-c", code], pass_fds=(fd,), close_fds=True
+        )
         child_conn.close()
         # the tensors' file descriptors travel through multiprocessing's resource sharer,
         # which authenticates with this process's authkey
@@ -144,9 +155,22 @@ class WriterProcess:
                 encoded = encode_values(snap.values)
             except Exception as e:  # noqa: BLE001
                 value_error = (type(e).__name__, str(e))
-        self._conn.send(("save", {"prefix": job.prefix, "commit_info": job.commit_info, "specs": snap.specs,
-                                  "encoded": encoded, "value_error": value_error, "order": snap.order,
-                                  "mappings": snap.mappings, "fence": job.fence, "spread": snap.spread}))  # fmt: skip
+        self._conn.send(
+            (
+                "save",
+                {
+                    "prefix": job.prefix,
+                    "commit_info": job.commit_info,
+                    "specs": snap.specs,
+                    "encoded": encoded,
+                    "value_error": value_error,
+                    "order": snap.order,
+                    "mappings": snap.mappings,
+                    "fence": job.fence,
+                    "spread": snap.spread,
+                },
+            )
+        )
         self._check(self._recv())
 
     def close(self, timeout: float = 60.0) -> None:
@@ -203,8 +227,13 @@ def _serve(conn: Any, init: dict[str, Any]) -> None:
         rdv = init["rendezvous"]
         if rdv is not None:
             store = dist.TCPStore(rdv["host"], rdv["port"], is_master=False, timeout=timedelta(seconds=PG_TIMEOUT_S))
-            dist.init_process_group("gloo", store=dist.PrefixStore(rdv["prefix"], store), rank=init["rank"],
-                                    world_size=init["world_size"], timeout=timedelta(seconds=PG_TIMEOUT_S))  # fmt: skip
+            dist.init_process_group(
+                "gloo",
+                store=dist.PrefixStore(rdv["prefix"], store),
+                rank=init["rank"],
+                world_size=init["world_size"],
+                timeout=timedelta(seconds=PG_TIMEOUT_S),
+            )
         spec = init["backend"]
         backend = pickle.loads(spec[1]) if spec[0] == "object" else open_backend(spec[1], **spec[2])
         codec = resolve_codec(init["compression"], init["compression_level"])
@@ -227,10 +256,27 @@ def _serve(conn: Any, init: dict[str, Any]) -> None:
             try:
                 tensors = views(buffer, body["specs"])
                 encoded = body["encoded"] or {fqn: b"" for fqn in body["order"] if fqn not in tensors}
-                snap = Snapshot(tensors, encoded, body["specs"], body["order"], body["mappings"], shards_of(body["specs"]),
-                                encoded=encoded, value_error=body["value_error"], spread=body["spread"])  # fmt: skip
-                write_snapshot(backend, body["prefix"], snap, codec=codec, commit_info=body["commit_info"],
-                               process_group=None, cache_key=init["cache_key"], fence=body["fence"])  # fmt: skip
+                snap = Snapshot(
+                    tensors,
+                    encoded,
+                    body["specs"],
+                    body["order"],
+                    body["mappings"],
+                    shards_of(body["specs"]),
+                    encoded=encoded,
+                    value_error=body["value_error"],
+                    spread=body["spread"],
+                )
+                write_snapshot(
+                    backend,
+                    body["prefix"],
+                    snap,
+                    codec=codec,
+                    commit_info=body["commit_info"],
+                    process_group=None,
+                    cache_key=init["cache_key"],
+                    fence=body["fence"],
+                )
                 reply: tuple[str, Any] = ("ok", None)
             except BaseException as e:  # noqa: BLE001
                 reply = ("err", (type(e).__name__, str(e), traceback.format_exc(limit=8)))

@@ -62,7 +62,9 @@ class StagedSavePlanner(JsonSavePlanner):
         self._snapshot = snapshot
         self.local_plan_reused = False  # tests: whether the cached local plan was reused
 
-    def _set_up(self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False) -> None:
+    def _set_up(
+        self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False
+    ) -> None:
         self.state_dict = state_dict  # already flat; values are JSON bytes
         self.mappings = self._snapshot.mappings
         self.is_coordinator = is_coordinator
@@ -115,8 +117,13 @@ class StagedSavePlanner(JsonSavePlanner):
 
 def forget_cached_plans(cache_key: str) -> None:
     """Drop DCP's class-level plan caches of ``cache_key``."""
-    for cache in (SavePlanner._cached_save_plan, SavePlanner._cached_all_plans, SavePlanner._cached_global_plan,
-                  SavePlanner._cached_metadata, SavePlanner._cached_final_save_plan):  # fmt: skip
+    for cache in (
+        SavePlanner._cached_save_plan,
+        SavePlanner._cached_all_plans,
+        SavePlanner._cached_global_plan,
+        SavePlanner._cached_metadata,
+        SavePlanner._cached_final_save_plan,
+    ):
         cache.pop(cache_key, None)
 
 

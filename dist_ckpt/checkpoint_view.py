@@ -129,5 +129,7 @@ class CheckpointView:
             full[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))] = piece
             covered += n
         if covered != full.numel():
-            raise CorruptCheckpoint(f"{self.uri}: tensor {fqn!r}: its chunks cover {covered} of {full.numel()} elements")
+            raise CorruptCheckpoint(
+                f"{self.uri}: tensor {fqn!r}: its chunks cover {covered} of {full.numel()} elements"
+            )
         return full

@@ -40,7 +40,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorProperties, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 
 from dist_ckpt.errors import InconsistentState
@@ -142,7 +147,11 @@ def unruled_digest(items: Iterable[WriteItem], mappings: Mapping[str, Any]) -> s
     for i in items:
         td = i.tensor_data
         offset = None if i.index.offset is None else list(i.index.offset)
-        shape = None if td is None else [list(td.size), str(td.properties.dtype), list(td.chunk.offsets), list(td.chunk.sizes)]
+        shape = (
+            None
+            if td is None
+            else [list(td.size), str(td.properties.dtype), list(td.chunk.offsets), list(td.chunk.sizes)]
+        )
         keys.append([i.index.fqn, offset, int(i.type.value), shape, repr(mappings.get(i.index.fqn))])
     return _digest(sorted(keys, key=repr))
 
@@ -195,7 +204,9 @@ def split_local_plan(
         owned=owned,
         digest=rules_digest(rules.values()),
     )
-    sent = replace(plan, items=[] if drop_unruled else [i for i in plan.items if i.index.fqn not in rules], planner_data=data)
+    sent = replace(
+        plan, items=[] if drop_unruled else [i for i in plan.items if i.index.fqn not in rules], planner_data=data
+    )
     return LocalSplit(sent, tuple(kept), frozenset(rules))
 
 
@@ -222,8 +233,12 @@ def unpack(all_plans: Sequence[SavePlan]) -> tuple[list[SavePlan], list[CompactP
     where no rank sent any (DCP's planning then runs unchanged)."""
     if not any(isinstance(p.planner_data, CompactPlanData) for p in all_plans):
         return None
-    data = [p.planner_data if isinstance(p.planner_data, CompactPlanData) else
-            CompactPlanData(p.planner_data or {}, (), (), rules_digest(())) for p in all_plans]  # fmt: skip
+    data = [
+        p.planner_data
+        if isinstance(p.planner_data, CompactPlanData)
+        else CompactPlanData(p.planner_data or {}, (), (), rules_digest(()))
+        for p in all_plans
+    ]
     return [replace(p, planner_data=d.mappings) for p, d in zip(all_plans, data)], data
 
 
@@ -289,7 +304,9 @@ class RuledChunks(Sequence[ChunkStorageMetadata]):
         return (self[i] for i in range(len(self)))
 
 
-def add_ruled(metadata: Metadata, ruled: Mapping[str, tuple[RuledTensor, SplitRule]], data: Sequence[CompactPlanData]) -> Metadata:
+def add_ruled(
+    metadata: Metadata, ruled: Mapping[str, tuple[RuledTensor, SplitRule]], data: Sequence[CompactPlanData]
+) -> Metadata:
     """``metadata`` (of the unruled items) with the ruled tensors and their mappings added."""
     sd = dict(metadata.state_dict_metadata)
     for fqn, (r, rule) in ruled.items():

@@ -130,7 +130,14 @@ class ManagerConfig:
     ``best:<metric>`` pointer or is made with ``force=True``."""
 
     def __post_init__(self) -> None:
-        for name in ("keep_last", "keep_every_n_steps", "save_every_n_steps", "total_steps", "total_epochs", "max_staging_bytes"):
+        for name in (
+            "keep_last",
+            "keep_every_n_steps",
+            "save_every_n_steps",
+            "total_steps",
+            "total_epochs",
+            "max_staging_bytes",
+        ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name}={value!r}: expected a positive integer or None")
@@ -138,8 +145,9 @@ class ManagerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}={value!r}: expected a positive integer")
-        if self.local_root is not None and (not isinstance(self.local_root, str) or not self.local_root
-                                            or "://" in self.local_root):  # fmt: skip
+        if self.local_root is not None and (
+            not isinstance(self.local_root, str) or not self.local_root or "://" in self.local_root
+        ):
             raise ConfigError(f"local_root={self.local_root!r}: expected a node-local directory path (not a URI)")
         if not isinstance(self.best, Mapping):
             raise ConfigError(f"best={self.best!r}: expected a dict like {{'val_loss': 'min'}}")
@@ -165,7 +173,13 @@ class ManagerConfig:
             raise ConfigError("incremental=True with local_root: not supported together yet; choose one of them")
         if not (isinstance(self.async_save, bool) or self.async_save == "overlap"):
             raise ConfigError(f"async_save={self.async_save!r}: expected True, False or 'overlap'")
-        for name in ("strict_config", "save_on_sigterm", "collect_garbage_on_start", "ddp_spread_writes", "incremental"):
+        for name in (
+            "strict_config",
+            "save_on_sigterm",
+            "collect_garbage_on_start",
+            "ddp_spread_writes",
+            "incremental",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected True or False")
         may_change = self.config_may_change

@@ -24,7 +24,6 @@ import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -107,8 +106,12 @@ class PassRecord:
                 raise ValueError("unknown format")
             order = doc.pop("order")
             record = cls(**doc, order=GlobalOrder(**order) if order is not None else None)
-            if not (isinstance(record.yielded, int) and record.yielded >= 0 and isinstance(record.world, int)
-                    and (record.epoch is None or isinstance(record.epoch, int))):  # fmt: skip
+            if not (
+                isinstance(record.yielded, int)
+                and record.yielded >= 0
+                and isinstance(record.world, int)
+                and (record.epoch is None or isinstance(record.epoch, int))
+            ):
                 raise ValueError("epoch, yielded or world is not a count")
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise CorruptCheckpoint(f"{where}: not a data-position record ({e})") from e
@@ -135,16 +138,29 @@ class PassRecord:
 
 
 def order_of(sampler: DistributedSampler, offset: int = 0) -> GlobalOrder:
-    return GlobalOrder(len(sampler.dataset), int(sampler.seed), bool(sampler.shuffle), bool(sampler.drop_last),  # type: ignore[arg-type]
-                       int(sampler.num_replicas), offset)  # fmt: skip
+    return GlobalOrder(
+        len(sampler.dataset),
+        int(sampler.seed),
+        bool(sampler.shuffle),
+        bool(sampler.drop_last),  # type: ignore[arg-type]
+        int(sampler.num_replicas),
+        offset,
+    )
 
 
 def _as_world(sampler: DistributedSampler, order: GlobalOrder, rank: int) -> DistributedSampler:
     """A copy of ``sampler`` as rank ``rank`` of ``order.world`` saw it (the subclass and its
     ``__iter__`` kept; the sizes recomputed by ``DistributedSampler.__init__`` itself)."""
     clone = copy.copy(sampler)
-    DistributedSampler.__init__(clone, sampler.dataset, num_replicas=order.world, rank=rank,  # type: ignore[arg-type]
-                                shuffle=order.shuffle, seed=order.seed, drop_last=order.drop_last)  # fmt: skip
+    DistributedSampler.__init__(
+        clone,
+        sampler.dataset,
+        num_replicas=order.world,
+        rank=rank,  # type: ignore[arg-type]
+        shuffle=order.shuffle,
+        seed=order.seed,
+        drop_last=order.drop_last,
+    )
     return clone
 
 

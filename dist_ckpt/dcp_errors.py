@@ -50,5 +50,7 @@ def raise_from_dcp(e: CheckpointException) -> NoReturn:
     """Raise :func:`unwrap`'s error at the API boundary. Its own cause (the backend's error a
     StorageError keeps) stays; otherwise DCP's report, as a brief :class:`RankFailures`."""
     err = unwrap(e)
-    cause: BaseException = err.__cause__ if err.__cause__ is not None else RankFailures(str(e.args[0]) if e.args else "", e.failures)
+    cause: BaseException = (
+        err.__cause__ if err.__cause__ is not None else RankFailures(str(e.args[0]) if e.args else "", e.failures)
+    )
     raise err.with_traceback(None) from cause

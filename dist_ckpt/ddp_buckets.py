@@ -46,7 +46,13 @@ CHECKED_TORCH = "2.13.0"  # the torch version whose DDP internals this module wa
 _FORMAT = 1
 _COMPILE_WRAPPER = "_orig_mod"  # torch.compile's OptimizedModule holds the compiled module here
 # The DDP settings that decide the layout DDP computes; a resume with other values gets DDP's own.
-_LAYOUT_SETTINGS = ("bucket_bytes_cap", "first_bucket_bytes_cap", "bucket_bytes_cap_list", "find_unused_parameters", "static_graph")
+_LAYOUT_SETTINGS = (
+    "bucket_bytes_cap",
+    "first_bucket_bytes_cap",
+    "bucket_bytes_cap_list",
+    "find_unused_parameters",
+    "static_graph",
+)
 # A rebuilt layout never changes while its reducer lives: remembered per DDP module, with the id of
 # the reducer it belongs to (not the reducer itself, which would outlive a replaced one).
 _settled: weakref.WeakKeyDictionary[DistributedDataParallel, tuple[int, BucketLayout]] = weakref.WeakKeyDictionary()
@@ -80,8 +86,14 @@ class BucketLayout:
             if doc["format"] != _FORMAT:
                 raise ValueError(f"format {doc['format']!r}, this dist_ckpt reads format {_FORMAT}")
             buckets = tuple(tuple(_str(n) for n in b) for b in doc["buckets"])
-            return cls(int(doc["world_size"]), buckets, bool(doc["rebuilt"]), bool(doc["static_graph_pending"]),
-                       dict(doc["settings"]), str(doc["torch_version"]))  # fmt: skip
+            return cls(
+                int(doc["world_size"]),
+                buckets,
+                bool(doc["rebuilt"]),
+                bool(doc["static_graph_pending"]),
+                dict(doc["settings"]),
+                str(doc["torch_version"]),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptCheckpoint(f"{where}: the DDP bucket layout is malformed ({type(e).__name__}: {e})") from e
 
@@ -188,17 +200,21 @@ def _restore_one(ddp: DistributedDataParallel, doc: Any, saved_world: int, where
     """Restore one module's layout; the warning to give instead, or None."""
     world = _world(ddp)
     if saved_world != world:
-        return (f"world size changed ({saved_world} -> {world} ranks): DDP rebuilds its gradient buckets as it "
-                "would in a new run, so the gradient all-reduce sums in another order and the resumed run is "
-                "not bit-exact with one that kept the old world size (the state loaded is the saved state).")  # fmt: skip
+        return (
+            f"world size changed ({saved_world} -> {world} ranks): DDP rebuilds its gradient buckets as it "
+            "would in a new run, so the gradient all-reduce sums in another order and the resumed run is "
+            "not bit-exact with one that kept the old world size (the state loaded is the saved state)."
+        )
     if not hasattr(ddp, "reducer") or _never_rebuilds(ddp):
         return None  # no buckets, or DDP never rebuilds them: the layout is a function of the model
     if doc is None:
         if world <= 2:
             return None  # a sum of two terms does not depend on their order
-        return (f"{where}: the checkpoint holds no bucket layout for this DDP module (saved by an older dist_ckpt, "
-                "or without DDP): the first steps after the resume all-reduce with DDP's initial layout and are "
-                "not bit-exact with an uninterrupted run.")  # fmt: skip
+        return (
+            f"{where}: the checkpoint holds no bucket layout for this DDP module (saved by an older dist_ckpt, "
+            "or without DDP): the first steps after the resume all-reduce with DDP's initial layout and are "
+            "not bit-exact with an uninterrupted run."
+        )
     layout = BucketLayout.from_json(doc, where)
     if not layout.rebuilt and not layout.static_graph_pending:
         return None  # saved before any backward: the resumed process goes through the same rebuild
@@ -209,9 +225,11 @@ def _restore_one(ddp: DistributedDataParallel, doc: Any, saved_world: int, where
     _recreate_reducer(ddp, [by_name[n] for b in layout.buckets for n in b])
     result = _read_buckets(ddp)
     if result != layout.buckets:
-        return (f"{where}: DDP rebuilt a bucket layout that differs from the saved one (an environment setting "
-                f"such as DDP_SET_LAST_BUCKET_CAP, or a torch other than {CHECKED_TORCH} / the saving run's "
-                f"{layout.torch_version}); the resume is not bit-exact.")  # fmt: skip
+        return (
+            f"{where}: DDP rebuilt a bucket layout that differs from the saved one (an environment setting "
+            f"such as DDP_SET_LAST_BUCKET_CAP, or a torch other than {CHECKED_TORCH} / the saving run's "
+            f"{layout.torch_version}); the resume is not bit-exact."
+        )
     _settled[ddp] = (id(ddp.reducer), BucketLayout(world, result, True, False, _settings(ddp), torch.__version__))
     return None
 
@@ -220,9 +238,11 @@ def _obstacle(ddp: DistributedDataParallel, layout: BucketLayout) -> str | None:
     """Why the saved layout cannot be re-established exactly, or None."""
     not_exact = "DDP rebuilds its bucket layout as it would, and the first steps after the resume are not bit-exact"
     if layout.static_graph_pending:
-        return ("static_graph=True and the checkpoint was taken after DDP's first iteration, before its bucket "
-                "rebuild (which follows the second backward): the resumed run rebuilds one step later than the "
-                "uninterrupted one and is not bit-exact; checkpoints of later steps are.")  # fmt: skip
+        return (
+            "static_graph=True and the checkpoint was taken after DDP's first iteration, before its bucket "
+            "rebuild (which follows the second backward): the resumed run rebuilds one step later than the "
+            "uninterrupted one and is not bit-exact; checkpoints of later steps are."
+        )
     if ddp._use_python_reducer:
         return f"torch._dynamo.config.optimize_ddp='python_reducer' (compiled autograd) is set: {not_exact}."
     if ddp.mixed_precision is not None:
@@ -245,8 +265,9 @@ def _recreate_reducer(ddp: DistributedDataParallel, ordered: list[nn.Parameter])
     """A new reducer over ``ordered`` (the saved bucket order), rebuilt at once from that order."""
     params, sparse = ddp._build_params_for_reducer()
     sparse_of = {id(p): s for p, s in zip(params, sparse)}
-    ddp._ddp_init_helper(ordered, [sparse_of[id(p)] for p in ordered],
-                         ddp._build_debug_param_to_name_mapping(ordered), ddp.static_graph)  # fmt: skip
+    ddp._ddp_init_helper(
+        ordered, [sparse_of[id(p)] for p in ordered], ddp._build_debug_param_to_name_mapping(ordered), ddp.static_graph
+    )
     if ddp.static_graph:  # as DDP.__setstate__ does; the new reducer starts at its first iteration
         ddp.reducer._set_static_graph()
         ddp.logger._set_static_graph()

@@ -44,15 +44,28 @@ def _device(group: dist.ProcessGroup | None) -> torch.device:
 
 def _pack(decision: Decision) -> bytes:
     (progress, due), busy = decision
-    doc = {"due": due, "busy": busy, "step": progress.step, "epoch": progress.epoch, "metrics": dict(progress.metrics),
-           "best": dict(progress.best), "since": dict(progress.since_improvement)}  # fmt: skip
+    doc = {
+        "due": due,
+        "busy": busy,
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "metrics": dict(progress.metrics),
+        "best": dict(progress.best),
+        "since": dict(progress.since_improvement),
+    }
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _unpack(payload: bytes, base: Progress) -> Decision:
     doc = json.loads(payload)
-    progress = replace(base, step=doc["step"], epoch=doc["epoch"], metrics=doc["metrics"], best=doc["best"],
-                       since_improvement=doc["since"])  # fmt: skip
+    progress = replace(
+        base,
+        step=doc["step"],
+        epoch=doc["epoch"],
+        metrics=doc["metrics"],
+        best=doc["best"],
+        since_improvement=doc["since"],
+    )
     return (progress, doc["due"]), doc["busy"]
 
 
@@ -85,7 +98,9 @@ def share_decision(
             except (TypeError, ValueError):  # e.g. an epoch given as a NumPy integer: the general way
                 payload = None
         inline = payload is not None and len(payload) <= CAPACITY - _HEADER.size
-        _HEADER.pack_into(memoryview(buffer.numpy()), 0, _INLINE if inline else _FALLBACK, len(payload) if inline else 0)
+        _HEADER.pack_into(
+            memoryview(buffer.numpy()), 0, _INLINE if inline else _FALLBACK, len(payload) if inline else 0
+        )
         if inline:
             assert payload is not None
             buffer[_HEADER.size : _HEADER.size + len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)

@@ -31,8 +31,16 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 assert tuple(DTYPES) == DTYPE_NAMES  # the command line offers DTYPE_NAMES without importing torch
-__all__ = ["DTYPES", "INDEX_FILE", "SINGLE_FILE", "CheckpointView", "ExportResult", "export_checkpoint", "parse_size",
-           "select_tensors"]  # fmt: skip
+__all__ = [
+    "DTYPES",
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "CheckpointView",
+    "ExportResult",
+    "export_checkpoint",
+    "parse_size",
+    "select_tensors",
+]
 
 
 # -- export ---------------------------------------------------------------------------------
@@ -166,12 +174,14 @@ def _write_file(
     writer = out.open_writer(file)
     try:
         writer.write(_header(specs, meta))
-        for key, (name, _st, _shape, nbytes) in zip(keys, specs):
+        for key, (_name, _st, _shape, nbytes) in zip(keys, specs):
             tensor = view.tensor(key)
             tensor = tensor.to(_out_dtype(tensor.dtype, dtype)).contiguous()
             data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
             if len(memoryview(data).cast("B")) != nbytes:
-                raise CorruptCheckpoint(f"{view.uri}: tensor {key!r} assembled to {tensor.nbytes} bytes, expected {nbytes}")
+                raise CorruptCheckpoint(
+                    f"{view.uri}: tensor {key!r} assembled to {tensor.nbytes} bytes, expected {nbytes}"
+                )
             writer.write(memoryview(data).cast("B") if tensor.numel() else b"")
             if on_bytes is not None:
                 on_bytes(nbytes)
@@ -182,7 +192,9 @@ def _write_file(
         raise
 
 
-def iter_tensor_blocks(a: torch.Tensor, b: torch.Tensor, block: int = 1 << 22) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_tensor_blocks(
+    a: torch.Tensor, b: torch.Tensor, block: int = 1 << 22
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Matching flat float64 blocks of two same-shaped tensors (bounded extra memory)."""
     fa, fb = a.reshape(-1), b.reshape(-1)
     for start in range(0, fa.numel(), block):

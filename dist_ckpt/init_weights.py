@@ -65,11 +65,19 @@ def _files_of_index(index: str) -> tuple[str, ...]:
             weight_map = json.loads(f.read().decode("utf-8"))["weight_map"]
         names = sorted(set(weight_map.values()))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CorruptCheckpoint(f"{index}: not a valid index (expected JSON with a 'weight_map' of key -> file): {e}") from e
+        raise CorruptCheckpoint(
+            f"{index}: not a valid index (expected JSON with a 'weight_map' of key -> file): {e}"
+        ) from e
     files = []
     for name in names:
         # the index only names shards beside it: nothing outside the folder is ever opened
-        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", "..") or "\\" in name or "\0" in name:
+        if (
+            not isinstance(name, str)
+            or os.path.basename(name) != name
+            or name in ("", ".", "..")
+            or "\\" in name
+            or "\0" in name
+        ):
             raise CorruptCheckpoint(f"{index}: shard name {name!r} is not a plain file name in {folder}")
         if not os.path.isfile(os.path.join(folder, name)):
             raise CorruptCheckpoint(f"{index} lists {name}, which is missing from {folder}")

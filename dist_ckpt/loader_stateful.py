@@ -101,16 +101,23 @@ class StatefulLoaderPosition:
     def load_state_dict(self, state: dict[str, str]) -> None:
         text = state.get(f"rank_{self.rank}")
         if text is None:
-            log.warning("%s: the checkpoint holds no state of this loader for rank %d; its epoch starts from the "
-                        "beginning", self.name, self.rank)  # fmt: skip
+            log.warning(
+                "%s: the checkpoint holds no state of this loader for rank %d; its epoch starts from the beginning",
+                self.name,
+                self.rank,
+            )
             return
         doc = json_values.decode(text.encode("utf-8"), f"{self.name}.rank_{self.rank}")
         if doc["world"] != self.world:
             if self.rank == 0:
-                log.warning("%s: saved by %d ranks, restored on %d: a StatefulDataLoader's position belongs to its rank's "
-                            "share of the data, so the interrupted epoch starts from the beginning on every rank "
-                            "(a plain DataLoader with a DistributedSampler continues it instead)",
-                            self.name, doc["world"], self.world)  # fmt: skip
+                log.warning(
+                    "%s: saved by %d ranks, restored on %d: a StatefulDataLoader's position belongs to its rank's "
+                    "share of the data, so the interrupted epoch starts from the beginning on every rank "
+                    "(a plain DataLoader with a DistributedSampler continues it instead)",
+                    self.name,
+                    doc["world"],
+                    self.world,
+                )
             return
         if doc["generator"] is not None and self.loader.generator is not None:
             self.loader.generator.set_state(decode_state(doc["generator"]))

@@ -224,9 +224,14 @@ class LoaderPosition:
         sampler = loader.sampler
         epoch = int(sampler.epoch) if isinstance(sampler, DistributedSampler) else None
         if pending is not None and pending.epoch != epoch and not pending.complete:
-            log.warning("%s: the checkpoint was taken in epoch %s of the loader's DistributedSampler, but the "
-                        "first pass after restore() is epoch %s: the rest of epoch %s is not trained",
-                        self.name, pending.epoch, epoch, pending.epoch)  # fmt: skip
+            log.warning(
+                "%s: the checkpoint was taken in epoch %s of the loader's DistributedSampler, but the "
+                "first pass after restore() is epoch %s: the rest of epoch %s is not trained",
+                self.name,
+                pending.epoch,
+                epoch,
+                pending.epoch,
+            )
         if pending is not None and pending.epoch != epoch:
             pending = None
         if spread is not None and spread[0].epoch != epoch:
@@ -248,8 +253,15 @@ class LoaderPosition:
             base = restored_base[1]  # persistent workers: the seed the saved run's workers had
         elif self._pass is not None:
             base = self._pass.base
-        record = dp.PassRecord(epoch, base_source=base_role, order=self._order(sampler), batch_size=loader.batch_size,
-                               rank=self.rank, world=self.world, length=_length(loader._index_sampler))  # fmt: skip
+        record = dp.PassRecord(
+            epoch,
+            base_source=base_role,
+            order=self._order(sampler),
+            batch_size=loader.batch_size,
+            rank=self.rank,
+            world=self.world,
+            length=_length(loader._index_sampler),
+        )
         current = _Pass(record, start, base)
         self._pass = current
         with _ScratchSeed(loader, base if creates and restored_base is not None else None):
@@ -261,8 +273,15 @@ class LoaderPosition:
             return dp.order_of(sampler, offset)
         return None
 
-    def _resume(self, make: Callable[[], Any], pending: dp.PassRecord | None, spread: list[dp.PassRecord] | None,
-                sources: dict[str, torch.Generator], creates: bool, base_role: str) -> Any:  # fmt: skip
+    def _resume(
+        self,
+        make: Callable[[], Any],
+        pending: dp.PassRecord | None,
+        spread: list[dp.PassRecord] | None,
+        sources: dict[str, torch.Generator],
+        creates: bool,
+        base_role: str,
+    ) -> Any:
         """The first pass after restore() continues the interrupted one; every generator is
         left exactly as restore() set it."""
         restored = {role: g.get_state() for role, g in sources.items()}
@@ -290,20 +309,33 @@ class LoaderPosition:
         return _Counting(it, current)
 
     # -- world-size change -------------------------------------------------------------------
-    def _spread_pass(self, records: list[dp.PassRecord], own: dp.PassRecord | None,
-                     sources: dict[str, torch.Generator]) -> tuple[dp.PassRecord, _Replay]:  # fmt: skip
+    def _spread_pass(
+        self, records: list[dp.PassRecord], own: dp.PassRecord | None, sources: dict[str, torch.Generator]
+    ) -> tuple[dp.PassRecord, _Replay]:
         sampler = self.loader.sampler
         counts = sorted({r.consumed() for r in records})
         if len(counts) > 1:
-            log.warning("%s: the saved ranks had consumed different numbers of samples %s; continuing after the "
-                        "smallest, so a few samples may be trained twice", self.name, counts)  # fmt: skip
+            log.warning(
+                "%s: the saved ranks had consumed different numbers of samples %s; continuing after the "
+                "smallest, so a few samples may be trained twice",
+                self.name,
+                counts,
+            )
         first = records[0]
         assert first.order is not None
-        order = replace(first.order, offset=counts[0], spread_world=int(sampler.num_replicas),
-                        spread_batch=self.loader.batch_size)  # fmt: skip
-        record = dp.PassRecord(first.epoch, base_source=own.base_source if own else None,
-                               base_state=own.base_state if own else None, order=order,
-                               batch_size=self.loader.batch_size, rank=self.rank, world=self.world, started=True)  # fmt: skip
+        order = replace(
+            first.order, offset=counts[0], spread_world=int(sampler.num_replicas), spread_batch=self.loader.batch_size
+        )
+        record = dp.PassRecord(
+            first.epoch,
+            base_source=own.base_source if own else None,
+            base_state=own.base_state if own else None,
+            order=order,
+            batch_size=self.loader.batch_size,
+            rank=self.rank,
+            world=self.world,
+            started=True,
+        )
         batches = self._continued_batches(record)
         return replace(record, length=len(batches)), _Replay({}, 0, True, sources, batches)
 
@@ -312,11 +344,16 @@ class LoaderPosition:
         assert order is not None and order.spread_world is not None and record.epoch is not None
         sampler = self.loader.sampler
         full = dp.global_order(sampler, order, record.epoch)
-        batches, repeated = dp.spread_batches(full[order.offset :], order.spread_world, int(sampler.rank),
-                                              order.spread_batch or 1)  # fmt: skip
+        batches, repeated = dp.spread_batches(
+            full[order.offset :], order.spread_world, int(sampler.rank), order.spread_batch or 1
+        )
         if repeated:
-            log.warning("%s: fewer samples than ranks were left for the last step of epoch %s; rank %d repeats one",
-                        self.name, record.epoch, self.rank)  # fmt: skip
+            log.warning(
+                "%s: fewer samples than ranks were left for the last step of epoch %s; rank %d repeats one",
+                self.name,
+                record.epoch,
+                self.rank,
+            )
         return batches
 
     # -- state -------------------------------------------------------------------------------
@@ -327,8 +364,11 @@ class LoaderPosition:
             record = self._pending or dp.PassRecord(None, rank=self.rank, world=self.world)
         else:
             p = self._pass
-            record = replace(p.record, start={r: dp.encode_state(s) for r, s in p.start.items()},
-                             base_state=dp.encode_state(p.base) if p.base is not None else None)  # fmt: skip
+            record = replace(
+                p.record,
+                start={r: dp.encode_state(s) for r, s in p.start.items()},
+                base_state=dp.encode_state(p.base) if p.base is not None else None,
+            )
         return {f"rank_{self.rank}": replace(record, current=current).encode()}
 
     def load_template(self, stored: Collection[str]) -> dict[str, str]:
@@ -342,8 +382,10 @@ class LoaderPosition:
         self._pass = self._pending = self._spread_from = self._restored_base = None
         if not records:
             if self.rank == 0:
-                log.warning("%s: the checkpoint holds no position of this loader; its epoch starts from the beginning",
-                            self.name)  # fmt: skip
+                log.warning(
+                    "%s: the checkpoint holds no position of this loader; its epoch starts from the beginning",
+                    self.name,
+                )
             return
         own = records.get(self.rank)
         sources = _sources(self.loader)
@@ -362,9 +404,13 @@ class LoaderPosition:
             self._pending = own  # only its base seed state is used
             self._spread_from = ordered
             return
-        log.warning("%s: world size changed (%d -> %d) and the loader has no DistributedSampler with batch_size=: %s",
-                    self.name, saved_world, self.world,
-                    "this rank continues its own interrupted pass" if own else "this rank starts the epoch from the beginning")  # fmt: skip
+        log.warning(
+            "%s: world size changed (%d -> %d) and the loader has no DistributedSampler with batch_size=: %s",
+            self.name,
+            saved_world,
+            self.world,
+            "this rank continues its own interrupted pass" if own else "this rank starts the epoch from the beginning",
+        )
         self._pending = own
 
 

@@ -56,9 +56,17 @@ class LockInfo:
         """The lock record, or None when it is unreadable (an unreadable lock counts as stale)."""
         try:
             d = json.loads(data.decode("utf-8"))
-            return cls(str(d["owner"]), str(d["host"]), int(d["pid"]), float(d["time"]), float(d["heartbeat"]),
-                       str(d.get("boot_id", "")), str(d.get("pid_ns", "")), int(d.get("start", 0)),
-                       float(d.get("stale_after", 0.0)))  # fmt: skip
+            return cls(
+                str(d["owner"]),
+                str(d["host"]),
+                int(d["pid"]),
+                float(d["time"]),
+                float(d["heartbeat"]),
+                str(d.get("boot_id", "")),
+                str(d.get("pid_ns", "")),
+                int(d.get("start", 0)),
+                float(d.get("stale_after", 0.0)),
+            )
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
@@ -96,8 +104,11 @@ def renew(backend: Backend, mine: LockInfo) -> LockInfo:
             return new
         except PreconditionFailed:
             continue  # changed since read: our own renewal from another thread or process, or a takeover
-    raise BackendError(f"{backend.uri}/{LOCK}: the run lock changed {_RENEW_ATTEMPTS} times while being renewed",
-                       key=LOCK, code="Contended")  # fmt: skip
+    raise BackendError(
+        f"{backend.uri}/{LOCK}: the run lock changed {_RENEW_ATTEMPTS} times while being renewed",
+        key=LOCK,
+        code="Contended",
+    )
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,8 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from dist_ckpt import ddp_buckets
+from dist_ckpt import ddp_buckets, overlap, rng, spread_writes
 from dist_ckpt import manifest as mf
-from dist_ckpt import overlap, spread_writes
-from dist_ckpt import rng
 from dist_ckpt.api import resolve_codec, save_to
 from dist_ckpt.config import ManagerConfig
 from dist_ckpt.decision import share_decision
@@ -68,8 +66,9 @@ class CheckpointManager(ManagerKeywords):
     parameter of the constructor, documented there (``help(CheckpointManager.__init__)``); they
     are validated as the fields of :class:`ManagerConfig`, kept in ``self.config``."""
 
-    def _open(self, root: str, config: ManagerConfig, *, process_group: dist.ProcessGroup | None,
-              backend: Backend | None) -> None:  # fmt: skip
+    def _open(
+        self, root: str, config: ManagerConfig, *, process_group: dist.ProcessGroup | None, backend: Backend | None
+    ) -> None:
         # called by ManagerKeywords.__init__ with the validated options
         self.config = config
         self.root = str(root)
@@ -95,8 +94,14 @@ class CheckpointManager(ManagerKeywords):
         if self.config.local_root is not None:
             from dist_ckpt.tiers.node import Tiers
 
-            self._tiers = Tiers(self.config, self.backend.uri, rank=self.rank, world_size=self.world_size,
-                                process_group=self._pg, distributed=self._distributed)  # fmt: skip
+            self._tiers = Tiers(
+                self.config,
+                self.backend.uri,
+                rank=self.rank,
+                world_size=self.world_size,
+                process_group=self._pg,
+                distributed=self._distributed,
+            )
         self._save_backend = self._tiers.local if self._tiers is not None else self.backend
         self._agree(self._start if self.rank == 0 else None)
         if self._tiers is not None and not self.config.read_only:
@@ -104,8 +109,14 @@ class CheckpointManager(ManagerKeywords):
         if self.config.async_save or self.config.save_on_sigterm:
             from dist_ckpt.async_engine import AsyncEngine
 
-            self._engine = AsyncEngine(self.config, self._save_backend, self._codec, process_group=self._pg,
-                                       rank=self.rank, world_size=self.world_size)  # fmt: skip
+            self._engine = AsyncEngine(
+                self.config,
+                self._save_backend,
+                self._codec,
+                process_group=self._pg,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
 
     # -- collectives ------------------------------------------------------------------------
     def _agree(self, compute: Any) -> Any:
@@ -117,10 +128,14 @@ class CheckpointManager(ManagerKeywords):
                 outcome = [("ok", compute() if compute is not None else None)]
             except Exception as e:  # any error must reach every rank, or they wait forever
                 error = e
-                shared = e if isinstance(e, CheckpointError) else CheckpointError(f"rank 0 failed: {type(e).__name__}: {e}")
+                shared = (
+                    e if isinstance(e, CheckpointError) else CheckpointError(f"rank 0 failed: {type(e).__name__}: {e}")
+                )
                 outcome = [("err", shared)]
         if self._distributed:
-            dist.broadcast_object_list(outcome, src=dist.get_global_rank(self._pg, 0) if self._pg else 0, group=self._pg)
+            dist.broadcast_object_list(
+                outcome, src=dist.get_global_rank(self._pg, 0) if self._pg else 0, group=self._pg
+            )
         status, value = outcome[0]
         if status == "err":
             raise error if error is not None else value
@@ -129,20 +144,25 @@ class CheckpointManager(ManagerKeywords):
     def _start(self) -> None:
         if self.config.read_only:
             return
-        require_conditional_writes(self.backend, unsafe_single_writer=self.config.unsafe_single_writer,
-                                   opt_in="unsafe_single_writer=True")  # S3: probed once per bucket
+        require_conditional_writes(
+            self.backend, unsafe_single_writer=self.config.unsafe_single_writer, opt_in="unsafe_single_writer=True"
+        )  # S3: probed once per bucket
         # The lock comes first: garbage collection must never touch another live job's saves.
         self._lock = RunLock(self.backend, self.config.lock_stale_after)
         self._lock.acquire()
         if self.config.collect_garbage_on_start and self._tiers is not None:  # spares promotions in flight
-            self._tiers.collect_root_garbage(self.store, self.store.reconciled_manifest(self.config.best).pointers.get(mf.LAST))
+            self._tiers.collect_root_garbage(
+                self.store, self.store.reconciled_manifest(self.config.best).pointers.get(mf.LAST)
+            )
         elif self.config.collect_garbage_on_start:
             found = self.store.collect_garbage()
             if found.temp_dirs or found.uncommitted_steps or found.unfinished_uploads:
                 log.warning("removed leftovers of interrupted saves in %s: %s", self.root, found)
         self._last_step = self.store.reconciled_manifest(self.config.best).pointers.get(mf.LAST)
         if self._tiers is not None:  # a local step newer than the root's counts too
-            self._last_step = max([s for s in (self._last_step, *self._tiers.local_steps()[-1:]) if s is not None], default=None)
+            self._last_step = max(
+                [s for s in (self._last_step, *self._tiers.local_steps()[-1:]) if s is not None], default=None
+            )
 
     # -- public API -------------------------------------------------------------------------
     def track(self, **objects: Any) -> TrainingState:
@@ -183,10 +203,17 @@ class CheckpointManager(ManagerKeywords):
             raise ConfigError("save(step, state): state must come from mgr.track(...)")
         prefix = step_prefix(step)  # validates step
         engine = self._engine  # async: whether rank 0's save is still running rides on the decision
-        decision, busy = share_decision(lambda: (self._decide(step, check_metrics(metrics), epoch, force),
-                                                 engine is not None and engine.busy_here()),
-                                        rank=self.rank, base=self._progress, agree=self._agree,
-                                        group=self._pg if self._distributed else None, distributed=self._distributed)  # fmt: skip
+        decision, busy = share_decision(
+            lambda: (
+                self._decide(step, check_metrics(metrics), epoch, force),
+                engine is not None and engine.busy_here(),
+            ),
+            rank=self.rank,
+            base=self._progress,
+            agree=self._agree,
+            group=self._pg if self._distributed else None,
+            distributed=self._distributed,
+        )
         if engine is not None:  # raises a finished background save's failure (on every rank)
             busy = engine.settle(busy)
         progress, due = decision
@@ -211,21 +238,36 @@ class CheckpointManager(ManagerKeywords):
             **({"incremental": True} if self.config.incremental else {}),  # dist_ckpt.incremental
         }
         fence = self._lock.fence if self._lock is not None else None  # rank 0: checked right before COMMITTED
-        spread = spread_writes.replicated_fqns(state, sd, self.world_size) if self.config.ddp_spread_writes else frozenset()
+        spread = (
+            spread_writes.replicated_fqns(state, sd, self.world_size) if self.config.ddp_spread_writes else frozenset()
+        )
         after_commit, on_every_rank = (lambda: self._after_commit(step)), None
         background_after_commit = lambda: self._after_commit(step, retention_later=True)  # noqa: E731
         if self._tiers is not None:  # the local commit needs no run lock; the node's uploader promotes
-            after_commit, on_every_rank = self._tiers.hooks(step, force=force, before=self._progress.best, after=progress.best)
+            after_commit, on_every_rank = self._tiers.hooks(
+                step, force=force, before=self._progress.best, after=progress.best
+            )
             background_after_commit, fence = after_commit, None
         if self._engine is not None and self.config.async_save:
             # returns once the tensors are staged; write, commit and _after_commit run in the background
-            deferrable = overlap.prepare(state, self._engine.join_copy) if self.config.async_save == "overlap" else frozenset()
-            self._engine.submit(step, prefix, sd, commit_info, background_after_commit, fence, deferrable, spread,
-                                on_every_rank)  # fmt: skip
+            deferrable = (
+                overlap.prepare(state, self._engine.join_copy) if self.config.async_save == "overlap" else frozenset()
+            )
+            self._engine.submit(
+                step, prefix, sd, commit_info, background_after_commit, fence, deferrable, spread, on_every_rank
+            )
             self._progress = progress
             return True
-        save_to(self._save_backend, prefix, sd, codec=self._codec, commit_info=commit_info, process_group=self._pg,
-                fence=fence, spread=spread)  # fmt: skip
+        save_to(
+            self._save_backend,
+            prefix,
+            sd,
+            codec=self._codec,
+            commit_info=commit_info,
+            process_group=self._pg,
+            fence=fence,
+            spread=spread,
+        )
         result = self._agree(after_commit)
         if on_every_rank is not None:
             self._tiers.everywhere(on_every_rank, result)
@@ -307,9 +349,19 @@ class CheckpointManager(ManagerKeywords):
         if self._tiers is not None:  # local-only steps too, and where each one is
             entries, tiers = self._tiers.listing(entries)
         return [
-            CheckpointInfo(e.step, e.epoch, dict(e.metrics), e.time, e.size, e.world_size, e.codec,
-                           tuple(sorted(names.get(e.step, []))), f"{self.backend.uri}/{step_prefix(e.step)}",
-                           tiers.get(e.step, ("root",)), e.logical_size or e.size)  # fmt: skip
+            CheckpointInfo(
+                e.step,
+                e.epoch,
+                dict(e.metrics),
+                e.time,
+                e.size,
+                e.world_size,
+                e.codec,
+                tuple(sorted(names.get(e.step, []))),
+                f"{self.backend.uri}/{step_prefix(e.step)}",
+                tiers.get(e.step, ("root",)),
+                e.logical_size or e.size,
+            )
             for e in entries
         ]
 
@@ -323,8 +375,9 @@ class CheckpointManager(ManagerKeywords):
         self._check_open()
         return restore_state(self, state, which)
 
-    def load_weights(self, module: nn.Module, which: Any = "last", *, name: str | None = None,
-                     strict: bool = True) -> LoadedWeights:  # fmt: skip
+    def load_weights(
+        self, module: nn.Module, which: Any = "last", *, name: str | None = None, strict: bool = True
+    ) -> LoadedWeights:
         """Load only a model's weights from a checkpoint (fresh start from trained weights:
         optimizer, schedulers, counters untouched). ``name`` is the name the model was tracked
         under; it may be omitted when the checkpoint holds one model.

@@ -125,8 +125,9 @@ def restore_state(mgr: CheckpointManager, state: TrainingState, which: Any) -> R
         if name in state.kinds and state.kinds[name] == "values":
             sd[name] = value
     state.load_state_dict(sd)
-    ddp_buckets.restore(state.models, progress.ddp_buckets, saved_world=meta.world_size, rank=mgr.rank,
-                        where=view.uri)  # before the first backward; may warn (rank 0)
+    ddp_buckets.restore(
+        state.models, progress.ddp_buckets, saved_world=meta.world_size, rank=mgr.rank, where=view.uri
+    )  # before the first backward; may warn (rank 0)
     note_untracked_loader(bool(state.loaders), mgr.rank)
     if own_rng:
         rng.apply(sd[rng.PREFIX][rng.rank_key(mgr.rank)])
@@ -135,14 +136,26 @@ def restore_state(mgr: CheckpointManager, state: TrainingState, which: Any) -> R
     rng.warn_world_size_change(meta.world_size, mgr.world_size, mgr.rank, not own_rng, progress.step)
     changes = tuple(config_changes(progress.config, mgr.config.config)) if mgr.config.config is not None else ()
     report_config_changes(mgr.config, changes, warn=mgr.rank == 0)
-    mgr._progress = replace(progress, config=mgr.config.config, tracker_run_id=progress.tracker_run_id or mgr.config.tracker_run_id)
+    mgr._progress = replace(
+        progress, config=mgr.config.config, tracker_run_id=progress.tracker_run_id or mgr.config.tracker_run_id
+    )
     warn_if_finished(mgr.config, progress, mgr.rank)
-    return ResumeInfo(progress.step, progress.epoch, dict(progress.metrics), dict(progress.best),
-                      dict(progress.since_improvement), mgr._progress.tracker_run_id, changes,
-                      meta.world_size, view.uri)  # fmt: skip
+    return ResumeInfo(
+        progress.step,
+        progress.epoch,
+        dict(progress.metrics),
+        dict(progress.best),
+        dict(progress.since_improvement),
+        mgr._progress.tracker_run_id,
+        changes,
+        meta.world_size,
+        view.uri,
+    )
 
 
-def load_model_weights(mgr: CheckpointManager, module: nn.Module, which: Any, name: str | None, strict: bool) -> LoadedWeights:
+def load_model_weights(
+    mgr: CheckpointManager, module: nn.Module, which: Any, name: str | None, strict: bool
+) -> LoadedWeights:
     """See :meth:`CheckpointManager.load_weights`."""
     target = _target(mgr, which)
     if target is None:
@@ -166,9 +179,12 @@ def load_model_weights(mgr: CheckpointManager, module: nn.Module, which: Any, na
     unexpected = tuple(sorted(k for k in stored if k not in wanted))
     if strict and (missing or unexpected):
         # as nn.Module.load_state_dict(strict=True); checked on every rank alike, before any load
-        parts = [f"{what}: {', '.join(keys[:_MAX_LISTED])}" + (f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
-                 for what, keys in (("missing from the checkpoint", missing), ("unexpected (not in the model)", unexpected))
-                 if keys]  # fmt: skip
+        parts = [
+            f"{what}: {', '.join(keys[:_MAX_LISTED])}"
+            + (f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+            for what, keys in (("missing from the checkpoint", missing), ("unexpected (not in the model)", unexpected))
+            if keys
+        ]
         raise IncompatibleCheckpoint(
             f"load_weights: {view.uri} model {name!r} does not fit the module — keys {' | keys '.join(parts)}. {note}"
             "Pass strict=False to load the tensors whose names match (it returns the missing and unexpected keys)."

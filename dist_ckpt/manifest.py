@@ -124,9 +124,7 @@ def without_steps(manifest: Manifest, steps: Iterable[int]) -> Manifest:
     return replace(manifest, entries=entries, pointers=compute_pointers(entries, manifest.best_modes))
 
 
-def retention_drops(
-    manifest: Manifest, keep_last: int | None, keep_every_n_steps: int | None = None
-) -> list[int]:
+def retention_drops(manifest: Manifest, keep_last: int | None, keep_every_n_steps: int | None = None) -> list[int]:
     """Steps retention deletes: all but the newest ``keep_last``, every pointed-to step, and
     every multiple of ``keep_every_n_steps``. The newest committed step is always kept."""
     if keep_last is None:
@@ -171,7 +169,9 @@ def loads(data: bytes, where: str = "manifest.json") -> Manifest:
         modes = {str(k): str(v) for k, v in dict(doc.get("best_modes") or {}).items()}
         pointers = {str(k): int(v) for k, v in dict(doc.get("pointers") or {}).items()}
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CorruptCheckpoint(f"{where}: not a valid run manifest ({e}); it will be rebuilt from the COMMITTED markers") from e
+        raise CorruptCheckpoint(
+            f"{where}: not a valid run manifest ({e}); it will be rebuilt from the COMMITTED markers"
+        ) from e
     steps = {e.step for e in entries}
     dangling = {k: v for k, v in pointers.items() if v not in steps}
     if dangling:

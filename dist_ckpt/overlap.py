@@ -178,14 +178,20 @@ class OverlapCopy:
     def verdict(self) -> tuple[str, str] | None:
         """None, or (error type name, message) for the snapshot's ``value_error``."""
         if self._error is not None:
-            return ("CheckpointError", f"the overlapped staging copy failed: {type(self._error).__name__}: {self._error}")
+            return (
+                "CheckpointError",
+                f"the overlapped staging copy failed: {type(self._error).__name__}: {self._error}",
+            )
         if not self._changed:
             return None
-        names = ", ".join(self._changed[:10]) + (f" (+{len(self._changed) - 10} more)" if len(self._changed) > 10 else "")
-        return ("SnapshotInconsistent",
+        names = ", ".join(self._changed[:10]) + (
+            f" (+{len(self._changed) - 10} more)" if len(self._changed) > 10 else ""
+        )
+        return (
+            "SnapshotInconsistent",
             f"step {self.step}: {len(self._changed)} tracked tensor(s) changed in place between save() and the "
             f"next optimizer step, before the overlapped staging copy had them: {names}. With "
             "async_save='overlap', parameters and optimizer state may change only in optimizer.step() until the "
             "copy is joined; nothing of this step was committed. Call mgr.wait_staged() before changing them "
-            "elsewhere, or use async_save=True (the copy is taken inside save())."
-        )  # fmt: skip
+            "elsewhere, or use async_save=True (the copy is taken inside save()).",
+        )

@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint._nested_dict import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItem, WriteItemType
-from torch.distributed.checkpoint._nested_dict import set_element
 
 from dist_ckpt import compact_plan
 from dist_ckpt.errors import IncompatibleCheckpoint, UnsupportedValue
@@ -31,8 +31,9 @@ _MAX_LISTED = 20
 class JsonSavePlanner(DefaultSavePlanner):
     """Saves tensors as DCP does and every other value as tagged JSON."""
 
-    def __init__(self, *, spread: frozenset[str] = frozenset(), agree: Callable[[str | None], bool] | None = None,
-                 **kwargs: Any):  # fmt: skip
+    def __init__(
+        self, *, spread: frozenset[str] = frozenset(), agree: Callable[[str | None], bool] | None = None, **kwargs: Any
+    ):
         # A replicated tensor is written by rank 0, not by whichever rank DCP's size balancing
         # picks: replicas can differ (BatchNorm running stats after DDP's last forward are each
         # rank's own; DDP broadcasts rank 0's at the next forward), and an exact resume needs
@@ -111,7 +112,9 @@ class JsonSavePlanner(DefaultSavePlanner):
 
     def _keep_ruled(self, sent: SavePlan, agree: Callable[[str | None], bool] | None) -> SavePlan:
         """What goes to the coordinator: not the items a split rule describes (compact_plan)."""
-        split = compact_plan.split_local_plan(sent, self.plan, self._splits(), coordinator=self.is_coordinator, agree=agree)
+        split = compact_plan.split_local_plan(
+            sent, self.plan, self._splits(), coordinator=self.is_coordinator, agree=agree
+        )
         self._kept, self.ruled_fqns = split.kept, split.ruled_fqns
         return split.sent
 
@@ -199,7 +202,9 @@ class JsonLoadPlanner(DefaultLoadPlanner):
             want = _shape(value)
             if isinstance(md, TensorStorageMetadata):
                 if want is None:
-                    mismatched.append(f"{fqn}: checkpoint has a tensor {list(md.size)}, state has a {type(value).__name__}")
+                    mismatched.append(
+                        f"{fqn}: checkpoint has a tensor {list(md.size)}, state has a {type(value).__name__}"
+                    )
                 elif tuple(md.size) != want:
                     mismatched.append(f"{fqn}: checkpoint shape {list(md.size)}, state shape {list(want)}")
             elif isinstance(md, BytesStorageMetadata) and want is not None:

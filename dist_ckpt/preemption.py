@@ -42,8 +42,10 @@ class Preemption:
         if not install:
             return
         if threading.current_thread() is not threading.main_thread():
-            log.warning("save_on_sigterm=True: the manager was created outside the main thread; "
-                        "no SIGTERM handler was installed (signals are delivered to the main thread only)")  # fmt: skip
+            log.warning(
+                "save_on_sigterm=True: the manager was created outside the main thread; "
+                "no SIGTERM handler was installed (signals are delivered to the main thread only)"
+            )
             return
         self._previous = signal.signal(signal.SIGTERM, self._handle)
         self._installed = True

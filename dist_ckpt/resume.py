@@ -27,7 +27,9 @@ def available(manifest: mf.Manifest) -> str:
     pointers = ", ".join(f"{name!r} (step {step})" for name, step in sorted(manifest.pointers.items()))
     steps = manifest.steps()
     shown = ", ".join(str(s) for s in steps[-_LISTED_STEPS:])
-    return f"the run has pointers {pointers or 'none'}; latest steps: {'…, ' if len(steps) > _LISTED_STEPS else ''}{shown}"
+    return (
+        f"the run has pointers {pointers or 'none'}; latest steps: {'…, ' if len(steps) > _LISTED_STEPS else ''}{shown}"
+    )
 
 
 def _did_you_mean(which: str, manifest: mf.Manifest) -> str:
@@ -35,7 +37,9 @@ def _did_you_mean(which: str, manifest: mf.Manifest) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def resolve_which(manifest: mf.Manifest, store: RunStore, which: Any, best_modes: Mapping[str, str]) -> tuple[str, str] | None:
+def resolve_which(
+    manifest: mf.Manifest, store: RunStore, which: Any, best_modes: Mapping[str, str]
+) -> tuple[str, str] | None:
     """``(root uri, checkpoint prefix)`` named by ``which``; None for a new run's ``"last"``.
 
     Pointers (``last``, ``best:<metric>``) come from the run's manifest, so a manager opened
@@ -55,7 +59,9 @@ def resolve_which(manifest: mf.Manifest, store: RunStore, which: Any, best_modes
                     f"which={which!r}: metric {metric!r} is not tracked by the run at {store.uri} "
                     f"(no {which!r} pointer).{_did_you_mean(which, manifest)} {available(manifest)}"
                 )
-            raise CheckpointNotFound(f"{store.uri}: no checkpoint has a value for {metric!r} yet; {available(manifest)}")
+            raise CheckpointNotFound(
+                f"{store.uri}: no checkpoint has a value for {metric!r} yet; {available(manifest)}"
+            )
         return store.uri, step_prefix(step)
     if isinstance(which, str) and which.isdigit():
         which = int(which)
@@ -82,7 +88,8 @@ def report_config_changes(config: ManagerConfig, changes: tuple[str, ...], *, wa
     blocking = [c for c in changes if c.split(":", 1)[0] not in allowed]
     if config.strict_config and blocking:
         raise ConfigChanged(
-            "the run config changed since the checkpoint (strict_config=True): " + "; ".join(blocking)
+            "the run config changed since the checkpoint (strict_config=True): "
+            + "; ".join(blocking)
             + ". Restore the old values or list the keys in config_may_change."
         )
     if not warn:

@@ -76,15 +76,24 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         "checkpoints (dist_ckpt)",
         "Invalid combinations exit with status 2 and leave the run root untouched.",
     )
-    group.add_argument("--ckpt", required=True, metavar="RUN",
-                       help="run root: a directory, or s3://bucket/prefix (where checkpoints are saved)")  # fmt: skip
+    group.add_argument(
+        "--ckpt",
+        required=True,
+        metavar="RUN",
+        help="run root: a directory, or s3://bucket/prefix (where checkpoints are saved)",
+    )
     group.add_argument("--resume", default=None, metavar="WHICH", help=RESUME_HELP)
     group.add_argument("--init-from", default=None, metavar="SOURCE", help=INIT_HELP)
-    group.add_argument("--list-checkpoints", action="store_true",
-                       help="print the run's checkpoints (what `dist-ckpt list RUN` prints) and exit")  # fmt: skip
+    group.add_argument(
+        "--list-checkpoints",
+        action="store_true",
+        help="print the run's checkpoints (what `dist-ckpt list RUN` prints) and exit",
+    )
     parse_known_args = parser.parse_known_args
 
-    def parse_and_check(args: Sequence[str] | None = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+    def parse_and_check(
+        args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[argparse.Namespace, list[str]]:
         parsed, rest = parse_known_args(args, namespace)
         _check_parsed(parser, parsed)
         return parsed, rest
@@ -107,7 +116,11 @@ class RunSummary:
         if not self.steps:
             return "no checkpoints"
         shown = ", ".join(str(s) for s in self.steps[-_SHOW_STEPS:])
-        steps = f"steps {shown}" if len(self.steps) <= _SHOW_STEPS else f"{len(self.steps)} checkpoints, the latest steps {shown}"
+        steps = (
+            f"steps {shown}"
+            if len(self.steps) <= _SHOW_STEPS
+            else f"{len(self.steps)} checkpoints, the latest steps {shown}"
+        )
         names = ", ".join(f"{k}={v}" for k, v in sorted(self.pointers.items()))
         return f"{steps} ({names})" if names else steps
 
@@ -161,7 +174,9 @@ def plan_start(resume: str | None, init_from: str | None, run: RunSummary) -> St
         return StartPlan("resume", mf.LAST)
     if kind == "best":
         if value not in run.pointers:
-            raise CheckpointArgsError(f"--resume {resume}: {run.uri} has no {value} checkpoint; it has {run.describe()}")
+            raise CheckpointArgsError(
+                f"--resume {resume}: {run.uri} has no {value} checkpoint; it has {run.describe()}"
+            )
         return StartPlan("resume", str(value))
     if kind == "step":
         return StartPlan("resume", _step_of_run(resume, int(value), run))  # type: ignore[arg-type]
@@ -189,7 +204,9 @@ def _parse_resume(resume: str | None) -> tuple[str, str | int | None]:
 
 def _step_of_run(flag: str | None, step: int, run: RunSummary) -> int:
     if step not in run.steps:
-        raise CheckpointArgsError(f"--resume {flag}: {run.uri} has no checkpoint of step {step}; it has {run.describe()}")
+        raise CheckpointArgsError(
+            f"--resume {flag}: {run.uri} has no checkpoint of step {step}; it has {run.describe()}"
+        )
     return step
 
 
@@ -219,7 +236,9 @@ def _located_checkpoint(flag: str, uri: str) -> str:
     if kind == "run":
         entries = RunStore(backend).committed_entries()
         latest = f", e.g. {backend.uri}/{step_prefix(entries[-1].step)} (its latest)" if entries else ""
-        raise CheckpointArgsError(f"{flag} {uri}: this is a run root, not one checkpoint; name a checkpoint folder{latest}")
+        raise CheckpointArgsError(
+            f"{flag} {uri}: this is a run root, not one checkpoint; name a checkpoint folder{latest}"
+        )
     return f"{backend.uri}/{prefix}"
 
 
@@ -335,7 +354,9 @@ def _apply(mgr: CheckpointManager, state: TrainingState, plan: StartPlan) -> Res
 
             files = find_weight_files(str(plan.source))
             if files is None:  # gone since it was checked
-                raise CheckpointNotFound(f"--init-from {plan.source}: no longer a .safetensors file or Hugging Face folder")
+                raise CheckpointNotFound(
+                    f"--init-from {plan.source}: no longer a .safetensors file or Hugging Face folder"
+                )
             load_weight_files(files, models)
         if mgr.rank == 0:
             log.info("fresh start of %s from the weights of %s (%s)", mgr.root, plan.source, ", ".join(models))

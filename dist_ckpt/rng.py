@@ -119,11 +119,17 @@ def warn_world_size_change(saved_world: int, world: int, rank: int, reseeded: bo
         msg += (
             f"{new} had no saved RNG state and {'was' if world == saved_world + 1 else 'were'} reseeded from "
             f"(step={step}, rank=<the rank>); random streams after the resume differ from an uninterrupted run. "
-            + ("Rank 0 restored its own saved RNG state." if saved_world == 1
-               else f"Ranks 0..{saved_world - 1} restored their own saved RNG states.")  # fmt: skip
+            + (
+                "Rank 0 restored its own saved RNG state."
+                if saved_world == 1
+                else f"Ranks 0..{saved_world - 1} restored their own saved RNG states."
+            )
         )
     else:
         others = "" if world == 1 else f" (and ranks 1..{world - 1} theirs)"
-        msg += f"Rank 0 restored its own saved RNG state{others}; the saved states of ranks {world}..{saved_world - 1} are unused."
+        msg += (
+            f"Rank 0 restored its own saved RNG state{others}; "
+            f"the saved states of ranks {world}..{saved_world - 1} are unused."
+        )
     warnings.warn(msg, stacklevel=4)  # the caller of CheckpointManager.restore
     log.warning(msg)

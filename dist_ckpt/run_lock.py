@@ -95,8 +95,17 @@ def this_process(stale_after: float) -> LockInfo:
     """The lock record this process writes when it takes a run."""
     host, pid, now = socket.gethostname(), os.getpid(), time.time()
     own = _proc_stat(pid)
-    return LockInfo(f"{host}:{pid}:{uuid.uuid4().hex[:8]}", host, pid, now, now,
-                    _read("/proc/sys/kernel/random/boot_id"), _pid_ns(), own[1] if own else 0, float(stale_after))  # fmt: skip
+    return LockInfo(
+        f"{host}:{pid}:{uuid.uuid4().hex[:8]}",
+        host,
+        pid,
+        now,
+        now,
+        _read("/proc/sys/kernel/random/boot_id"),
+        _pid_ns(),
+        own[1] if own else 0,
+        float(stale_after),
+    )
 
 
 def stale_reason(held: LockInfo | None, me: LockInfo, stale_after: float) -> str | None:
@@ -174,9 +183,15 @@ class RunLock:
             except PreconditionFailed:
                 continue
             if why is None:
-                log.warning("broke the run lock of %s held by %s (--break-lock)", self.backend.uri, held.describe() if held else "?")
+                log.warning(
+                    "broke the run lock of %s held by %s (--break-lock)",
+                    self.backend.uri,
+                    held.describe() if held else "?",
+                )
             else:
-                log.warning("took over the run lock of %s from %s: %s", self.backend.uri, held.owner if held else "?", why)
+                log.warning(
+                    "took over the run lock of %s from %s: %s", self.backend.uri, held.owner if held else "?", why
+                )
             return
         raise RunLocked(f"{self.backend.uri}/{LOCK}: could not acquire the run lock: other jobs keep changing it")
 
@@ -187,8 +202,11 @@ class RunLock:
                 self.info = renew(self.backend, self.info)
             except LockLost as e:
                 self._lost = e.holder
-                log.error("%s: this job lost the run lock to %s; its saves now fail with RunLocked",
-                          self.backend.uri, e.holder.describe() if e.holder else "nobody (released or broken)")  # fmt: skip
+                log.error(
+                    "%s: this job lost the run lock to %s; its saves now fail with RunLocked",
+                    self.backend.uri,
+                    e.holder.describe() if e.holder else "nobody (released or broken)",
+                )
                 return
             except BackendError as e:  # transient: the next beat retries; a commit's fence decides
                 log.warning("%s: could not refresh the run lock's heartbeat (will retry): %s", self.backend.uri, e)
@@ -200,8 +218,10 @@ class RunLock:
         if self._lost is not False:
             holder = self._lost if isinstance(self._lost, LockInfo) else None
             now = f"it is held by {holder.describe()}" if holder else "it was released or broken"
-            raise RunLocked(f"{self.backend.uri}: this job ({self.info.owner}) lost the run's writer lock "
-                            f"({self.backend.uri}/{LOCK}): {now}; it must stop writing this run")  # fmt: skip
+            raise RunLocked(
+                f"{self.backend.uri}: this job ({self.info.owner}) lost the run's writer lock "
+                f"({self.backend.uri}/{LOCK}): {now}; it must stop writing this run"
+            )
 
     def _stop_heartbeat(self) -> None:
         self._stop.set()

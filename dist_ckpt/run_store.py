@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from dist_ckpt import manifest as mf
 from dist_ckpt import sweep
-from dist_ckpt.errors import ConfigError, CorruptCheckpoint, StorageError
 from dist_ckpt.checkpoint_files import COMMITTED
+from dist_ckpt.errors import ConfigError, CorruptCheckpoint, StorageError
 from storage_backends import Backend, BackendError, PreconditionFailed
 
 log = logging.getLogger(__name__)

@@ -138,7 +138,9 @@ def describe(state_dict: dict[str, Any]) -> Layout:
             global_shape = tuple(obj.shape)
             local = obj._local_tensor
             if tuple(local.shape) != sizes:
-                raise ConfigError(f"{fqn}: DTensor local shape {list(local.shape)} differs from its shard {list(sizes)}")
+                raise ConfigError(
+                    f"{fqn}: DTensor local shape {list(local.shape)} differs from its shard {list(sizes)}"
+                )
         elif isinstance(obj, torch.Tensor):
             if type(obj) not in (torch.Tensor, torch.nn.Parameter):
                 raise ConfigError(
@@ -232,8 +234,14 @@ class Stager:
     @staticmethod
     def unstaged(layout: Layout) -> Snapshot:
         """A snapshot that refers to the live tensors (a synchronous save streams from them)."""
-        return Snapshot(dict(layout.sources), _snapshot_values(layout.values), layout.specs, layout.order,
-                        layout.mappings, shards_of(layout.specs))  # fmt: skip
+        return Snapshot(
+            dict(layout.sources),
+            _snapshot_values(layout.values),
+            layout.specs,
+            layout.order,
+            layout.mappings,
+            shards_of(layout.specs),
+        )
 
     def _ensure(self, layout: Layout) -> None:
         if self.buffer is not None and self._key == layout.key:

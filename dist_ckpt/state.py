@@ -67,9 +67,13 @@ class TrainingState:
                 )
         self.objects = dict(objects)
         self.kinds = {name: _kind(obj) for name, obj in objects.items()}
-        self._bindings = {name: self._bind(name, obj) for name, obj in objects.items() if self.kinds[name] == "optimizer"}
+        self._bindings = {
+            name: self._bind(name, obj) for name, obj in objects.items() if self.kinds[name] == "optimizer"
+        }
         self.loaders: dict[str, TrackedLoader] = {
-            name: track_loader(obj, name, rank, world_size) for name, obj in objects.items() if self.kinds[name] == "loader"
+            name: track_loader(obj, name, rank, world_size)
+            for name, obj in objects.items()
+            if self.kinds[name] == "loader"
         }
 
     def _bind(self, name: str, optimizer: torch.optim.Optimizer) -> _OptimizerBinding:

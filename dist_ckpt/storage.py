@@ -53,18 +53,29 @@ from dist_ckpt.format.shard import ChunkCodec, PendingEntry, save_shard
 from dist_ckpt.incremental import choose_base, hashed_while, load_base, split_entries
 from dist_ckpt.lock_fence import Fence
 from dist_ckpt.references import own_and_logical_bytes
-from storage_backends import Backend, BackendError, ObjectExists, ObjectNotFound, join_key
+from storage_backends import Backend, BackendError, ObjectExists, join_key
 
 log = logging.getLogger(__name__)
 
 _READ_THREADS = 8
 
 ST_DTYPE: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL",
-}  # fmt: skip
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.bool: "BOOL",
+}
 TORCH_DTYPE = {v: k for k, v in ST_DTYPE.items()}
 
 
@@ -162,7 +173,12 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         incremental = self.incremental is not None and self.incremental is not False  # "": hashes, no base
         self._base = choose_base(self.backend, self.prefix, self.incremental)
         return [
-            replace(plan, storage_data=_Assignment(staging, f"rank_{rank:05d}{suffix}.safetensors", rank, incremental, self._base))
+            replace(
+                plan,
+                storage_data=_Assignment(
+                    staging, f"rank_{rank:05d}{suffix}.safetensors", rank, incremental, self._base
+                ),
+            )
             for rank, plan in enumerate(plans)
         ]
 
@@ -260,8 +276,13 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
                 self._check_fence()  # a job that lost the run lock is told so, not "step exists"
                 raise StepAlreadyExists(f"{self.uri}: another job is saving or has saved this step") from e
             own_bytes, logical_bytes = own_and_logical_bytes(files)
-            info = {**self.commit_info, "world_size": len(results), "files": len(files),
-                    "bytes": own_bytes, "logical_bytes": logical_bytes}  # fmt: skip
+            info = {
+                **self.commit_info,
+                "world_size": len(results),
+                "files": len(files),
+                "bytes": own_bytes,
+                "logical_bytes": logical_bytes,
+            }
             if self._base is not None:
                 info["base"] = self._base
             self._check_fence()

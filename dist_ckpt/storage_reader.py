@@ -26,8 +26,8 @@ from torch.futures import Future
 from dist_ckpt.errors import CorruptCheckpoint
 from dist_ckpt.format.metadata_json import CheckpointMetadata, EntryRef
 from dist_ckpt.format.shard import ChunkCodec, ShardReader
-from dist_ckpt.storage import TORCH_DTYPE, CheckpointLocation, raw_bytes, read_checkpoint_metadata, wrap_backend_error
 from dist_ckpt.references import file_key
+from dist_ckpt.storage import TORCH_DTYPE, CheckpointLocation, raw_bytes, read_checkpoint_metadata, wrap_backend_error
 from storage_backends import Backend, BackendError
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,9 @@ _READ_THREADS = 8
 _READ_PIECE = 4 << 20  # bytes per read_into call of an uncompressed entry
 
 
-def _flat_span(shape: tuple[int, ...], offsets: tuple[int, ...], lengths: tuple[int, ...]) -> tuple[int, int, tuple[int, ...]]:
+def _flat_span(
+    shape: tuple[int, ...], offsets: tuple[int, ...], lengths: tuple[int, ...]
+) -> tuple[int, int, tuple[int, ...]]:
     """First and last flat element index of a box in a row-major tensor, and its strides."""
     strides = [1] * len(shape)
     for i in range(len(shape) - 2, -1, -1):
@@ -127,14 +129,18 @@ class DistCkptReader(CheckpointLocation, StorageReader):
         assert self.checkpoint is not None
         return self.checkpoint.resolve(self.storage_data[item.storage_index])
 
-    def _check_entry(self, shard: ShardReader, item: ReadItem) -> tuple[EntryRef, Any, torch.dtype, tuple[int, ...], tuple[int, ...]]:
+    def _check_entry(
+        self, shard: ShardReader, item: ReadItem
+    ) -> tuple[EntryRef, Any, torch.dtype, tuple[int, ...], tuple[int, ...]]:
         """The entry a tensor item reads, checked against metadata.json (header only, no data)."""
         assert self.checkpoint is not None
         # format 2: the checksum comes from the rank index of this file (read once, on demand)
         ref = self._resolve(item)
         info = shard.entry(ref.entry)
         if info.kind != "tensor" or info.dtype not in TORCH_DTYPE:
-            raise CorruptCheckpoint(f"{shard.header.file}, entry {ref.entry!r}: expected a tensor, found {info.kind}/{info.dtype}")
+            raise CorruptCheckpoint(
+                f"{shard.header.file}, entry {ref.entry!r}: expected a tensor, found {info.kind}/{info.dtype}"
+            )
         dtype = TORCH_DTYPE[info.dtype]
         lengths, offsets = tuple(item.lengths), tuple(item.storage_offsets)
         # The shard's own header must agree with metadata.json: the box read lies inside the
@@ -147,7 +153,8 @@ class DistCkptReader(CheckpointLocation, StorageReader):
         md = self.checkpoint.dcp.state_dict_metadata.get(item.storage_index.fqn) if self.checkpoint else None
         if isinstance(md, TensorStorageMetadata) and md.properties.dtype != dtype:
             raise CorruptCheckpoint(
-                f"{shard.header.file}, entry {ref.entry!r}: holds {info.dtype}, but metadata.json says {md.properties.dtype}"
+                f"{shard.header.file}, entry {ref.entry!r}: holds {info.dtype}, but metadata.json "
+                f"says {md.properties.dtype}"
             )
         if isinstance(md, TensorStorageMetadata):
             # Each entry is exactly one chunk of metadata.json: a shard declaring a bigger entry
@@ -164,7 +171,10 @@ class DistCkptReader(CheckpointLocation, StorageReader):
         ref, info, dtype, lengths, offsets = self._check_entry(shard, item)
         target = planner.resolve_tensor(item).detach()
         if tuple(target.shape) != lengths:
-            raise CorruptCheckpoint(f"{shard.header.file}, entry {ref.entry!r}: read box {list(lengths)} does not fit target {list(target.shape)}")
+            raise CorruptCheckpoint(
+                f"{shard.header.file}, entry {ref.entry!r}: read box {list(lengths)} does not fit "
+                f"target {list(target.shape)}"
+            )
         if math.prod(lengths) == 0:
             planner.commit_tensor(item, target)
             return
@@ -190,7 +200,9 @@ class DistCkptReader(CheckpointLocation, StorageReader):
         else:
             first, last, strides = _flat_span(info.shape, offsets, lengths)
             itemsize = torch.empty((), dtype=dtype).element_size()
-            span = shard.read(ref.entry, first * itemsize, (last + 1) * itemsize, checksum=ref.checksum if whole else None)
+            span = shard.read(
+                ref.entry, first * itemsize, (last + 1) * itemsize, checksum=ref.checksum if whole else None
+            )
             flat = torch.frombuffer(bytearray(span), dtype=torch.uint8).view(dtype)
             source = torch.as_strided(flat, lengths, strides) if lengths else flat.reshape(())
             target.copy_(source)

@@ -21,12 +21,12 @@ from typing import Any, Protocol
 import xxhash
 
 from dist_ckpt import manifest as mf
+from dist_ckpt.checkpoint_files import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
 from dist_ckpt.errors import CheckpointNotFound, CorruptCheckpoint
 from dist_ckpt.format.metadata_json import CheckpointMetadata, FileRecord
 from dist_ckpt.format.safetensors_header import header_length, parse_header
-from dist_ckpt.run_store import MANIFEST, RunStore, entry_from_committed, parse_step_prefix
-from dist_ckpt.checkpoint_files import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
 from dist_ckpt.references import file_key
+from dist_ckpt.run_store import MANIFEST, RunStore, entry_from_committed, parse_step_prefix
 from storage_backends import Backend, BackendError, ObjectNotFound, join_key, open_backend
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,15 @@ class CheckpointReport:
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
-        return {"uri": self.uri, "step": self.step, "ok": self.ok, "files": self.files, "bytes": self.bytes,
-                "quick": self.quick, "problems": [p.to_json() for p in self.problems]}  # fmt: skip
+        return {
+            "uri": self.uri,
+            "step": self.step,
+            "ok": self.ok,
+            "files": self.files,
+            "bytes": self.bytes,
+            "quick": self.quick,
+            "problems": [p.to_json() for p in self.problems],
+        }
 
 
 @dataclass
@@ -92,8 +99,13 @@ class RunReport:
         return not self.problems and all(c.ok for c in self.checkpoints)
 
     def to_json(self) -> dict[str, Any]:
-        return {"uri": self.uri, "ok": self.ok, "checkpoints": [c.to_json() for c in self.checkpoints],
-                "problems": [p.to_json() for p in self.problems], "notes": list(self.notes)}  # fmt: skip
+        return {
+            "uri": self.uri,
+            "ok": self.ok,
+            "checkpoints": [c.to_json() for c in self.checkpoints],
+            "problems": [p.to_json() for p in self.problems],
+            "notes": list(self.notes),
+        }
 
 
 def parse_checksum(text: str) -> tuple[str, str] | None:
@@ -114,7 +126,9 @@ def verify_file(
     try:
         size = backend.size(key)
     except ObjectNotFound:
-        return Problem(name, "missing", f"{where}: missing (metadata.json lists it: rank {record.rank}, {record.size} bytes)")
+        return Problem(
+            name, "missing", f"{where}: missing (metadata.json lists it: rank {record.rank}, {record.size} bytes)"
+        )
     if size != record.size:
         what = "truncated" if size < record.size else "longer than recorded"
         return Problem(name, "size", f"{where}: {size} bytes, metadata.json records {record.size} ({what})")
@@ -142,12 +156,19 @@ def verify_file(
         pos += len(block)
         sink.update(len(block))
     if data_hash.hexdigest() != sums[1]:
-        return Problem(name, "data-checksum", f"{where}: data checksum mismatch (bytes after the {hlen}-byte header are damaged)")
+        return Problem(
+            name, "data-checksum", f"{where}: data checksum mismatch (bytes after the {hlen}-byte header are damaged)"
+        )
     return None
 
 
 def verify_files(
-    backend: Backend, prefix: str, files: Mapping[str, FileRecord], *, quick: bool = False, progress: ProgressSink | None = None
+    backend: Backend,
+    prefix: str,
+    files: Mapping[str, FileRecord],
+    *,
+    quick: bool = False,
+    progress: ProgressSink | None = None,
 ) -> list[Problem]:
     """Verify every file of a file table below ``prefix``."""
     problems = []
@@ -167,7 +188,9 @@ def _planned_bytes(files: Mapping[str, FileRecord], quick: bool) -> int:
     return 0 if quick else sum(r.size for r in files.values())
 
 
-def _load_meta(backend: Backend, prefix: str, report: CheckpointReport) -> tuple[CheckpointMetadata | None, mf.Entry | None]:
+def _load_meta(
+    backend: Backend, prefix: str, report: CheckpointReport
+) -> tuple[CheckpointMetadata | None, mf.Entry | None]:
     """metadata.json and the COMMITTED marker's entry; None for what is damaged, with a problem
     recorded. :class:`CheckpointNotFound` when the checkpoint is not committed."""
     entry = None
@@ -211,7 +234,9 @@ def _committed_folders(backend: Backend) -> list[str]:
     return sorted(
         o.key.split("/", 1)[0]
         for o in objects
-        if o.key.count("/") == 1 and o.key.endswith("/" + COMMITTED) and parse_step_prefix(o.key.split("/", 1)[0]) is not None
+        if o.key.count("/") == 1
+        and o.key.endswith("/" + COMMITTED)
+        and parse_step_prefix(o.key.split("/", 1)[0]) is not None
     )
 
 
@@ -240,8 +265,9 @@ def verify_run(backend: Backend, *, quick: bool = False, progress: ProgressSink 
     report.problems += manifest_problems(store, entries, [parse_step_prefix(f) for f in folders])
     leftovers = store.leftovers()
     for folder in leftovers.temp_dirs + leftovers.uncommitted_steps:
-        report.notes.append(f"{backend.uri}/{folder}: leftover of an interrupted save (not a checkpoint; `dist-ckpt gc` "
-                            "removes it)")  # fmt: skip
+        report.notes.append(
+            f"{backend.uri}/{folder}: leftover of an interrupted save (not a checkpoint; `dist-ckpt gc` removes it)"
+        )
     for key in leftovers.unfinished_uploads:
         report.notes.append(f"{backend.uri}/{key}: unfinished upload (`dist-ckpt gc` removes it)")
     return report
@@ -257,8 +283,12 @@ def manifest_problems(store: RunStore, entries: list[mf.Entry], committed_steps:
     manifest, version = store.read_manifest()
     if manifest is None:
         if version is not None:
-            return [problem(f"{where}: not a valid run manifest (the manager rebuilds it from the COMMITTED markers "
-                            "at its next start)")]  # fmt: skip
+            return [
+                problem(
+                    f"{where}: not a valid run manifest (the manager rebuilds it from the COMMITTED markers "
+                    "at its next start)"
+                )
+            ]
         if committed_steps:
             return [problem(f"{where}: missing although {len(committed_steps)} checkpoints are committed")]
         return []
@@ -267,16 +297,23 @@ def manifest_problems(store: RunStore, entries: list[mf.Entry], committed_steps:
     if listed - committed:
         problems.append(problem(f"{where}: lists steps {sorted(listed - committed)} that have no committed checkpoint"))
     if committed - listed:
-        problems.append(problem(f"{where}: does not list committed steps {sorted(committed - listed)} (stale: a crash "
-                                "between commit and manifest update)"))  # fmt: skip
+        problems.append(
+            problem(
+                f"{where}: does not list committed steps {sorted(committed - listed)} (stale: a crash "
+                "between commit and manifest update)"
+            )
+        )
     for entry in entries:
         stored = manifest.entry(entry.step)
         if stored is not None and mf.dumps(mf.Manifest((stored,))) != mf.dumps(mf.Manifest((entry,))):
             problems.append(problem(f"{where}: entry of step {entry.step} differs from its COMMITTED marker"))
     expected = mf.compute_pointers(entries, manifest.best_modes)
     if not listed - committed and dict(manifest.pointers) != expected:
-        problems.append(problem(f"{where}: pointers {dict(manifest.pointers)} differ from those the COMMITTED markers "
-                                f"give: {expected}"))  # fmt: skip
+        problems.append(
+            problem(
+                f"{where}: pointers {dict(manifest.pointers)} differ from those the COMMITTED markers give: {expected}"
+            )
+        )
     return problems
 
 

@@ -38,8 +38,11 @@ def require_conditional_writes(backend: Backend, *, unsafe_single_writer: bool, 
             "%s does not enforce conditional writes (%s); writing %s anyway because of %s. Only one "
             "job may write this run at a time: the run lock cannot keep a second one out, and a second "
             "writer would go unnoticed",
-            guarantees.where, missing, backend.uri, opt_in,
-        )  # fmt: skip
+            guarantees.where,
+            missing,
+            backend.uri,
+            opt_in,
+        )
         return
     raise StorageError(
         f"refusing to write {backend.uri}: {guarantees.where} does not enforce conditional writes — "

@@ -34,17 +34,27 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compression", default="none", choices=["none", "zstd"])
-    p.add_argument("--crash-at-step", type=int, default=None, help="rank 0 SIGKILLs itself after this step (tests, demo)")
+    p.add_argument(
+        "--crash-at-step", type=int, default=None, help="rank 0 SIGKILLs itself after this step (tests, demo)"
+    )
     p.add_argument("--losses-out", default=None, help="write per-step losses (JSON lines, rank 0)")
-    p.add_argument("--final-out", default=None, help="write final full parameters and optimizer state (safetensors, rank 0)")
+    p.add_argument(
+        "--final-out", default=None, help="write final full parameters and optimizer state (safetensors, rank 0)"
+    )
     p.add_argument("--loaded-out", default=None, help="write the state right after resuming (safetensors, rank 0)")
     p.add_argument("--async", dest="async_save", action="store_true", help="save in the background (async_save=True)")
     p.add_argument("--overlap", action="store_true", help="async save with overlapped staging (async_save='overlap')")
     p.add_argument("--async-mode", default="thread", choices=["thread", "process"], help="background worker of --async")
     p.add_argument("--save-on-sigterm", action="store_true", help="on SIGTERM: save the current step and exit with 143")
-    p.add_argument("--step-delay", type=float, default=0.0, help="sleep this long after each step (tests: time to signal)")
-    p.add_argument("--local-root", default=None, help="node-local tier: saves commit there, promoted to --ckpt in the background")
-    p.add_argument("--persist-every", type=int, default=1, help="with --local-root: promote every N-th save (and bests)")
+    p.add_argument(
+        "--step-delay", type=float, default=0.0, help="sleep this long after each step (tests: time to signal)"
+    )
+    p.add_argument(
+        "--local-root", default=None, help="node-local tier: saves commit there, promoted to --ckpt in the background"
+    )
+    p.add_argument(
+        "--persist-every", type=int, default=1, help="with --local-root: promote every N-th save (and bests)"
+    )
     return p.parse_args(argv)
 
 
@@ -56,7 +66,9 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def make_loader(seed: int, batch_size: int, rank: int, world: int, n: int = 256, features: int = 16) -> tuple[DataLoader, DistributedSampler]:
+def make_loader(
+    seed: int, batch_size: int, rank: int, world: int, n: int = 256, features: int = 16
+) -> tuple[DataLoader, DistributedSampler]:
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(n, features, generator=g)
     y = (x @ torch.randn(features, 1, generator=g)).tanh() + 0.1 * torch.randn(n, 1, generator=g)

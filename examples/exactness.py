@@ -32,10 +32,20 @@ class Comparison:
         return self.losses_equal and self.tensors_equal and self.steps_compared > 0
 
 
-def torchrun(script: str, nproc: int, args: list[str], *, log: Path, timeout: float = 300, extra: list[str] | None = None) -> int:
+def torchrun(
+    script: str, nproc: int, args: list[str], *, log: Path, timeout: float = 300, extra: list[str] | None = None
+) -> int:
     """Run ``examples/<script>`` under torchrun; returns its exit code (output to ``log``)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *(extra or []),
-           str(EXAMPLES / script), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        *(extra or []),
+        str(EXAMPLES / script),
+        *args,
+    ]
     if not extra:
         cmd[3:3] = ["--standalone"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -43,8 +53,9 @@ def torchrun(script: str, nproc: int, args: list[str], *, log: Path, timeout: fl
         return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
 
 
-def torchrun_once_more_on_abort(script: str, nproc: int, args: list[str], *, log: Path, timeout: float = 300,
-                                discard: tuple[Path, ...] = ()) -> int:
+def torchrun_once_more_on_abort(
+    script: str, nproc: int, args: list[str], *, log: Path, timeout: float = 300, discard: tuple[Path, ...] = ()
+) -> int:
     """:func:`torchrun`, started once more if a rank died of a C++ abort (SIGABRT).
 
     Under heavy load on the 2-core test machine a gloo rank has been seen to abort with
@@ -76,12 +87,20 @@ def read_losses(path: Path) -> dict[int, str]:
 
 def compare(losses_a: Path, losses_b: Path, final_a: Path, final_b: Path) -> Comparison:
     la, lb = read_losses(losses_a), read_losses(losses_b)
-    diff = next((f"loss at step {s}: {float.fromhex(la[s])!r} vs {float.fromhex(lb.get(s, 'nan'))!r}"
-                 for s in sorted(la) if la[s] != lb.get(s)), None)  # fmt: skip
+    diff = next(
+        (
+            f"loss at step {s}: {float.fromhex(la[s])!r} vs {float.fromhex(lb.get(s, 'nan'))!r}"
+            for s in sorted(la)
+            if la[s] != lb.get(s)
+        ),
+        None,
+    )
     ta, tb = load_file(str(final_a)), load_file(str(final_b))
     tensor_diff = None
     if ta.keys() != tb.keys():
         tensor_diff = f"different tensors: {sorted(set(ta) ^ set(tb))[:5]}"
     else:
         tensor_diff = next((f"tensor {k} differs" for k in sorted(ta) if not torch.equal(ta[k], tb[k])), None)
-    return Comparison(len(la), diff is None and la.keys() == lb.keys(), len(ta), tensor_diff is None, diff or tensor_diff)
+    return Comparison(
+        len(la), diff is None and la.keys() == lb.keys(), len(ta), tensor_diff is None, diff or tensor_diff
+    )

@@ -24,12 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-import common  # noqa: E402
 from dist_ckpt import CheckpointManager  # noqa: E402
 
 
@@ -51,12 +51,18 @@ def wrap_ddp(model: nn.Module, opts: argparse.Namespace | None = None) -> nn.Mod
     # DDP's defaults: dist_ckpt saves the gradient-bucket layout DDP settles on after its first
     # backward and restores it, so a resumed run all-reduces in the same order (bit-exact).
     opts = opts or ddp_options([])[0]
-    ddp = DDP(model, bucket_cap_mb=opts.bucket_cap_mb, gradient_as_bucket_view=opts.gradient_as_bucket_view,
-              static_graph=opts.static_graph)  # fmt: skip
+    ddp = DDP(
+        model,
+        bucket_cap_mb=opts.bucket_cap_mb,
+        gradient_as_bucket_view=opts.gradient_as_bucket_view,
+        static_graph=opts.static_graph,
+    )
     return torch.compile(ddp) if opts.compile else ddp
 
 
-def main(argv: list[str] | None = None, *, wrap: Callable[[nn.Module], nn.Module] | None = None, doc: str | None = None) -> None:
+def main(
+    argv: list[str] | None = None, *, wrap: Callable[[nn.Module], nn.Module] | None = None, doc: str | None = None
+) -> None:
     """The training loop; ``wrap`` makes the model distributed (DDP by default, FSDP2 in train_fsdp.py)."""
     opts, argv = ddp_options(argv)
     wrap = wrap or (lambda model: wrap_ddp(model, opts))
@@ -71,11 +77,19 @@ def main(argv: list[str] | None = None, *, wrap: Callable[[nn.Module], nn.Module
     loader, sampler = common.make_loader(args.seed, args.batch_size, rank, world)
 
     mgr = CheckpointManager(
-        args.ckpt, keep_last=args.keep_last, save_every_n_steps=args.save_every, best={"loss": "min"},
-        compression=args.compression, config=common.run_config(args, crash_at_step=None, step_delay=None, local_root=None),
-        total_steps=args.steps, async_save="overlap" if args.overlap else args.async_save, async_mode=args.async_mode,
-        save_on_sigterm=args.save_on_sigterm, local_root=args.local_root, persist_every_n_saves=args.persist_every,
-    )  # fmt: skip
+        args.ckpt,
+        keep_last=args.keep_last,
+        save_every_n_steps=args.save_every,
+        best={"loss": "min"},
+        compression=args.compression,
+        config=common.run_config(args, crash_at_step=None, step_delay=None, local_root=None),
+        total_steps=args.steps,
+        async_save="overlap" if args.overlap else args.async_save,
+        async_mode=args.async_mode,
+        save_on_sigterm=args.save_on_sigterm,
+        local_root=args.local_root,
+        persist_every_n_saves=args.persist_every,
+    )
     state = mgr.track(model=model, optimizer=opt, scheduler=sched)
     info = mgr.start(state, args)  # --resume / --init-from; exits 2 on an invalid combination
     start = info.step + 1 if info else 0

@@ -13,12 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-import common  # noqa: E402
 from dist_ckpt import CheckpointManager  # noqa: E402
 
 NOISE = 8
@@ -40,9 +40,13 @@ def main(argv: list[str] | None = None) -> None:
     bce = nn.BCEWithLogitsLoss()
 
     mgr = CheckpointManager(
-        args.ckpt, keep_last=args.keep_last, save_every_n_steps=args.save_every, best={"g_loss": "min"},
-        compression=args.compression, config=common.run_config(args, crash_at_step=None),
-    )  # fmt: skip
+        args.ckpt,
+        keep_last=args.keep_last,
+        save_every_n_steps=args.save_every,
+        best={"g_loss": "min"},
+        compression=args.compression,
+        config=common.run_config(args, crash_at_step=None),
+    )
     state = mgr.track(generator=gen, discriminator=disc, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, sched_d=sched_d)
     info = mgr.start(state, args)  # --resume / --init-from (both models); exits 2 on an invalid combination
     start = info.step + 1 if info else 0

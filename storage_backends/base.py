@@ -98,8 +98,7 @@ class Backend(Protocol):
         """Size of ``key`` in bytes; raises :class:`ObjectNotFound`."""
         ...
 
-    def exists(self, key: str) -> bool:
-        ...
+    def exists(self, key: str) -> bool: ...
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         """Every object whose key starts with ``prefix`` (recursive), sorted by key."""

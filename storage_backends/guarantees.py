@@ -46,7 +46,9 @@ class WriteGuarantees:
     def missing(self) -> tuple[str, ...]:
         """The guarantees the store does not give, described (empty when all are enforced)."""
         return tuple(
-            name for name, ok in ((CREATE_IF_ABSENT, self.create_if_absent), (COMPARE_AND_SWAP, self.compare_and_swap)) if not ok
+            name
+            for name, ok in ((CREATE_IF_ABSENT, self.create_if_absent), (COMPARE_AND_SWAP, self.compare_and_swap))
+            if not ok
         )
 
     @property

@@ -31,10 +31,10 @@ import xxhash
 
 from storage_backends.base import ObjectInfo, Versioned, validate_key
 from storage_backends.errors import BackendError, ObjectExists, ObjectNotFound, PreconditionFailed
-
 from storage_backends.local_io import PART_MARK, STAGING_MARK, LocalWriter, LockFile, fsync_dir, retry_estale
 
 log = logging.getLogger(__name__)
+
 
 class LocalBackend:
     """A run root on a POSIX file system (local disk or NFS). See the module docstring."""
@@ -86,7 +86,9 @@ class LocalBackend:
         if e.errno == errno.ENOENT:
             return ObjectNotFound(f"{os.path.join(self.root, key)}: not found ({op})", key=key, code="ENOENT")
         code = errno.errorcode.get(e.errno or 0, str(e.errno))
-        return BackendError(f"{op} of {os.path.join(self.root, key)} failed: {e.strerror or e} [{code}]", key=key, code=code)
+        return BackendError(
+            f"{op} of {os.path.join(self.root, key)} failed: {e.strerror or e} [{code}]", key=key, code=code
+        )
 
     # -- objects ---------------------------------------------------------------------------
     def open_writer(self, key: str, *, reserve_head: int = 0) -> LocalWriter:
@@ -323,5 +325,3 @@ class LocalBackend:
                     os.rmdir(dirpath)  # only succeeds on an empty folder
                 except OSError:
                     continue
-
-

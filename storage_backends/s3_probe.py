@@ -57,8 +57,9 @@ def check_bucket(backend: S3Backend) -> None:
                 "that the credentials (AWS_ACCESS_KEY_ID or AWS_PROFILE) may list and write it",
                 code=code,
             ) from e
-        raise translate(e, op="ListObjectsV2", bucket=backend.bucket, full_key=full_prefix, key=None,
-                        endpoint=endpoint_of(backend)) from e  # fmt: skip
+        raise translate(
+            e, op="ListObjectsV2", bucket=backend.bucket, full_key=full_prefix, key=None, endpoint=endpoint_of(backend)
+        ) from e
 
 
 def write_guarantees(backend: S3Backend) -> WriteGuarantees:

@@ -112,7 +112,9 @@ def shared_session() -> tuple[boto3.session.Session, botocore.session.Session]:
         return pair
 
 
-def payload_signing_config(core: botocore.session.Session, config: botocore.config.Config) -> botocore.config.Config | None:
+def payload_signing_config(
+    core: botocore.session.Session, config: botocore.config.Config
+) -> botocore.config.Config | None:
     """``s3.payload_signing_enabled = False`` unless the user's configuration sets it.
 
     On plain-http endpoints (a loopback or LAN MinIO, SeaweedFS, Ceph) botocore otherwise

@@ -25,8 +25,17 @@ from dist_ckpt.errors import (
 )
 from storage_backends.errors import BackendError, ObjectNotFound
 
-__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_PROBLEMS", "EXIT_USAGE", "EXIT_NOT_FOUND", "EXIT_STORAGE",
-           "EXIT_CORRUPT", "EXIT_CONFLICT"]  # fmt: skip
+__all__ = [
+    "main",
+    "build_parser",
+    "EXIT_OK",
+    "EXIT_PROBLEMS",
+    "EXIT_USAGE",
+    "EXIT_NOT_FOUND",
+    "EXIT_STORAGE",
+    "EXIT_CORRUPT",
+    "EXIT_CONFLICT",
+]
 
 PROG = "dist-ckpt"
 EXIT_OK = 0
@@ -81,10 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     from dist_ckpt import __version__
     from dist_ckpt.cli import copy, diff, export, import_cmd, inspect, listing, maintenance, verify
 
-    parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    parser.add_argument("-q", "--quiet", dest="top_quiet", action="store_true", help="no progress bars or notes on stderr")
-    parser.add_argument("-v", "--verbose", dest="top_verbose", action="count", default=0, help="log what is done (-vv: debug)")
+    parser.add_argument(
+        "-q", "--quiet", dest="top_quiet", action="store_true", help="no progress bars or notes on stderr"
+    )
+    parser.add_argument(
+        "-v", "--verbose", dest="top_verbose", action="count", default=0, help="log what is done (-vv: debug)"
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
     common.add_argument("-v", "--verbose", action="count", default=0, help="log what is done (-vv: debug)")

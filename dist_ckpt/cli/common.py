@@ -19,9 +19,11 @@ from storage_backends import Backend
 if TYPE_CHECKING:
     from dist_ckpt.run_lock import RunLock
 
-BREAK_LOCK_HELP = ("DANGEROUS: take the run's writer lock even from a job that looks alive. Only when you are sure "
-                   "that job is gone (e.g. its host is down): a live job would lose its in-flight save and stop "
-                   "with RunLocked at its next commit")  # fmt: skip
+BREAK_LOCK_HELP = (
+    "DANGEROUS: take the run's writer lock even from a job that looks alive. Only when you are sure "
+    "that job is gone (e.g. its host is down): a live job would lose its in-flight save and stop "
+    "with RunLocked at its next commit"
+)
 
 
 def checkpoint_at(uri: str) -> tuple[Backend, str]:
@@ -41,7 +43,9 @@ def run_at(uri: str) -> Backend:
     """Backend of the run root ``uri`` names."""
     kind, backend, prefix = locate(uri)
     if kind == "checkpoint":
-        raise ConfigError(f"{backend.uri}/{prefix} is one checkpoint, not a run root: pass its parent folder {backend.uri}")
+        raise ConfigError(
+            f"{backend.uri}/{prefix} is one checkpoint, not a run root: pass its parent folder {backend.uri}"
+        )
     return backend
 
 
@@ -113,8 +117,17 @@ def progress_bar(args: argparse.Namespace, desc: str, total: int = 0) -> Any:
     from tqdm import tqdm
 
     disable = bool(getattr(args, "quiet", False)) or not sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=disable,
-                file=sys.stderr, leave=False, dynamic_ncols=True)  # fmt: skip
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=disable,
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
 class BarSink:

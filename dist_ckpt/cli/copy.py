@@ -17,16 +17,16 @@ from typing import Any
 import xxhash
 
 from dist_ckpt import manifest as mf
+from dist_ckpt.checkpoint_files import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
 from dist_ckpt.cli.common import BREAK_LOCK_HELP, BarSink, human_size, print_json, progress_bar, run_locked
+from dist_ckpt.cli.copy_refs import copy_referenced_files, copy_self_contained
 from dist_ckpt.cli.write_safety import add_flag, require_safe_writes
 from dist_ckpt.errors import ConfigError, CorruptCheckpoint, StepAlreadyExists
 from dist_ckpt.format.metadata_json import FileRecord
 from dist_ckpt.format.safetensors_header import header_length
 from dist_ckpt.lock_fence import Fence
-from dist_ckpt.run_store import STEP_RE, RunStore, parse_step_prefix
-from dist_ckpt.checkpoint_files import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
-from dist_ckpt.cli.copy_refs import copy_referenced_files, copy_self_contained
 from dist_ckpt.references import is_reference
+from dist_ckpt.run_store import STEP_RE, RunStore, parse_step_prefix
 from dist_ckpt.verify import BLOCK_BYTES, locate, parse_checksum, verify_files
 from storage_backends import Backend, BackendError, ObjectExists, join_key, open_backend
 
@@ -46,18 +46,26 @@ examples:
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("copy", parents=[common], help="copy a checkpoint or a run between backends",
-                       description="Copy a checkpoint (or every committed checkpoint of a run) to another "
-                       "location, local or S3, verifying checksums and committing with the same protocol.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "copy",
+        parents=[common],
+        help="copy a checkpoint or a run between backends",
+        description="Copy a checkpoint (or every committed checkpoint of a run) to another "
+        "location, local or S3, verifying checksums and committing with the same protocol.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("src", metavar="SRC", help="checkpoint folder or run root: a path or s3:// URI")
     p.add_argument("dst", metavar="DST", help="destination run root (or checkpoint folder): a path or s3:// URI")
     p.add_argument("--json", action="store_true", help="print what was copied as JSON")
     add_flag(p)
     p.add_argument("--break-lock", action="store_true", help=BREAK_LOCK_HELP)
-    p.add_argument("--keep-references", action="store_true",
-                   help="incremental checkpoints: also copy the earlier checkpoints' files they refer to, to the same "
-                   "paths, keeping the dedup at the destination (default: each copy is self-contained)")  # fmt: skip
+    p.add_argument(
+        "--keep-references",
+        action="store_true",
+        help="incremental checkpoints: also copy the earlier checkpoints' files they refer to, to the same "
+        "paths, keeping the dedup at the destination (default: each copy is self-contained)",
+    )
     p.set_defaults(func=run)
 
 
@@ -103,7 +111,9 @@ def _copy_object(src: Backend, src_key: str, dst: Backend, dst_key: str, record:
             pos += len(block)
             sink.update(len(block))
         if (head_hash.hexdigest(), data_hash.hexdigest()) != sums:
-            raise CorruptCheckpoint(f"{where}: checksum mismatch while copying; the source is damaged (`dist-ckpt verify` it)")
+            raise CorruptCheckpoint(
+                f"{where}: checksum mismatch while copying; the source is damaged (`dist-ckpt verify` it)"
+            )
         written = writer.commit()
     except BaseException:
         writer.abort()
@@ -115,8 +125,15 @@ def _copy_object(src: Backend, src_key: str, dst: Backend, dst_key: str, record:
 copy_object = _copy_object  # the tiers' uploader streams each file of a promotion with it
 
 
-def copy_checkpoint(src: Backend, src_prefix: str, dst: Backend, dst_prefix: str, sink: BarSink,
-                    fence: Fence | None = None, keep_references: bool = False) -> Copied:  # fmt: skip
+def copy_checkpoint(
+    src: Backend,
+    src_prefix: str,
+    dst: Backend,
+    dst_prefix: str,
+    sink: BarSink,
+    fence: Fence | None = None,
+    keep_references: bool = False,
+) -> Copied:
     """Copy one committed checkpoint and commit it at ``dst``/``dst_prefix`` (``fence``: the
     destination's run lock, checked right before ``COMMITTED``). An incremental checkpoint
     becomes self-contained unless ``keep_references`` (:mod:`dist_ckpt.cli.copy_refs`)."""
@@ -127,7 +144,8 @@ def copy_checkpoint(src: Backend, src_prefix: str, dst: Backend, dst_prefix: str
         metadata = src.read(join_key(src_prefix, METADATA))
         if dst.exists(join_key(dst_prefix, COMMITTED)):
             raise StepAlreadyExists(
-                f"{dst_uri} is already committed; a committed step is never overwritten (delete it first, or copy elsewhere)"
+                f"{dst_uri} is already committed; a committed step is never overwritten (delete it "
+                "first, or copy elsewhere)"
             )
         staging = dst.staging_prefix(dst_prefix, uuid.uuid4().hex[:12])
     except BackendError as e:
@@ -155,7 +173,9 @@ def copy_checkpoint(src: Backend, src_prefix: str, dst: Backend, dst_prefix: str
                 _copy_object(src, join_key(src_prefix, name), dst, key, record, sink)
         problems = verify_files(dst, staging, files, progress=sink)
         if problems:
-            raise CorruptCheckpoint(f"{dst_uri}: the copy failed verification: " + "; ".join(p.message for p in problems))
+            raise CorruptCheckpoint(
+                f"{dst_uri}: the copy failed verification: " + "; ".join(p.message for p in problems)
+            )
         # Where staging is the final prefix (S3), losing a race to another writer of this step
         # means the files may be theirs too: then nothing is removed (`gc` handles leftovers).
         shared = staging == dst_prefix
@@ -165,7 +185,8 @@ def copy_checkpoint(src: Backend, src_prefix: str, dst: Backend, dst_prefix: str
         except ObjectExists as e:
             written = [] if shared else written
             raise StepAlreadyExists(
-                f"{dst_uri}: another job is writing this step (or left an interrupted save: `dist-ckpt gc` the destination run)"
+                f"{dst_uri}: another job is writing this step (or left an interrupted save: "
+                "`dist-ckpt gc` the destination run)"
             ) from e
         if fence is not None:
             fence.check(dst, f"committing {dst_uri}")
@@ -232,8 +253,10 @@ def run(args: argparse.Namespace) -> int:
             dst = _open(root)
             src_step, dst_step = parse_step_prefix(prefix), parse_step_prefix(dst_prefix)
             if src_step is not None and dst_step != src_step:
-                raise ConfigError(f"{args.src} is step {src_step}; a checkpoint keeps its step: copy it to "
-                                  f"{root}/{prefix} (or just name the run root {root})")  # fmt: skip
+                raise ConfigError(
+                    f"{args.src} is step {src_step}; a checkpoint keeps its step: copy it to "
+                    f"{root}/{prefix} (or just name the run root {root})"
+                )
         else:
             dst, dst_prefix = _open(dst_uri), prefix
         names = [(prefix, dst_prefix)]
@@ -265,8 +288,10 @@ def run(args: argparse.Namespace) -> int:
     for c in copied:
         print(f"copied {c.source} -> {c.destination} ({c.files} files, {human_size(c.bytes)}, checksums verified)")
     if manifest is not None:
-        print(f"manifest {dst.uri}/manifest.json: {len(manifest.entries)} checkpoints, pointers "
-              + (", ".join(f"{k}={v}" for k, v in sorted(manifest.pointers.items())) or "none"))  # fmt: skip
+        print(
+            f"manifest {dst.uri}/manifest.json: {len(manifest.entries)} checkpoints, pointers "
+            + (", ".join(f"{k}={v}" for k, v in sorted(manifest.pointers.items())) or "none")
+        )
     if not copied:
         print(f"{src.uri}: no committed checkpoints to copy")
     return 0

@@ -42,9 +42,16 @@ class Rewritten:
 
 
 def copy_self_contained(
-    src: Backend, src_prefix: str, dst: Backend, staging: str, files: dict[str, FileRecord],
-    metadata: bytes, committed: bytes, copy_object: CopyObject, written: list[str],
-) -> Rewritten:  # fmt: skip
+    src: Backend,
+    src_prefix: str,
+    dst: Backend,
+    staging: str,
+    files: dict[str, FileRecord],
+    metadata: bytes,
+    committed: bytes,
+    copy_object: CopyObject,
+    written: list[str],
+) -> Rewritten:
     """Copy every file of the checkpoint into ``staging``: own files as they are, referenced
     ones under flat names, rank indexes rewritten. ``written`` collects the keys written."""
     renamed = {n: flat_name(n) for n in files if is_reference(n)}
@@ -79,8 +86,12 @@ def copy_self_contained(
     meta_doc = json.loads(metadata.decode("utf-8"))  # key order kept: "format", "counts" first
     table = {}
     for name, record in sorted(new_files.items()):
-        table[name] = {"rank": record.rank, "size": record.size, "checksum": record.checksum,
-                       **({"index": record.index} if record.index else {})}  # fmt: skip
+        table[name] = {
+            "rank": record.rank,
+            "size": record.size,
+            "checksum": record.checksum,
+            **({"index": record.index} if record.index else {}),
+        }
     meta_doc["files"] = table
     info = json.loads(committed.decode("utf-8"))
     info.pop("base", None)

@@ -26,10 +26,15 @@ examples:
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("diff", parents=[common], help="compare two checkpoints",
-                       description="Compare two checkpoints: keys added, removed or changed in shape/dtype, "
-                       "config changes, and with --values the max abs difference per tensor.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "diff",
+        parents=[common],
+        help="compare two checkpoints",
+        description="Compare two checkpoints: keys added, removed or changed in shape/dtype, "
+        "config changes, and with --values the max abs difference per tensor.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("a", metavar="CKPT_A", help="first checkpoint folder: a path or s3:// URI")
     p.add_argument("b", metavar="CKPT_B", help="second checkpoint folder: a path or s3:// URI")
     p.add_argument("--values", action="store_true", help="also compare content (reads both checkpoints fully)")
@@ -101,7 +106,9 @@ def compare(va: CheckpointView, vb: CheckpointView, values: bool, on_bytes: Any 
 def differs(doc: dict[str, Any]) -> bool:
     if doc["added"] or doc["removed"] or doc["changed"] or doc["config_changes"]:
         return True
-    return any(t["max_abs_diff"] != 0 for t in doc.get("tensors", [])) or any(not v["equal"] for v in doc.get("values", []))
+    return any(t["max_abs_diff"] != 0 for t in doc.get("tensors", [])) or any(
+        not v["equal"] for v in doc.get("values", [])
+    )
 
 
 def _fmt_sig(s: dict[str, Any]) -> str:
@@ -121,8 +128,10 @@ def run(args: argparse.Namespace) -> int:
         return 1 if doc["differ"] else 0
     print(f"--- {va.uri} (step {doc['a']['step']})")
     print(f"+++ {vb.uri} (step {doc['b']['step']})")
-    print(f"keys: {len(doc['added'])} added, {len(doc['removed'])} removed, {len(doc['changed'])} changed, "
-          f"{doc['same_structure']} same")  # fmt: skip
+    print(
+        f"keys: {len(doc['added'])} added, {len(doc['removed'])} removed, {len(doc['changed'])} changed, "
+        f"{doc['same_structure']} same"
+    )
     for e in doc["added"]:
         print(f"+ {e['key']}  {_fmt_sig(e)}")
     for e in doc["removed"]:

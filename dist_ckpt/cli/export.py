@@ -34,11 +34,18 @@ examples:
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("export", parents=[common], help="consolidate a checkpoint into plain safetensors",
-                       description="Export a checkpoint's model tensors (optionally optimizer tensors too) as "
-                       "consolidated safetensors files for inference.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("checkpoint", metavar="CKPT|RUN", help="checkpoint folder, or a run root with --which: a path or s3:// URI")
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="consolidate a checkpoint into plain safetensors",
+        description="Export a checkpoint's model tensors (optionally optimizer tensors too) as "
+        "consolidated safetensors files for inference.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "checkpoint", metavar="CKPT|RUN", help="checkpoint folder, or a run root with --which: a path or s3:// URI"
+    )
     p.add_argument("out", metavar="OUT", help="output directory (created if missing) or s3:// prefix")
     p.add_argument("--which", metavar="W", help="with a run root: last, best:<metric>, a step number or step_NNNNNNNNN")
     p.add_argument("--config", metavar="FILE", help=f"a JSON file to write as {CONFIG_FILE} beside the weights")
@@ -58,11 +65,15 @@ def read_config_file(path: str) -> bytes:
     except OSError as e:
         raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from e
     except UnicodeDecodeError as e:
-        raise ConfigError(f"--config {path}: not UTF-8 text; expected a JSON object such as a model's config.json") from e
+        raise ConfigError(
+            f"--config {path}: not UTF-8 text; expected a JSON object such as a model's config.json"
+        ) from e
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"--config {path}: not valid JSON ({e}); expected a JSON object such as a model's config.json") from e
+        raise ConfigError(
+            f"--config {path}: not valid JSON ({e}); expected a JSON object such as a model's config.json"
+        ) from e
     if not isinstance(doc, dict):
         raise ConfigError(f"--config {path}: expected a JSON object, found {type(doc).__name__}")
     return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
@@ -108,19 +119,36 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if config is not None and not args.overwrite and out.exists(CONFIG_FILE):
-        raise ConfigError(f"{out.uri} already holds {CONFIG_FILE}; export into an empty directory (or pass --overwrite)")
+        raise ConfigError(
+            f"{out.uri} already holds {CONFIG_FILE}; export into an empty directory (or pass --overwrite)"
+        )
     planned = select_tensors(view, args.include_optimizer)
     total = sum(_nbytes(view.tensors[k], args.dtype) for k in planned)
     with progress_bar(args, "export", total) as bar:
-        result = export_checkpoint(view, out, include_optimizer=args.include_optimizer, dtype=args.dtype, names=planned,
-                                   max_shard_size=limit, on_bytes=bar.update, overwrite=args.overwrite)  # fmt: skip
+        result = export_checkpoint(
+            view,
+            out,
+            include_optimizer=args.include_optimizer,
+            dtype=args.dtype,
+            names=planned,
+            max_shard_size=limit,
+            on_bytes=bar.update,
+            overwrite=args.overwrite,
+        )
     files = list(result.files)
     if config is not None:
         out.write_bytes(CONFIG_FILE, config)  # after the weights: a failed export leaves no lone config
         files.append(CONFIG_FILE)
     if args.json:
-        print_json({"source": view.uri, "out": out.uri, "files": files, "tensors": result.tensors,
-                    "total_size": result.total_size})  # fmt: skip
+        print_json(
+            {
+                "source": view.uri,
+                "out": out.uri,
+                "files": files,
+                "tensors": result.tensors,
+                "total_size": result.total_size,
+            }
+        )
         return 0
     print(f"exported {result.tensors} tensors ({human_size(result.total_size)}) from {view.uri}")
     for f in files:

@@ -36,17 +36,32 @@ examples:
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("import", parents=[common], help="import a DCP, torch.save or Hugging Face checkpoint",
-                       description="Turn a checkpoint written by other tools into a committed dist_ckpt "
-                       "checkpoint of a run.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "import",
+        parents=[common],
+        help="import a DCP, torch.save or Hugging Face checkpoint",
+        description="Turn a checkpoint written by other tools into a committed dist_ckpt checkpoint of a run.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("src", metavar="SRC", help="DCP folder, torch.save file, Hugging Face folder or .safetensors file")
     p.add_argument("dst", metavar="DST_RUN", help="run root to commit it into: a path or s3:// URI")
     p.add_argument("--step", type=int, default=0, metavar="N", help="the step of the new checkpoint (default 0)")
-    p.add_argument("--format", choices=("dcp", "torch", "hf", "safetensors"), help="the source format (default: detected)")
-    p.add_argument("--name", metavar="NAME", help="the tracked name the weights go under (default: model; a DCP "
-                   "folder keeps its own top-level names unless given)")  # fmt: skip
-    p.add_argument("--key", metavar="ENTRY", help="torch.save: the entry holding the state dict (dotted: a.b); "
-                   "DCP: the key prefix to take and strip (app: app.model.* -> model.*)")  # fmt: skip
+    p.add_argument(
+        "--format", choices=("dcp", "torch", "hf", "safetensors"), help="the source format (default: detected)"
+    )
+    p.add_argument(
+        "--name",
+        metavar="NAME",
+        help="the tracked name the weights go under (default: model; a DCP "
+        "folder keeps its own top-level names unless given)",
+    )
+    p.add_argument(
+        "--key",
+        metavar="ENTRY",
+        help="torch.save: the entry holding the state dict (dotted: a.b); "
+        "DCP: the key prefix to take and strip (app: app.model.* -> model.*)",
+    )
     p.add_argument("--compression", choices=("none", "zstd"), default="none", help="codec of the new checkpoint")
     p.add_argument("--json", action="store_true", help="print what was imported as JSON")
     add_flag(p)
@@ -56,14 +71,24 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dist_ckpt.importers import import_checkpoint
 
-    result = import_checkpoint(args.src, args.dst, step=args.step, format=args.format, name=args.name, key=args.key,
-                               compression=args.compression, unsafe_single_writer=bool(getattr(args, "unsafe_single_writer", False)))  # fmt: skip
+    result = import_checkpoint(
+        args.src,
+        args.dst,
+        step=args.step,
+        format=args.format,
+        name=args.name,
+        key=args.key,
+        compression=args.compression,
+        unsafe_single_writer=bool(getattr(args, "unsafe_single_writer", False)),
+    )
     if args.json:
         print_json(result.__dict__)
         return 0
     objects = ", ".join(f"{n} ({k})" for n, k in result.objects.items())
-    print(f"imported {result.format} checkpoint {result.source} -> {result.uri}: {result.tensors} tensors "
-          f"({human_size(result.tensor_bytes)}), {result.values} values; objects {objects}")  # fmt: skip
+    print(
+        f"imported {result.format} checkpoint {result.source} -> {result.uri}: {result.tensors} tensors "
+        f"({human_size(result.tensor_bytes)}), {result.values} values; objects {objects}"
+    )
     return 0
 
 

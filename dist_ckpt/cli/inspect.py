@@ -23,12 +23,21 @@ examples:
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("inspect", parents=[common], help="show what one checkpoint holds",
-                       description="Show one checkpoint: keys with shapes, dtypes, stored and raw sizes; the "
-                       "per-rank file table; the config snapshot, tracker run id and versions.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder: a path or s3:// URI (e.g. RUN/step_000001000)")
-    p.add_argument("--keys", metavar="GLOB", action="append", help="only keys matching this glob or prefix (repeatable)")
+    p = sub.add_parser(
+        "inspect",
+        parents=[common],
+        help="show what one checkpoint holds",
+        description="Show one checkpoint: keys with shapes, dtypes, stored and raw sizes; the "
+        "per-rank file table; the config snapshot, tracker run id and versions.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint folder: a path or s3:// URI (e.g. RUN/step_000001000)"
+    )
+    p.add_argument(
+        "--keys", metavar="GLOB", action="append", help="only keys matching this glob or prefix (repeatable)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
 
@@ -62,13 +71,34 @@ def describe(view: CheckpointView, patterns: list[str] | None = None) -> dict[st
         stored = sum(r.stored_bytes for r in refs)
         md = view.meta.tensors.get(fqn)
         if md is not None:
-            keys.append({"key": fqn, "kind": "tensor", "dtype": md.dtype, "shape": list(md.size), "chunks": len(md.chunks),
-                         "files": sorted({r.file for r in refs}), "stored_bytes": stored,
-                         "raw_bytes": math.prod(md.size) * ITEMSIZE[md.dtype]})  # fmt: skip
+            keys.append(
+                {
+                    "key": fqn,
+                    "kind": "tensor",
+                    "dtype": md.dtype,
+                    "shape": list(md.size),
+                    "chunks": len(md.chunks),
+                    "files": sorted({r.file for r in refs}),
+                    "stored_bytes": stored,
+                    "raw_bytes": math.prod(md.size) * ITEMSIZE[md.dtype],
+                }
+            )
         else:
-            keys.append({"key": fqn, "kind": "value", "dtype": None, "shape": None, "chunks": 1,
-                         "files": [refs[0].file], "stored_bytes": stored, "raw_bytes": stored})  # fmt: skip
-    files = [{"name": n, "rank": r.rank, "size": r.size, "checksum": r.checksum} for n, r in sorted(view.meta.files.items())]
+            keys.append(
+                {
+                    "key": fqn,
+                    "kind": "value",
+                    "dtype": None,
+                    "shape": None,
+                    "chunks": 1,
+                    "files": [refs[0].file],
+                    "stored_bytes": stored,
+                    "raw_bytes": stored,
+                }
+            )
+    files = [
+        {"name": n, "rank": r.rank, "size": r.size, "checksum": r.checksum} for n, r in sorted(view.meta.files.items())
+    ]
     return {
         "uri": view.uri,
         "step": progress.step if progress else committed.get("step"),
@@ -99,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"checkpoint {doc['uri']}")
     epoch = "-" if doc["epoch"] is None else doc["epoch"]
     step = "-" if doc["step"] is None else doc["step"]
-    print(f"  step {step}  epoch {epoch}  saved {human_time(doc['time'])}  world size {doc['world_size']}  codec {doc['codec']}")
+    print(
+        f"  step {step}  epoch {epoch}  saved {human_time(doc['time'])}  world size "
+        f"{doc['world_size']}  codec {doc['codec']}"
+    )
     if doc["metrics"]:
         print("  metrics: " + " ".join(f"{k}={fmt_number(v)}" for k, v in sorted(doc["metrics"].items())))
     if doc["best"]:
@@ -119,12 +152,24 @@ def run(args: argparse.Namespace) -> int:
     print(_indent(table(("FILE", "RANK", "SIZE", "CHECKSUM"), rows, right=(1, 2))))
     shown = f"{len(doc['keys'])} of {doc['key_count']}" if args.keys else str(doc["key_count"])
     print(f"\nkeys ({shown}):")
-    rows = [(k["key"], k["kind"], k["dtype"] or "-", "-" if k["shape"] is None else "x".join(map(str, k["shape"])) or "()",
-             k["chunks"], human_size(k["stored_bytes"]), human_size(k["raw_bytes"])) for k in doc["keys"]]  # fmt: skip
+    rows = [
+        (
+            k["key"],
+            k["kind"],
+            k["dtype"] or "-",
+            "-" if k["shape"] is None else "x".join(map(str, k["shape"])) or "()",
+            k["chunks"],
+            human_size(k["stored_bytes"]),
+            human_size(k["raw_bytes"]),
+        )
+        for k in doc["keys"]
+    ]
     if rows:
         print(_indent(table(("KEY", "KIND", "DTYPE", "SHAPE", "CHUNKS", "STORED", "RAW"), rows, right=(4, 5, 6))))
     stored, raw = sum(k["stored_bytes"] for k in doc["keys"]), sum(k["raw_bytes"] for k in doc["keys"])
-    print(f"  total: stored {human_size(stored)}, raw {human_size(raw)}" + (f" (ratio {stored / raw:.3f})" if raw else ""))
+    print(
+        f"  total: stored {human_size(stored)}, raw {human_size(raw)}" + (f" (ratio {stored / raw:.3f})" if raw else "")
+    )
     return 0
 
 

@@ -41,23 +41,40 @@ examples:
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("prune", parents=[common], help="delete old checkpoints by the manager's retention rules",
-                       description="Apply retention to a run: keep the newest N checkpoints and every pointed-to one.",
-                       epilog=PRUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="delete old checkpoints by the manager's retention rules",
+        description="Apply retention to a run: keep the newest N checkpoints and every pointed-to one.",
+        epilog=PRUNE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run", metavar="RUN", help="run root: a directory or s3://bucket/prefix")
     p.add_argument("--keep-last", metavar="N", type=int, required=True, help="keep the newest N checkpoints (N >= 1)")
-    p.add_argument("--keep-every", metavar="K", type=int, help="also keep every checkpoint whose step is a multiple of K")
-    p.add_argument("--best", metavar="METRIC=MODE", action="append", default=[],
-                   help="a tracked metric and its mode (min|max), added to those in manifest.json (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--keep-every", metavar="K", type=int, help="also keep every checkpoint whose step is a multiple of K"
+    )
+    p.add_argument(
+        "--best",
+        metavar="METRIC=MODE",
+        action="append",
+        default=[],
+        help="a tracked metric and its mode (min|max), added to those in manifest.json (repeatable)",
+    )
     p.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
     p.add_argument("--break-lock", action="store_true", help=BREAK_LOCK_HELP)
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     add_flag(p)
     p.set_defaults(func=run_prune)
 
-    g = sub.add_parser("gc", parents=[common], help="remove leftovers of interrupted saves",
-                       description="Remove temp folders, uncommitted steps and unfinished uploads of a run.",
-                       epilog=GC_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    g = sub.add_parser(
+        "gc",
+        parents=[common],
+        help="remove leftovers of interrupted saves",
+        description="Remove temp folders, uncommitted steps and unfinished uploads of a run.",
+        epilog=GC_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g.add_argument("run", metavar="RUN", help="run root: a directory or s3://bucket/prefix")
     g.add_argument("--dry-run", action="store_true", help="show what would be removed, remove nothing")
     g.add_argument("--break-lock", action="store_true", help=BREAK_LOCK_HELP)
@@ -129,8 +146,17 @@ def run_prune(args: argparse.Namespace) -> int:
         names.setdefault(step, []).append(name)
     if args.json:
         deleted = [] if args.dry_run else [s for s in drops if s not in failed]
-        print_json({"run": backend.uri, "dry_run": args.dry_run, "deleted": deleted, "would_delete": drops if args.dry_run else [],
-                    "failed": failed, "kept": result.steps(), "pointers": dict(result.pointers)})  # fmt: skip
+        print_json(
+            {
+                "run": backend.uri,
+                "dry_run": args.dry_run,
+                "deleted": deleted,
+                "would_delete": drops if args.dry_run else [],
+                "failed": failed,
+                "kept": result.steps(),
+                "pointers": dict(result.pointers),
+            }
+        )
     else:
         verb = "would delete" if args.dry_run else "deleted"
         for step in drops:
@@ -153,9 +179,15 @@ def run_gc(args: argparse.Namespace) -> int:
         with run_locked(backend, args.break_lock):  # a live job's in-flight save would look like a leftover
             found = RunStore(backend).collect_garbage()
     if args.json:
-        print_json({"run": backend.uri, "dry_run": args.dry_run, "temp_dirs": list(found.temp_dirs),
-                    "uncommitted_steps": list(found.uncommitted_steps),
-                    "unfinished_uploads": list(found.unfinished_uploads)})  # fmt: skip
+        print_json(
+            {
+                "run": backend.uri,
+                "dry_run": args.dry_run,
+                "temp_dirs": list(found.temp_dirs),
+                "uncommitted_steps": list(found.uncommitted_steps),
+                "unfinished_uploads": list(found.unfinished_uploads),
+            }
+        )
         return 0
     verb = "would remove" if args.dry_run else "removed"
     for folder in found.temp_dirs:

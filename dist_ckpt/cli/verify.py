@@ -23,10 +23,15 @@ examples:
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("verify", parents=[common], help="check files and checksums of a run or checkpoint",
-                       description="Verify a checkpoint, or every checkpoint of a run: all files present with the "
-                       "right sizes, header and data checksums as recorded.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="check files and checksums of a run or checkpoint",
+        description="Verify a checkpoint, or every checkpoint of a run: all files present with the "
+        "right sizes, header and data checksums as recorded.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("target", metavar="RUN|CKPT", help="run root or checkpoint folder: a path or s3:// URI")
     p.add_argument("--quick", action="store_true", help="sizes and headers only (no full read of the data)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -37,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     kind, backend, prefix = locate(args.target)
     with progress_bar(args, "verify") as bar:
         if kind == "checkpoint":
-            report: CheckpointReport | RunReport = verify_checkpoint(backend, prefix, quick=args.quick, progress=BarSink(bar))
+            report: CheckpointReport | RunReport = verify_checkpoint(
+                backend, prefix, quick=args.quick, progress=BarSink(bar)
+            )
         else:
             report = verify_run(backend, quick=args.quick, progress=BarSink(bar))
     checkpoints = [report] if isinstance(report, CheckpointReport) else report.checkpoints
@@ -61,8 +68,10 @@ def run(args: argparse.Namespace) -> int:
             if not checkpoints:
                 print(f"{report.uri}: no committed checkpoints")
             bad = sum(not c.ok for c in checkpoints)
-            print(f"run {report.uri}: {len(checkpoints) - bad} of {len(checkpoints)} checkpoints OK"
-                  + ("" if not run_problems else f", {len(run_problems)} manifest problems"))  # fmt: skip
+            print(
+                f"run {report.uri}: {len(checkpoints) - bad} of {len(checkpoints)} checkpoints OK"
+                + ("" if not run_problems else f", {len(run_problems)} manifest problems")
+            )
     if report.ok:
         return 0
     for c in checkpoints:

@@ -70,7 +70,9 @@ def _follows(rule: SplitRule, offsets: Sequence[Sequence[int]], sizes: Sequence[
     starts = [min(i * step, length) for i in range(n)]
     for d, full in enumerate(rule.size):
         if d == rule.dim:
-            if [o[d] for o in offsets] != starts or [s[d] for s in sizes] != [max(0, min(step, length - a)) for a in starts]:
+            if [o[d] for o in offsets] != starts or [s[d] for s in sizes] != [
+                max(0, min(step, length - a)) for a in starts
+            ]:
                 return False
         elif [o[d] for o in offsets].count(0) != n or [s[d] for s in sizes].count(full) != n:
             return False
@@ -131,7 +133,11 @@ class Layout(Sequence[Placed]):
 
 
 def _ints(obj: Any, where: str, n: int | None = None) -> tuple[int, ...]:
-    if not isinstance(obj, list) or not all(type(v) is int and v >= 0 for v in obj) or (n is not None and len(obj) != n):
+    if (
+        not isinstance(obj, list)
+        or not all(type(v) is int and v >= 0 for v in obj)
+        or (n is not None and len(obj) != n)
+    ):
         want = f"a list of {n} non-negative integers" if n is not None else "a list of non-negative integers"
         raise ValueError(f"{where}: expected {want}, found {obj!r:.80}")
     return tuple(obj)

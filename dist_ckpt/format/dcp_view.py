@@ -43,7 +43,9 @@ class RuleChunks(Sequence[ChunkStorageMetadata]):
         return ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes))
 
     def __iter__(self) -> Iterator[ChunkStorageMetadata]:
-        return (ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)) for c in self.record.chunks)
+        return (
+            ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)) for c in self.record.chunks
+        )
 
     def find(self, offsets: tuple[int, ...]) -> ChunkRecord | None:
         """The chunk stored at ``offsets`` (O(1) for a rule)."""
@@ -123,7 +125,9 @@ def build(meta: CheckpointMetadata) -> Metadata:
         sd_meta[fqn] = TensorStorageMetadata(properties=props, size=torch.Size(t.size), chunks=chunks[fqn])  # type: ignore[arg-type]
     for fqn in meta.values:
         sd_meta[fqn] = BytesStorageMetadata()
-    return Metadata(state_dict_metadata=sd_meta, planner_data=dict(meta.planner_data), storage_data=RuleStorageData(meta, chunks))
+    return Metadata(
+        state_dict_metadata=sd_meta, planner_data=dict(meta.planner_data), storage_data=RuleStorageData(meta, chunks)
+    )
 
 
 def narrow_for(metadata: Metadata, state_dict: Mapping[str, Any]) -> Metadata:
@@ -143,4 +147,6 @@ def narrow_for(metadata: Metadata, state_dict: Mapping[str, Any]) -> Metadata:
             for c in md.chunks.overlapping(local):
                 seen.setdefault(tuple(c.offsets), c)
         narrowed[fqn] = TensorStorageMetadata(properties=md.properties, size=md.size, chunks=list(seen.values()))
-    return Metadata(state_dict_metadata=narrowed, planner_data=metadata.planner_data, storage_data=metadata.storage_data)
+    return Metadata(
+        state_dict_metadata=narrowed, planner_data=metadata.planner_data, storage_data=metadata.storage_data
+    )

@@ -67,6 +67,8 @@ def _as(data: np.ndarray, width: int, count: int | None = None) -> np.ndarray:
         count = data.size // width
     whole = data[: count * width]
     return np.frombuffer(whole, dtype=_UINT[width]) if count else np.zeros(0, _UINT[width])
+
+
 # (first escaped symbol, the code bits of every byte of a u64, the top code bit of every byte)
 _ESCAPES = {
     1: (240, np.uint64(0xF0F0F0F0F0F0F0F0), np.uint64(0x8080808080808080)),

@@ -259,9 +259,15 @@ def _tail_top(i: int, symbols: np.ndarray, nibbles: np.ndarray, quads: np.ndarra
 
 @_jit
 def merge6_bf16(
-    base: int, symbols: np.ndarray, symbols32: np.ndarray, nibbles: np.ndarray, nibbles16: np.ndarray,
-    quads: np.ndarray, out: np.ndarray, out64: np.ndarray,
-) -> None:  # fmt: skip
+    base: int,
+    symbols: np.ndarray,
+    symbols32: np.ndarray,
+    nibbles: np.ndarray,
+    nibbles16: np.ndarray,
+    quads: np.ndarray,
+    out: np.ndarray,
+    out64: np.ndarray,
+) -> None:
     """Layout 2 into u16 words, four per step (one u64 store)."""
     n, b = symbols.size, U32(base)
     for g in range(n // 4):
@@ -273,9 +279,16 @@ def merge6_bf16(
 
 @_jit
 def merge6_f32(
-    base: int, symbols: np.ndarray, symbols32: np.ndarray, nibbles: np.ndarray, nibbles16: np.ndarray,
-    quads: np.ndarray, p0: np.ndarray, p1: np.ndarray, out: np.ndarray,
-) -> None:  # fmt: skip
+    base: int,
+    symbols: np.ndarray,
+    symbols32: np.ndarray,
+    nibbles: np.ndarray,
+    nibbles16: np.ndarray,
+    quads: np.ndarray,
+    p0: np.ndarray,
+    p1: np.ndarray,
+    out: np.ndarray,
+) -> None:
     """Layout 2 into u32 words, four per step, the low bytes from the planes."""
     n, b = symbols.size, U32(base)
     for g in range(n // 4):

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 from dist_ckpt.errors import CorruptCheckpoint
 from dist_ckpt.format.chunk_layout import Layout, Placed, entry_name, layout_json, parse_layout
 from dist_ckpt.format.metadata_json import (
-    ChunkRecord,
     CheckpointMetadata,
+    ChunkRecord,
     EntryRef,
     FileRecord,
     TensorRecord,
@@ -41,7 +41,9 @@ if TYPE_CHECKING:
 FORMAT = "dist_ckpt.checkpoint/2"
 _PROLOGUE = re.compile(
     rb'^\s*\{\s*"format"\s*:\s*"dist_ckpt\.checkpoint/2"\s*,\s*"counts"\s*:\s*\{\s*'
-    + rb"\s*,\s*".join(rb'"%s"\s*:\s*(\d{1,12})' % k for k in (b"ranks", b"files", b"tensors", b"values", b"listed_chunks"))
+    + rb"\s*,\s*".join(
+        rb'"%s"\s*:\s*(\d{1,12})' % k for k in (b"ranks", b"files", b"tensors", b"values", b"listed_chunks")
+    )
     + rb"\s*\}"
 )
 # Generous per-item budgets (a key path of a few hundred characters, a 6-d size, a checksum);
@@ -86,7 +88,11 @@ def dumps(
         # gave them to (they share one offset, so DCP keeps one of them, on any rank).
         rule = getattr(md.chunks, "rule", None)  # compact_plan.RuledChunks: the rule, no scan
         if rule is not None:
-            layout = {"on": rule.first_rank} if rule.count == 1 else {"split": [rule.dim, rule.first_rank, rule.count, rule.chunk]}
+            layout = (
+                {"on": rule.first_rank}
+                if rule.count == 1
+                else {"split": [rule.dim, rule.first_rank, rule.count, rule.chunk]}
+            )
         else:
             chunks = [c for c in md.chunks if all(c.sizes)] or list(md.chunks[:1])
             offsets = [c.offsets for c in chunks]
@@ -99,8 +105,19 @@ def dumps(
     }
     file_json = {}
     for name, r in sorted(files.items()):
-        file_json[name] = {"rank": r.rank, "size": r.size, "checksum": r.checksum, **({"index": r.index} if r.index else {})}
-    counts = {"ranks": world_size, "files": len(files), "tensors": len(tensors), "values": len(values), "listed_chunks": listed}
+        file_json[name] = {
+            "rank": r.rank,
+            "size": r.size,
+            "checksum": r.checksum,
+            **({"index": r.index} if r.index else {}),
+        }
+    counts = {
+        "ranks": world_size,
+        "files": len(files),
+        "tensors": len(tensors),
+        "values": len(values),
+        "listed_chunks": listed,
+    }
     doc = {
         "format": FORMAT,
         "counts": counts,
@@ -124,7 +141,9 @@ class _Chunks(Sequence[ChunkRecord]):
     def _record(self, c: Placed) -> ChunkRecord:
         file = self.rank_files.get(c.rank)
         if file is None:
-            raise CorruptCheckpoint(f"{self.where}: tensor {self.fqn!r} has a chunk on rank {c.rank}, which wrote no file")
+            raise CorruptCheckpoint(
+                f"{self.where}: tensor {self.fqn!r} has a chunk on rank {c.rank}, which wrote no file"
+            )
         return ChunkRecord(c.offsets, c.sizes, EntryRef(file, entry_name(self.fqn, c.offsets), "", -1))
 
     def __len__(self) -> int:
@@ -164,7 +183,9 @@ def parse(doc: dict[str, Any], where: str, prologue: bytes) -> CheckpointMetadat
                 check_reference(name, where)
                 if index:
                     raise ValueError(f"referenced file {name!r} must not carry an index")
-            files[name] = FileRecord(int(rec["rank"]), int(rec["size"]), str(rec["checksum"]), str(index) if index else None)
+            files[name] = FileRecord(
+                int(rec["rank"]), int(rec["size"]), str(rec["checksum"]), str(index) if index else None
+            )
             if index:
                 rank_files[files[name].rank] = name
         for name, rec in files.items():
@@ -182,7 +203,9 @@ def parse(doc: dict[str, Any], where: str, prologue: bytes) -> CheckpointMetadat
                 # each chunk of a rule is on its own rank, and each such rank wrote a shard
                 raise ValueError(f"{tw}: a split over {layout.rule.count} ranks, but only {len(rank_files)} shards")
             listed += layout.listed_count if "chunks" in t else 0
-            tensors[str(fqn)] = TensorRecord(check_dtype_name(t["dtype"], tw), tuple(size), _Chunks(fqn, layout, rank_files, where))
+            tensors[str(fqn)] = TensorRecord(
+                check_dtype_name(t["dtype"], tw), tuple(size), _Chunks(fqn, layout, rank_files, where)
+            )
         values = {}
         for fqn, v in doc["values"].items():
             ref = EntryRef(str(v["file"]), str(v["entry"]), str(v["checksum"]), int(v["stored_bytes"]))
@@ -190,7 +213,13 @@ def parse(doc: dict[str, Any], where: str, prologue: bytes) -> CheckpointMetadat
                 raise ValueError(f"value {fqn!r}: file {ref.file!r} not in the file table, or no checksum")
             values[str(fqn)] = ref
         counts = doc["counts"]
-        found = {"ranks": world_size, "files": len(files), "tensors": len(tensors), "values": len(values), "listed_chunks": listed}
+        found = {
+            "ranks": world_size,
+            "files": len(files),
+            "tensors": len(tensors),
+            "values": len(values),
+            "listed_chunks": listed,
+        }
         if counts != found:
             raise ValueError(f"declared counts {counts} do not match the content {found}")
         return CheckpointMetadata(

@@ -123,7 +123,9 @@ class RankIndexes:
         self.bytes_read += index.size
         parts = str(index.checksum).split(":")
         if len(parts) != 3 or xxhash.xxh3_128_hexdigest(data) != parts[2]:
-            raise CorruptCheckpoint(f"{where}: data checksum mismatch (the index of {shard} is damaged; `dist-ckpt verify`)")
+            raise CorruptCheckpoint(
+                f"{where}: data checksum mismatch (the index of {shard} is damaged; `dist-ckpt verify`)"
+            )
         try:
             doc = json.loads(data.decode("utf-8"))
             if doc.get("format") != INDEX_FORMAT or doc.get("shard") != shard:
@@ -134,7 +136,9 @@ class RankIndexes:
         for name, e in entries.items():
             if e.location is not None and e.location not in self.files:
                 # a referenced file must be listed (size, checksum) in metadata.json's file table
-                raise CorruptCheckpoint(f"{where}: entry {name!r} refers to {e.location!r}, which metadata.json does not list")
+                raise CorruptCheckpoint(
+                    f"{where}: entry {name!r} refers to {e.location!r}, which metadata.json does not list"
+                )
         return entries
 
 

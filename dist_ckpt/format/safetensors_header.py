@@ -29,9 +29,22 @@ FORMAT_VERSION = 1
 
 # safetensors dtype name -> element size in bytes
 ITEMSIZE: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}  # fmt: skip
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -179,5 +192,9 @@ def _parse_entry(file: str, name: str, spec: Any, extra: Any, hlen: int, data_le
         raise _corrupt(file, f"chunk table covers {sum(s for _, s in chunks)} bytes, entry holds {stored}", name)
     raw_total = math.prod(real_shape) * ITEMSIZE[real_dtype]
     if sum(r for r, _ in chunks) != raw_total:
-        raise _corrupt(file, f"chunk table holds {sum(r for r, _ in chunks)} raw bytes, dtype and shape need {raw_total}", name)
-    return EntryInfo(name, real_dtype, tuple(real_shape), hlen + begin, hlen + end, codec=codec, kind=kind, chunks=chunks)
+        raise _corrupt(
+            file, f"chunk table holds {sum(r for r, _ in chunks)} raw bytes, dtype and shape need {raw_total}", name
+        )
+    return EntryInfo(
+        name, real_dtype, tuple(real_shape), hlen + begin, hlen + end, codec=codec, kind=kind, chunks=chunks
+    )

@@ -22,7 +22,14 @@ from typing import Protocol
 import xxhash
 
 from dist_ckpt.errors import CorruptCheckpoint
-from dist_ckpt.format.safetensors_header import ITEMSIZE, EntryInfo, ShardHeader, build_header, header_length, parse_header
+from dist_ckpt.format.safetensors_header import (
+    ITEMSIZE,
+    EntryInfo,
+    ShardHeader,
+    build_header,
+    header_length,
+    parse_header,
+)
 from storage_backends.base import Backend, ObjectWriter
 
 SMALL_ENTRY_BYTES = 4096  # below this, compressing costs more than it saves
@@ -92,7 +99,14 @@ def _plain_header(entries: Sequence[PendingEntry]) -> tuple[bytes, list[int]]:
     specs, extra, offset, ends = [], {"format": 1, "entries": {}}, 0, []
     for e in entries:
         stored_dtype, stored_shape = (e.dtype, e.shape) if e.kind == "tensor" else ("U8", (e.data.nbytes,))
-        specs.append({"name": e.name, "dtype": stored_dtype, "shape": stored_shape, "data_offsets": (offset, offset + e.data.nbytes)})
+        specs.append(
+            {
+                "name": e.name,
+                "dtype": stored_dtype,
+                "shape": stored_shape,
+                "data_offsets": (offset, offset + e.data.nbytes),
+            }
+        )
         if e.kind != "tensor":
             extra["entries"][e.name] = {"kind": e.kind}
         offset += e.data.nbytes
@@ -165,7 +179,9 @@ def _chunked_header(
         enc = _codec_for(e, codec)
         if stored is None:
             begin = end = _PLACEHOLDER
-            chunks = [[_PLACEHOLDER, _PLACEHOLDER]] * (_chunk_count(e.data.nbytes, ITEMSIZE[e.dtype], codec.chunk_bytes) + 1)
+            chunks = [[_PLACEHOLDER, _PLACEHOLDER]] * (
+                _chunk_count(e.data.nbytes, ITEMSIZE[e.dtype], codec.chunk_bytes) + 1
+            )
         else:
             begin, end, chunk_list = stored[e.name]
             chunks = [list(c) for c in chunk_list]
@@ -233,7 +249,9 @@ class ShardReader:
     ``expected_size`` (from metadata.json's file table) is compared with the object's real size
     first, so a truncated or empty file fails by name before any tensor is touched."""
 
-    def __init__(self, backend: Backend, key: str, expected_size: int | None, codecs: dict[str, ChunkCodec] | None = None):
+    def __init__(
+        self, backend: Backend, key: str, expected_size: int | None, codecs: dict[str, ChunkCodec] | None = None
+    ):
         self.backend, self.key, self._codecs = backend, key, codecs
         size = backend.size(key)
         if expected_size is not None and size != expected_size:

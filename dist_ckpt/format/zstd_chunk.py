@@ -148,9 +148,7 @@ def _stream_count(transform: int, itemsize: int) -> int:
     return itemsize + 1
 
 
-def _split_float(
-    transform: int, whole: np.ndarray, itemsize: int, work: bg.Workspace
-) -> tuple[int, list[np.ndarray]]:
+def _split_float(transform: int, whole: np.ndarray, itemsize: int, work: bg.Workspace) -> tuple[int, list[np.ndarray]]:
     if transform == T_SPLIT:
         return (float_jit.split_float if float_jit.AVAILABLE else bg.split_float)(whole, itemsize, work)
     return (float_jit.split_float6 if float_jit.AVAILABLE else bg.split_float6)(whole, itemsize, work)
@@ -348,9 +346,14 @@ def _decode_chunk_into(
 
 
 def _merge_float(
-    index: int, transform: int, base: int, streams: list[np.ndarray], itemsize: int, whole: np.ndarray,
+    index: int,
+    transform: int,
+    base: int,
+    streams: list[np.ndarray],
+    itemsize: int,
+    whole: np.ndarray,
     work: bg.Workspace,
-) -> None:  # fmt: skip
+) -> None:
     if not float_jit.AVAILABLE:
         merge = bg.merge_float if transform == T_SPLIT else bg.merge_float6
         merge(base, streams, itemsize, whole, work)

@@ -46,7 +46,9 @@ def _detect(path: str) -> str:
     )
 
 
-def read_source(src: str, *, format: str | None = None, name: str | None = None, key: str | None = None) -> ImportedState:
+def read_source(
+    src: str, *, format: str | None = None, name: str | None = None, key: str | None = None
+) -> ImportedState:
     """Read ``src`` whole (see :func:`import_checkpoint`); nothing is written."""
     if "://" in src:
         raise ConfigError(f"{src}: import reads a local path (or NFS); copy the source here first")
@@ -57,7 +59,9 @@ def read_source(src: str, *, format: str | None = None, name: str | None = None,
         raise ConfigError(f"format={format!r}: expected one of {', '.join(FORMATS)} (or None to detect it)")
     kind = format or _detect(path)
     if key is not None and kind not in ("torch", "dcp"):
-        raise ConfigError(f"key={key!r} (--key) selects an entry of a torch.save file or DCP folder; {path} is read as {kind}")
+        raise ConfigError(
+            f"key={key!r} (--key) selects an entry of a torch.save file or DCP folder; {path} is read as {kind}"
+        )
     if kind == "dcp":
         from dist_ckpt.importers.dcp_folder import is_dcp_folder, read_dcp_folder
 
@@ -71,11 +75,15 @@ def read_source(src: str, *, format: str | None = None, name: str | None = None,
             raise ConfigError(f"{path}: a torch.save import needs a file, this is a folder")
         return read_torch_file(path, name or "model", key)
     from dist_ckpt.importers.hf_folder import read_hf_folder
-    from dist_ckpt.init_weights import WeightFiles, find_weight_files
+    from dist_ckpt.init_weights import find_weight_files
 
     files = find_weight_files(path)
     if files is None or (kind == "hf") != (files.kind == "hf"):
-        expected = "a Hugging Face folder (config.json + model.safetensors or its index)" if kind == "hf" else "a .safetensors file"
+        expected = (
+            "a Hugging Face folder (config.json + model.safetensors or its index)"
+            if kind == "hf"
+            else "a .safetensors file"
+        )
         raise ConfigError(f"{path}: format {kind!r} expects {expected}")
     result = read_hf_folder(files, name or "model")
     return result if kind == "hf" else ImportedState(result.source, "safetensors", result.entries, result.objects)
@@ -112,7 +120,8 @@ def import_checkpoint(
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise ConfigError("import_checkpoint runs in one process: call it outside the training job "
-                          "(or use `dist-ckpt import`)")  # fmt: skip
+        raise ConfigError(
+            "import_checkpoint runs in one process: call it outside the training job (or use `dist-ckpt import`)"
+        )
     state = read_source(src, format=format, name=name, key=key)
     return write_imported(state, dst_run, step=step, compression=compression, unsafe_single_writer=unsafe_single_writer)

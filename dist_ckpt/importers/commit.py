@@ -47,8 +47,9 @@ def _check_keys(state: ImportedState) -> None:
         raise ConfigError(f"{state.source}: top-level names {reserved} are reserved by dist_ckpt; pass --name NAME")
 
 
-def write_imported(state: ImportedState, dst_run: str, *, step: int, compression: str = "none",
-                   unsafe_single_writer: bool = False) -> ImportResult:  # fmt: skip
+def write_imported(
+    state: ImportedState, dst_run: str, *, step: int, compression: str = "none", unsafe_single_writer: bool = False
+) -> ImportResult:
     _check_keys(state)
     prefix = step_prefix(step)  # validates step
     try:
@@ -56,23 +57,34 @@ def write_imported(state: ImportedState, dst_run: str, *, step: int, compression
     except ValueError as e:
         raise ConfigError(f"import destination {dst_run!r}: {e}") from e
     codec = resolve_codec(compression)
-    require_conditional_writes(backend, unsafe_single_writer=unsafe_single_writer,
-                               opt_in="unsafe_single_writer=True (--unsafe-single-writer)")  # fmt: skip
+    require_conditional_writes(
+        backend, unsafe_single_writer=unsafe_single_writer, opt_in="unsafe_single_writer=True (--unsafe-single-writer)"
+    )
     store = RunStore(backend)
     lock = RunLock(backend)
     lock.acquire()  # RunLocked (naming the job) while a training job writes this run
     try:
         uri = f"{backend.uri}/{prefix}"
         if backend.exists(f"{prefix}/COMMITTED"):
-            raise StepAlreadyExists(f"{uri} is already committed and is never overwritten; import as another step (--step)")
+            raise StepAlreadyExists(
+                f"{uri} is already committed and is never overwritten; import as another step (--step)"
+            )
         last = max((e.step for e in store.committed_entries()), default=None)
         if last is not None and step < last:
-            raise ConfigError(f"{backend.uri}: step {step} is behind the run's last checkpoint (step {last}); a run's "
-                              f"steps only go forward: import with --step {last + 1} or later, or into a new run root")  # fmt: skip
+            raise ConfigError(
+                f"{backend.uri}: step {step} is behind the run's last checkpoint (step {last}); a run's "
+                f"steps only go forward: import with --step {last + 1} or later, or into a new run root"
+            )
         sd = dict(state.entries)
         sd[KEY] = Progress(step=step, objects=dict(state.objects)).encode()
-        info = {"step": step, "epoch": None, "metrics": {}, "time": time.time(),
-                "codec": codec.name if codec else "none", "imported_from": {"format": state.format, "source": state.source}}  # fmt: skip
+        info = {
+            "step": step,
+            "epoch": None,
+            "metrics": {},
+            "time": time.time(),
+            "codec": codec.name if codec else "none",
+            "imported_from": {"format": state.format, "source": state.source},
+        }
         save_to(backend, prefix, sd, codec=codec, commit_info=info, fence=lock.fence)
 
         def change(current: mf.Manifest | None) -> mf.Manifest:
@@ -84,5 +96,6 @@ def write_imported(state: ImportedState, dst_run: str, *, step: int, compression
     finally:
         lock.release()
     values = len(state.entries) - state.tensor_count
-    return ImportResult(state.source, state.format, uri, step, dict(state.objects), state.tensor_count, values,
-                        state.tensor_bytes)  # fmt: skip
+    return ImportResult(
+        state.source, state.format, uri, step, dict(state.objects), state.tensor_count, values, state.tensor_bytes
+    )

@@ -37,17 +37,26 @@ class _Payloads:
 
     def read(self, relative: str, offset: int, length: int, key: str) -> bytes:
         if not isinstance(relative, str) or os.path.basename(relative) != relative or relative in ("", ".", ".."):
-            raise CorruptCheckpoint(f"{self.folder}/{METADATA_FILE}: {key!r} names data file {relative!r}, "
-                                    "not a plain file name in the folder; refused")  # fmt: skip
+            raise CorruptCheckpoint(
+                f"{self.folder}/{METADATA_FILE}: {key!r} names data file {relative!r}, "
+                "not a plain file name in the folder; refused"
+            )
         path = os.path.join(self.folder, relative)
         if relative not in self.files:
             try:
                 self.files[relative] = open(path, "rb")  # noqa: SIM115 (closed in close())
             except OSError as e:
-                raise CorruptCheckpoint(f"{path}: cannot open the data file {key!r} is stored in ({e.strerror or e})") from e
+                raise CorruptCheckpoint(
+                    f"{path}: cannot open the data file {key!r} is stored in ({e.strerror or e})"
+                ) from e
         f = self.files[relative]
         size = os.fstat(f.fileno()).st_size
-        if not (isinstance(offset, int) and isinstance(length, int)) or offset < 0 or length < 0 or offset + length > size:
+        if (
+            not (isinstance(offset, int) and isinstance(length, int))
+            or offset < 0
+            or length < 0
+            or offset + length > size
+        ):
             raise CorruptCheckpoint(f"{path}: {key!r} is recorded at bytes {offset}+{length}, the file has {size}")
         f.seek(offset)
         return f.read(length)
@@ -66,8 +75,10 @@ def _load_payload(data: bytes, where: str) -> Any:
 
 def _check_plain(info: Any, where: str) -> None:
     if getattr(info, "transform_descriptors", None):
-        raise ConfigError(f"{where} was written with DCP storage extensions {list(info.transform_descriptors)}; "
-                          "import reads plain FileSystemWriter checkpoints: re-save it without _extensions")  # fmt: skip
+        raise ConfigError(
+            f"{where} was written with DCP storage extensions {list(info.transform_descriptors)}; "
+            "import reads plain FileSystemWriter checkpoints: re-save it without _extensions"
+        )
 
 
 def _tensor(md: TensorStorageMetadata, fqn: str, meta: Any, payloads: _Payloads, folder: str) -> torch.Tensor:
@@ -81,12 +92,18 @@ def _tensor(md: TensorStorageMetadata, fqn: str, meta: Any, payloads: _Payloads,
         if info is None:
             raise CorruptCheckpoint(f"{where}: no storage entry in {METADATA_FILE}")
         _check_plain(info, where)
-        part = _load_payload(payloads.read(info.relative_path, info.offset, info.length, fqn), f"{where} ({info.relative_path})")
+        part = _load_payload(
+            payloads.read(info.relative_path, info.offset, info.length, fqn), f"{where} ({info.relative_path})"
+        )
         if not isinstance(part, torch.Tensor) or part.dtype != dtype or tuple(part.shape) != tuple(chunk.sizes):
             shown = f"{part.dtype} {tuple(part.shape)}" if isinstance(part, torch.Tensor) else type(part).__name__
             raise CorruptCheckpoint(f"{where}: holds {shown}, {METADATA_FILE} records {dtype} {tuple(chunk.sizes)}")
-        if len(chunk.offsets) != full.dim() or any(o < 0 or o + s > n for o, s, n in zip(chunk.offsets, chunk.sizes, full.shape)):
-            raise CorruptCheckpoint(f"{where}: chunk {tuple(chunk.sizes)} lies outside the tensor's shape {tuple(full.shape)}")
+        if len(chunk.offsets) != full.dim() or any(
+            o < 0 or o + s > n for o, s, n in zip(chunk.offsets, chunk.sizes, full.shape)
+        ):
+            raise CorruptCheckpoint(
+                f"{where}: chunk {tuple(chunk.sizes)} lies outside the tensor's shape {tuple(full.shape)}"
+            )
         full[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))].copy_(part)
         covered += part.numel()
     if covered != full.numel():
@@ -139,4 +156,6 @@ def read_dcp_folder(path: str, name: str | None = None, key: str | None = None) 
         entries = {k[len(key) + 1 :]: v for k, v in entries.items()}
     entries = prefixed(entries, name)
     keys = list(entries)
-    return ImportedState(path, "dcp", entries, guess_objects(keys, {k: isinstance(entries[k], torch.Tensor) for k in keys}))
+    return ImportedState(
+        path, "dcp", entries, guess_objects(keys, {k: isinstance(entries[k], torch.Tensor) for k in keys})
+    )

@@ -21,8 +21,16 @@ from dist_ckpt.errors import CorruptCheckpoint
 
 # (module, name) -> the object it may resolve to. Everything here is a plain data type: calling
 # it with any arguments builds a value and has no other effect.
-_DCP_CLASSES = ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
-                "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")  # fmt: skip
+_DCP_CLASSES = (
+    "Metadata",
+    "TensorStorageMetadata",
+    "BytesStorageMetadata",
+    "TensorProperties",
+    "ChunkStorageMetadata",
+    "MetadataIndex",
+    "StorageMeta",
+    "_MEM_FORMAT_ENCODING",
+)
 # not bytes/bytearray: bytes(10**12) would allocate whatever the file asks for
 _BUILTINS = ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bool", "complex")
 _PATHS = ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")

@@ -63,8 +63,13 @@ class DistCkptMixin:
     ``keep_every_n_steps``, ...). ``keep_last`` defaults to ``args.save_total_limit`` and
     ``best`` to ``{args.metric_for_best_model: "max"|"min"}``."""
 
-    def __init__(self, *args: Any, checkpoint_root: str | None = None,
-                 checkpoint_options: Mapping[str, Any] | None = None, **kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        *args: Any,
+        checkpoint_root: str | None = None,
+        checkpoint_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         targs = self.args  # type: ignore[attr-defined]
         if targs.load_best_model_at_end:
@@ -161,7 +166,9 @@ class DistCkptMixin:
         mgr = self._manager()
         target = _target(mgr, which)
         if target is None:
-            raise CheckpointNotFound(f"resume_from_checkpoint={resume!r}: {self.checkpoint_root} has no committed checkpoint")
+            raise CheckpointNotFound(
+                f"resume_from_checkpoint={resume!r}: {self.checkpoint_root} has no committed checkpoint"
+            )
         backend, prefix = target
         from dist_ckpt.checkpoint_view import CheckpointView
 
@@ -169,8 +176,10 @@ class DistCkptMixin:
         progress = view.progress() or Progress()
         values = progress.values.get(_VALUES)
         if not isinstance(values, dict) or "trainer_state" not in values:
-            raise ConfigError(f"{view.uri} was not saved by DistCkptTrainer (no TrainerState in it); load its "
-                              "weights with CheckpointManager.load_weights instead")  # fmt: skip
+            raise ConfigError(
+                f"{view.uri} was not saved by DistCkptTrainer (no TrainerState in it); load its "
+                "weights with CheckpointManager.load_weights instead"
+            )
         stub = tempfile.mkdtemp(prefix="dist-ckpt-resume-")
         with open(os.path.join(stub, TRAINER_STATE), "w", encoding="utf-8") as f:
             f.write(values["trainer_state"])

@@ -90,9 +90,17 @@ class DistCkptIO(CheckpointIO):
     client), as ``CheckpointManager(backend=...)``; ``unsafe_single_writer``: as the manager's
     option, for an S3 server that ignores conditional writes (README, "S3 servers")."""
 
-    def __init__(self, async_save: bool = True, compression: str = "zstd", *, compression_level: int = 1,
-                 lock_stale_after: float = 600.0, backend_options: Mapping[str, Any] | None = None,
-                 backend_factory: Callable[[str], Backend] | None = None, unsafe_single_writer: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        async_save: bool = True,
+        compression: str = "zstd",
+        *,
+        compression_level: int = 1,
+        lock_stale_after: float = 600.0,
+        backend_options: Mapping[str, Any] | None = None,
+        backend_factory: Callable[[str], Backend] | None = None,
+        unsafe_single_writer: bool = False,
+    ):
         super().__init__()
         self.async_save = bool(async_save)
         self._codec = resolve_codec(compression, compression_level)
@@ -125,12 +133,22 @@ class DistCkptIO(CheckpointIO):
         writer = self._writer(where.root)
         if writer.has_step(step):
             if name is not None:
-                log.warning("%s: step %d is committed already (under %r); %r is not written again — a committed "
-                            "step is never overwritten", where.uri, step, writer.names.get(step), name)  # fmt: skip
+                log.warning(
+                    "%s: step %d is committed already (under %r); %r is not written again — a committed "
+                    "step is never overwritten",
+                    where.uri,
+                    step,
+                    writer.names.get(step),
+                    name,
+                )
             saved.add(step)
             return
-        kwargs = {"epoch": _int_or_none(checkpoint.get("epoch")), "metrics": dict(options.metrics),
-                  "best_modes": dict(options.best_modes), "retires": tuple(options.retires)}  # fmt: skip
+        kwargs = {
+            "epoch": _int_or_none(checkpoint.get("epoch")),
+            "metrics": dict(options.metrics),
+            "best_modes": dict(options.best_modes),
+            "retires": tuple(options.retires),
+        }
         saved.add(step)
         if not self.async_save:
             writer.commit(step, name, flat, **kwargs)
@@ -197,8 +215,12 @@ class DistCkptIO(CheckpointIO):
     def _writer(self, root: str) -> RunWriter:
         writer = self._writers.get(root)
         if writer is None:
-            writer = RunWriter(self._backend(root), self._codec, lock_stale_after=self.lock_stale_after,
-                               unsafe_single_writer=self.unsafe_single_writer)  # fmt: skip
+            writer = RunWriter(
+                self._backend(root),
+                self._codec,
+                lock_stale_after=self.lock_stale_after,
+                unsafe_single_writer=self.unsafe_single_writer,
+            )
             self._writers[root] = writer
         return writer
 
@@ -224,7 +246,9 @@ class DistCkptIO(CheckpointIO):
                 continue
             if isinstance(error, CheckpointError):
                 raise error
-            raise StorageError(f"a background checkpoint save or removal failed: {type(error).__name__}: {error}") from error
+            raise StorageError(
+                f"a background checkpoint save or removal failed: {type(error).__name__}: {error}"
+            ) from error
 
 
 def _options(storage_options: Any) -> SaveOptions:
@@ -323,7 +347,11 @@ class DistCkptModelCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
         metrics = {self.monitor: self._score} if self._score is not None and self.monitor else {}
         retires: tuple[str, ...] = ()
-        if self._retiring and self._retiring != filepath and parse_path(self._retiring).root == parse_path(filepath).root:
+        if (
+            self._retiring
+            and self._retiring != filepath
+            and parse_path(self._retiring).root == parse_path(filepath).root
+        ):
             retires = (parse_path(self._retiring).name,)
         options = SaveOptions(metrics=metrics, best_modes={m: self.mode for m in metrics}, retires=retires)
         trainer.save_checkpoint(filepath, self.save_weights_only, storage_options=options)

@@ -34,8 +34,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dist_ckpt import manifest as mf
-from dist_ckpt.checkpoint_files import COMMITTED
 from dist_ckpt.api import _quiet_single_process
+from dist_ckpt.checkpoint_files import COMMITTED
 from dist_ckpt.dcp_errors import raise_from_dcp
 from dist_ckpt.errors import CheckpointNotFound, ConfigError, StorageError
 from dist_ckpt.format.shard import ChunkCodec
@@ -141,12 +141,19 @@ def resolve_step(backend: Backend, name: str) -> int:
 class RunWriter:
     """The writing side of one run root (Lightning's global rank 0 only)."""
 
-    def __init__(self, backend: Backend, codec: ChunkCodec | None, *, lock_stale_after: float = 600.0,
-                 unsafe_single_writer: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        backend: Backend,
+        codec: ChunkCodec | None,
+        *,
+        lock_stale_after: float = 600.0,
+        unsafe_single_writer: bool = False,
+    ):
         self.backend, self.codec = backend, codec
         self.store = RunStore(backend)
-        require_conditional_writes(backend, unsafe_single_writer=unsafe_single_writer,
-                                   opt_in="DistCkptIO(unsafe_single_writer=True)")  # S3: probed once per bucket
+        require_conditional_writes(
+            backend, unsafe_single_writer=unsafe_single_writer, opt_in="DistCkptIO(unsafe_single_writer=True)"
+        )  # S3: probed once per bucket
         self.lock = RunLock(backend, lock_stale_after)  # before gc: never touch a live job's saves
         self.lock.acquire()
         found = self.store.collect_garbage()
@@ -158,16 +165,27 @@ class RunWriter:
         # Steps a later committed save retired (Lightning's top-k drop, recorded in that save's
         # COMMITTED): a job killed between that commit and the delete leaves them behind.
         self.retired: set[int] = {
-            old for step, (_, retires) in records.items() for old, name in self.names.items()
+            old
+            for step, (_, retires) in records.items()
+            for old, name in self.names.items()
             if name in retires and old < step
-        }  # fmt: skip
+        }
         self._retain(manifest)
 
     def has_step(self, step: int) -> bool:
         return step in self.names or self.backend.exists(join_key(step_prefix(step), COMMITTED))
 
-    def commit(self, step: int, name: str | None, flat: dict[str, Any], *, epoch: int | None,
-               metrics: Mapping[str, float], best_modes: Mapping[str, str], retires: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def commit(
+        self,
+        step: int,
+        name: str | None,
+        flat: dict[str, Any],
+        *,
+        epoch: int | None,
+        metrics: Mapping[str, float],
+        best_modes: Mapping[str, str],
+        retires: tuple[str, ...] = (),
+    ) -> None:
         """Write, commit and index one checkpoint, then apply retention. ``retires``: names
         this save replaces (ModelCheckpoint's top-k drop), recorded in its COMMITTED marker so
         that the drop survives a crash between this commit and the delete."""
@@ -180,7 +198,9 @@ class RunWriter:
             "codec": self.codec.name if self.codec else "none",
             "lightning": {"name": name, "retires": list(retires)},
         }
-        writer = DistCkptWriter(self.backend, step_prefix(step), codec=self.codec, commit_info=info, fence=self.lock.fence)
+        writer = DistCkptWriter(
+            self.backend, step_prefix(step), codec=self.codec, commit_info=info, fence=self.lock.fence
+        )
         try:
             # Lightning calls CheckpointIO on global rank 0 alone (the state is replicated under
             # DDP): a local save, with no collective on the training job's process group.
@@ -208,9 +228,11 @@ class RunWriter:
     def _retain(self, manifest: mf.Manifest, *, reused: str | None = None, newest: int | None = None) -> None:
         pointed = set(manifest.pointers.values())
         drops = sorted(
-            s for s, n in self.names.items()
-            if s not in pointed and (n is None or s in self.retired or (reused is not None and n == reused and s != newest))
-        )  # fmt: skip
+            s
+            for s, n in self.names.items()
+            if s not in pointed
+            and (n is None or s in self.retired or (reused is not None and n == reused and s != newest))
+        )
         if not drops:
             return
         self.lock.fence.check(self.backend, f"updating {self.backend.uri}/manifest.json")

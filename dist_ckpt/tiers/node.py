@@ -53,8 +53,16 @@ class LocalCommit:
 class Tiers:
     """One manager's tiers; built on every rank together (one all-gather)."""
 
-    def __init__(self, config: ManagerConfig, root: str, *, rank: int, world_size: int,
-                 process_group: dist.ProcessGroup | None, distributed: bool):  # fmt: skip
+    def __init__(
+        self,
+        config: ManagerConfig,
+        root: str,
+        *,
+        rank: int,
+        world_size: int,
+        process_group: dist.ProcessGroup | None,
+        distributed: bool,
+    ):
         assert config.local_root is not None
         self.config = config
         self.root = root
@@ -73,11 +81,17 @@ class Tiers:
         self.is_leader = rank == self.node_ranks[0]
         self.saves = 0  # saves made by this manager (persist_every_n_saves counts them)
         self.enqueued: set[int] = set()
-        self.request = PromotionRequest(step=0, root=root, backend_options=dict(config.backend_options),
-                                        best_modes=dict(config.best), keep_last=config.keep_last,
-                                        keep_every_n_steps=config.keep_every_n_steps,
-                                        tracker_run_id=config.tracker_run_id, config_hash=config.config_hash(),
-                                        local_keep_last=config.local_keep_last)  # fmt: skip
+        self.request = PromotionRequest(
+            step=0,
+            root=root,
+            backend_options=dict(config.backend_options),
+            best_modes=dict(config.best),
+            keep_last=config.keep_last,
+            keep_every_n_steps=config.keep_every_n_steps,
+            tracker_run_id=config.tracker_run_id,
+            config_hash=config.config_hash(),
+            local_keep_last=config.local_keep_last,
+        )
         self.request.dumps()  # refuse options the uploader could not rebuild, now
 
     # -- start ------------------------------------------------------------------------------
@@ -120,8 +134,9 @@ class Tiers:
         self.saves += 1
         return promotion_due(self.saves, self.config.persist_every_n_saves, force=force, moved_best=moved_best)
 
-    def hooks(self, step: int, *, force: bool, before: Mapping[str, float],
-              after: Mapping[str, float]) -> tuple[Callable[[], LocalCommit], Callable[[LocalCommit], None]]:  # fmt: skip
+    def hooks(
+        self, step: int, *, force: bool, before: Mapping[str, float], after: Mapping[str, float]
+    ) -> tuple[Callable[[], LocalCommit], Callable[[LocalCommit], None]]:
         """The save's two steps after the local commit: rank 0's (what the others need), and
         every rank's (:meth:`on_every_rank`). Every rank counts the save here."""
         promote = self.due(force=force, moved_best=moved_best(before, after))
@@ -158,7 +173,9 @@ class Tiers:
         if not self.local.exists(join_key(prefix, COMMITTED)):
             self._commit_node_folder(commit)
         if commit.promote:
-            self.queue.enqueue(PromotionRequest(**{**self.request.__dict__, "step": commit.step, "enqueued": time.time()}))
+            self.queue.enqueue(
+                PromotionRequest(**{**self.request.__dict__, "step": commit.step, "enqueued": time.time()})
+            )
             self.enqueued.add(commit.step)
             ensure_uploader(self.local_root)
         apply_local_retention(self.local, self.queue, self.config.local_keep_last)
@@ -203,26 +220,41 @@ class Tiers:
     def _wait_here(self, timeout: float | None) -> None:
         started = last_note = time.monotonic()
         if self.enqueued & self.queue.pending_steps():
-            log.info("waiting for the promotion of steps %s from %s to %s", sorted(self.enqueued & self.queue.pending_steps()),
-                     self.local_root, self.root)  # fmt: skip
+            log.info(
+                "waiting for the promotion of steps %s from %s to %s",
+                sorted(self.enqueued & self.queue.pending_steps()),
+                self.local_root,
+                self.root,
+            )
         while True:
             queued = self.queue.pending_steps()  # dequeued only once committed at the root, or failed
-            failed = [(s, self.queue.failure(s)) for s in sorted(self.enqueued - queued) if self.queue.failure(s) is not None]
+            failed = [
+                (s, self.queue.failure(s)) for s in sorted(self.enqueued - queued) if self.queue.failure(s) is not None
+            ]
             pending = sorted(self.enqueued & queued)
             if failed:
                 step, reason = failed[0]
-                raise CheckpointError(f"step {step} could not be promoted from {self.local_root} to {self.root}: {reason}")
+                raise CheckpointError(
+                    f"step {step} could not be promoted from {self.local_root} to {self.root}: {reason}"
+                )
             if not pending:
                 return
             ensure_uploader(self.local_root)  # a dead uploader is replaced; its queue resumes
             now = time.monotonic()
             if timeout is not None and now - started > timeout:
-                raise CheckpointError(f"steps {pending} not promoted to {self.root} within {timeout:.0f} s "
-                                      f"(see {self.local_root}/.tiers/uploader.log)")  # fmt: skip
+                raise CheckpointError(
+                    f"steps {pending} not promoted to {self.root} within {timeout:.0f} s "
+                    f"(see {self.local_root}/.tiers/uploader.log)"
+                )
             if now - last_note >= PROGRESS_EVERY_S:
                 last_note = now
-                log.info("waiting %.0f s for the promotion of steps %s to %s (uploader log: %s/.tiers/uploader.log)",
-                         now - started, pending, self.root, self.local_root)  # fmt: skip
+                log.info(
+                    "waiting %.0f s for the promotion of steps %s to %s (uploader log: %s/.tiers/uploader.log)",
+                    now - started,
+                    pending,
+                    self.root,
+                    self.local_root,
+                )
             time.sleep(0.05)
 
     # -- listing ----------------------------------------------------------------------------
@@ -230,4 +262,3 @@ class Tiers:
         """The root's entries plus this node's local-only ones, and in which tiers each is
         (``"local"``: this node's tier)."""
         return tiered_listing(root_entries, RunStore(self.local).committed_entries())
-

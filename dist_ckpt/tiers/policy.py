@@ -27,8 +27,9 @@ def local_drops(local_steps: Iterable[int], keep_last: int, unsettled: Collectio
     return [s for s in steps if s not in keep]
 
 
-def tiered_listing(root_entries: list[mf.Entry], local_entries: list[mf.Entry]
-                   ) -> tuple[list[mf.Entry], dict[int, tuple[str, ...]]]:  # fmt: skip
+def tiered_listing(
+    root_entries: list[mf.Entry], local_entries: list[mf.Entry]
+) -> tuple[list[mf.Entry], dict[int, tuple[str, ...]]]:
     """Merge a run's root entries with a local tier's: every step once, with its tiers
     (``"local"``, ``"root"``), oldest first."""
     by_step = {e.step: e for e in local_entries}

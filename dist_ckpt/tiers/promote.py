@@ -140,8 +140,11 @@ def _record(root: Backend, request: PromotionRequest, committed: bytes) -> None:
         nonlocal drops
         base = current if current is not None else mf.rebuild(store.committed_entries(), request.best_modes)
         new = mf.with_entry(base, entry, request.best_modes)
-        new = replace(new, tracker_run_id=new.tracker_run_id or request.tracker_run_id,
-                      config_hash=new.config_hash or request.config_hash)  # fmt: skip
+        new = replace(
+            new,
+            tracker_run_id=new.tracker_run_id or request.tracker_run_id,
+            config_hash=new.config_hash or request.config_hash,
+        )
         drops = mf.retention_drops(new, request.keep_last, request.keep_every_n_steps)
         return mf.without_steps(new, drops)
 

@@ -112,8 +112,12 @@ class LocalCheck:
                     if problem is None:
                         sound.add(name)
                     elif self.leader:
-                        log.warning("local checkpoint file %s/%s is damaged (%s); reading it from the root instead",
-                                    self.local.uri, key, problem.message)  # fmt: skip
+                        log.warning(
+                            "local checkpoint file %s/%s is damaged (%s); reading it from the root instead",
+                            self.local.uri,
+                            key,
+                            problem.message,
+                        )
                 result = (sound, files)
         except (CheckpointError, BackendError) as e:
             if self.leader:
@@ -149,9 +153,15 @@ def restore_target(mgr: CheckpointManager, which: Any) -> tuple[Any, str] | None
     prefix = step_prefix(step)
     sound, files = check.sound_files(step)
     if tiers.is_leader:
-        where = ("the local tier" if files is not None and sound == set(files) else
-                 f"the local tier ({len(sound)} files) and the root" if sound else "the root")  # fmt: skip
+        where = (
+            "the local tier"
+            if files is not None and sound == set(files)
+            else f"the local tier ({len(sound)} files) and the root"
+            if sound
+            else "the root"
+        )
         log.info("rank %d restores step %d from %s", mgr.rank, step, where)
     complete = files is not None and sound == set(files)
-    return RoutedBackend(tiers.local, mgr.backend, prefix, sound | ({METADATA, COMMITTED} if sound else set()),
-                         all_local=complete), prefix  # fmt: skip
+    return RoutedBackend(
+        tiers.local, mgr.backend, prefix, sound | ({METADATA, COMMITTED} if sound else set()), all_local=complete
+    ), prefix

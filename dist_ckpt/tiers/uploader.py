@@ -94,9 +94,14 @@ def ensure_uploader(local_root: str, idle_exit: float | None = None) -> bool:
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dist_ckpt.tiers.uploader", str(local_root), "--idle-exit", str(idle_exit)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, close_fds=True,
-            start_new_session=True, env=env, cwd="/",
-        )  # fmt: skip
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            close_fds=True,
+            start_new_session=True,
+            env=env,
+            cwd="/",
+        )
     _started.append((proc, os.path.realpath(local_root)))  # reaped by later calls; an orphan by init
     log.info("started the uploader of %s (pid %d, log %s)", local_root, proc.pid, log_path)
     return True

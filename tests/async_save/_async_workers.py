@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from async_helpers import WrappedBackend, children_of, committed_steps, shm_entries
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from async_helpers import WrappedBackend, children_of, committed_steps, shm_entries
 from dist_ckpt import CheckpointManager
 from dist_ckpt.errors import StorageError, UnsupportedValue
 

@@ -94,7 +94,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, counter
 def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """Every parameter and optimizer-state tensor, cloned."""
     out = {f"p.{k}": v.detach().clone() for k, v in model.state_dict().items()}
-    for i, (p, st) in enumerate(opt.state.items()):
+    for i, (_p, st) in enumerate(opt.state.items()):
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
                 out[f"o.{i}.{k}"] = v.detach().clone()
@@ -122,7 +122,9 @@ def shm_entries() -> set[str]:
 
 
 def committed_steps(root: str | Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in Path(root).glob("step_*") if (p / "COMMITTED").exists() and ".tmp-" not in p.name)
+    return sorted(
+        int(p.name[5:]) for p in Path(root).glob("step_*") if (p / "COMMITTED").exists() and ".tmp-" not in p.name
+    )
 
 
 def alive(pid: int) -> bool:

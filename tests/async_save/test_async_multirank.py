@@ -28,7 +28,10 @@ def test_two_ranks(kind: str, mode: str, tmp_path: Path) -> None:
         assert out["committed_after_failure"] == [1, 2], "no COMMITTED for the failed step"
         assert out["last_after_failure"] == [2]
         assert out["stop_before"] is False and out["stop_after"] is True, rank
-        assert out["value_error"] and "background save of step 6 failed" in out["value_error"], (rank, out["value_error"])
+        assert out["value_error"] and "background save of step 6 failed" in out["value_error"], (
+            rank,
+            out["value_error"],
+        )
         assert out["committed_final"] == [1, 2, 5]
         assert out["restored"] == {1: True, 2: True, 5: True}, (rank, out["restored"])
         assert not out["writer_alive"] and out["children_left"] == [] and out["shm_left"] == [], (rank, out)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from async_helpers import (
     WrappedBackend,
     alive,
@@ -27,6 +26,7 @@ from async_helpers import (
     snapshot,
     train_step,
 )
+
 from dist_ckpt import CheckpointManager
 from dist_ckpt.errors import StorageError
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import torch
+from async_helpers import WrappedBackend, assert_same, committed_steps
 from torch import nn
 
-from async_helpers import WrappedBackend, assert_same, committed_steps
 from dist_ckpt import CheckpointManager
 from dist_ckpt import overlap as overlap_mod
 from dist_ckpt.errors import SnapshotInconsistent
@@ -118,7 +118,9 @@ def test_save_returns_before_the_copy_and_the_optimizer_step_waits_for_it(
     assert_same(loaded(tmp_path, 1), expected)  # the state at save(): buffers before this forward
 
 
-@pytest.mark.parametrize("when", ["mid_copy_background", "before_its_copy_training_thread", "after_save_training_thread"])
+@pytest.mark.parametrize(
+    "when", ["mid_copy_background", "before_its_copy_training_thread", "after_save_training_thread"]
+)
 def test_a_tensor_changed_in_place_during_the_copy_fails_the_save(
     tmp_path: Path, when: str, small_chunks: None, between_chunks: Any
 ) -> None:
@@ -136,9 +138,11 @@ def test_a_tensor_changed_in_place_during_the_copy_fails_the_save(
 
     def inject(fqn: str, done: int) -> None:
         copied_pieces.append((fqn, done))
-        if when == "mid_copy_background" and fqn.endswith("b.weight.exp_avg") and len(
-            [p for p in copied_pieces if p[0] == fqn]
-        ) == 1:
+        if (
+            when == "mid_copy_background"
+            and fqn.endswith("b.weight.exp_avg")
+            and len([p for p in copied_pieces if p[0] == fqn]) == 1
+        ):
             with torch.no_grad():
                 victim.mul_(-1.0)  # between two pieces of its own copy
         if when == "before_its_copy_training_thread":

@@ -13,9 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
-from exactness import EXAMPLES, compare, read_losses, torchrun  # noqa: E402
-
 from async_helpers import committed_steps  # noqa: E402
+from exactness import EXAMPLES, compare, read_losses, torchrun  # noqa: E402
 
 STEPS = 40
 ARGS = ["--steps", str(STEPS), "--save-every", "8", "--keep-last", "2", "--async", "--save-on-sigterm"]
@@ -24,11 +23,27 @@ ARGS = ["--steps", str(STEPS), "--save-every", "8", "--keep-last", "2", "--async
 def test_sigterm_saves_the_current_step_and_resume_is_exact(tmp_path: Path) -> None:
     log = tmp_path / "log"
     a, b = tmp_path / "a", tmp_path / "b"
-    rc = torchrun("train_ddp.py", 2, [*ARGS, "--ckpt", str(a), "--losses-out", f"{a}.jsonl", "--final-out", f"{a}.st"], log=log)
+    rc = torchrun(
+        "train_ddp.py", 2, [*ARGS, "--ckpt", str(a), "--losses-out", f"{a}.jsonl", "--final-out", f"{a}.st"], log=log
+    )
     assert rc == 0, log.read_text()[-3000:]
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(EXAMPLES / "train_ddp.py"), *ARGS, "--ckpt", str(b), "--losses-out", f"{b}.jsonl", "--step-delay", "0.15"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(EXAMPLES / "train_ddp.py"),
+        *ARGS,
+        "--ckpt",
+        str(b),
+        "--losses-out",
+        f"{b}.jsonl",
+        "--step-delay",
+        "0.15",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as out:
         job = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -51,8 +66,12 @@ def test_sigterm_saves_the_current_step_and_resume_is_exact(tmp_path: Path) -> N
     assert trained < STEPS - 1, "the signal arrived mid-training"
     assert committed_steps(b)[-1] == trained, f"the current step {trained} was saved: {committed_steps(b)}"
 
-    rc = torchrun("train_ddp.py", 2, [*ARGS, "--ckpt", str(b), "--resume", "auto", "--losses-out", f"{b}.jsonl",
-                                      "--final-out", f"{b}.st"], log=log)  # fmt: skip
+    rc = torchrun(
+        "train_ddp.py",
+        2,
+        [*ARGS, "--ckpt", str(b), "--resume", "auto", "--losses-out", f"{b}.jsonl", "--final-out", f"{b}.st"],
+        log=log,
+    )
     assert rc == 0, log.read_text()[-3000:]
     result = compare(Path(f"{a}.jsonl"), Path(f"{b}.jsonl"), Path(f"{a}.st"), Path(f"{b}.st"))
     assert result.steps_compared == STEPS

@@ -41,8 +41,13 @@ class Run:
 
 def cli(*args: str, check_rc: int | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``python -m dist_ckpt.cli ARGS`` with captured text output (env inherited: S3 settings)."""
-    proc = subprocess.run([sys.executable, "-m", "dist_ckpt.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "dist_ckpt.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     if check_rc is not None:
         what = f"dist-ckpt {' '.join(map(str, args))}: rc={proc.returncode}"
         assert proc.returncode == check_rc, f"{what}\n{proc.stdout}\n{proc.stderr}"
@@ -94,15 +99,28 @@ def build_model(hidden: int = 16) -> nn.Module:
     return nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 4))
 
 
-def train_and_save(root: Path, *, steps=range(1, 9), keep_last: int = 2, compression: str = "none",
-                   model: nn.Module | None = None, config: dict = CONFIG) -> Run:  # fmt: skip
+def train_and_save(
+    root: Path,
+    *,
+    steps=range(1, 9),
+    keep_last: int = 2,
+    compression: str = "none",
+    model: nn.Module | None = None,
+    config: dict = CONFIG,
+) -> Run:
     """A run with pointers spread out: keep_last=2 keeps 7, 8 (last) plus best:acc=2, best:loss=5."""
     torch.manual_seed(0)
     model = model or build_model()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     run = Run(root, [])
-    with CheckpointManager(str(root), keep_last=keep_last, best={"loss": "min", "acc": "max"}, config=config,
-                           compression=compression, tracker_run_id="wandb-123") as mgr:  # fmt: skip
+    with CheckpointManager(
+        str(root),
+        keep_last=keep_last,
+        best={"loss": "min", "acc": "max"},
+        config=config,
+        compression=compression,
+        tracker_run_id="wandb-123",
+    ) as mgr:
         state = mgr.track(model=model, optimizer=opt, counters={"seen": 0})
         for step in steps:
             x = torch.randn(4, model[0].in_features)
@@ -113,5 +131,3 @@ def train_and_save(root: Path, *, steps=range(1, 9), keep_last: int = 2, compres
             run.models[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         run.steps = [c.step for c in mgr.checkpoints()]
     return run
-
-

@@ -42,9 +42,8 @@ def zstd_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
 @pytest.fixture(scope="session")
 def fsdp_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint folder, reference safetensors of the full model) of a 2-rank FSDP2 job."""
-    from support.dist import run_ranks
-
     import _cli_workers
+    from support.dist import run_ranks
 
     root = tmp_path_factory.mktemp("cli") / "fsdp"
     ref = root.parent / "fsdp_full.safetensors"

@@ -20,7 +20,11 @@ def test_copy_refuses_a_damaged_source_and_leaves_no_partial_step(run_copy: Run,
     failed = cli_in("copy", run_copy.root, dst)
     line = assert_one_line_error(failed, 5)
     assert f"{shard}: checksum mismatch while copying" in line
-    assert sorted(p.name for p in dst.iterdir()) == ["manifest.json", "step_000000002", "step_000000005"]  # no tmp, no LOCK
+    assert sorted(p.name for p in dst.iterdir()) == [
+        "manifest.json",
+        "step_000000002",
+        "step_000000005",
+    ]  # no tmp, no LOCK
     assert json.loads((dst / "manifest.json").read_text())["pointers"] == {"best:acc": 2, "best:loss": 5, "last": 5}
 
     ok = cli_in("copy", run_copy.ckpt(8), dst / "step_000000008")

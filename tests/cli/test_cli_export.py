@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import torch
+from cli_support import Run, as_json, cli_bg, cli_in
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cli_support import Run, as_json, cli_bg, cli_in
 from dist_ckpt.format.shard import ShardReader
 from storage_backends import open_backend
 
@@ -61,8 +61,14 @@ def test_export_plain_zstd_split_and_fsdp(run_dir: Run, zstd_run: Run, fsdp_ckpt
     # 2-rank FSDP2 checkpoint (zstd, uneven shards), consolidated and cast to bf16
     fmeta = json.loads((fsdp_dir / "metadata.json").read_text())
     assert fmeta["world_size"] == 2 and sorted(fmeta["files"]) == [
-        "index_00000.safetensors", "index_00001.safetensors", "rank_00000.safetensors", "rank_00001.safetensors"]  # fmt: skip
-    assert any(t.get("split", [0, 0, 0])[2] == 2 for t in fmeta["tensors"].values())  # really sharded (2 chunks by rule)
+        "index_00000.safetensors",
+        "index_00001.safetensors",
+        "rank_00000.safetensors",
+        "rank_00001.safetensors",
+    ]
+    assert any(
+        t.get("split", [0, 0, 0])[2] == 2 for t in fmeta["tensors"].values()
+    )  # really sharded (2 chunks by rule)
     assert fsdp.returncode == 0, fsdp.stderr
     assert fsdp.stderr == ""  # --quiet: no bar, no notes
     reference = {k: v.to(torch.bfloat16) for k, v in load_file(str(fsdp_ref)).items()}

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import torch
+from cli_support import Run, as_json, assert_one_line_error, cli, cli_in
 from safetensors.torch import load_file
 
-from cli_support import Run, as_json, assert_one_line_error, cli, cli_in
 from dist_ckpt import CheckpointManager
 
 
@@ -64,15 +64,23 @@ def test_exported_bert_loads_with_from_pretrained(tmp_path: Path) -> None:
         import transformers
     except ImportError as e:  # declared in the `test` extra
         raise AssertionError("this test needs transformers (pip install -e '.[test]')") from e
-    bert_config = transformers.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                          intermediate_size=16, max_position_embeddings=16)  # fmt: skip
+    bert_config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+    )
     torch.manual_seed(3)
     model = transformers.BertModel(bert_config)
     with CheckpointManager(str(tmp_path / "run"), best={"loss": "min"}) as mgr:
         state = mgr.track(model=model)
         mgr.save(1, state, metrics={"loss": 1.0})
     bert_config.to_json_file(str(tmp_path / "bert_config.json"))
-    proc = cli_in("export", tmp_path / "run", "--which", "best:loss", tmp_path / "hf", "--config", tmp_path / "bert_config.json")
+    proc = cli_in(
+        "export", tmp_path / "run", "--which", "best:loss", tmp_path / "hf", "--config", tmp_path / "bert_config.json"
+    )
     assert proc.returncode == 0, proc.stderr
     loaded = transformers.BertModel.from_pretrained(str(tmp_path / "hf"))
     assert loaded.config.hidden_size == 8

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_support import as_json, cli_in
 from safetensors.torch import load_file
 
-from cli_support import as_json, cli_in
 from dist_ckpt import CheckpointManager
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "unit"))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from cli_support import Run, as_json, assert_one_line_error, cli, cli_in
+
 from dist_ckpt import CheckpointManager
 from dist_ckpt.verify import verify
 
@@ -38,9 +39,11 @@ def test_prune_keeps_newest_and_pointed_to(run_copy: Run):
 def test_gc_removes_leftovers_only_and_respects_a_live_job(run_copy: Run):
     root = run_copy.root
     mgr = CheckpointManager(str(root), best={"loss": "min", "acc": "max"})  # holds the run's writer lock
-    leftovers = [root / "step_000000009.tmp-0123456789ab" / "rank_00000.safetensors",
-                 root / "step_000000010" / "metadata.json",
-                 root / "step_000000008" / "rank_00001.safetensors.part-deadbeef"]  # fmt: skip
+    leftovers = [
+        root / "step_000000009.tmp-0123456789ab" / "rank_00000.safetensors",
+        root / "step_000000010" / "metadata.json",
+        root / "step_000000008" / "rank_00001.safetensors.part-deadbeef",
+    ]
     for p in leftovers:
         p.parent.mkdir(exist_ok=True)
         p.write_bytes(b"partial")

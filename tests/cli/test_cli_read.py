@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from cli_support import CONFIG, Run, as_json, assert_one_line_error, cli_bg, cli_in, train_and_save
+from torch import nn
 
 
 def _row(stdout: str, step: int) -> str:
@@ -56,10 +55,18 @@ def test_inspect_json_and_key_filter(run_dir: Run):
     assert doc["versions"]["torch"] == torch.__version__ and "dist_ckpt" in doc["versions"]
     rank_file, index_file = run_dir.ckpt(8) / "rank_00000.safetensors", run_dir.ckpt(8) / "index_00000.safetensors"
     assert [(f["name"], f["rank"], f["size"]) for f in doc["files"]] == [
-        (index_file.name, 0, index_file.stat().st_size), (rank_file.name, 0, rank_file.stat().st_size)]  # fmt: skip
+        (index_file.name, 0, index_file.stat().st_size),
+        (rank_file.name, 0, rank_file.stat().st_size),
+    ]
     keys = {k["key"]: k for k in doc["keys"]}
     w = keys["model.0.weight"]
-    assert (w["kind"], w["dtype"], w["shape"], w["raw_bytes"], w["stored_bytes"]) == ("tensor", "float32", [16, 8], 512, 512)
+    assert (w["kind"], w["dtype"], w["shape"], w["raw_bytes"], w["stored_bytes"]) == (
+        "tensor",
+        "float32",
+        [16, 8],
+        512,
+        512,
+    )
     assert keys["optimizer.state.0.weight.exp_avg"]["shape"] == [16, 8] and keys["_dist_ckpt"]["kind"] == "value"
 
     assert "model.0.weight" in text.stdout and "model.2.bias" in text.stdout
@@ -70,7 +77,9 @@ def test_inspect_json_and_key_filter(run_dir: Run):
 
 def test_diff_structure_config_and_values(run_dir: Run, tmp_path: Path):
     wider = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4), nn.Linear(4, 2))
-    other = train_and_save(tmp_path / "other", steps=[1], model=wider, config={**CONFIG, "lr": 0.02, "model": {"hidden": 32}})
+    other = train_and_save(
+        tmp_path / "other", steps=[1], model=wider, config={**CONFIG, "lr": 0.02, "model": {"hidden": 32}}
+    )
     pending = cli_bg("diff", run_dir.ckpt(7), other.ckpt(1))
     values = cli_in("diff", run_dir.ckpt(7), run_dir.ckpt(8), "--values", "--json")
     same = cli_in("diff", run_dir.ckpt(8), run_dir.ckpt(8), "--values")
@@ -125,12 +134,14 @@ def test_verify_passes_good_and_names_each_bad_file(run_dir: Run, run_copy: Run)
 
     assert whole.returncode == 1, whole.stdout + whole.stderr
     bad_lines = [line for line in whole.stderr.splitlines() if line.startswith("dist-ckpt: bad file:")]
-    assert sorted(bad_lines) == sorted([
-        f"dist-ckpt: bad file: {missing} (missing)",
-        f"dist-ckpt: bad file: {truncated} (size)",
-        f"dist-ckpt: bad file: {data_flip} (data-checksum)",
-        f"dist-ckpt: bad file: {head_flip} (header-checksum)",
-    ])  # fmt: skip
+    assert sorted(bad_lines) == sorted(
+        [
+            f"dist-ckpt: bad file: {missing} (missing)",
+            f"dist-ckpt: bad file: {truncated} (size)",
+            f"dist-ckpt: bad file: {data_flip} (data-checksum)",
+            f"dist-ckpt: bad file: {head_flip} (header-checksum)",
+        ]
+    )
     assert "0 of 4 checkpoints OK" in whole.stdout and "Traceback" not in whole.stderr
 
     assert quick_data.returncode == 0, quick_data.stdout  # --quick reads sizes and headers only

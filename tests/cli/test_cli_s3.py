@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from cli_support import Run, as_json, assert_one_line_error, build_model, cli, cli_in, cli_many
+
 from dist_ckpt import CheckpointManager
 
 
@@ -27,7 +27,9 @@ def test_copy_local_s3_local_then_verify_list_and_resume(run_dir: Run, s3_uri: s
     strip = lambda d: [{k: v for k, v in c.items() if k != "uri"} for c in d["checkpoints"]]  # noqa: E731
     assert strip(as_json(s3_list)) == strip(as_json(local_list))
     assert as_json(s3_list)["pointers"] == as_json(local_list)["pointers"] == {"last": 8, "best:loss": 5, "best:acc": 2}
-    assert s3_verify.returncode == 0 and "4 of 4 checkpoints OK" in s3_verify.stdout, s3_verify.stdout + s3_verify.stderr
+    assert s3_verify.returncode == 0 and "4 of 4 checkpoints OK" in s3_verify.stdout, (
+        s3_verify.stdout + s3_verify.stderr
+    )
     assert down.returncode == 0, down.stderr
     assert f"-> {local2}/step_000000008" in down.stdout and "checksums verified" in down.stdout
 

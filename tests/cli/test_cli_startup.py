@@ -22,8 +22,13 @@ _NUMPY = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*numpy\s*$", re.MULTILINE
 
 
 def _importtime(*args: str | Path) -> tuple[subprocess.CompletedProcess[str], list[str]]:
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dist_ckpt.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dist_ckpt.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert "import time:" in proc.stderr, proc.stderr[-2000:]  # -X importtime really reported
     return proc, [m.group(1) for m in _TORCH.finditer(proc.stderr)]
 
@@ -42,7 +47,10 @@ def test_reading_and_maintenance_commands_do_not_import_torch(run_copy: Run, tmp
         ("copy", run_copy.root, tmp_path / "copied"),
         ("gc", run_copy.root, "--dry-run"),
         ("prune", run_copy.root, "--keep-last", "3", "--dry-run"),
-        *[(command, "--help") for command in ("list", "inspect", "verify", "export", "prune", "gc", "copy", "diff", "import")],
+        *[
+            (command, "--help")
+            for command in ("list", "inspect", "verify", "export", "prune", "gc", "copy", "diff", "import")
+        ],
     ]
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda c: _importtime(*c), commands))
@@ -56,10 +64,17 @@ def test_reading_and_maintenance_commands_do_not_import_torch(run_copy: Run, tmp
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert torch_modules == [], f"dist-ckpt {command[0]} imported {torch_modules[:5]}"
     assert sorted(p.name for p in run_copy.root.iterdir() if p.name.startswith("step_")) == [
-        "step_000000002", "step_000000005", "step_000000008"]  # pruned to last + the best pointers  # fmt: skip
+        "step_000000002",
+        "step_000000005",
+        "step_000000008",
+    ]  # pruned to last + the best pointers
     # list does not even need numpy
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dist_ckpt.cli", "list", str(run_copy.root)],
-                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dist_ckpt.cli", "list", str(run_copy.root)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0 and not _NUMPY.search(proc.stderr), proc.stderr[-2000:]
 
 

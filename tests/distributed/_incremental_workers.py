@@ -26,7 +26,9 @@ STEPS = (1, 2, 3, 4)
 
 def build(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 32), nn.ReLU(), nn.Linear(32, 5))
+    model = nn.Sequential(
+        nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 32), nn.ReLU(), nn.Linear(32, 5)
+    )
     for layer in (model[0], model[2]):  # the frozen half
         for p in layer.parameters():
             p.requires_grad_(False)
@@ -92,7 +94,9 @@ def load_job(rank: int, world: int, root: str, refs: str, step: int) -> bool:
         expected = load_file(f"{refs}/step_{step}.safetensors")
         assert sorted(got) == sorted(expected), sorted(set(got) ^ set(expected))
         for k, v in expected.items():
-            assert got[k].dtype == v.dtype and torch.equal(got[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
+            assert got[k].dtype == v.dtype and torch.equal(
+                got[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)
+            ), k
     return True
 
 

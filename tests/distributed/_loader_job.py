@@ -75,8 +75,14 @@ def main() -> None:
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         loader_cls = StatefulDataLoader
-    loader = loader_cls(data, batch_size=args.batch_size, sampler=sampler, shuffle=args.shuffle,
-                        num_workers=args.workers, persistent_workers=args.persistent)  # fmt: skip
+    loader = loader_cls(
+        data,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        shuffle=args.shuffle,
+        num_workers=args.workers,
+        persistent_workers=args.persistent,
+    )
 
     torch.manual_seed(0)  # the same initial model on every rank
     model: nn.Module = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
@@ -106,9 +112,20 @@ def main() -> None:
             loss.backward()
             opt.step()
             with out.open("a") as f:
-                f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item().hex(), "ids": ids.tolist(),
-                                    "worker_seeds": worker_seeds.tolist(), "rand": noise.item().hex(),
-                                    "rng": rng_at_start}) + "\n")  # fmt: skip
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "epoch": epoch,
+                            "loss": loss.item().hex(),
+                            "ids": ids.tolist(),
+                            "worker_seeds": worker_seeds.tolist(),
+                            "rand": noise.item().hex(),
+                            "rng": rng_at_start,
+                        }
+                    )
+                    + "\n"
+                )
             mgr.save(step, state, epoch=epoch)
             if step == args.crash_at_step and rank == 0 and not marker.exists():
                 marker.write_text("crashed once")

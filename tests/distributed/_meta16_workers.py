@@ -27,7 +27,9 @@ IN = 16
 
 def make(world_size: int, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(IN, 20), nn.LayerNorm(20), nn.ReLU(), nn.Linear(20, 7), nn.BatchNorm1d(7), nn.Linear(7, 3))
+    model = nn.Sequential(
+        nn.Linear(IN, 20), nn.LayerNorm(20), nn.ReLU(), nn.Linear(20, 7), nn.BatchNorm1d(7), nn.Linear(7, 3)
+    )
     model = wrap("fsdp", model, world_size)
     return model, torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
 

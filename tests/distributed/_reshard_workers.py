@@ -45,7 +45,6 @@ def wrap(kind: str, model: nn.Module, world_size: int) -> nn.Module:
     if kind == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-
         from torch.distributed.tensor import Shard
 
         mesh = init_device_mesh("cpu", (world_size,))
@@ -123,10 +122,14 @@ def _compare(found: Any, expected: Any, path: str) -> None:
         assert isinstance(found, torch.Tensor), f"{path}: expected a tensor, found {type(found).__name__}"
         assert found.dtype == expected.dtype, f"{path}: dtype {found.dtype} != {expected.dtype}"
         assert found.shape == expected.shape, f"{path}: shape {list(found.shape)} != {list(expected.shape)}"
-        assert torch.equal(found, expected), f"{path}: values differ (max abs diff {(found.double() - expected.double()).abs().max()})"
+        assert torch.equal(found, expected), (
+            f"{path}: values differ (max abs diff {(found.double() - expected.double()).abs().max()})"
+        )
     elif isinstance(expected, dict):
         assert isinstance(found, dict), f"{path}: expected a dict, found {type(found).__name__}"
-        assert sorted(map(str, found)) == sorted(map(str, expected)), f"{path}: keys {sorted(found)} != {sorted(expected)}"
+        assert sorted(map(str, found)) == sorted(map(str, expected)), (
+            f"{path}: keys {sorted(found)} != {sorted(expected)}"
+        )
         for k in expected:
             _compare(found[k], expected[k], f"{path}.{k}")
     elif isinstance(expected, (list, tuple)):

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from _reshard_workers import make, train
+
 from dist_ckpt import CheckpointManager
 
 

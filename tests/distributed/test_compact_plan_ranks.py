@@ -2,7 +2,8 @@
 
 4 gloo ranks save an FSDP2 model + AdamW state with compact plans (dist_ckpt's default: the
 chunks of a DTensor ``Shard(d)`` over a 1-D mesh stay on their rank, the coordinator gets one
-rule per tensor, and replicated state only from rank 0 once the ranks agree they hold the same) and, the same state, with DCP's per-chunk plans. The coordinator is sent no
+rule per tensor, and replicated state only from rank 0 once the ranks agree they hold the same) and, the same
+state, with DCP's per-chunk plans. The coordinator is sent no
 item of a ruled tensor, every rank still writes all its chunks, metadata.json says the same,
 and the compact checkpoint restores bit for bit at 4 ranks and resharded to 2."""
 
@@ -37,7 +38,10 @@ def test_compact_plans_send_no_chunk_of_a_ruled_tensor_and_restore_bit_identical
     # as every rank holds the same replicated state (agreed by one all_reduce)
     assert per_chunk["coordinator_items"] == 4 * (len(ruled) + 27), per_chunk
     assert compact["coordinator_items"] == 27, compact
-    docs = {name: json.loads((tmp_path / name / "step_000000003" / "metadata.json").read_text()) for name in ("compact", "per_chunk")}
+    docs = {
+        name: json.loads((tmp_path / name / "step_000000003" / "metadata.json").read_text())
+        for name in ("compact", "per_chunk")
+    }
     assert docs["compact"]["tensors"] == docs["per_chunk"]["tensors"]
     assert docs["compact"]["planner_data"] == docs["per_chunk"]["planner_data"]
     assert all("split" in docs["compact"]["tensors"][f] for f in ruled)

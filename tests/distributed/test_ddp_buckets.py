@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 import torch
+from support.dist import run_ranks
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_ckpt import ddp_buckets
 from dist_ckpt.errors import CorruptCheckpoint
-from support.dist import run_ranks
 
 WORLD = 4
 SMALL_BUCKETS = 0.003  # MiB (3145 bytes): the model below (4420 bytes of fp32 parameters) needs 2 buckets
@@ -76,9 +76,16 @@ def _round_trip_worker(rank: int, world: int) -> dict[str, Any]:
     restored = _layout_of(b)
     has_rebuilt = b._has_rebuilt_buckets
     _train(b, range(1, 3), rank)  # trains on the restored layout, never rebuilding it
-    return {"initial": initial, "saved": saved["model"], "after_capture": after_capture, "restored": restored,
-            "has_rebuilt": has_rebuilt, "after_training": _layout_of(b), "a": _layout_of(a),
-            "warnings": [str(w.message) for w in caught]}  # fmt: skip
+    return {
+        "initial": initial,
+        "saved": saved["model"],
+        "after_capture": after_capture,
+        "restored": restored,
+        "has_rebuilt": has_rebuilt,
+        "after_training": _layout_of(b),
+        "a": _layout_of(a),
+        "warnings": [str(w.message) for w in caught],
+    }
 
 
 def test_capture_and_restore_round_trip_at_4_ranks() -> None:
@@ -130,8 +137,13 @@ def _warnings_worker(rank: int, world: int) -> dict[str, Any]:
     out["find_unused_saved"] = unused_saved["model"]
     restore("find_unused", DDP(_model(), find_unused_parameters=True), unused_saved)
     try:
-        ddp_buckets.restore({"model": DDP(_model())}, {"model": {"format": 1, "buckets": 3}}, saved_world=world,
-                            rank=rank, where="ckpt/step_000000004")  # fmt: skip
+        ddp_buckets.restore(
+            {"model": DDP(_model())},
+            {"model": {"format": 1, "buckets": 3}},
+            saved_world=world,
+            rank=rank,
+            where="ckpt/step_000000004",
+        )
     except CorruptCheckpoint as e:
         out["corrupt"] = str(e)
     out["saved"] = saved["model"]["buckets"]

@@ -49,13 +49,20 @@ def _layouts(run: Path) -> dict:
 
 
 # "defaults" runs in `make test`; the other variants are marked slow (.ci/run runs them after it)
-@pytest.mark.parametrize("variant", [v if v == "defaults" else pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS])
+@pytest.mark.parametrize(
+    "variant", [v if v == "defaults" else pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS]
+)
 def test_killed_and_resumed_ddp_run_at_4_ranks_is_bit_identical(variant: str, tmp_path: Path) -> None:
     (script, flags), log = VARIANTS[variant], tmp_path / "log"
     a, b = tmp_path / "a", tmp_path / "b"
-    rc = torchrun_once_more_on_abort(script, 4, [*COMMON, *flags, "--ckpt", str(a), "--losses-out", f"{a}.jsonl",
-                                                 "--final-out", f"{a}.st"], log=log, timeout=420,
-                                     discard=(a, Path(f"{a}.jsonl"), Path(f"{a}.st")))  # fmt: skip
+    rc = torchrun_once_more_on_abort(
+        script,
+        4,
+        [*COMMON, *flags, "--ckpt", str(a), "--losses-out", f"{a}.jsonl", "--final-out", f"{a}.st"],
+        log=log,
+        timeout=420,
+        discard=(a, Path(f"{a}.jsonl"), Path(f"{a}.st")),
+    )
     assert rc == 0, log.read_text()[-3000:]
     layouts = _layouts(a)
     assert len(layouts) == (2 if script == "train_gan.py" else 1), layouts
@@ -68,8 +75,13 @@ def test_killed_and_resumed_ddp_run_at_4_ranks_is_bit_identical(variant: str, tm
     assert rc != 0, "rank 0 SIGKILLed itself; the job must fail"
     resumed_from = max(c.step for c in CheckpointManager(str(b), read_only=True).checkpoints())
     assert resumed_from <= CRASH < STEPS - 1  # steps after it are trained again by the resumed job
-    rc = torchrun_once_more_on_abort(script, 4, [*COMMON, *flags, "--ckpt", str(b), "--resume", "auto", "--losses-out",
-                                                 f"{b}.jsonl", "--final-out", f"{b}.st"], log=log, timeout=420)  # fmt: skip
+    rc = torchrun_once_more_on_abort(
+        script,
+        4,
+        [*COMMON, *flags, "--ckpt", str(b), "--resume", "auto", "--losses-out", f"{b}.jsonl", "--final-out", f"{b}.st"],
+        log=log,
+        timeout=420,
+    )
     assert rc == 0, log.read_text()[-3000:]
     assert "not bit-exact" not in log.read_text(), log.read_text()[-3000:]  # no layout warning of any kind
 
@@ -86,7 +98,11 @@ def test_resume_at_another_world_size_trains_and_warns(tmp_path: Path) -> None:
     assert rc != 0, "rank 0 SIGKILLed itself; the job must fail"
     # ... resumed at 4 ranks to the end: the state loaded is the saved one, training goes on ...
     log.write_text("")
-    rc = _run(4, ["--ckpt", str(run), "--losses-out", str(tmp_path / "l.jsonl"), "--loaded-out", str(tmp_path / "at4.st")], log)
+    rc = _run(
+        4,
+        ["--ckpt", str(run), "--losses-out", str(tmp_path / "l.jsonl"), "--loaded-out", str(tmp_path / "at4.st")],
+        log,
+    )
     text = log.read_text()
     assert rc == 0, text[-3000:]
     assert text.count(WORLD_CHANGED.format(old=2, new=4)) == 1, text[-3000:]  # once, from rank 0 only
@@ -94,9 +110,24 @@ def test_resume_at_another_world_size_trains_and_warns(tmp_path: Path) -> None:
     assert max(c.step for c in CheckpointManager(str(run), read_only=True).checkpoints()) == STEPS - 1
     # ... and that run continued at 2 ranks for 4 more steps.
     log.write_text("")
-    rc = torchrun("train_ddp.py", 2, ["--steps", str(STEPS + 4), "--save-every", "4", "--ckpt", str(run),
-                                      "--losses-out", str(tmp_path / "l.jsonl"), "--loaded-out", str(tmp_path / "at2.st")],
-                  log=log, timeout=420)  # fmt: skip
+    rc = torchrun(
+        "train_ddp.py",
+        2,
+        [
+            "--steps",
+            str(STEPS + 4),
+            "--save-every",
+            "4",
+            "--ckpt",
+            str(run),
+            "--losses-out",
+            str(tmp_path / "l.jsonl"),
+            "--loaded-out",
+            str(tmp_path / "at2.st"),
+        ],
+        log=log,
+        timeout=420,
+    )
     text = log.read_text()
     assert rc == 0, text[-3000:]
     assert text.count(WORLD_CHANGED.format(old=4, new=2)) == 1, text[-3000:]

@@ -49,7 +49,11 @@ def test_parameters_and_optimizer_state_are_written_by_both_ranks_buffers_by_ran
     # buffers differ between the ranks here (each BatchNorm saw its own batch) — and rank 0's are stored
     b0, b1 = ranks[0]["buffers_by_rank"][0], ranks[0]["buffers_by_rank"][1]
     assert any(not torch.equal(b0[k], b1[k]) for k in b0), "the test needs buffers that differ between ranks"
-    buffer_entries = {k for k in keys["rank_00001.safetensors"] | keys["rank_00000.safetensors"] if "running" in k or "num_batches" in k}
+    buffer_entries = {
+        k
+        for k in keys["rank_00001.safetensors"] | keys["rank_00000.safetensors"]
+        if "running" in k or "num_batches" in k
+    }
     assert buffer_entries and buffer_entries <= keys["rank_00000.safetensors"], buffer_entries
     assert not any("running" in k or "num_batches" in k for k in keys["rank_00001.safetensors"])
     assert any(".exp_avg" in k for k in keys["rank_00001.safetensors"]), keys["rank_00001.safetensors"]

@@ -31,7 +31,9 @@ def test_error_once_per_rank_and_warning_once_per_job(tmp_path: Path) -> None:
     assert out.count("LOG WARNING dist_ckpt.resume: run config changed since the checkpoint: lr: 0.1 -> 0.2") == 1, out
 
     # the error: our own exception, once per rank, naming the changed config key ...
-    assert out.count("dist_ckpt.errors.IncompatibleCheckpoint: the checkpoint does not fit the state being loaded") == 2, out
+    assert (
+        out.count("dist_ckpt.errors.IncompatibleCheckpoint: the checkpoint does not fit the state being loaded") == 2
+    ), out
     assert out.count("does not fit the state being loaded") == 2, out
     assert out.count("The run config changed since this checkpoint: hidden: 4 -> 8") == 2, out
     assert out.count("model.weight: checkpoint shape [4, 3], state shape [8, 3]") == 2, out

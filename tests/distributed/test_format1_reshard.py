@@ -28,4 +28,6 @@ def test_format1_fixture_restores_resharded(world_size: int, tmp_path: Path) -> 
     for rank, got in enumerate(run_ranks(workers.load_sharded, world_size, str(ckpt), timeout=200)):
         assert got["step"] == 3 and got["note"] == "written by dist_ckpt format 1", rank
         for k, v in expected.items():
-            assert got["model"][k].dtype == v.dtype and torch.equal(got["model"][k].view(torch.uint8), v.view(torch.uint8)), (rank, k)
+            assert got["model"][k].dtype == v.dtype and torch.equal(
+                got["model"][k].view(torch.uint8), v.view(torch.uint8)
+            ), (rank, k)

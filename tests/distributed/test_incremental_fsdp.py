@@ -13,7 +13,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 import _incremental_workers as workers  # noqa: E402
-
 from support.dist import run_ranks  # noqa: E402
 
 
@@ -25,7 +24,10 @@ def _check(root: str, refs: Path) -> None:
         assert logical > 2 * own, (step, own, logical)  # the frozen half is read, not stored again
         refs_of_step = [f for f in info["files"][step] if "/" in f]
         # both ranks' shards of the first save hold the frozen half
-        assert sorted(f.split("/", 1)[1].split("-")[0].split(".")[0] for f in refs_of_step) == ["rank_00000", "rank_00001"], refs_of_step
+        assert sorted(f.split("/", 1)[1].split("-")[0].split(".")[0] for f in refs_of_step) == [
+            "rank_00000",
+            "rank_00001",
+        ], refs_of_step
         assert {f.split("/", 1)[0] for f in refs_of_step} == {"step_000000001"}
     for step in (4, 3):  # the newest and the kept older step, at another world size
         assert run_ranks(workers.load_job, 1, root, str(refs), step, timeout=240) == [True]

@@ -47,10 +47,21 @@ def _killed_and_resumed(tmp: Path, nproc: int, args: list[str], crash: int, resu
     """Run until rank 0 SIGKILLs itself after step ``crash``, then the same command again
     (at ``resume_nproc`` ranks if given). Returns the step the resume started from."""
     log = tmp / "log"
-    command = ["--ckpt", str(tmp / "b"), "--out", str(tmp / "b"), "--final-out", str(tmp / "b.st"),
-               "--crash-at-step", str(crash), *args]  # fmt: skip
+    command = [
+        "--ckpt",
+        str(tmp / "b"),
+        "--out",
+        str(tmp / "b"),
+        "--final-out",
+        str(tmp / "b.st"),
+        "--crash-at-step",
+        str(crash),
+        *args,
+    ]
     rc = _job(nproc, command, log)
-    assert rc != 0 and (tmp / "b.crashed").exists(), f"the job was to be SIGKILLed at step {crash}:\n" + log.read_text()[-3000:]
+    assert rc != 0 and (tmp / "b.crashed").exists(), (
+        f"the job was to be SIGKILLed at step {crash}:\n" + log.read_text()[-3000:]
+    )
     resumed_from = max(c.step for c in CheckpointManager(str(tmp / "b"), read_only=True).checkpoints())
     rc = _job(resume_nproc if resume_nproc is not None else nproc, command, log)
     assert rc == 0, log.read_text()[-4000:]
@@ -62,28 +73,42 @@ VARIANTS = [
     pytest.param(2, ["--workers", "2"], 12, id="ddp-workers2"),  # 3 batches of epoch 2 done: worker 1 loads the next
     pytest.param(2, ["--workers", "2", "--persistent"], 12, id="ddp-persistent-workers2"),
     pytest.param(0, ["--shuffle"], 12, id="one-process-shuffle"),
-    pytest.param(0, ["--shuffle", "--workers", "2", "--persistent"], 8, id="one-process-shuffle-persistent-workers-saved-at-epoch-end"),
+    pytest.param(
+        0,
+        ["--shuffle", "--workers", "2", "--persistent"],
+        8,
+        id="one-process-shuffle-persistent-workers-saved-at-epoch-end",
+    ),
     pytest.param(2, ["--loader", "stateful", "--workers", "0"], 6, id="stateful-ddp-workers0"),
     pytest.param(2, ["--loader", "stateful", "--workers", "2"], 12, id="stateful-ddp-workers2"),
 ]
 
 
 @pytest.mark.parametrize(("nproc", "args", "crash"), VARIANTS)
-def test_killed_mid_epoch_and_restarted_is_bit_identical(nproc: int, args: list[str], crash: int, tmp_path: Path) -> None:
-    rc = _job(nproc, ["--ckpt", str(tmp_path / "a"), "--out", str(tmp_path / "a"), "--final-out", str(tmp_path / "a.st"), *args],
-              tmp_path / "log")  # fmt: skip
+def test_killed_mid_epoch_and_restarted_is_bit_identical(
+    nproc: int, args: list[str], crash: int, tmp_path: Path
+) -> None:
+    rc = _job(
+        nproc,
+        ["--ckpt", str(tmp_path / "a"), "--out", str(tmp_path / "a"), "--final-out", str(tmp_path / "a.st"), *args],
+        tmp_path / "log",
+    )
     assert rc == 0, (tmp_path / "log").read_text()[-4000:]
     resumed_from = _killed_and_resumed(tmp_path, nproc, args, crash)
     assert resumed_from == crash  # saved every 2 steps; the resume starts right after the kill
     per_epoch = -(-SAMPLES // max(nproc, 1) // BATCH)
     at_epoch_end = (crash + 1) % per_epoch == 0
-    assert at_epoch_end == ("epoch-end" in os.environ.get("PYTEST_CURRENT_TEST", "")), "the crash step must fit the variant"
+    assert at_epoch_end == ("epoch-end" in os.environ.get("PYTEST_CURRENT_TEST", "")), (
+        "the crash step must fit the variant"
+    )
     for rank in range(max(nproc, 1)):
         a, b = _records(tmp_path / "a", rank), _records(tmp_path / "b", rank)
         assert len(a) == EPOCHS * per_epoch
         assert a.keys() == b.keys()
         for step in sorted(a):
-            assert a[step] == b[step], f"rank {rank}, step {step} (resumed after step {resumed_from}): {a[step]} != {b[step]}"
+            assert a[step] == b[step], (
+                f"rank {rank}, step {step} (resumed after step {resumed_from}): {a[step]} != {b[step]}"
+            )
         if "--workers" in args and args[args.index("--workers") + 1] != "0":
             assert all(s >= 0 for rec in b.values() for s in rec["worker_seeds"])
     final_a, final_b = load_file(str(tmp_path / "a.st")), load_file(str(tmp_path / "b.st"))
@@ -117,7 +142,9 @@ def test_resume_at_another_world_size_trains_the_rest_of_the_epoch_once(new_worl
     resumed_from = _killed_and_resumed(tmp_path, 2, ["--workers", "0"], crash, resume_nproc=new_world)
     assert resumed_from == crash
     before = [rec for r in range(2) for s, rec in sorted(_records(tmp_path / "b", r).items()) if s <= resumed_from]
-    after = {r: [rec for s, rec in sorted(_records(tmp_path / "b", r).items()) if s > resumed_from] for r in range(new_world)}
+    after = {
+        r: [rec for s, rec in sorted(_records(tmp_path / "b", r).items()) if s > resumed_from] for r in range(new_world)
+    }
     trained = _epoch_ids(before, 1) + [i for r in range(new_world) for i in _epoch_ids(after[r], 1)]
     assert Counter(trained) == Counter(range(SAMPLES)), "every sample of the interrupted epoch exactly once"
     assert len(_epoch_ids(before, 1)) == 2 * 2 * BATCH
@@ -130,8 +157,9 @@ def test_resume_at_another_world_size_trains_the_rest_of_the_epoch_once(new_worl
         old.set_epoch(1)
         order.append(list(old))
     global_order = [order[p % 2][p // 2] for p in range(SAMPLES)]
-    resumed_in_order = [i for step in steps[0] for r in range(new_world)
-                        for rec in after[r] if rec["step"] == step for i in rec["ids"]]  # fmt: skip
+    resumed_in_order = [
+        i for step in steps[0] for r in range(new_world) for rec in after[r] if rec["step"] == step for i in rec["ids"]
+    ]
     assert sorted(resumed_in_order) == sorted(global_order[16:])
     # The next epoch follows the new world size.
     for r in range(new_world):

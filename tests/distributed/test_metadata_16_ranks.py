@@ -28,7 +28,9 @@ def _save(root: Path, ws: int) -> tuple[str, str]:
     results = run_ranks(workers.save_job, ws, ckpt, ref, timeout=400)
     info = results[0]
     assert info["world_size"] == ws
-    assert info["files"] == sorted([f"rank_{r:05d}.safetensors" for r in range(ws)] + [f"index_{r:05d}.safetensors" for r in range(ws)])
+    assert info["files"] == sorted(
+        [f"rank_{r:05d}.safetensors" for r in range(ws)] + [f"index_{r:05d}.safetensors" for r in range(ws)]
+    )
     return ckpt, ref
 
 

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 import _reshard_workers as workers  # noqa: E402
+from support.dist import RanksFailed, run_ranks  # noqa: E402
 
 from dist_ckpt.format import metadata_json  # noqa: E402
-from support.dist import RanksFailed, run_ranks  # noqa: E402
 
 KINDS = ("ddp", "fsdp")
 
@@ -71,8 +71,11 @@ def test_fsdp_shards_hold_only_their_part(saved):
     w0 = meta.tensors["model.0.weight"]
     assert w0.size == (20, 12) and doc["tensors"]["model.0.weight"]["split"] == [1, 0, 4, 3]
     assert sorted((c.offsets, c.sizes) for c in w0.chunks) == [
-        ((0, 0), (20, 3)), ((0, 3), (20, 3)), ((0, 6), (20, 3)), ((0, 9), (20, 3)),
-    ]  # fmt: skip
+        ((0, 0), (20, 3)),
+        ((0, 3), (20, 3)),
+        ((0, 6), (20, 3)),
+        ((0, 9), (20, 3)),
+    ]
     # 3 rows over 4 ranks: the chunks still tile rows 0..3 exactly.
     last = meta.tensors["model.5.weight"]
     covered = sorted((c.offsets[0], c.sizes[0]) for c in last.chunks if c.sizes[0])

@@ -92,14 +92,16 @@ def test_process_group_left_to_the_function():
 
 def test_torchrun(tmp_path):
     script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import torch, torch.distributed as dist
         dist.init_process_group("gloo")
         t = torch.ones(1)
         dist.all_reduce(t)
         print(f"rank {dist.get_rank()} sum {int(t.item())}", flush=True)
         dist.destroy_process_group()
-    """))
+    """)
+    )
     out = run_torchrun(script, 2, timeout=120).stdout
     assert "rank 0 sum 2" in out and "rank 1 sum 2" in out
     bad = tmp_path / "bad.py"

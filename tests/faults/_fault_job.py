@@ -24,11 +24,11 @@ sys.path.insert(0, str(HERE.parent))  # tests/: support.faulty_backend
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from _fault_lib import BEST, build, mark_returned, train_step, write_ref  # noqa: E402
+from support.faulty_backend import FaultyBackend  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from _fault_lib import BEST, build, mark_returned, train_step, write_ref  # noqa: E402
 from dist_ckpt import CheckpointManager  # noqa: E402
-from support.faulty_backend import FaultyBackend  # noqa: E402
 from storage_backends import open_backend  # noqa: E402
 
 
@@ -59,9 +59,15 @@ def main() -> None:
     trained = DDP(model) if dist.is_initialized() else model
     backend = FaultyBackend.from_env(open_backend(args.root))
     mgr = CheckpointManager(
-        args.root, backend=backend, best=BEST, compression=args.compression, keep_last=args.keep_last,
-        async_save=args.async_save, async_mode=args.async_mode, save_on_sigterm=args.save_on_sigterm,
-    )  # fmt: skip
+        args.root,
+        backend=backend,
+        best=BEST,
+        compression=args.compression,
+        keep_last=args.keep_last,
+        async_save=args.async_save,
+        async_mode=args.async_mode,
+        save_on_sigterm=args.save_on_sigterm,
+    )
     state = mgr.track(model=model, optimizer=opt)
     if args.resume:
         info = mgr.restore(state)

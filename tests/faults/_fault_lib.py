@@ -97,7 +97,9 @@ def assert_bit_identical(found: dict[str, torch.Tensor], expected: dict[str, tor
     assert found.keys() == expected.keys(), f"{what}: keys differ: {sorted(set(found) ^ set(expected))[:5]}"
     for k in expected:
         a, b = found[k], expected[k]
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {k} is {a.dtype}{list(a.shape)}, expected {b.dtype}{list(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{what}: {k} is {a.dtype}{list(a.shape)}, expected {b.dtype}{list(b.shape)}"
+        )
         assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), f"{what}: {k} differs"
 
 
@@ -120,7 +122,9 @@ class Job:
         deadline = time.monotonic() + timeout
         while not path.exists():
             if self.proc.poll() is not None:
-                raise AssertionError(f"job exited ({self.proc.returncode}) before rank {rank} started:\n{self.output()}")
+                raise AssertionError(
+                    f"job exited ({self.proc.returncode}) before rank {rank} started:\n{self.output()}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"rank {rank} did not start in {timeout}s:\n{self.output()}")
             time.sleep(0.05)
@@ -162,13 +166,30 @@ def start_job(
 
     refs, pids, log = tmp / "refs", tmp / f"{name}.pids", tmp / f"{name}.log"
     pids.mkdir(parents=True, exist_ok=True)
-    args = ["--root", root, "--refs", str(refs), "--pids", str(pids),
-            "--steps", ",".join(map(str, steps)) if not isinstance(steps, str) else steps, *(extra or [])]  # fmt: skip
+    args = [
+        "--root",
+        root,
+        "--refs",
+        str(refs),
+        "--pids",
+        str(pids),
+        "--steps",
+        ",".join(map(str, steps)) if not isinstance(steps, str) else steps,
+        *(extra or []),
+    ]
     if arm_at is not None:
         args += ["--arm-at", str(arm_at)]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "--monitor-interval=0.1", str(JOB), *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "--monitor-interval=0.1",
+            str(JOB),
+            *args,
+        ]
     else:
         cmd = [sys.executable, str(JOB), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -201,7 +222,9 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, job: Job | None
         if job is not None and job.proc.poll() is not None:
             raise AssertionError(f"job exited ({job.proc.returncode}) while waiting for {what}:\n{job.output()}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f":\n{job.output()}" if job else ""))
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what}" + (f":\n{job.output()}" if job else "")
+            )
         time.sleep(0.02)
 
 
@@ -251,7 +274,9 @@ def check_run(
     CheckpointManager(root, backend=b, best=BEST, **options).close()
     # 2. no partial step visible
     left = RunStore(b).leftovers()
-    assert not (left.temp_dirs or left.uncommitted_steps or left.unfinished_uploads), f"leftovers after a manager start: {left}"
+    assert not (left.temp_dirs or left.uncommitted_steps or left.unfinished_uploads), (
+        f"leftovers after a manager start: {left}"
+    )
     assert not [o.key for o in b.list("") if ".part-" in o.key or ".tmp-" in o.key]
     if not root.startswith("s3://"):
         stray = [str(p.relative_to(root)) for p in Path(root).rglob("*") if ".tmp-" in p.name or ".part-" in p.name]
@@ -266,11 +291,15 @@ def check_run(
     assert manifest["pointers"].get("last") == (committed[-1] if committed else None)
     # 4. last is what we expect, bit-identical; acknowledged saves all there
     info, state = restore_into_fresh(root, b, "last", width=width)
-    assert (info.step if info else None) == expect_last, f"restore('last') gave {info and info.step}, expected {expect_last}"
+    assert (info.step if info else None) == expect_last, (
+        f"restore('last') gave {info and info.step}, expected {expect_last}"
+    )
     if refs is not None:
         acknowledged = returned_steps(refs)
         if acknowledged:
-            assert committed and max(acknowledged) <= committed[-1], f"acknowledged {acknowledged}, committed {committed}"
+            assert committed and max(acknowledged) <= committed[-1], (
+                f"acknowledged {acknowledged}, committed {committed}"
+            )
         oldest_kept = committed[-keep_last] if keep_last and len(committed) >= keep_last else -1
         for step in acknowledged:
             if step < oldest_kept:
@@ -327,8 +356,19 @@ class LocalJob:
 
 # -- watching what the process opens and unpickles (sys.addaudithook) ---------------------------
 _AUDIT_SINKS: list[list[tuple[str, tuple[Any, ...]]]] = []
-_AUDITED = {"open", "os.rename", "os.link", "os.mkdir", "os.remove", "os.rmdir", "os.truncate",
-            "os.listdir", "os.scandir", "pickle.find_class", "marshal.loads"}  # fmt: skip
+_AUDITED = {
+    "open",
+    "os.rename",
+    "os.link",
+    "os.mkdir",
+    "os.remove",
+    "os.rmdir",
+    "os.truncate",
+    "os.listdir",
+    "os.scandir",
+    "pickle.find_class",
+    "marshal.loads",
+}
 
 
 def _audit_hook(event: str, args: tuple[Any, ...]) -> None:
@@ -373,5 +413,8 @@ class Audit:
     def outside(self, inside: str | Path, within: str | Path) -> list[tuple[str, str]]:
         """Paths under ``within`` (e.g. the test's tmp dir) but not under ``inside`` (the run root)."""
         inside, within = os.path.abspath(inside), os.path.abspath(within)
-        return [(e, p) for e, p in self.paths()
-                if (p == within or p.startswith(within + os.sep)) and not (p == inside or p.startswith(inside + os.sep))]  # fmt: skip
+        return [
+            (e, p)
+            for e, p in self.paths()
+            if (p == within or p.startswith(within + os.sep)) and not (p == inside or p.startswith(inside + os.sep))
+        ]

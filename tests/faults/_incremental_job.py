@@ -17,12 +17,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/: support.faulty_backend
 sys.path.insert(0, str(HERE.parent / "unit"))  # incremental_common
 
+from incremental_common import AdapterRun  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from support.faulty_backend import FaultyBackend  # noqa: E402
 
 from dist_ckpt import CheckpointManager  # noqa: E402
-from incremental_common import AdapterRun  # noqa: E402
 from storage_backends import open_backend  # noqa: E402
-from support.faulty_backend import FaultyBackend  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +35,9 @@ def main() -> None:
     args = p.parse_args()
     run = AdapterRun(0)
     backend = FaultyBackend.from_env(open_backend(args.root, fsync=False))
-    with CheckpointManager(args.root, backend=backend, keep_last=2, incremental=True, compression=args.compression) as mgr:
+    with CheckpointManager(
+        args.root, backend=backend, keep_last=2, incremental=True, compression=args.compression
+    ) as mgr:
         state = mgr.track(**run.objects())
         if args.resume:
             mgr.restore(state)

@@ -40,11 +40,12 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # tests/: support.faulty_backend
 
 from _fault_lib import BEST, build, train_step, write_ref  # noqa: E402
+from support.faulty_backend import FaultyBackend, Rule  # noqa: E402
+
 from dist_ckpt import CheckpointManager  # noqa: E402
 from dist_ckpt.errors import RunLocked  # noqa: E402
 from dist_ckpt.run_lock import LOCK, LockInfo  # noqa: E402
 from storage_backends import open_backend  # noqa: E402
-from support.faulty_backend import FaultyBackend, Rule  # noqa: E402
 
 
 def say(*parts: object) -> None:
@@ -75,6 +76,7 @@ def owner(args: argparse.Namespace) -> int:
     if args.pause_at_commit:
         rules.append(Rule("create_if_absent", "step_000000002*/metadata.json", "call", hook=stop_self))
     if args.hold_write:
+
         def hold(op: str, key: str) -> None:
             say("INFLIGHT", key)
             wait_file(args.hold_write)
@@ -82,8 +84,9 @@ def owner(args: argparse.Namespace) -> int:
         rules.append(Rule("writer.commit", "step_000000002*/rank_*", "call", hook=hold))
     backend = FaultyBackend(open_backend(args.root), rules)
     model, opt = build()
-    mgr = CheckpointManager(args.root, backend=backend, best=BEST, lock_stale_after=args.stale_after,
-                            async_save=args.async_save)  # fmt: skip
+    mgr = CheckpointManager(
+        args.root, backend=backend, best=BEST, lock_stale_after=args.stale_after, async_save=args.async_save
+    )
     say("OWNER", _lock_owner(args.root))
     state = mgr.track(model=model, optimizer=opt)
     try:
@@ -118,8 +121,12 @@ def intruder(args: argparse.Namespace) -> int:
                 say("RUNLOCKED", " ".join(str(e).split()))
                 return 3
             time.sleep(0.05)
-    say("ACQUIRED", json.dumps({"time": time.time(), "held_heartbeat": held.heartbeat if held else None,
-                                "owner": _lock_owner(args.root)}))  # fmt: skip
+    say(
+        "ACQUIRED",
+        json.dumps(
+            {"time": time.time(), "held_heartbeat": held.heartbeat if held else None, "owner": _lock_owner(args.root)}
+        ),
+    )
     if args.save is not None:
         model, opt = build()
         state = mgr.track(model=model, optimizer=opt)

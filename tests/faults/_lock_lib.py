@@ -31,12 +31,17 @@ def require_unshare() -> None:
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.fail(f"cannot run the intruder in another UTS namespace ({' '.join(cmd)}): {e}; "
-                    "these tests need root and util-linux's unshare", pytrace=False)  # fmt: skip
+        pytest.fail(
+            f"cannot run the intruder in another UTS namespace ({' '.join(cmd)}): {e}; "
+            "these tests need root and util-linux's unshare",
+            pytrace=False,
+        )
     if r.returncode != 0 or r.stdout.strip() != OTHER_HOST:
-        pytest.fail(f"cannot run the intruder in another UTS namespace ({' '.join(cmd)}): rc={r.returncode} "
-                    f"{r.stderr.strip()}; these tests need root (CAP_SYS_ADMIN) and util-linux's unshare",
-                    pytrace=False)  # fmt: skip
+        pytest.fail(
+            f"cannot run the intruder in another UTS namespace ({' '.join(cmd)}): rc={r.returncode} "
+            f"{r.stderr.strip()}; these tests need root (CAP_SYS_ADMIN) and util-linux's unshare",
+            pytrace=False,
+        )
 
 
 def start_lock_job(tmp: Path, name: str, role: str, *args: str, other_host: bool = False) -> Job:
@@ -65,7 +70,9 @@ def line(job: Job, prefix: str, timeout: float = 120.0) -> str:
     if find() is None:
         wait_for(lambda: find() is not None or job.proc.poll() is not None, timeout, f"{prefix!r} from {job.log.name}")
     found = find()
-    assert found is not None, f"{job.log.name} exited ({job.proc.returncode}) without printing {prefix!r}:\n{job.output()}"
+    assert found is not None, (
+        f"{job.log.name} exited ({job.proc.returncode}) without printing {prefix!r}:\n{job.output()}"
+    )
     return found
 
 
@@ -112,5 +119,8 @@ def merged_refs(tmp: Path, sources: dict[int, Path]) -> Path:
 
 def files_under(root: Path) -> dict[str, tuple[int, int]]:
     """Every file below ``root`` but ``LOCK`` (whose heartbeat moves): size and mtime."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK}  # fmt: skip
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != LOCK
+    }

@@ -24,7 +24,13 @@ from dist_ckpt.errors import CheckpointError
 from storage_backends import open_backend
 
 pytestmark = QUIET
-SLOW_STEP_3 = {"op": "writer.write", "key": "step_000000003.tmp-*/rank_*", "action": "delay", "delay": 0.1, "count": None}
+SLOW_STEP_3 = {
+    "op": "writer.write",
+    "key": "step_000000003.tmp-*/rank_*",
+    "action": "delay",
+    "delay": 0.1,
+    "count": None,
+}
 
 
 def _part_file(root: Path, step: int) -> list[Path]:
@@ -67,7 +73,9 @@ def test_sigterm_during_an_async_save_with_save_on_sigterm(tmp_path: Path) -> No
 
 def test_background_worker_thread_raises(tmp_path: Path) -> None:
     root, refs = str(tmp_path / "run"), tmp_path / "refs"
-    backend = FaultyBackend(open_backend(root), [Rule("writer.write", "step_000000003*/rank_*", "fail", error="RuntimeError")])
+    backend = FaultyBackend(
+        open_backend(root), [Rule("writer.write", "step_000000003*/rank_*", "fail", error="RuntimeError")]
+    )
     job = LocalJob(root, refs, backend=backend, async_save=True)
     assert job.save(1) and job.save(2) and job.save(3)  # staged: returns before the failure
     with pytest.raises(CheckpointError) as err:

@@ -59,9 +59,15 @@ def test_flipped_byte_in_a_shard(tmp_path: Path, compression: str) -> None:
     hlen, header = _header(shard)
     extra = json.loads(header.pop("__metadata__")["dist_ckpt"])["entries"]
     # the largest tensor entry (for zstd: a compressed one, so the flip lands in zstd frames)
-    name, spec = max(((n, s) for n, s in header.items() if extra.get(n, {}).get("kind", "tensor") == "tensor"
-                      and (compression == "none" or extra.get(n, {}).get("codec") == "zstd")),
-                     key=lambda ns: ns[1]["data_offsets"][1] - ns[1]["data_offsets"][0])  # fmt: skip
+    name, spec = max(
+        (
+            (n, s)
+            for n, s in header.items()
+            if extra.get(n, {}).get("kind", "tensor") == "tensor"
+            and (compression == "none" or extra.get(n, {}).get("codec") == "zstd")
+        ),
+        key=lambda ns: ns[1]["data_offsets"][1] - ns[1]["data_offsets"][0],
+    )
     begin, end = spec["data_offsets"]
     data = bytearray(shard.read_bytes())
     data[hlen + (begin + end) // 2] ^= 0x10
@@ -115,7 +121,13 @@ def _truncate_shard_and_fix_metadata(step_dir: Path) -> str:
 @pytest.mark.parametrize(
     "damage",
     [_truncate_shard, _zero_shard, _truncate_metadata, _zero_metadata, _truncate_shard_and_fix_metadata],
-    ids=["shard-truncated", "shard-zero-byte", "metadata-truncated", "metadata-zero-byte", "shard-truncated-consistent-metadata"],
+    ids=[
+        "shard-truncated",
+        "shard-zero-byte",
+        "metadata-truncated",
+        "metadata-zero-byte",
+        "shard-truncated-consistent-metadata",
+    ],
 )
 def test_truncated_or_empty_file_fails_before_any_tensor_is_copied(tmp_path: Path, damage) -> None:
     root, refs = _two_steps(tmp_path)

@@ -24,8 +24,12 @@ def _manifest_steps(root: Path) -> list[int]:
 
 def test_crash_after_all_shards_before_committed(tmp_path: Path) -> None:
     root = tmp_path / "run"
-    rc, out = run_job(tmp_path, str(root), [1, 2, 3],
-                      faults=[{"op": "create_if_absent", "key": "step_000000003*/COMMITTED", "action": "exit"}])  # fmt: skip
+    rc, out = run_job(
+        tmp_path,
+        str(root),
+        [1, 2, 3],
+        faults=[{"op": "create_if_absent", "key": "step_000000003*/COMMITTED", "action": "exit"}],
+    )
     assert rc == 137, out
     assert [f["op"] for f in injected(tmp_path)] == ["create_if_absent"]
     # the crash really came after every shard and metadata.json: they sit in the staging folder
@@ -42,9 +46,12 @@ def test_crash_after_committed_marker_before_publish(tmp_path: Path) -> None:
     """Local/NFS: COMMITTED is written inside the staging folder; the crash comes before the
     rename that publishes it. The staged step stays invisible and is removed."""
     root = tmp_path / "run"
-    rc, out = run_job(tmp_path, str(root), [1, 2, 3],
-                      faults=[{"op": "create_if_absent", "key": "step_000000003*/COMMITTED", "action": "exit",
-                               "when": "after"}])  # fmt: skip
+    rc, out = run_job(
+        tmp_path,
+        str(root),
+        [1, 2, 3],
+        faults=[{"op": "create_if_absent", "key": "step_000000003*/COMMITTED", "action": "exit", "when": "after"}],
+    )
     assert rc == 137, out
     (staging,) = _staging_dirs(root, 3)
     assert (staging / "COMMITTED").exists() and not (root / "step_000000003").exists()
@@ -55,8 +62,13 @@ def test_crash_after_committed_marker_before_publish(tmp_path: Path) -> None:
 
 def test_crash_after_committed_before_manifest_update(tmp_path: Path) -> None:
     root = tmp_path / "run"
-    rc, out = run_job(tmp_path, str(root), [1, 2, 3], arm_at=3,
-                      faults=[{"op": "compare_and_swap", "key": "manifest.json", "action": "exit"}])  # fmt: skip
+    rc, out = run_job(
+        tmp_path,
+        str(root),
+        [1, 2, 3],
+        arm_at=3,
+        faults=[{"op": "compare_and_swap", "key": "manifest.json", "action": "exit"}],
+    )
     assert rc == 137, out
     assert committed_steps(open_backend(str(root))) == [1, 2, 3]  # step 3 is committed...
     assert _manifest_steps(root) == [1, 2]  # ...but the manifest never heard of it
@@ -70,8 +82,13 @@ def test_crash_during_retention_deletes(tmp_path: Path) -> None:
     """keep_last=1: the crash comes after the manifest dropped step 2 and its COMMITTED marker
     was deleted, before its files were: a step without COMMITTED, invisible, removed by gc."""
     root = tmp_path / "run"
-    rc, out = run_job(tmp_path, str(root), [1, 2, 3], extra=["--keep-last", "1"],
-                      faults=[{"op": "delete_prefix", "key": "step_000000002/", "action": "exit"}])  # fmt: skip
+    rc, out = run_job(
+        tmp_path,
+        str(root),
+        [1, 2, 3],
+        extra=["--keep-last", "1"],
+        faults=[{"op": "delete_prefix", "key": "step_000000002/", "action": "exit"}],
+    )
     assert rc == 137, out
     assert (root / "step_000000002").exists() and not (root / "step_000000002" / "COMMITTED").exists()
     check = check_run(str(root), tmp_path / "refs", expect_last=3, keep_last=1)

@@ -25,7 +25,9 @@ def test_disk_full(tmp_path: Path, mounts, capsys) -> None:
         with capsys.disabled():
             print(f"\n[test_disk_full] {msg}")
         mnt.mkdir(parents=True, exist_ok=True)
-        backend = FaultyBackend(open_backend(str(mnt / "run")), [Rule("writer.write", "step_000000004*/*", "fail", error="ENOSPC")])
+        backend = FaultyBackend(
+            open_backend(str(mnt / "run")), [Rule("writer.write", "step_000000004*/*", "fail", error="ENOSPC")]
+        )
     else:
         with capsys.disabled():
             print("\n[test_disk_full] saving onto a real 320 KiB tmpfs until it is full")

@@ -37,14 +37,26 @@ KILLED = 137
 DELETES = ("delete", "delete_prefix")
 
 
-def _job(root: Path, refs: Path, steps: str, *, resume: bool, kill_at: int | None = None, log: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _job(
+    root: Path, refs: Path, steps: str, *, resume: bool, kill_at: int | None = None, log: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     refs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("DIST_CKPT_FAULTS", None)
     if kill_at is not None:
         rule = {"op": list(DELETES), "key": "step_*", "action": "exit", "nth": kill_at, "exit_code": KILLED}
         env.update(FaultyBackend.env([rule], log=str(log)))
-    cmd = [sys.executable, str(JOB), "--root", str(root), "--refs", str(refs), "--steps", steps, *(["--resume"] if resume else [])]
+    cmd = [
+        sys.executable,
+        str(JOB),
+        "--root",
+        str(root),
+        "--refs",
+        str(refs),
+        "--steps",
+        steps,
+        *(["--resume"] if resume else []),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
 
 
@@ -120,6 +132,9 @@ def test_kill_at_every_delete_of_retention(tmp_path):
         print(f"killed at delete {n} ({op}): committed checkpoints verified, restart verified", flush=True)
     # two retentions: step 1 (its base file referenced: COMMITTED, metadata.json, its index, one
     # by one), step 2 (nothing referenced: COMMITTED, then the folder), then none left
-    assert killed[:3] == ["delete step_000000001/COMMITTED", "delete step_000000001/index_00000.safetensors",
-                          "delete step_000000001/metadata.json"], killed  # fmt: skip
+    assert killed[:3] == [
+        "delete step_000000001/COMMITTED",
+        "delete step_000000001/index_00000.safetensors",
+        "delete step_000000001/metadata.json",
+    ], killed
     assert killed[3:] == ["delete step_000000002/COMMITTED", "delete_prefix step_000000002/"], killed

@@ -22,7 +22,10 @@ pytestmark = QUIET
 # (what fails, rule, is step 3 committed anyway?)
 CASES = {
     "shard-fsync": (Rule("writer.commit", "step_000000003*/rank_00000.safetensors", "fail", error="EIO"), False),
-    "shard-fsync-raw-oserror": (Rule("writer.commit", "step_000000003*/rank_00000.safetensors", "fail", error="EIO", raw=True), False),
+    "shard-fsync-raw-oserror": (
+        Rule("writer.commit", "step_000000003*/rank_00000.safetensors", "fail", error="EIO", raw=True),
+        False,
+    ),
     "shard-write": (Rule("writer.write", "step_000000003*/rank_00000.safetensors", "fail", error="EIO", nth=2), False),
     "metadata-close": (Rule("create_if_absent", "step_000000003*/metadata.json", "fail", error="EIO"), False),
     "committed-fsync": (Rule("create_if_absent", "step_000000003*/COMMITTED", "fail", error="EIO"), False),
@@ -62,7 +65,10 @@ def test_read_fails_with_eio_during_restore(tmp_path: Path) -> None:
     job = LocalJob(root, refs)
     job.save(1)
     job.close()
-    backend = FaultyBackend(open_backend(root), [Rule(("read", "read_into", "read_ranges"), "step_*/rank_00000.safetensors", "fail", error="EIO")])
+    backend = FaultyBackend(
+        open_backend(root),
+        [Rule(("read", "read_into", "read_ranges"), "step_*/rank_00000.safetensors", "fail", error="EIO")],
+    )
     model, opt = build(seed=7)
     before = flatten(model, opt)
     with CheckpointManager(root, backend=backend, read_only=True) as mgr, pytest.raises(StorageError) as err:

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from _fault_lib import QUIET, Audit, LocalJob, assert_bit_identical, assert_named_error, build, restore_into_fresh
 from safetensors.torch import load_file
+from support.ckpt_edit import restamp_index
 
 from dist_ckpt import CheckpointManager
 from dist_ckpt.errors import CheckpointError, CorruptCheckpoint
 from dist_ckpt.format.shard import PendingEntry, save_shard
-from support.ckpt_edit import restamp_index
 from storage_backends.local import LocalBackend
 
 pytestmark = QUIET
@@ -95,9 +95,15 @@ def _rebuild_shard_with_pickles(step_dir: Path, payload: bytes, which: set[str] 
 def test_pickle_gadget_in_json_value_entries(run, tmp_path: Path, protocol: int, target: str) -> None:
     root, refs = run
     sentinel = tmp_path / "pwned"
-    which = {"progress-record": {"_dist_ckpt"}, "optimizer-param-group": {"optimizer.param_groups.0.lr"},
-             "rng-state": {"rng.rank_0.python"}, "every-value": None}[target]  # fmt: skip
-    replaced = _rebuild_shard_with_pickles(Path(root) / "step_000000002", pickle.dumps(Gadget(sentinel), protocol), which)
+    which = {
+        "progress-record": {"_dist_ckpt"},
+        "optimizer-param-group": {"optimizer.param_groups.0.lr"},
+        "rng-state": {"rng.rank_0.python"},
+        "every-value": None,
+    }[target]
+    replaced = _rebuild_shard_with_pickles(
+        Path(root) / "step_000000002", pickle.dumps(Gadget(sentinel), protocol), which
+    )
     assert replaced
     error, audit = _restore(root)
     assert isinstance(error, CorruptCheckpoint), error

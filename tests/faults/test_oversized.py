@@ -68,7 +68,9 @@ CASES = {
     "header-length-2^64-1": lambda step: _header_len(step / SHARD, 2**64 - 1),
     "header-length-past-eof": lambda step: _header_len(step / SHARD, 90 << 20),
     "header-length-over-limit-in-a-200MiB-file": lambda step: (
-        _header_len(step / SHARD, 150 << 20, sparse_to=200 << 20), _set_file_size(step, SHARD)),
+        _header_len(step / SHARD, 150 << 20, sparse_to=200 << 20),
+        _set_file_size(step, SHARD),
+    ),
     # metadata.json
     "metadata-json-300MiB": lambda step: os.truncate(step / "metadata.json", 300 << 20),
     "metadata-json-nested-1e6-deep": lambda step: (step / "metadata.json").write_bytes(b"[" * 1_000_000),
@@ -90,8 +92,11 @@ def _huge_tensor(meta: dict) -> None:
         t["chunks"][0]["sizes"] = [2**20, 2**20]
 
 
-NAMES = {"metadata-json-300MiB": "metadata.json", "metadata-json-nested-1e6-deep": "metadata.json",
-         "tensor-size-2^40": "model.2.weight"}  # fmt: skip
+NAMES = {
+    "metadata-json-300MiB": "metadata.json",
+    "metadata-json-nested-1e6-deep": "metadata.json",
+    "tensor-size-2^40": "model.2.weight",
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -55,7 +55,16 @@ def _bait_targets(root: Path, tmp_path: Path) -> dict[str, Path]:
 @pytest.mark.parametrize(
     "name",
     ["../../x", "../../../../escape.safetensors", "ABS", "sub/../../x", "..", "/etc/passwd", "a\\..\\..\\x", "x\x00y"],
-    ids=["dotdot", "dotdot-escape-tmp", "absolute-bait", "sub-dotdot", "bare-dotdot", "etc-passwd", "backslashes", "nul"],
+    ids=[
+        "dotdot",
+        "dotdot-escape-tmp",
+        "absolute-bait",
+        "sub-dotdot",
+        "bare-dotdot",
+        "etc-passwd",
+        "backslashes",
+        "nul",
+    ],
 )
 def test_metadata_file_table_naming_a_path_outside_the_run(run, name: str) -> None:
     root, refs, tmp_path = run

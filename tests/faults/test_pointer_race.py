@@ -24,8 +24,13 @@ BEST = {"loss": "min"}
 
 def _race(root: str, make_backend, steps: tuple[int, int]) -> list[FaultyBackend]:
     barrier = threading.Barrier(2, timeout=30)
-    backends = [FaultyBackend(make_backend(), [Rule("read_versioned", MANIFEST, "call", when="after",
-                                                    hook=lambda op, key: barrier.wait())]) for _ in steps]  # fmt: skip
+    backends = [
+        FaultyBackend(
+            make_backend(),
+            [Rule("read_versioned", MANIFEST, "call", when="after", hook=lambda op, key: barrier.wait())],
+        )
+        for _ in steps
+    ]
     errors: list[BaseException] = []
 
     def writer(backend: FaultyBackend, step: int) -> None:

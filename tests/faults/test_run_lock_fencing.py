@@ -30,7 +30,6 @@ from _lock_lib import (
     start_lock_job,
     wait_stopped,
 )
-
 from support.faulty_backend import FaultyBackend, Rule
 
 from dist_ckpt.errors import RunLocked
@@ -53,8 +52,18 @@ def run_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def test_owner_stopped_past_lock_stale_after_cannot_commit_after_a_takeover(run_root: str, tmp_path: Path) -> None:
     require_unshare()
     backend = open_backend(run_root)
-    owner = start_lock_job(tmp_path, "owner", "owner", "--root", run_root, "--refs", str(tmp_path / "owner_refs"),
-                           "--stale-after", str(STALE), "--pause-at-commit")  # fmt: skip
+    owner = start_lock_job(
+        tmp_path,
+        "owner",
+        "owner",
+        "--root",
+        run_root,
+        "--refs",
+        str(tmp_path / "owner_refs"),
+        "--stale-after",
+        str(STALE),
+        "--pause-at-commit",
+    )
     intruder = None
     try:
         owner_token = line(owner, "OWNER")
@@ -63,9 +72,24 @@ def test_owner_stopped_past_lock_stale_after_cannot_commit_after_a_takeover(run_
         wait_stopped(owner.proc.pid)
         time.sleep(2 * STALE)  # stopped longer than lock_stale_after: its heartbeat is stale
         assert lock_record(backend).owner == owner_token
-        intruder = start_lock_job(tmp_path, "intruder", "intruder", "--root", run_root, "--refs",
-                                  str(tmp_path / "intruder_refs"), "--stale-after", str(STALE), "--retry", "30",
-                                  "--save", "3", "--hold", str(tmp_path / "release"), other_host=True)  # fmt: skip
+        intruder = start_lock_job(
+            tmp_path,
+            "intruder",
+            "intruder",
+            "--root",
+            run_root,
+            "--refs",
+            str(tmp_path / "intruder_refs"),
+            "--stale-after",
+            str(STALE),
+            "--retry",
+            "30",
+            "--save",
+            "3",
+            "--hold",
+            str(tmp_path / "release"),
+            other_host=True,
+        )
         assert_other_host(intruder)
         intruder_token = json.loads(line(intruder, "ACQUIRED"))["owner"]
         assert intruder_token.startswith(f"{OTHER_HOST}:")
@@ -100,8 +124,14 @@ def test_async_save_in_flight_when_the_lock_is_taken_commits_nothing(tmp_path: P
     process — and is checked there right before COMMITTED."""
     root = str(tmp_path / "run")
     slow = Rule("writer.write", "step_000000002*/rank_*", "delay", delay=2.0, count=1)  # picklable: reaches the process
-    job = LocalJob(root, tmp_path / "refs", backend=FaultyBackend(open_backend(root), [slow]),
-                   async_save=True, async_mode=async_mode, lock_stale_after=STALE)  # fmt: skip
+    job = LocalJob(
+        root,
+        tmp_path / "refs",
+        backend=FaultyBackend(open_backend(root), [slow]),
+        async_save=True,
+        async_mode=async_mode,
+        lock_stale_after=STALE,
+    )
     thief = RunLock(open_backend(root), STALE)
     try:
         job.save(1)

@@ -58,8 +58,20 @@ def _plant_leftover(root: Path) -> Path:
 
 
 def _owner(tmp: Path, root: Path, *extra: str):  # noqa: ANN202
-    return start_lock_job(tmp, "owner", "owner", "--root", str(root), "--refs", str(tmp / "owner_refs"),
-                          "--stale-after", str(STALE), "--go", str(tmp / "go"), *extra)  # fmt: skip
+    return start_lock_job(
+        tmp,
+        "owner",
+        "owner",
+        "--root",
+        str(root),
+        "--refs",
+        str(tmp / "owner_refs"),
+        "--stale-after",
+        str(STALE),
+        "--go",
+        str(tmp / "go"),
+        *extra,
+    )
 
 
 def test_same_host_idle_owner_keeps_the_run(tmp_path: Path) -> None:
@@ -77,8 +89,16 @@ def test_same_host_idle_owner_keeps_the_run(tmp_path: Path) -> None:
         assert_named_error(err.value, str(root), "LOCK", f":{owner.proc.pid}:", "last heartbeat")
         dist_ckpt.save({"w": torch.ones(4)}, str(tmp_path / "other" / "step_000000005"))
         with ThreadPoolExecutor(3) as pool:  # each imports torch: in parallel
-            tools = list(pool.map(lambda a: _cli(*a), [("gc", str(root)), ("prune", str(root), "--keep-last", "1"),
-                                                       ("copy", str(tmp_path / "other" / "step_000000005"), str(root))]))
+            tools = list(
+                pool.map(
+                    lambda a: _cli(*a),
+                    [
+                        ("gc", str(root)),
+                        ("prune", str(root), "--keep-last", "1"),
+                        ("copy", str(tmp_path / "other" / "step_000000005"), str(root)),
+                    ],
+                )
+            )
         for tool in tools:
             assert tool.returncode == 6, (tool.args, tool.returncode, tool.stdout, tool.stderr)
             assert "being written by another job" in tool.stderr and f":{owner.proc.pid}:" in tool.stderr, tool.stderr
@@ -100,9 +120,22 @@ def test_owner_on_another_host_keeps_the_run_while_it_heartbeats(tmp_path: Path)
         line(owner, "SAVED 1")
         time.sleep(5 * STALE)  # idle beyond lock_stale_after
         assert time.time() - lock_record(open_backend(str(root))).heartbeat < STALE  # its heartbeat thread runs
-        intruder = start_lock_job(tmp_path, "intruder", "intruder", "--root", str(root), "--refs",
-                                  str(tmp_path / "intruder_refs"), "--stale-after", str(STALE), "--retry",
-                                  str(3 * STALE), "--save", "2", other_host=True)  # fmt: skip
+        intruder = start_lock_job(
+            tmp_path,
+            "intruder",
+            "intruder",
+            "--root",
+            str(root),
+            "--refs",
+            str(tmp_path / "intruder_refs"),
+            "--stale-after",
+            str(STALE),
+            "--retry",
+            str(3 * STALE),
+            "--save",
+            "2",
+            other_host=True,
+        )
         assert intruder.wait(120) == 3, intruder.output()
         assert_other_host(intruder)
         message = line(intruder, "RUNLOCKED")
@@ -129,9 +162,22 @@ def test_dead_owner_on_another_host_is_taken_over_after_lock_stale_after(tmp_pat
         owner.kill()  # SIGKILL: no close(), no atexit; LOCK stays, its heartbeat stops
     held = lock_record(open_backend(str(root)))
     assert held.owner == owner_token
-    intruder = start_lock_job(tmp_path, "intruder", "intruder", "--root", str(root), "--refs",
-                              str(tmp_path / "intruder_refs"), "--stale-after", str(STALE), "--retry", "60",
-                              "--save", "2", other_host=True)  # fmt: skip
+    intruder = start_lock_job(
+        tmp_path,
+        "intruder",
+        "intruder",
+        "--root",
+        str(root),
+        "--refs",
+        str(tmp_path / "intruder_refs"),
+        "--stale-after",
+        str(STALE),
+        "--retry",
+        "60",
+        "--save",
+        "2",
+        other_host=True,
+    )
     try:
         assert intruder.wait(120) == 0, intruder.output()
     finally:
@@ -143,7 +189,9 @@ def test_dead_owner_on_another_host_is_taken_over_after_lock_stale_after(tmp_pat
     assert STALE <= waited < STALE + 60, waited  # not before lock_stale_after without heartbeat
     assert got["owner"].startswith(f"{OTHER_HOST}:")
     assert line(intruder, "RESUMED") == "1" and line(intruder, "SAVED") == "2"
-    check_run(str(root), merged_refs(tmp_path, {1: tmp_path / "owner_refs", 2: tmp_path / "intruder_refs"}), expect_last=2)
+    check_run(
+        str(root), merged_refs(tmp_path, {1: tmp_path / "owner_refs", 2: tmp_path / "intruder_refs"}), expect_last=2
+    )
 
 
 def test_gc_leaves_an_in_flight_async_save_of_a_live_owner_alone(tmp_path: Path) -> None:

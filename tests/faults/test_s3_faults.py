@@ -114,8 +114,13 @@ def test_orphaned_multipart_upload_is_collected(s3_server, s3_uri, s3_env, tmp_p
     job = LocalJob(s3_uri, tmp_path / "refs", backend=clean, width=64)
     job.save(1)
     job.close()
-    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN, s3_uri], stdout=subprocess.PIPE, text=True,
-                            cwd=str(Path(__file__).resolve().parents[2]), start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN, s3_uri],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=str(Path(__file__).resolve().parents[2]),
+        start_new_session=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("UPLOADING"), line
@@ -139,9 +144,16 @@ def test_orphaned_multipart_upload_is_removed_at_manager_start(s3_server, s3_uri
     job = LocalJob(s3_uri, tmp_path / "refs", backend=clean, width=64)
     job.save(1)
     job.close()
-    upload = s3_server.client().create_multipart_upload(Bucket=_bucket(s3_uri), Key="run/step_000000002/rank_00000.safetensors")
-    s3_server.client().upload_part(Bucket=_bucket(s3_uri), Key="run/step_000000002/rank_00000.safetensors",
-                                   UploadId=upload["UploadId"], PartNumber=2, Body=b"y" * (5 * MiB))  # fmt: skip
+    upload = s3_server.client().create_multipart_upload(
+        Bucket=_bucket(s3_uri), Key="run/step_000000002/rank_00000.safetensors"
+    )
+    s3_server.client().upload_part(
+        Bucket=_bucket(s3_uri),
+        Key="run/step_000000002/rank_00000.safetensors",
+        UploadId=upload["UploadId"],
+        PartNumber=2,
+        Body=b"y" * (5 * MiB),
+    )
     assert len(_uploads(s3_server, s3_uri)) == 1
     CheckpointManager(s3_uri, backend=clean).close()
     assert _uploads(s3_server, s3_uri) == []

@@ -17,14 +17,24 @@ pytestmark = QUIET
 
 def test_sigkill_of_one_rank_while_shards_are_written(tmp_path: Path) -> None:
     root = tmp_path / "run"
-    slow = {"op": "writer.write", "key": "step_000000003.tmp-*/rank_00001*", "action": "delay", "delay": 0.5,
-            "count": None, "ranks": [1]}  # fmt: skip
+    slow = {
+        "op": "writer.write",
+        "key": "step_000000003.tmp-*/rank_00001*",
+        "action": "delay",
+        "delay": 0.5,
+        "count": None,
+        "ranks": [1],
+    }
     job = start_job(tmp_path, str(root), [1, 2, 3], nproc=2, faults=[slow])
     try:
         victim = job.pid_of(1)
         # rank 1's first file of step 3: its temp file in the staging folder
-        wait_for(lambda: list(root.glob("step_000000003.tmp-*/.rank_00001.safetensors.part-*")), 120,
-                 "rank 1 to start writing step 3", job)  # fmt: skip
+        wait_for(
+            lambda: list(root.glob("step_000000003.tmp-*/.rank_00001.safetensors.part-*")),
+            120,
+            "rank 1 to start writing step 3",
+            job,
+        )
         os.kill(victim, signal.SIGKILL)
         rc = job.wait(120)
     finally:

@@ -6,7 +6,8 @@ Not in the default run: ``make soak`` (``pytest -m soak tests/faults``). ``SOAK_
 One training job in this process (the faulty backend wrapper around a local run root, with
 retention ``keep_last=3`` and a best pointer) saves a new step every cycle while a random fault
 from the table hits that save: EIO/ENOSPC on a shard write, its fsync, metadata.json, COMMITTED,
-the publish rename or the manifest update; slow storage; an in-process kill at every crash point (the wrapper goes dead: nothing the library does afterwards
+the publish rename or the manifest update; slow storage; an in-process kill at every crash point (the wrapper
+goes dead: nothing the library does afterwards
 reaches the storage, as after SIGKILL); and every ~20 cycles a real one — a child job resumes
 the run and dies with ``os._exit`` at a random crash point (every other time, a second job first
 tries the run while this one holds it, and must fail with RunLocked). After every kill the job restarts
@@ -108,7 +109,14 @@ def test_soak(tmp_path: Path, capsys) -> None:
                 injected["second-job"] += 1
             mgr.close()
             point = {k: (v.format(p=p) if isinstance(v, str) else v) for k, v in rnd.choice(REAL_KILL_POINTS).items()}
-            rc, out = run_job(tmp_path, root, [step], faults=[point], extra=["--resume", "--keep-last", str(KEEP_LAST)], name=f"kill{cycle}")
+            rc, out = run_job(
+                tmp_path,
+                root,
+                [step],
+                faults=[point],
+                extra=["--resume", "--keep-last", str(KEEP_LAST)],
+                name=f"kill{cycle}",
+            )
             # (a retention crash point is only reached when retention has something to delete)
             assert rc == 137 or (rc == 0 and point["op"] == "delete_prefix"), out
             if rc == 137:

@@ -39,8 +39,10 @@ def test_second_job_on_the_same_run_fails_with_run_locked(tmp_path: Path) -> Non
             dist_ckpt.CheckpointManager(str(root), best={"loss": "min"})
         assert_named_error(err.value, str(root), "LOCK", f":{first_pid}:")
         # shard, rank index, metadata.json, COMMITTED: the second manager touched none of them
-        assert sorted(before) == sorted(f"step_000000001/{n}" for n in ("rank_00000.safetensors", "index_00000.safetensors",
-                                                                        "metadata.json", "COMMITTED"))  # fmt: skip
+        assert sorted(before) == sorted(
+            f"step_000000001/{n}"
+            for n in ("rank_00000.safetensors", "index_00000.safetensors", "metadata.json", "COMMITTED")
+        )
         assert _files(root) == before
         rc = job.wait(120)
     finally:
@@ -61,8 +63,10 @@ def test_two_writers_racing_for_one_step_never_mix(tmp_path: Path, attempt: int)
 
     def writer(value: float) -> None:
         # both finish their shards, then race through metadata.json / COMMITTED / publish
-        backend = FaultyBackend(open_backend(root), [Rule("create_if_absent", "*/metadata.json", "call",
-                                                          hook=lambda op, key: barrier.wait())])  # fmt: skip
+        backend = FaultyBackend(
+            open_backend(root),
+            [Rule("create_if_absent", "*/metadata.json", "call", hook=lambda op, key: barrier.wait())],
+        )
         try:
             save_to(backend, "step_000000007", _state(value), commit_info={"step": 7})
             outcomes[value] = None

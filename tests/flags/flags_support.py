@@ -30,7 +30,9 @@ def run_script(script: Path, args: list[str], timeout: float = 120) -> subproces
     """A real process, with this environment (so it imports the tree under test)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def run_job(tmp: Path, *args: str, train_steps: int = 0) -> JobResult:

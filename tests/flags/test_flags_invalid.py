@@ -31,27 +31,40 @@ A_HAS = "steps 0, 1, 2, 3, 4, 5 (best:score=3, last=5)"
 # (flags, which root: "a" = run A with steps 0-5, "new" = a root that does not exist, the
 # fragments the message must hold). {a} is run A's path, {src} a checkpoint to init from.
 INVALID = {
-    "resume-last-with-init-from": (["--resume", "last", "--init-from", "{src}"], "new",
-                                   ["--resume last and --init-from", "cannot be combined", "pass one of them"]),
+    "resume-last-with-init-from": (
+        ["--resume", "last", "--init-from", "{src}"],
+        "new",
+        ["--resume last and --init-from", "cannot be combined", "pass one of them"],
+    ),
     "resume-step-with-init-from": (["--resume", "3", "--init-from", "{src}"], "a", ["--resume 3 and --init-from"]),
-    "resume-best-with-init-from": (["--init-from", "{src}", "--resume", "best:score"], "a",
-                                   ["--resume best:score and --init-from"]),
+    "resume-best-with-init-from": (
+        ["--init-from", "{src}", "--resume", "best:score"],
+        "a",
+        ["--resume best:score and --init-from"],
+    ),
     "resume-uri-with-init-from": (["--resume", "{src}", "--init-from", "{src}"], "new", ["cannot be combined"]),
     "resume-missing-step": (["--resume", "7"], "a", ["has no checkpoint of step 7", A_HAS]),
     "resume-missing-step-folder": (["--resume", "step_000000009"], "a", ["has no checkpoint of step 9", A_HAS]),
     "resume-step-on-new-run": (["--resume", "3"], "new", ["has no checkpoint of step 3", "it has no checkpoints"]),
     "resume-untracked-best": (["--resume", "best:acc"], "a", ["has no best:acc checkpoint", A_HAS]),
     "resume-best-on-new-run": (["--resume", "best:score"], "new", ["has no best:score checkpoint", "no checkpoints"]),
-    "init-from-into-a-run-with-checkpoints": (["--init-from", "{src}"], "a",
-                                              ["already holds checkpoints", A_HAS, "use a new run root", "--resume"]),
-    "resume-none-into-a-run-with-checkpoints": (["--resume", "none"], "a", ["already holds checkpoints", "new run root"]),
+    "init-from-into-a-run-with-checkpoints": (
+        ["--init-from", "{src}"],
+        "a",
+        ["already holds checkpoints", A_HAS, "use a new run root", "--resume"],
+    ),
+    "resume-none-into-a-run-with-checkpoints": (
+        ["--resume", "none"],
+        "a",
+        ["already holds checkpoints", "new run root"],
+    ),
     "resume-last-on-new-run": (["--resume", "last"], "new", ["no checkpoint to resume", "--resume auto"]),
     "resume-uncommitted-path": (["--resume", "{a}/step_000000009"], "new", ["step_000000009"]),
     "resume-a-run-root": (["--resume", "{a}/"], "new", ["run root, not one checkpoint", "step_000000005"]),
     "init-from-missing-path": (["--init-from", "{a}/nothing-here"], "new", ["--init-from", "nothing-here"]),
     "init-from-a-run-root": (["--init-from", "{a}"], "new", ["run root, not one checkpoint"]),
     "resume-unknown-word": (["--resume", "latest"], "a", ["expected auto, last, best:<metric>"]),
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +143,10 @@ def test_examples_refuse_resume_last_with_fresh_start_from(tmp_path: Path) -> No
     assert trained.returncode == 0, trained.stderr
     run = tmp_path / "run"
     for flag in ("--fresh-start-from", "--init-from"):
-        proc = run_script(EXAMPLES / "train_ddp.py", ["--ckpt", str(run), "--steps", "2", "--resume", "last",
-                                                      flag, str(source / "step_000000001")])  # fmt: skip
+        proc = run_script(
+            EXAMPLES / "train_ddp.py",
+            ["--ckpt", str(run), "--steps", "2", "--resume", "last", flag, str(source / "step_000000001")],
+        )
         _assert_refused(proc.returncode, proc.stderr, ["--resume last and --init-from", "cannot be combined"])
         assert proc.stderr.startswith("train_ddp.py: error: ")
         assert not run.exists()
@@ -144,13 +159,17 @@ def _objects(uri: str) -> dict[str, bytes]:
     return {o.key: backend.read(o.key) for o in backend.list("")}
 
 
-def test_refused_on_an_s3_run_without_touching_it(s3_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_refused_on_an_s3_run_without_touching_it(
+    s3_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     make_run(s3_uri, 4)  # type: ignore[arg-type]
     before = _objects(s3_uri)
     assert {k for k in before if k.endswith("/COMMITTED")} == {f"step_00000000{i}/COMMITTED" for i in range(4)}
-    cases = [(["--resume", "9"], ["has no checkpoint of step 9", "steps 0, 1, 2, 3 (best:score=3, last=3)"]),
-             (["--init-from", f"{s3_uri}/step_000000002"], ["already holds checkpoints", "use a new run root"]),
-             (["--resume", f"{s3_uri}/step_000000007"], ["step_000000007"])]  # fmt: skip
+    cases = [
+        (["--resume", "9"], ["has no checkpoint of step 9", "steps 0, 1, 2, 3 (best:score=3, last=3)"]),
+        (["--init-from", f"{s3_uri}/step_000000002"], ["already holds checkpoints", "use a new run root"]),
+        (["--resume", f"{s3_uri}/step_000000007"], ["step_000000007"]),
+    ]
     for flags, fragments in cases:
         with pytest.raises(SystemExit) as exit_info:
             build_parser(prog="job.py").parse_args(["--ckpt", s3_uri, *flags, "--report", str(tmp_path / "r.json")])

@@ -141,10 +141,14 @@ def test_init_from_a_sharded_hugging_face_folder(tmp_path: Path) -> None:
     weights = distinct_weights(3)
     folder = tmp_path / "hf"
     _hf_config(folder)
-    save_file({"weight": weights["weight"]}, str(folder / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {"weight": weights["weight"]}, str(folder / "model-00001-of-00002.safetensors"), metadata={"format": "pt"}
+    )
     save_file({"bias": weights["bias"]}, str(folder / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
-    index = {"metadata": {"total_size": 60}, "weight_map": {"weight": "model-00001-of-00002.safetensors",
-                                                            "bias": "model-00002-of-00002.safetensors"}}  # fmt: skip
+    index = {
+        "metadata": {"total_size": 60},
+        "weight_map": {"weight": "model-00001-of-00002.safetensors", "bias": "model-00002-of-00002.safetensors"},
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     report = ok(run_job(tmp_path, "--ckpt", str(tmp_path / "c"), "--resume", "none", "--init-from", str(folder)))
     _fresh_from(report, {k: v.tolist() for k, v in weights.items()})
@@ -156,13 +160,17 @@ def test_init_from_with_explicit_auto_resumes_once_the_run_has_checkpoints(run_a
     flags = ["--resume", "auto", "--init-from", str(tmp_path / "w.safetensors")]
     first = ok(run_job(tmp_path, "--ckpt", str(tmp_path / "d"), *flags, train_steps=2))  # first start: the weights
     _fresh_from(first, {k: v.tolist() for k, v in weights.items()})
-    again = ok(run_job(tmp_path, "--ckpt", str(tmp_path / "d"), *flags, train_steps=1))  # the restarted job: its own run
+    again = ok(
+        run_job(tmp_path, "--ckpt", str(tmp_path / "d"), *flags, train_steps=1)
+    )  # the restarted job: its own run
     assert again["resumed_step"] == 1 and again["first_step"] == 2 and again["optimizer_state"]
     assert again["params"] == checkpoint_params(tmp_path / "d" / "step_000000001")
     assert committed_steps(tmp_path / "d") == [0, 1, 2]
 
 
-def test_list_checkpoints_prints_what_dist_ckpt_list_prints(run_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_checkpoints_prints_what_dist_ckpt_list_prints(
+    run_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = snapshot(run_a)
     listed = run_job(tmp_path, "--ckpt", str(run_a), "--list-checkpoints")
     assert cli_main(["list", str(run_a)]) == 0
@@ -181,17 +189,26 @@ def test_fsdp_example_starts_from_exported_weights_on_two_ranks(tmp_path: Path) 
     from storage_backends import open_backend
 
     sys.path.insert(0, str(Path(__file__).parent.parent))
-    from support.dist import run_torchrun
-
     from flags_support import EXAMPLES, run_script
+    from support.dist import run_torchrun
 
     source = tmp_path / "source"
     trained = run_script(EXAMPLES / "train_ddp.py", ["--ckpt", str(source), "--steps", "2", "--save-every", "1"])
     assert trained.returncode == 0, trained.stderr
     export_checkpoint(CheckpointView.open(str(source / "step_000000001")), open_backend(str(tmp_path / "export")))
     weights = load_file(str(tmp_path / "export" / "model.safetensors"))
-    run_torchrun(EXAMPLES / "train_fsdp.py", 2, "--ckpt", str(tmp_path / "run"), "--steps", "1", "--init-from",
-                 str(tmp_path / "export" / "model.safetensors"), "--loaded-out", str(tmp_path / "loaded.safetensors"))  # fmt: skip
+    run_torchrun(
+        EXAMPLES / "train_fsdp.py",
+        2,
+        "--ckpt",
+        str(tmp_path / "run"),
+        "--steps",
+        "1",
+        "--init-from",
+        str(tmp_path / "export" / "model.safetensors"),
+        "--loaded-out",
+        str(tmp_path / "loaded.safetensors"),
+    )
     loaded = load_file(str(tmp_path / "loaded.safetensors"))
     assert sorted(weights) == ["0.bias", "0.weight", "3.bias", "3.weight"]
     for key, tensor in weights.items():

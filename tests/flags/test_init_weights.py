@@ -25,8 +25,11 @@ def _state(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 
 
 def test_several_models_take_their_prefixed_keys(tmp_path: Path) -> None:
-    weights = {f"{n}.{k}": torch.full_like(v, i + 1.0) for i, (n, m) in enumerate(_models().items())
-               for k, v in m.state_dict().items()}  # fmt: skip
+    weights = {
+        f"{n}.{k}": torch.full_like(v, i + 1.0)
+        for i, (n, m) in enumerate(_models().items())
+        for k, v in m.state_dict().items()
+    }
     save_file(weights, str(tmp_path / "w.safetensors"))
     models = _models()
     load_weight_files(find_weight_files(str(tmp_path / "w.safetensors")), models)  # type: ignore[arg-type]
@@ -37,8 +40,16 @@ def test_several_models_take_their_prefixed_keys(tmp_path: Path) -> None:
     "change, error, fragments",
     [
         (lambda w: w.pop("discriminator.bias"), IncompatibleCheckpoint, ["'discriminator'", "discriminator.bias"]),
-        (lambda w: w.update({"optimizer.state": torch.zeros(2)}), IncompatibleCheckpoint, ["optimizer.state", "no tracked model"]),
-        (lambda w: w.update({"generator.weight": torch.zeros(5, 4)}), IncompatibleCheckpoint, ["generator.weight", "(5, 4)", "(3, 4)"]),
+        (
+            lambda w: w.update({"optimizer.state": torch.zeros(2)}),
+            IncompatibleCheckpoint,
+            ["optimizer.state", "no tracked model"],
+        ),
+        (
+            lambda w: w.update({"generator.weight": torch.zeros(5, 4)}),
+            IncompatibleCheckpoint,
+            ["generator.weight", "(5, 4)", "(3, 4)"],
+        ),
     ],
     ids=["missing-key", "unexpected-key", "wrong-shape"],
 )
@@ -88,8 +99,12 @@ def test_each_tracked_model_takes_its_own_weights_from_a_checkpoint(tmp_path: Pa
         mgr.save(7, mgr.track(**trained, opt_g=opts["generator"], opt_d=opts["discriminator"]), force=True)
     fresh = _models()
     opt = torch.optim.Adam(fresh["generator"].parameters())
-    args = argparse.Namespace(ckpt=str(tmp_path / "new"), resume=None, init_from=str(tmp_path / "gan" / "step_000000007"),
-                              list_checkpoints=False)  # fmt: skip
+    args = argparse.Namespace(
+        ckpt=str(tmp_path / "new"),
+        resume=None,
+        init_from=str(tmp_path / "gan" / "step_000000007"),
+        list_checkpoints=False,
+    )
     with CheckpointManager(str(tmp_path / "new")) as mgr:
         assert mgr.start(mgr.track(**fresh, opt_g=opt), args) is None
     assert all(torch.equal(v, _state(trained)[k]) for k, v in _state(fresh).items())

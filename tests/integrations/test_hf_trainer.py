@@ -4,7 +4,8 @@ with weights and optimizer state bit-identical to an uninterrupted run.
 
 The slow tests SIGKILL a real subprocess (``_hf_job.py``): BertForSequenceClassification on the
 all-MiniLM-L6-v2 weights from a local run root, a small BERT from an ``s3://`` run on
-SeaweedFS, and a small BERT under DDP on 2 ranks (torchrun, gloo). The fast test runs in this process and stops training with an exception instead.
+SeaweedFS, and a small BERT under DDP on 2 ranks (torchrun, gloo). The fast test runs in this process and
+stops training with an exception instead.
 Determinism settings they rely on: ``seed``, ``data_seed``, ``dataloader_num_workers=0`` and
 Trainer's defaults (seedable sampler, ``ignore_data_skip=False``); no ``full_determinism``.
 """
@@ -29,8 +30,22 @@ JOB = Path(__file__).parent / "_hf_job.py"
 
 def _job(tmp: Path, root: str, name: str, *extra: str, tiny: bool, nproc: int = 1) -> subprocess.CompletedProcess[str]:
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    cmd = [sys.executable, *launcher, str(JOB), "--root", root, "--output-dir", str(tmp / f"hf-{name}"),
-           "--out", str(tmp / f"{name}.safetensors"), "--steps", "10", "--save-steps", "4", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        *launcher,
+        str(JOB),
+        "--root",
+        root,
+        "--output-dir",
+        str(tmp / f"hf-{name}"),
+        "--out",
+        str(tmp / f"{name}.safetensors"),
+        "--steps",
+        "10",
+        "--save-steps",
+        "4",
+        *extra,
+    ]
     if tiny:
         cmd.append("--tiny")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
@@ -44,8 +59,9 @@ def _assert_same_final_state(a: Path, b: Path) -> None:
     assert not differ, f"{len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:5]}"
 
 
-def _kill_and_resume(tmp: Path, root_a: str, root_b: str, *, tiny: bool, resume: str, nproc: int = 1,
-                     options: tuple[str, ...] = ()) -> None:  # fmt: skip
+def _kill_and_resume(
+    tmp: Path, root_a: str, root_b: str, *, tiny: bool, resume: str, nproc: int = 1, options: tuple[str, ...] = ()
+) -> None:
     full = _job(tmp, root_a, "a", *options, tiny=tiny, nproc=nproc)
     assert full.returncode == 0, full.stderr[-4000:]
     # saved at 4: mid-epoch (6 steps per epoch, 3 on 2 ranks); killed at the end of step 7
@@ -100,14 +116,31 @@ def _trainer(tmp: Path, root: Path, *, stop_at: int | None = None, **overrides):
 
     set_seed(0)
     model = build_model(tiny=True)
-    options = dict(output_dir=str(tmp / "hf"), max_steps=5, per_device_train_batch_size=8, learning_rate=1e-3,
-                   save_strategy="steps", save_steps=2, report_to=[], seed=0, data_seed=0, use_cpu=True,
-                   dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
+    options = dict(
+        output_dir=str(tmp / "hf"),
+        max_steps=5,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=[],
+        seed=0,
+        data_seed=0,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     options.update(overrides)
     args = TrainingArguments(**options)
     data = Tokens(model.config.vocab_size)
-    return DistCkptTrainer(model=model, args=args, train_dataset=data, eval_dataset=data,
-                           callbacks=[StopAt()] if stop_at else [], checkpoint_root=str(root))  # fmt: skip
+    return DistCkptTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        eval_dataset=data,
+        callbacks=[StopAt()] if stop_at else [],
+        checkpoint_root=str(root),
+    )
 
 
 def _final(trainer) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -141,14 +174,27 @@ def test_trainer_interrupted_and_resumed_in_process_is_bit_identical(tmp_path: P
 
 def test_load_best_model_at_end_is_refused_with_the_alternative(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"load_best_model_at_end is not supported.*load_weights"):
-        _trainer(tmp_path, tmp_path / "a", load_best_model_at_end=True, eval_strategy="steps", eval_steps=2,
-                 metric_for_best_model="loss")  # fmt: skip
+        _trainer(
+            tmp_path,
+            tmp_path / "a",
+            load_best_model_at_end=True,
+            eval_strategy="steps",
+            eval_steps=2,
+            metric_for_best_model="loss",
+        )
 
 
 @pytest.mark.slow
 def test_save_total_limit_and_metric_for_best_model_become_keep_last_and_a_best_pointer(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, tmp_path / "run", max_steps=6, save_total_limit=1, eval_strategy="steps",
-                       eval_steps=2, metric_for_best_model="loss")  # fmt: skip
+    trainer = _trainer(
+        tmp_path,
+        tmp_path / "run",
+        max_steps=6,
+        save_total_limit=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        metric_for_best_model="loss",
+    )
     trainer.train()
     evals = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
     assert sorted(evals) == [2, 4, 6]

@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 from lightning_common import Regressor, final_state, loader
+from support.faulty_backend import FaultyBackend, Rule
 
 from dist_ckpt.errors import CheckpointNotFound, ConfigError, UnsupportedValue
 from dist_ckpt.integrations.lightning import DistCkptIO, DistCkptModelCheckpoint
@@ -22,18 +23,27 @@ from dist_ckpt.integrations.lightning_run import committed_names
 from dist_ckpt.run_store import RunStore
 from dist_ckpt.verify import verify_run
 from storage_backends import open_backend
-from support.faulty_backend import FaultyBackend, Rule
 
 STEPS_PER_EPOCH = 4  # 32 samples, batch 8, one process
 
 
 def _trainer(epochs: int, callback: L.Callback | None, io: DistCkptIO | None = None) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, plugins=[io or DistCkptIO()],
-                     callbacks=[callback] if callback else [], logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, enable_checkpointing=callback is not None)  # fmt: skip
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        plugins=[io or DistCkptIO()],
+        callbacks=[callback] if callback else [],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=callback is not None,
+    )
 
 
-def _fit(run: Path, epochs: int, scores: list[float], top_k: int = 2) -> tuple[DistCkptModelCheckpoint, Regressor, L.Trainer]:
+def _fit(
+    run: Path, epochs: int, scores: list[float], top_k: int = 2
+) -> tuple[DistCkptModelCheckpoint, Regressor, L.Trainer]:
     L.seed_everything(0, verbose=False)
     model = Regressor(scores=scores)
     cb = DistCkptModelCheckpoint(dirpath=run, save_last=True, save_top_k=top_k, monitor="score", every_n_epochs=1)
@@ -88,10 +98,19 @@ def _lightning_like(step: int) -> dict[str, Any]:
         "epoch": 0,
         "global_step": step,
         "state_dict": OrderedDict([("net.weight", torch.full((4, 3), float(step))), ("net.bias", torch.arange(4.0))]),
-        "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4, 3)}},
-                              "param_groups": [{"lr": 0.01, "betas": (0.9, 0.999), "params": [0, 1], "foreach": None}]}],
-        "callbacks": {"ModelCheckpoint{'monitor': 'x'}": {"best_k_models": {"/r/a.ckpt": torch.tensor(1.5)},
-                                                         "kth_value": torch.tensor(float("inf")), "dirpath": "/r"}},
+        "optimizer_states": [
+            {
+                "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4, 3)}},
+                "param_groups": [{"lr": 0.01, "betas": (0.9, 0.999), "params": [0, 1], "foreach": None}],
+            }
+        ],
+        "callbacks": {
+            "ModelCheckpoint{'monitor': 'x'}": {
+                "best_k_models": {"/r/a.ckpt": torch.tensor(1.5)},
+                "kth_value": torch.tensor(float("inf")),
+                "dirpath": "/r",
+            }
+        },
         "hyper_parameters": {"width": 32, "scores": None, "ratio": float("nan")},
         "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 1, "completed": 1}}}},
     }
@@ -165,8 +184,15 @@ def test_unsupported_value_is_refused_naming_its_key_and_nothing_is_written(tmp_
 
 def test_model_checkpoint_without_the_plugin_is_refused(tmp_path: Path) -> None:
     cb = DistCkptModelCheckpoint(dirpath=tmp_path / "run", save_top_k=1, monitor="val_loss")
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, callbacks=[cb], logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        callbacks=[cb],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(ConfigError, match=r"Trainer\(plugins=\[DistCkptIO"):
         trainer.fit(Regressor(), loader(shuffle=False), loader(shuffle=False))
     assert not (tmp_path / "run").exists()
@@ -199,7 +225,9 @@ def test_top_k_drop_survives_a_kill_between_the_commit_and_the_delete(tmp_path: 
     assert proc.returncode == 137, proc.stderr.decode()[-3000:]
     assert committed_names(open_backend(str(run))) == {10: "a.ckpt", 20: "b.ckpt"}  # step 10 left behind
     io = DistCkptIO(async_save=False)
-    io.save_checkpoint({"global_step": 30, "state_dict": {"w": torch.zeros(3)}}, run / "c.ckpt")  # the next job's first save
+    io.save_checkpoint(
+        {"global_step": 30, "state_dict": {"w": torch.zeros(3)}}, run / "c.ckpt"
+    )  # the next job's first save
     io.teardown()
     assert committed_names(open_backend(str(run))) == {20: "b.ckpt", 30: "c.ckpt"}  # b's commit retired a: gone
     manifest, _ = RunStore(open_backend(str(run))).read_manifest()

@@ -4,7 +4,6 @@ local dirpath and from an s3:// dirpath on a real SeaweedFS server."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -30,8 +29,16 @@ TIMEOUT = 300
 
 def _start(dirpath: str, tmp: Path, name: str) -> subprocess.Popen[bytes]:
     log = open(tmp / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
-    cmd = [sys.executable, str(JOB), "--dirpath", dirpath, "--progress", str(tmp / f"{name}.progress"),
-           "--final-out", str(tmp / f"{name}.st")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(JOB),
+        "--dirpath",
+        dirpath,
+        "--progress",
+        str(tmp / f"{name}.progress"),
+        "--final-out",
+        str(tmp / f"{name}.st"),
+    ]
     # its own session: Lightning's rank-1 process is a child, and killpg reaches both
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
 
@@ -88,7 +95,9 @@ def _kill_and_resume(dirpath: str, tmp: Path) -> None:
     a, b = load_file(tmp / "a.st"), load_file(tmp / "b.st")
     assert sorted(a) == sorted(b) and any(k.endswith("exp_avg_sq") for k in a)
     for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs (killed after step {kill_at}, resumed from {committed_before})"
+        assert torch.equal(a[key], b[key]), (
+            f"{key} differs (killed after step {kill_at}, resumed from {committed_before})"
+        )
 
     # retention after the resume: the top 2 by val_loss and last, nothing else; the run verifies
     manifest, _ = RunStore(backend).read_manifest()

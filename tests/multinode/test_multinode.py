@@ -34,11 +34,23 @@ def _free_port() -> int:
 
 def _launch(script: str, nnodes: int, args: list[str], log: Path, timeout: float = 300) -> list[int]:
     """Start ``nnodes`` agents of 2 ranks each; return their exit codes."""
-    env = {**os.environ, "NNODES": str(nnodes), "NPROC": "2", "RDZV": f"127.0.0.1:{_free_port()}",
-           "RUN_ID": f"job{_free_port()}", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "NNODES": str(nnodes),
+        "NPROC": "2",
+        "RDZV": f"127.0.0.1:{_free_port()}",
+        "RUN_ID": f"job{_free_port()}",
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+    }
     with open(log, "ab") as out:
         agents = [
-            subprocess.Popen([str(ROOT / "examples" / "launch_node.sh"), script, *COMMON, *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+            subprocess.Popen(
+                [str(ROOT / "examples" / "launch_node.sh"), script, *COMMON, *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
             for _ in range(nnodes)
         ]
         try:
@@ -54,13 +66,33 @@ def _launch(script: str, nnodes: int, args: list[str], log: Path, timeout: float
 def test_two_nodes_killed_and_resumed_on_s3(script: str, s3_uri: str, tmp_path: Path) -> None:
     log = tmp_path / "log"
     run_a, run_b = f"{s3_uri}/a", f"{s3_uri}/b"
-    codes = _launch(script, 2, ["--ckpt", run_a, "--losses-out", str(tmp_path / "a.jsonl"), "--final-out", str(tmp_path / "a.st")], log)
+    codes = _launch(
+        script,
+        2,
+        ["--ckpt", run_a, "--losses-out", str(tmp_path / "a.jsonl"), "--final-out", str(tmp_path / "a.st")],
+        log,
+    )
     assert codes == [0, 0], log.read_text()[-4000:]
 
-    codes = _launch(script, 2, ["--ckpt", run_b, "--crash-at-step", "9", "--losses-out", str(tmp_path / "b.jsonl")], log)
+    codes = _launch(
+        script, 2, ["--ckpt", run_b, "--crash-at-step", "9", "--losses-out", str(tmp_path / "b.jsonl")], log
+    )
     assert any(c != 0 for c in codes), "global rank 0 was SIGKILLed; the job must fail"
-    codes = _launch(script, 2, ["--ckpt", run_b, "--resume", "auto", "--losses-out", str(tmp_path / "b.jsonl"),
-                                "--final-out", str(tmp_path / "b.st")], log)  # fmt: skip
+    codes = _launch(
+        script,
+        2,
+        [
+            "--ckpt",
+            run_b,
+            "--resume",
+            "auto",
+            "--losses-out",
+            str(tmp_path / "b.jsonl"),
+            "--final-out",
+            str(tmp_path / "b.st"),
+        ],
+        log,
+    )
     assert codes == [0, 0], log.read_text()[-4000:]
     result = compare(tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "a.st", tmp_path / "b.st")
     assert result.identical and result.steps_compared == STEPS, result.first_difference

@@ -86,7 +86,9 @@ def test_read_into_whole_ranges_and_end(s3_server: S3Server, s3_uri: str) -> Non
         assert info.value.key == "nope"
 
 
-def test_read_into_completes_through_503s_and_cut_off_bodies(s3_server: S3Server, s3_uri: str, proxy: FaultyProxy) -> None:
+def test_read_into_completes_through_503s_and_cut_off_bodies(
+    s3_server: S3Server, s3_uri: str, proxy: FaultyProxy
+) -> None:
     b = make_s3_backend(s3_server, s3_uri, endpoint_url=proxy.url, max_attempts=3, **SMALL_PARTS)
     data = os.urandom(11 * MiB)
     b.write_bytes("obj", data)
@@ -98,7 +100,9 @@ def test_read_into_completes_through_503s_and_cut_off_bodies(s3_server: S3Server
     assert proxy.faults["slowdown"] == 2 and proxy.faults["truncate"] == 2
 
 
-def test_read_into_beyond_the_retry_budget_names_the_object(s3_server: S3Server, s3_uri: str, proxy: FaultyProxy) -> None:
+def test_read_into_beyond_the_retry_budget_names_the_object(
+    s3_server: S3Server, s3_uri: str, proxy: FaultyProxy
+) -> None:
     b = make_s3_backend(s3_server, s3_uri, endpoint_url=proxy.url, max_attempts=2, **SMALL_PARTS)
     b.write_bytes("step_1/shard", os.urandom(2 * MiB))
     proxy.add_fault("slowdown", 1000, **GET)
@@ -126,7 +130,9 @@ def _capture_upload_headers(client: Any) -> list[dict[str, str]]:
     return seen
 
 
-def test_payload_is_unsigned_but_checksummed_unless_the_profile_signs(s3_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_payload_is_unsigned_but_checksummed_unless_the_profile_signs(
+    s3_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = os.urandom(PART + 10)
     b = open_backend(s3_uri, **SMALL_PARTS)
     seen = _capture_upload_headers(b.client)

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from exactness import compare, torchrun  # noqa: E402
+from support.s3server import S3_IMPLEMENTATIONS  # noqa: E402
 
 import dist_ckpt  # noqa: E402
 from dist_ckpt import CheckpointManager, StepAlreadyExists  # noqa: E402
-from support.s3server import S3_IMPLEMENTATIONS  # noqa: E402
 
 STEPS = 16
 COMMON = ["--steps", str(STEPS), "--save-every", "4", "--compression", "zstd"]
@@ -31,8 +31,23 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     folder, shared by every server the resume runs on) does not change what it computes."""
     out = tmp_path_factory.mktemp("uninterrupted")
     log = out / "log"
-    assert torchrun("train_ddp.py", 2, [*COMMON, "--ckpt", str(out / "run"), "--losses-out", str(out / "a.jsonl"),
-                                        "--final-out", str(out / "a.st")], log=log) == 0, log.read_text()[-3000:]  # fmt: skip
+    assert (
+        torchrun(
+            "train_ddp.py",
+            2,
+            [
+                *COMMON,
+                "--ckpt",
+                str(out / "run"),
+                "--losses-out",
+                str(out / "a.jsonl"),
+                "--final-out",
+                str(out / "a.st"),
+            ],
+            log=log,
+        )
+        == 0
+    ), log.read_text()[-3000:]
     return out / "a.jsonl", out / "a.st"
 
 
@@ -42,10 +57,24 @@ def test_kill_and_resume_from_s3_uri_also_at_another_world_size(
 ) -> None:
     log = tmp_path / "log"
     run = f"{s3_uri}/b"
-    assert torchrun("train_ddp.py", 2, [*COMMON, "--ckpt", run, "--crash-at-step", "10",
-                                        "--losses-out", str(tmp_path / "b.jsonl")], log=log) != 0  # fmt: skip
-    assert torchrun("train_ddp.py", 2, [*COMMON, "--ckpt", run, "--losses-out", str(tmp_path / "b.jsonl"),
-                                        "--final-out", str(tmp_path / "b.st")], log=log) == 0, log.read_text()[-3000:]  # fmt: skip
+    assert (
+        torchrun(
+            "train_ddp.py",
+            2,
+            [*COMMON, "--ckpt", run, "--crash-at-step", "10", "--losses-out", str(tmp_path / "b.jsonl")],
+            log=log,
+        )
+        != 0
+    )
+    assert (
+        torchrun(
+            "train_ddp.py",
+            2,
+            [*COMMON, "--ckpt", run, "--losses-out", str(tmp_path / "b.jsonl"), "--final-out", str(tmp_path / "b.st")],
+            log=log,
+        )
+        == 0
+    ), log.read_text()[-3000:]
     result = compare(uninterrupted[0], tmp_path / "b.jsonl", uninterrupted[1], tmp_path / "b.st")
     assert result.identical and result.steps_compared == STEPS, result.first_difference
 
@@ -57,7 +86,9 @@ def test_kill_and_resume_from_s3_uri_also_at_another_world_size(
     assert listing[-1].step == STEPS - 1 and listing[-1].codec == "zstd" and "last" in listing[-1].pointers
 
 
-def _racer(uri: str, value: float, barrier: multiprocessing.synchronize.Barrier, results: multiprocessing.Queue) -> None:
+def _racer(
+    uri: str, value: float, barrier: multiprocessing.synchronize.Barrier, results: multiprocessing.Queue
+) -> None:
     state = {"w": torch.full((256, 256), value), "who": value}
     barrier.wait()
     try:

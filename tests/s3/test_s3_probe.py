@@ -39,7 +39,9 @@ def test_both_guarantees_are_enforced_and_the_probe_runs_once(s3_server: S3Serve
     assert write_guarantees(again) == found and again.stats.snapshot() == {}
 
 
-@pytest.mark.parametrize("dropped", [STRIPPED_HEADERS, ("If-None-Match",), ("If-Match",)], ids=["both", "if-none-match", "if-match"])
+@pytest.mark.parametrize(
+    "dropped", [STRIPPED_HEADERS, ("If-None-Match",), ("If-Match",)], ids=["both", "if-none-match", "if-match"]
+)
 def test_a_server_ignoring_a_condition_is_detected(s3_server: S3Server, s3_uri: str, dropped: tuple[str, ...]) -> None:
     with StrippingProxy.before(s3_server, headers=dropped) as proxy:
         found = write_guarantees(make_s3_backend(s3_server, s3_uri, endpoint_url=proxy.url))
@@ -69,10 +71,13 @@ def test_a_missing_bucket_is_named_with_bucket_scoped_credentials(seaweedfs_serv
     except admin.exceptions.BucketAlreadyOwnedByYou:
         pass
     scoped = boto3.session.Session().client(
-        "s3", endpoint_url=seaweedfs_server.endpoint_url, aws_access_key_id=SCOPED_ACCESS_KEY,
-        aws_secret_access_key=SCOPED_SECRET_KEY, region_name=seaweedfs_server.region,
+        "s3",
+        endpoint_url=seaweedfs_server.endpoint_url,
+        aws_access_key_id=SCOPED_ACCESS_KEY,
+        aws_secret_access_key=SCOPED_SECRET_KEY,
+        region_name=seaweedfs_server.region,
         config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
-    )  # fmt: skip
+    )
     assert write_guarantees(S3Backend.from_uri(f"s3://{SCOPED_BUCKET}/run", client=scoped)).enforced
     bucket = f"no-such-bucket-{uuid.uuid4().hex[:12]}"
     with pytest.raises(BackendError) as info:

@@ -78,7 +78,9 @@ def _cli(*args: str) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-def test_writing_manager_is_refused_at_start_and_writes_nothing(s3_uri: str, s3_env: S3Server, stripping: StrippingProxy) -> None:
+def test_writing_manager_is_refused_at_start_and_writes_nothing(
+    s3_uri: str, s3_env: S3Server, stripping: StrippingProxy
+) -> None:
     with pytest.raises(StorageError) as info:
         CheckpointManager(s3_uri, backend_options={"endpoint_url": stripping.url})
     _assert_refusal(str(info.value), s3_uri, stripping, "unsafe_single_writer=True")
@@ -175,7 +177,9 @@ def test_writing_manager_on_a_missing_bucket_with_bucket_scoped_credentials(
     CheckpointManager(f"s3://{SCOPED_BUCKET}/run-{uuid.uuid4().hex[:8]}").close()  # the bucket it may use works
 
 
-def test_local_roots_are_not_probed_and_the_option_is_validated(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_local_roots_are_not_probed_and_the_option_is_validated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="dist_ckpt.write_guard")
     _save_steps(str(tmp_path / "run"), [1], unsafe_single_writer=True)
     assert not [r for r in caplog.records if r.name == "dist_ckpt.write_guard"]  # nothing unsafe to warn about

@@ -131,8 +131,9 @@ def run_ranks(
     import torch.distributed as dist
 
     # The store lives here, on a port the OS picked; children connect as clients.
-    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=timeout))  # fmt: skip
+    store = dist.TCPStore(
+        "127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout)
+    )
     ctx = multiprocessing.get_context(start_method)
     if start_method == "forkserver":
         # Takes effect when the fork server starts (first use in this process): it imports
@@ -239,14 +240,25 @@ def run_torchrun(
     by torchrun). Returns the completed process; raises :class:`RanksFailed` with the output
     on a non-zero exit or a timeout (the whole process group is killed)."""
     cmd: Sequence[str] = [
-        python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "--monitor-interval=0.1", str(script), *map(str, args),
-    ]  # fmt: skip
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "--monitor-interval=0.1",
+        str(script),
+        *map(str, args),
+    ]
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=cwd,
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=full_env,
+        cwd=cwd,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

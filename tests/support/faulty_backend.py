@@ -18,7 +18,8 @@ one from the ``nth`` on):
 - ``fail``: raise ``error``: an errno name (``EIO``, ``ENOSPC``, ...) gives the
   :class:`BackendError` a real backend raises for that ``OSError`` (``raw=True``: the bare
   ``OSError``), or one of ``BackendError``, ``ObjectNotFound``, ``PreconditionFailed``,
-  ``ObjectExists``, or ``RuntimeError`` (not a storage error: a bug). A failing writer operation aborts the real writer first, as the real
+  ``ObjectExists``, or ``RuntimeError`` (not a storage error: a bug). A failing writer operation aborts the
+  real writer first, as the real
   backends do on an I/O error.
 - ``exit``: ``os._exit(exit_code)`` — the process dies on the spot, no cleanup, no finally.
 - ``delay``: sleep ``delay`` seconds, then carry on (slow storage).
@@ -39,8 +40,9 @@ Configurable from JSON, so ``torchrun`` workers and subprocesses can use it::
     backend.arm()                                          # e.g. once it reached the step to hit
 
 The wrapper pickles (rules included, ``call`` rules excepted), so ``async_mode="process"``
-writer processes apply the same rules. Every triggered action is counted in ``injected`` and, when ``log`` is set, appended to that
-file as a JSON line (flushed before an ``exit``) so the test process can see what happened.
+writer processes apply the same rules. Every triggered action is counted in ``injected`` and,
+when ``log`` is set, appended to that file as a JSON line (flushed before an ``exit``) so the test
+process can see what happened.
 """
 
 from __future__ import annotations
@@ -211,9 +213,18 @@ class FaultyBackend:
     def _record(self, op: str, key: str, rule: Rule) -> None:
         if not self.log_path:
             return
-        line = json.dumps({"op": op, "key": key, "action": rule.action, "when": rule.when,
-                           "error": rule.error if rule.action == "fail" else None,
-                           "rank": self.rank, "pid": os.getpid(), "time": time.time()})  # fmt: skip
+        line = json.dumps(
+            {
+                "op": op,
+                "key": key,
+                "action": rule.action,
+                "when": rule.when,
+                "error": rule.error if rule.action == "fail" else None,
+                "rank": self.rank,
+                "pid": os.getpid(),
+                "time": time.time(),
+            }
+        )
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, (line + "\n").encode())
@@ -312,7 +323,9 @@ class FaultyBackend:
         return self._run("publish", staging_prefix, lambda: self.inner.publish(staging_prefix, final_prefix))
 
     def abandoned_uploads(self, prefix: str = "", **kwargs: Any) -> Iterator[str]:
-        return iter(self._run("abandoned_uploads", prefix, lambda: list(self.inner.abandoned_uploads(prefix, **kwargs))))
+        return iter(
+            self._run("abandoned_uploads", prefix, lambda: list(self.inner.abandoned_uploads(prefix, **kwargs)))
+        )
 
     def abort_uploads(self, prefix: str = "", **kwargs: Any) -> int:
         return self._run("abort_uploads", prefix, lambda: self.inner.abort_uploads(prefix, **kwargs))

@@ -22,7 +22,9 @@ def find_moto_server() -> str:
     found = shutil.which("moto_server")
     if found:
         return found
-    raise S3ServerError("`moto_server` not found: install the test extra (`pip install -e '.[test]'`, which brings moto[server])")
+    raise S3ServerError(
+        "`moto_server` not found: install the test extra (`pip install -e '.[test]'`, which brings moto[server])"
+    )
 
 
 def start_moto_server(workdir: Path, *, timeout: float = 60.0, tries: int = 3) -> S3Server:
@@ -38,17 +40,34 @@ def start_moto_server(workdir: Path, *, timeout: float = 60.0, tries: int = 3) -
     for attempt in range(tries):
         port = _free_ports(1)[0]
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen([moto_server, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, cwd=workdir, start_new_session=True)  # fmt: skip
-        server = S3Server(f"http://127.0.0.1:{port}", ACCESS_KEY, SECRET_KEY, workdir, log_path, proc, {"s3": port},
-                          name="moto", version=f"moto {version('moto')}")  # fmt: skip
+            proc = subprocess.Popen(
+                [moto_server, "-H", "127.0.0.1", "-p", str(port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=workdir,
+                start_new_session=True,
+            )
+        server = S3Server(
+            f"http://127.0.0.1:{port}",
+            ACCESS_KEY,
+            SECRET_KEY,
+            workdir,
+            log_path,
+            proc,
+            {"s3": port},
+            name="moto",
+            version=f"moto {version('moto')}",
+        )
         try:
             _wait_ready(server, timeout)
             return server
         except S3ServerError as e:
             server.stop(timeout=2)
-            error = S3ServerError(f"moto_server failed to start (try {attempt + 1}/{tries}): {e}\n"
-                                  f"--- {log_path} (tail) ---\n{server.log_tail()}")  # fmt: skip
+            error = S3ServerError(
+                f"moto_server failed to start (try {attempt + 1}/{tries}): {e}\n"
+                f"--- {log_path} (tail) ---\n{server.log_tail()}"
+            )
             if "in use" not in server.log_tail(200):
                 break
     assert error is not None

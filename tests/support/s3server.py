@@ -288,8 +288,16 @@ def start_seaweedfs(
     for attempt in range(tries):
         ports = dict(zip(_PORT_NAMES, _free_ports(len(_PORT_NAMES)), strict=True))
         proc = _launch(weed, workdir, ports, config, log_path)
-        server = S3Server(f"http://127.0.0.1:{ports['s3']}", access_key, secret_key, workdir, log_path, proc, ports,
-                          version=f"seaweedfs {_weed_version(weed)}")  # fmt: skip
+        server = S3Server(
+            f"http://127.0.0.1:{ports['s3']}",
+            access_key,
+            secret_key,
+            workdir,
+            log_path,
+            proc,
+            ports,
+            version=f"seaweedfs {_weed_version(weed)}",
+        )
         try:
             _wait_ready(server, timeout)
             return server

@@ -28,7 +28,16 @@ from botocore.credentials import Credentials
 __all__ = ["STRIPPED_HEADERS", "StrippingProxy"]
 
 STRIPPED_HEADERS = ("If-None-Match", "If-Match")
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "expect"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+}
 _RESIGNED = {"authorization", "x-amz-date", "x-amz-content-sha256", "x-amz-security-token"}
 _CHUNK = 256 * 1024
 
@@ -113,7 +122,9 @@ def _make_handler(proxy: StrippingProxy) -> type[BaseHTTPRequestHandler]:
             body = self._body()
             headers = [(n, v) for n, v in self.headers.items() if n.lower() not in _HOP_BY_HOP]
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                headers = [(n, v) for n, v in headers if n.lower() != "content-length"] + [("Content-Length", str(len(body)))]
+                headers = [(n, v) for n, v in headers if n.lower() != "content-length"] + [
+                    ("Content-Length", str(len(body)))
+                ]
             headers = proxy.strip(self.command, self.path, headers, body)
             conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
             try:

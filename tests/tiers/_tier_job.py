@@ -44,7 +44,9 @@ def main() -> None:
     p.add_argument("--steps", default="")
     p.add_argument("--mb", type=float, default=1.0)
     p.add_argument("--kill-after-wait", type=int, default=None)
-    p.add_argument("--persisted", action="store_true", help="wait(persisted=True) after each save (up to --pause-after)")
+    p.add_argument(
+        "--persisted", action="store_true", help="wait(persisted=True) after each save (up to --pause-after)"
+    )
     p.add_argument("--pause-after", type=int, default=None)
     p.add_argument("--go", default=None)
     p.add_argument("--no-wait-upload", action="store_true")
@@ -61,9 +63,14 @@ def main() -> None:
     dump.mkdir(parents=True, exist_ok=True)
     n = max(1, int(args.mb * (1 << 20) / 4 / 1024))
     model = torch.nn.Sequential(torch.nn.Linear(1024, n, bias=False))
-    mgr = CheckpointManager(args.root, local_root=args.local_root, persist_every_n_saves=args.persist_every,
-                            keep_last=args.keep_last, backend_options=json.loads(args.backend_options),
-                            async_save=args.async_save)  # fmt: skip
+    mgr = CheckpointManager(
+        args.root,
+        local_root=args.local_root,
+        persist_every_n_saves=args.persist_every,
+        keep_last=args.keep_last,
+        backend_options=json.loads(args.backend_options),
+        async_save=args.async_save,
+    )
     state = mgr.track(model=model)
     if args.restore:
         info = mgr.restore(state)

@@ -52,8 +52,16 @@ def test_never_two_uploaders_and_no_double_upload(work: Path) -> None:
     dist_ckpt.save({"w": torch.arange(1 << 16, dtype=torch.float32)}, f"{local}/step_000000001")
     PromotionQueue(local).enqueue(PromotionRequest(step=1, root=str(root)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "dist_ckpt.tiers.uploader", str(local), "--idle-exit", "1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(4)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dist_ckpt.tiers.uploader", str(local), "--idle-exit", "1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for _ in range(4)
+    ]
     logs = [p.communicate(timeout=60)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs
     text = "\n".join(logs)
@@ -69,13 +77,23 @@ def test_an_uploader_whose_local_tier_was_wiped_leaves_the_new_tier_to_its_new_u
     the two settled each other's steps: one promoted, the other then recorded it as failed)."""
     local = work / "local"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    old = subprocess.Popen([sys.executable, "-m", "dist_ckpt.tiers.uploader", str(local), "--idle-exit", "60"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    old = subprocess.Popen(
+        [sys.executable, "-m", "dist_ckpt.tiers.uploader", str(local), "--idle-exit", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     wait_for(lambda: uploader_pid(local), 60, "the first uploader serves")
     shutil.rmtree(local)
     local.mkdir()
-    new = subprocess.Popen([sys.executable, "-m", "dist_ckpt.tiers.uploader", str(local), "--idle-exit", "1"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    new = subprocess.Popen(
+        [sys.executable, "-m", "dist_ckpt.tiers.uploader", str(local), "--idle-exit", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     old_log = old.communicate(timeout=30)[0]  # long before its 60 s idle exit
     assert old.returncode == 0 and "was deleted and re-created" in old_log, old_log
     new_log = new.communicate(timeout=60)[0]
@@ -86,8 +104,15 @@ def test_an_uploader_whose_local_tier_was_wiped_leaves_the_new_tier_to_its_new_u
 def test_manager_with_a_local_tier(work: Path, async_save: bool) -> None:
     root, local = work / "root", work / "local"
     model = torch.nn.Linear(32, 32)
-    mgr = CheckpointManager(str(root), local_root=str(local), keep_last=2, local_keep_last=2,
-                            persist_every_n_saves=2, best={"loss": "max"}, async_save=async_save)  # fmt: skip
+    mgr = CheckpointManager(
+        str(root),
+        local_root=str(local),
+        keep_last=2,
+        local_keep_last=2,
+        persist_every_n_saves=2,
+        best={"loss": "max"},
+        async_save=async_save,
+    )
     state = mgr.track(model=model)
     for step, loss in enumerate([1.0, 0.5, 0.4, 0.3, 0.2]):  # "max": only step 0 is a best
         with torch.no_grad():
@@ -100,8 +125,12 @@ def test_manager_with_a_local_tier(work: Path, async_save: bool) -> None:
     tiers = {c.step: c.tiers for c in mgr.checkpoints()}
     assert tiers == {0: ("root",), 3: ("local", "root"), 4: ("local", "root")}, tiers
     mgr.close()
-    out = subprocess.run([sys.executable, "-m", "dist_ckpt.cli", "list", str(root), "--local-root", str(local), "--json"],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "dist_ckpt.cli", "list", str(root), "--local-root", str(local), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     listed = {c["step"]: c["tiers"] for c in json.loads(out.stdout)["checkpoints"]}
     assert listed == {0: ["root"], 3: ["local", "root"], 4: ["local", "root"]}
     # step 2 was never due: retention removed it from the local tier without a promotion
@@ -127,8 +156,13 @@ def test_a_damaged_local_checkpoint_is_not_promoted_and_says_why(work: Path) -> 
     shard.write_bytes(bytes(data))
     queue = PromotionQueue(local)
     queue.enqueue(PromotionRequest(step=1, root=str(root), local_keep_last=1))
-    proc = subprocess.run([sys.executable, "-m", "dist_ckpt.tiers.uploader", str(local), "--idle-exit", "0.5"],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "dist_ckpt.tiers.uploader", str(local), "--idle-exit", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     reason = queue.failure(1)
     assert reason is not None and "checksum mismatch" in reason and str(shard) in reason, reason

@@ -37,12 +37,26 @@ def _free_port() -> int:
 
 def _launch(node_args: list[list[str]], log: Path, timeout: float = 300) -> list[int]:
     """One torchrun agent of 2 ranks per entry of ``node_args`` (its own arguments)."""
-    env = {**os.environ, "NNODES": str(len(node_args)), "NPROC": "2", "RDZV": f"127.0.0.1:{_free_port()}",
-           "RUN_ID": f"job{_free_port()}", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "DIST_CKPT_UPLOADER_IDLE_S": "10"}  # fmt: skip
+    env = {
+        **os.environ,
+        "NNODES": str(len(node_args)),
+        "NPROC": "2",
+        "RDZV": f"127.0.0.1:{_free_port()}",
+        "RUN_ID": f"job{_free_port()}",
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "DIST_CKPT_UPLOADER_IDLE_S": "10",
+    }
     with open(log, "ab") as out:
-        agents = [subprocess.Popen([str(ROOT / "examples" / "launch_node.sh"), "train_fsdp.py", *COMMON, *args],
-                                   stdout=out, stderr=subprocess.STDOUT, env=env) for args in node_args]  # fmt: skip
+        agents = [
+            subprocess.Popen(
+                [str(ROOT / "examples" / "launch_node.sh"), "train_fsdp.py", *COMMON, *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+            for args in node_args
+        ]
         try:
             return [a.wait(timeout=timeout) for a in agents]
         finally:
@@ -61,23 +75,70 @@ def test_two_nodes_one_local_tier_wiped_resume_reads_its_shards_from_s3(s3_uri: 
     try:
         run_a, run_b = f"{s3_uri}/a", f"{s3_uri}/b"
         a_nodes = [tmp_path / "a_node0", tmp_path / "a_node1"]
-        codes = _launch([["--ckpt", run_a, "--local-root", str(d), "--losses-out", str(tmp_path / "a.jsonl"),
-                          "--final-out", str(tmp_path / "a.st")] for d in a_nodes], log)  # fmt: skip
+        codes = _launch(
+            [
+                [
+                    "--ckpt",
+                    run_a,
+                    "--local-root",
+                    str(d),
+                    "--losses-out",
+                    str(tmp_path / "a.jsonl"),
+                    "--final-out",
+                    str(tmp_path / "a.st"),
+                ]
+                for d in a_nodes
+            ],
+            log,
+        )
         assert codes == [0, 0], log.read_text()[-4000:]
 
         nodes = [tmp_path / "node0", tmp_path / "node1"]
-        codes = _launch([["--ckpt", run_b, "--local-root", str(d), "--crash-at-step", "9",
-                          "--losses-out", str(tmp_path / "b.jsonl")] for d in nodes], log)  # fmt: skip
+        codes = _launch(
+            [
+                [
+                    "--ckpt",
+                    run_b,
+                    "--local-root",
+                    str(d),
+                    "--crash-at-step",
+                    "9",
+                    "--losses-out",
+                    str(tmp_path / "b.jsonl"),
+                ]
+                for d in nodes
+            ],
+            log,
+        )
         assert any(c != 0 for c in codes), "global rank 0 was SIGKILLed; the job must fail"
         # each node's tier holds only its own ranks' shards
         held = [sorted(p.name for p in d.glob("step_000000008/rank_*")) for d in nodes]
         assert sorted(held[0] + held[1]) == [f"rank_{r:05d}.safetensors" for r in range(4)], held
         # the detached uploaders of both nodes finish step 8 without the job
-        wait_for(lambda: _queues_empty(*nodes) and 8 in [e.step for e in RunStore(open_backend(run_b)).committed_entries()],
-                 120, "step 8 promoted by both nodes' uploaders")  # fmt: skip
+        wait_for(
+            lambda: _queues_empty(*nodes) and 8 in [e.step for e in RunStore(open_backend(run_b)).committed_entries()],
+            120,
+            "step 8 promoted by both nodes' uploaders",
+        )
         shutil.rmtree(nodes[1])  # one node's local tier is lost (a replaced node)
-        codes = _launch([["--ckpt", run_b, "--local-root", str(d), "--resume", "auto", "--losses-out",
-                          str(tmp_path / "b.jsonl"), "--final-out", str(tmp_path / "b.st")] for d in nodes], log)  # fmt: skip
+        codes = _launch(
+            [
+                [
+                    "--ckpt",
+                    run_b,
+                    "--local-root",
+                    str(d),
+                    "--resume",
+                    "auto",
+                    "--losses-out",
+                    str(tmp_path / "b.jsonl"),
+                    "--final-out",
+                    str(tmp_path / "b.st"),
+                ]
+                for d in nodes
+            ],
+            log,
+        )
         assert codes == [0, 0], log.read_text()[-4000:]
         result = compare(tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "a.st", tmp_path / "b.st")
         assert result.identical and result.steps_compared == STEPS, result.first_difference

@@ -31,8 +31,21 @@ def _committed_at(uri: str) -> list[int]:
 
 def test_trainer_killed_after_wait_step_reaches_s3_and_a_new_node_resumes(s3_uri: str, work: Path) -> None:
     local, dump = work / "node_a", work / "a"
-    proc = run_job("--root", s3_uri, "--local-root", str(local), "--steps", "0,1,2", "--mb", "4",
-                   "--kill-after-wait", "2", "--dump", str(dump), check=False)  # fmt: skip
+    proc = run_job(
+        "--root",
+        s3_uri,
+        "--local-root",
+        str(local),
+        "--steps",
+        "0,1,2",
+        "--mb",
+        "4",
+        "--kill-after-wait",
+        "2",
+        "--dump",
+        str(dump),
+        check=False,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
     assert (dump / "waited").read_text() == "2"
     # no restart of anything: the detached uploader outlives the trainer and commits step 2
@@ -53,8 +66,21 @@ def test_uploader_killed_mid_promotion_is_finished_by_the_next_start(s3_uri: str
     bucket, prefix = s3_uri[5:].split("/", 1)
     client = s3_server.client()
     # close(wait_for_upload=False): the job ends; its uploader sends 24 MiB in 5 MiB parts
-    job = start_job("--root", s3_uri, "--local-root", str(local), "--steps", "0", "--mb", "24", "--no-wait-upload",
-                    "--backend-options", options, "--dump", str(dump))  # fmt: skip
+    job = start_job(
+        "--root",
+        s3_uri,
+        "--local-root",
+        str(local),
+        "--steps",
+        "0",
+        "--mb",
+        "24",
+        "--no-wait-upload",
+        "--backend-options",
+        options,
+        "--dump",
+        str(dump),
+    )
 
     def uploading() -> bool:
         found = client.list_multipart_uploads(Bucket=bucket, Prefix=f"{prefix}/step_000000000/").get("Uploads")
@@ -80,7 +106,18 @@ def test_uploader_killed_mid_promotion_is_finished_by_the_next_start(s3_uri: str
         assert name in meta.files and obj["Size"] == meta.files[name].size, obj
     # the next manager start on this node adopts the queue and finishes the promotion
     # (its close() waits for its own saves only: the adopted step is the detached uploader's to finish)
-    run_job("--root", s3_uri, "--local-root", str(local), "--mb", "24", "--backend-options", options, "--dump", str(work / "b"))
+    run_job(
+        "--root",
+        s3_uri,
+        "--local-root",
+        str(local),
+        "--mb",
+        "24",
+        "--backend-options",
+        options,
+        "--dump",
+        str(work / "b"),
+    )
     wait_for(lambda: _committed_at(s3_uri) == [0], 120, "the adopted promotion of step 0 committed")
     assert verify_checkpoint(open_backend(s3_uri), "step_000000000").ok
     assert not list(open_backend(s3_uri).abandoned_uploads("step_")), "the killed upload was not aborted"
@@ -107,7 +144,9 @@ def _restart_same_ports(server) -> None:  # noqa: ANN001
     """Start the stopped SeaweedFS again on its ports, over its data (the endpoint stays valid)."""
     from support.s3server import _launch, _wait_ready, find_weed
 
-    server.process = _launch(find_weed(), server.workdir, server.ports, server.workdir / "s3-identities.json", server.log_path)
+    server.process = _launch(
+        find_weed(), server.workdir, server.ports, server.workdir / "s3-identities.json", server.log_path
+    )
     _wait_ready(server, 60)
 
 
@@ -121,8 +160,22 @@ def test_s3_down_restore_takes_the_newer_local_step_and_promotion_catches_up(wor
             monkeypatch.setenv(key, value)  # the jobs and their uploaders use this server
         uri = f"s3://{server.create_bucket()}/run"
         local, dump, go = work / "node", work / "a", work / "go"
-        job = start_job("--root", uri, "--local-root", str(local), "--steps", "0,1,2,3", "--persisted",
-                        "--pause-after", "1", "--go", str(go), "--no-wait-upload", "--dump", str(dump))  # fmt: skip
+        job = start_job(
+            "--root",
+            uri,
+            "--local-root",
+            str(local),
+            "--steps",
+            "0,1,2,3",
+            "--persisted",
+            "--pause-after",
+            "1",
+            "--go",
+            str(go),
+            "--no-wait-upload",
+            "--dump",
+            str(dump),
+        )
         wait_for(lambda: (dump / "paused_1").exists() or job.poll() is not None, 120, "steps 0, 1 persisted")
         assert _committed_at(uri) == [0, 1]
         server.stop()  # S3 unreachable: steps 2 and 3 commit locally, their promotion retries
@@ -133,7 +186,17 @@ def test_s3_down_restore_takes_the_newer_local_step_and_promotion_catches_up(wor
         os.kill(uploader, signal.SIGSTOP)  # holds the promotion back until the restore has run
         _restart_same_ports(server)
         assert _committed_at(uri) == [0, 1]
-        run_job("--root", uri, "--local-root", str(local), "--restore", "--no-wait-upload", "--list", "--dump", str(work / "b"))
+        run_job(
+            "--root",
+            uri,
+            "--local-root",
+            str(local),
+            "--restore",
+            "--no-wait-upload",
+            "--list",
+            "--dump",
+            str(work / "b"),
+        )
         resumed = json.loads((work / "b" / "resume.json").read_text())
         assert resumed["step"] == 3 and resumed["uri"].startswith(str(local)), resumed
         assert_same_tensors(dump / "saved_3.safetensors", work / "b" / "restored.safetensors")

@@ -21,12 +21,15 @@ def _env() -> dict[str, str]:
 
 def start_job(*args: str) -> subprocess.Popen[str]:
     """The job in the background (stderr piped)."""
-    return subprocess.Popen([sys.executable, str(JOB), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=_env())  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(JOB), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env()
+    )
 
 
 def run_job(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=timeout, env=_env())
+    proc = subprocess.run(
+        [sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=timeout, env=_env()
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"job exited with {proc.returncode}:\n{proc.stderr[-6000:]}")
     return proc

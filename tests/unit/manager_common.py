@@ -11,8 +11,6 @@ from torch import nn
 from dist_ckpt import CheckpointManager
 from dist_ckpt import manifest as mf
 
-
-
 FAST = {"backend_options": {"fsync": False}}
 
 
@@ -48,14 +46,22 @@ class Gan:
         self.sched_d = torch.optim.lr_scheduler.ExponentialLR(self.opt_d, gamma=0.9)
 
     def objects(self) -> dict:
-        return dict(generator=self.generator, discriminator=self.discriminator, opt_g=self.opt_g,
-                    opt_d=self.opt_d, sched_g=self.sched_g, sched_d=self.sched_d)  # fmt: skip
+        return dict(
+            generator=self.generator,
+            discriminator=self.discriminator,
+            opt_g=self.opt_g,
+            opt_d=self.opt_d,
+            sched_g=self.sched_g,
+            sched_d=self.sched_d,
+        )
 
     def train_step(self) -> float:
         real = torch.randn(16, 4) + 2.0
         fake = self.generator(torch.randn(16, 4))
         bce = nn.functional.binary_cross_entropy_with_logits
-        d_loss = bce(self.discriminator(real), torch.ones(16, 1)) + bce(self.discriminator(fake.detach()), torch.zeros(16, 1))
+        d_loss = bce(self.discriminator(real), torch.ones(16, 1)) + bce(
+            self.discriminator(fake.detach()), torch.zeros(16, 1)
+        )
         self.opt_d.zero_grad()
         d_loss.backward()
         self.opt_d.step()
@@ -94,5 +100,3 @@ def assert_same(a, b, path="") -> None:
             assert_same(x, y, f"{path}[{i}]")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
-
-

@@ -28,14 +28,20 @@ def _item(fqn: str, shape: tuple[int, ...], rank: int, world: int) -> WriteItem:
     offsets = (min(rank * cs, n), *(0,) * (len(shape) - 1))
     sizes = (max(0, min(cs, n - rank * cs)), *shape[1:])
     chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))
-    return WriteItem(MetadataIndex(fqn, torch.Size(offsets)), WriteItemType.SHARD,
-                     tensor_data=TensorWriteData(chunk, TensorProperties(dtype=torch.float32), torch.Size(shape)))  # fmt: skip
+    return WriteItem(
+        MetadataIndex(fqn, torch.Size(offsets)),
+        WriteItemType.SHARD,
+        tensor_data=TensorWriteData(chunk, TensorProperties(dtype=torch.float32), torch.Size(shape)),
+    )
 
 
 def _replicated(rank: int) -> WriteItem:
     chunk = ChunkStorageMetadata(torch.Size([0]), torch.Size([1]))
-    return WriteItem(MetadataIndex("step", torch.Size([0])), WriteItemType.TENSOR,
-                     tensor_data=TensorWriteData(chunk, TensorProperties(dtype=torch.float32), torch.Size([1])))  # fmt: skip
+    return WriteItem(
+        MetadataIndex("step", torch.Size([0])),
+        WriteItemType.TENSOR,
+        tensor_data=TensorWriteData(chunk, TensorProperties(dtype=torch.float32), torch.Size([1])),
+    )
 
 
 def _full_plan(rank: int, shapes: dict[str, tuple[int, ...]] = SHAPES) -> SavePlan:
@@ -80,7 +86,9 @@ def test_coordinator_metadata_json_equals_the_per_chunk_one() -> None:
     _, meta_p = per_chunk._create_global_plan([_full_plan(r) for r in range(WORLD)])
     assert per_chunk.coordinator_items == WORLD * 4
     assert isinstance(meta_c.state_dict_metadata["w"].chunks, compact_plan.RuledChunks)
-    assert list(meta_c.state_dict_metadata["small"].chunks) == [c for c in meta_p.state_dict_metadata["small"].chunks if all(c.sizes)]
+    assert list(meta_c.state_dict_metadata["small"].chunks) == [
+        c for c in meta_p.state_dict_metadata["small"].chunks if all(c.sizes)
+    ]
     assert meta_c.planner_data == meta_p.planner_data
     files = {f"rank_{r:05d}.safetensors": FileRecord(r, 1, "x:y:z", f"index_{r:05d}.safetensors") for r in range(WORLD)}
     chunk_ranks = {(i.index.fqn, i.index.offset): r for r in range(WORLD) for i in _full_plan(r).items}
@@ -123,8 +131,10 @@ def test_agreed_replicated_items_are_sent_and_written_by_the_coordinator_only() 
         digests.append(digest)
         return True
 
-    plans = [compact_plan.split_local_plan(_full_plan(r), _full_plan(r), _splits(r), coordinator=r == 0, agree=agree)
-             for r in range(WORLD)]  # fmt: skip
+    plans = [
+        compact_plan.split_local_plan(_full_plan(r), _full_plan(r), _splits(r), coordinator=r == 0, agree=agree)
+        for r in range(WORLD)
+    ]
     assert len(set(digests)) == 1 and len(digests) == WORLD
     assert [[i.index.fqn for i in p.sent.items] for p in plans] == [["step"], [], [], []]
     assert [sorted(p.sent.planner_data.mappings) for p in plans] == [["b", "small", "step", "w"], [], [], []]
@@ -138,11 +148,14 @@ def test_no_agreement_or_a_cached_plan_still_calls_the_collective_on_every_rank(
     calls: list[int] = []
     for r in range(WORLD):
         # ranks disagree: each sends its unruled items, as DCP's plans do
-        split = compact_plan.split_local_plan(_full_plan(r), _full_plan(r), _splits(r), coordinator=r == 0,
-                                              agree=lambda d, r=r: calls.append(r) or False)  # fmt: skip
+        split = compact_plan.split_local_plan(
+            _full_plan(r), _full_plan(r), _splits(r), coordinator=r == 0, agree=lambda d, r=r: calls.append(r) or False
+        )
         assert [i.index.fqn for i in split.sent.items] == ["step"]
     unusable = SavePlan([], usable=False)
-    split = compact_plan.split_local_plan(unusable, _full_plan(1), {}, coordinator=False, agree=lambda d: calls.append(9) or True)
+    split = compact_plan.split_local_plan(
+        unusable, _full_plan(1), {}, coordinator=False, agree=lambda d: calls.append(9) or True
+    )
     assert split.sent is unusable and calls == [0, 1, 2, 3, 9]
     # a cached plan while the ranks now disagree: the cache may hold a plan made when they
     # agreed (no unruled items sent), so this rank's own items are sent afresh

@@ -14,13 +14,13 @@ import torch
 import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_zstd_codec import TORCH_DTYPES, make_tensor, tensor_bytes
 
 from dist_ckpt.errors import CorruptCheckpoint
 from dist_ckpt.format import byte_group as bg
 from dist_ckpt.format import float_jit
 from dist_ckpt.format import zstd_chunk as zch
 from dist_ckpt.format.zstd_codec import ZstdCodec
-from test_zstd_codec import TORCH_DTYPES, make_tensor, tensor_bytes
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "zstd_chunks_v1"
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -197,7 +197,6 @@ def test_importing_the_codec_does_not_import_numba() -> None:
     env = dict(os.environ)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-
 
 
 def _adamw_state(dtype: str) -> torch.Tensor:

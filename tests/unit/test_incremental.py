@@ -100,7 +100,9 @@ def test_low_level_base_reuses_unchanged_tensors_and_restores(tmp_path):
     dist_ckpt.save({"frozen": frozen, "trained": trained2}, str(tmp_path / "b"), base=str(tmp_path / "a"))
     meta = json.loads((tmp_path / "b" / "metadata.json").read_text())
     assert "a/rank_00000.safetensors" in meta["files"]  # listed with size and checksum
-    assert meta["files"]["a/rank_00000.safetensors"]["size"] == (tmp_path / "a" / "rank_00000.safetensors").stat().st_size
+    assert (
+        meta["files"]["a/rank_00000.safetensors"]["size"] == (tmp_path / "a" / "rank_00000.safetensors").stat().st_size
+    )
     assert (tmp_path / "b" / "rank_00000.safetensors").stat().st_size < 256 * 256 * 4 / 10
     out = {"frozen": torch.zeros(256, 256), "trained": torch.zeros(4, 256)}
     dist_ckpt.load(out, str(tmp_path / "b"))

@@ -24,10 +24,25 @@ def roundtrip(value):
 @pytest.mark.parametrize(
     "value",
     [
-        None, True, False, 0, -1, 2**53, -(2**53), 1.5, -0.0, 1e308, "", "héllo ✓", "\x00",
-        [], {}, [1, [2, [3]]], {"a": {"b": [1, None, "x"]}},
+        None,
+        True,
+        False,
+        0,
+        -1,
+        2**53,
+        -(2**53),
+        1.5,
+        -0.0,
+        1e308,
+        "",
+        "héllo ✓",
+        "\x00",
+        [],
+        {},
+        [1, [2, [3]]],
+        {"a": {"b": [1, None, "x"]}},
     ],
-)  # fmt: skip
+)
 def test_plain_json_values_roundtrip_unchanged(value):
     assert roundtrip(value) == value
     assert type(roundtrip(value)) is type(value)
@@ -35,8 +50,11 @@ def test_plain_json_values_roundtrip_unchanged(value):
 
 def test_plain_values_encode_as_plain_json():
     assert json.loads(jv.encode({"lr": 0.1, "betas": [0.9, 0.99], "name": "adam", "n": 3})) == {
-        "lr": 0.1, "betas": [0.9, 0.99], "name": "adam", "n": 3,
-    }  # fmt: skip
+        "lr": 0.1,
+        "betas": [0.9, 0.99],
+        "name": "adam",
+        "n": 3,
+    }
 
 
 def test_tuples_stay_tuples_at_every_depth():

@@ -41,20 +41,30 @@ class Ids(Dataset):
 
 LOADERS: dict[str, Callable[[], DataLoader]] = {
     "shuffle": lambda: DataLoader(Ids(), batch_size=4, shuffle=True),
-    "shuffle-generator": lambda: DataLoader(Ids(), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5)),
+    "shuffle-generator": lambda: DataLoader(
+        Ids(), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5)
+    ),
     "subset-random": lambda: DataLoader(Ids(), batch_size=3, sampler=SubsetRandomSampler(range(2, 20))),
-    "weighted": lambda: DataLoader(Ids(), batch_size=4, sampler=WeightedRandomSampler(torch.rand(N, generator=torch.Generator().manual_seed(1)), 15)),
-    "with-replacement": lambda: DataLoader(Ids(), batch_size=5, sampler=RandomSampler(Ids(), replacement=True, num_samples=40)),
+    "weighted": lambda: DataLoader(
+        Ids(),
+        batch_size=4,
+        sampler=WeightedRandomSampler(torch.rand(N, generator=torch.Generator().manual_seed(1)), 15),
+    ),
+    "with-replacement": lambda: DataLoader(
+        Ids(), batch_size=5, sampler=RandomSampler(Ids(), replacement=True, num_samples=40)
+    ),
     "batch-sampler": lambda: DataLoader(Ids(), batch_sampler=BatchSampler(RandomSampler(Ids()), 4, drop_last=True)),
     "sequential": lambda: DataLoader(Ids(), batch_size=4),
-}  # fmt: skip
+}
 
 
 class Crash(Exception):
     pass
 
 
-def _train(root: Path, make_loader: Callable[[], DataLoader], *, crash_at: int | None = None, track: bool = True) -> dict[int, tuple]:
+def _train(
+    root: Path, make_loader: Callable[[], DataLoader], *, crash_at: int | None = None, track: bool = True
+) -> dict[int, tuple]:
     """A script's life: seed, build, restore, loop over epochs; returns per step (batch, the
     step's random number, a hash of the global RNG state at the step's start)."""
     torch.manual_seed(11)
@@ -185,7 +195,9 @@ def _records(ranks: list) -> dict[str, str]:
     return {k: v for _, position in ranks for k, v in position.state_dict().items()}
 
 
-@pytest.mark.parametrize("worlds", [[(2, 2), (3, 1), (1, None)], [(2, 1), (3, 1), (3, 1), (2, None)], [(2, 4), (3, None)]])
+@pytest.mark.parametrize(
+    "worlds", [[(2, 2), (3, 1), (1, None)], [(2, 1), (3, 1), (3, 1), (2, None)], [(2, 4), (3, None)]]
+)
 def test_an_epoch_goes_on_across_world_size_changes(worlds: list[tuple[int, int | None]]) -> None:
     """E.g. 2 ranks take 2 steps of epoch 4, 3 ranks 1 step, 1 rank the rest (a resume at the
     same world size in between replays the continued pass): every sample of the epoch exactly

@@ -136,7 +136,12 @@ def test_read_ranges_and_past_the_end(be):
     assert be.read("r", 250, 100) == data[250:]  # past the end: what exists
     assert be.read("r", 300, 10) == b""
     assert be.read("r", 0, 0) == b""
-    assert be.read_ranges("r", [(200, 3), (0, 2), (1, 1), (255, 10)]) == [data[200:203], data[0:2], data[1:2], data[255:]]
+    assert be.read_ranges("r", [(200, 3), (0, 2), (1, 1), (255, 10)]) == [
+        data[200:203],
+        data[0:2],
+        data[1:2],
+        data[255:],
+    ]
     assert be.read_ranges("r", []) == []
 
 
@@ -353,7 +358,9 @@ def test_publish_of_missing_staging_fails(be):
 # --- unsafe keys -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["../x", "/abs", "/etc/passwd", "a/../../x", "a/./b", "a//b", "..", ".", "", "a\\b", "a\x00b"])
+@pytest.mark.parametrize(
+    "key", ["../x", "/abs", "/etc/passwd", "a/../../x", "a/./b", "a//b", "..", ".", "", "a\\b", "a\x00b"]
+)
 def test_unsafe_keys_are_refused_everywhere(be, tmp_path, key):
     (tmp_path / "x").write_bytes(b"outside")
     calls = [
@@ -438,7 +445,9 @@ def test_staging_folder_directory_syncs_are_left_to_publish(be, monkeypatch):
 
     be.publish(staging, "step_7")
     assert dir_syncs == [staging, "."]  # the staged folder, then the parent after the rename
-    assert be.in_staging(os.path.join(be.root, staging, "x")) and not be.in_staging(os.path.join(be.root, "step_7", "x"))
+    assert be.in_staging(os.path.join(be.root, staging, "x")) and not be.in_staging(
+        os.path.join(be.root, "step_7", "x")
+    )
 
     dir_syncs.clear()
     be.create_if_absent("step_7/extra", b"{}")  # outside staging: synced at once

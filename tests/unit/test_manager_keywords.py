@@ -36,7 +36,9 @@ def _field_docs() -> dict[str, str]:
 def test_keyword_parameters_equal_manager_config_fields() -> None:
     params = _keyword_parameters()
     assert [p.name for p in params] == [f.name for f in fields(ManagerConfig)]  # same names, same order
-    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(CheckpointManager).parameters.values())
+    assert not any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(CheckpointManager).parameters.values()
+    )
     for p, f in zip(params, fields(ManagerConfig)):
         if f.default is MISSING:  # a default factory (a dict): None in the signature
             assert p.default is None and f.default_factory() == {}, p.name
@@ -56,8 +58,10 @@ def test_every_option_is_documented_in_the_constructor_docstring() -> None:
         assert f"{name}=" in shown or f"{name}:" in shown, name
 
 
-@pytest.mark.parametrize(("typo", "suggested"), [("kep_last", "keep_last"), ("save_every_steps", "save_every_n_steps"),
-                                                 ("asyncsave", "async_save")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("typo", "suggested"),
+    [("kep_last", "keep_last"), ("save_every_steps", "save_every_n_steps"), ("asyncsave", "async_save")],
+)
 def test_unknown_option_says_did_you_mean(tmp_path: Path, typo: str, suggested: str) -> None:
     with pytest.raises(ConfigError, match=f"unknown option '{typo}' \\(did you mean '{suggested}'\\?\\)"):
         CheckpointManager(str(tmp_path / "run"), **{typo: 3})
@@ -67,6 +71,8 @@ def test_unknown_option_says_did_you_mean(tmp_path: Path, typo: str, suggested: 
 def test_options_still_validated_and_kept_in_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="keep_last"):
         CheckpointManager(str(tmp_path / "a"), keep_last=0)
-    with CheckpointManager(str(tmp_path / "b"), keep_last=2, best={"loss": "min"}, backend_options={"fsync": False}) as mgr:
+    with CheckpointManager(
+        str(tmp_path / "b"), keep_last=2, best={"loss": "min"}, backend_options={"fsync": False}
+    ) as mgr:
         assert mgr.config == ManagerConfig(keep_last=2, best={"loss": "min"}, backend_options={"fsync": False})
         assert mgr.best == {}

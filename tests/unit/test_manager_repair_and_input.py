@@ -12,10 +12,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from manager_common import FAST, Gan, assert_same, manager, my_warnings, read_manifest, step_dirs, steps_on_disk  # noqa: F401
 from torch import nn
 
-from dist_ckpt import CheckpointManager
-from dist_ckpt import rng
+from dist_ckpt import CheckpointManager, rng
 from dist_ckpt.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -26,10 +26,6 @@ from dist_ckpt.errors import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
-
-
-
-from manager_common import FAST, Gan, assert_same, manager, my_warnings, read_manifest, step_dirs, steps_on_disk  # noqa: F401
 
 
 # -- config, tracker id, total steps ------------------------------------------------------------
@@ -48,8 +44,12 @@ def test_config_change_is_warned_key_by_key(tmp_path):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         info = manager(tmp_path, config=new).restore(mgr.track(model=m))
-    assert info.config_changes == ("batch: 32 -> (removed)", "lr: 0.01 -> 0.02",
-                                   "optim.lr: 0.0002 -> 0.0001", "seed: (absent) -> 1")  # fmt: skip
+    assert info.config_changes == (
+        "batch: 32 -> (removed)",
+        "lr: 0.01 -> 0.02",
+        "optim.lr: 0.0002 -> 0.0001",
+        "seed: (absent) -> 1",
+    )
     (msg,) = my_warnings(rec, "config changed")
     assert "lr: 0.01 -> 0.02" in msg and "optim.lr: 0.0002 -> 0.0001" in msg
 

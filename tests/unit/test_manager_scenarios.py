@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from manager_common import FAST, Gan, assert_same, manager, my_warnings, read_manifest, step_dirs, steps_on_disk  # noqa: F401
 from torch import nn
 
 from dist_ckpt.errors import (
@@ -19,10 +20,6 @@ from dist_ckpt.errors import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
-
-
-
-from manager_common import FAST, Gan, assert_same, manager, my_warnings, read_manifest, step_dirs, steps_on_disk  # noqa: F401
 
 
 def test_gan_pair_saved_and_restored_together_from_one_step(tmp_path):
@@ -165,7 +162,10 @@ def test_patience_counter_restored_on_resume(tmp_path):
     mgr.save(5, state, metrics={"loss": 0.1})  # pck not reported: its counter is left alone
     assert mgr.epochs_without_improvement == {"loss": 0, "pck": 0}
     # restoring an older checkpoint brings back that step's counters, not the latest ones
-    assert manager(tmp_path, best={"loss": "min"}).restore(state, which=1).epochs_without_improvement == {"loss": 0, "pck": 1}
+    assert manager(tmp_path, best={"loss": "min"}).restore(state, which=1).epochs_without_improvement == {
+        "loss": 0,
+        "pck": 1,
+    }
 
 
 def test_nan_metric_is_saved_but_never_best(tmp_path):
@@ -241,7 +241,9 @@ def test_checkpoints_lists_step_epoch_metrics(tmp_path):
     assert [c.pointers for c in cps] == [("best:val_loss",), ("last",)]
     for c in cps:
         assert c.world_size == 1 and c.codec == "zstd" and c.time > 0
-        files = [p for p in (tmp_path / f"step_{c.step:09d}").iterdir() if p.name.startswith(("rank_", "index_"))]  # shards + rank indexes
+        files = [
+            p for p in (tmp_path / f"step_{c.step:09d}").iterdir() if p.name.startswith(("rank_", "index_"))
+        ]  # shards + rank indexes
         assert c.size == sum(p.stat().st_size for p in files) > 0
         assert Path(c.uri).resolve() == (tmp_path / f"step_{c.step:09d}").resolve()
 
@@ -362,5 +364,3 @@ def test_load_weights_fresh_model_optimizer_untouched(tmp_path):
     m2 = nn.Linear(3, 2)
     assert mgr.load_weights(m2).step == 0
     assert_same(dict(m.state_dict()), dict(m2.state_dict()))
-
-

@@ -110,7 +110,9 @@ def test_retention_keeps_last_n():
 
 def test_retention_keeps_pointed_to_steps():
     modes = {"loss": "min", "pck": "max"}
-    m = build([E(0, loss=0.5, pck=0.1), E(1, loss=1.0, pck=0.99), E(2, loss=2.0), E(3, loss=3.0), E(4, loss=4.0)], modes)
+    m = build(
+        [E(0, loss=0.5, pck=0.1), E(1, loss=1.0, pck=0.99), E(2, loss=2.0), E(3, loss=3.0), E(4, loss=4.0)], modes
+    )
     assert m.pointers == {"last": 4, "best:loss": 0, "best:pck": 1}
     assert mf.retention_drops(m, keep_last=2) == [2]
 
@@ -210,7 +212,9 @@ def _brute_force_pointers(history: list[mf.Entry], modes: dict[str, str]) -> dic
     non-NaN value (min or max) of each metric; last = the highest step."""
     out = {"last": max(e.step for e in history)}
     for metric, mode in modes.items():
-        values = [(e.step, e.metrics[metric]) for e in history if metric in e.metrics and not math.isnan(e.metrics[metric])]
+        values = [
+            (e.step, e.metrics[metric]) for e in history if metric in e.metrics and not math.isnan(e.metrics[metric])
+        ]
         if not values:
             continue
         best = min(v for _, v in values) if mode == "min" else max(v for _, v in values)

@@ -28,8 +28,11 @@ FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "format1_checkpo
 def fixture_state() -> dict:
     """What tests/fixtures/make_format1_fixture.py saved (same seed, same calls)."""
     torch.manual_seed(0)
-    return {"model": {"w": torch.randn(7, 5), "b": torch.arange(7, dtype=torch.int64), "h": torch.randn(3, 4).bfloat16()},
-            "step": 3, "note": "written by dist_ckpt format 1"}  # fmt: skip
+    return {
+        "model": {"w": torch.randn(7, 5), "b": torch.arange(7, dtype=torch.int64), "h": torch.randn(3, 4).bfloat16()},
+        "step": 3,
+        "note": "written by dist_ckpt format 1",
+    }
 
 
 @pytest.fixture
@@ -55,9 +58,14 @@ def _shard(size: tuple[int, ...], world: int, dim: int = 0) -> tuple[list, list,
 
 @pytest.mark.parametrize(
     ("size", "world", "dim", "expected"),
-    [((16, 8), 4, 0, {"split": [0, 0, 4, 4]}), ((7, 20), 4, 0, {"split": [0, 0, 4, 2]}),
-     ((20, 12), 4, 1, {"split": [1, 0, 4, 3]}), ((10,), 16, 0, None), ((5, 3), 1, 0, {"on": 0})],
-)  # fmt: skip
+    [
+        ((16, 8), 4, 0, {"split": [0, 0, 4, 4]}),
+        ((7, 20), 4, 0, {"split": [0, 0, 4, 2]}),
+        ((20, 12), 4, 1, {"split": [1, 0, 4, 3]}),
+        ((10,), 16, 0, None),
+        ((5, 3), 1, 0, {"on": 0}),
+    ],
+)
 def test_regular_shardings_are_one_rule(size, world, dim, expected):
     """Even and near-even Shard(d) splits (torch.chunk sizes) are one rule whatever the world
     size; the rule gives back exactly the chunks it replaced."""
@@ -85,7 +93,12 @@ def test_irregular_chunks_are_listed_only_where_they_occur():
 def test_metadata_json_does_not_grow_with_ranks_for_regular_shardings(tmp_path):
     """The same regular state described at 4 and at 64 ranks: metadata.json grows only by the
     file table (two records per rank), not by a record per chunk."""
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorProperties, TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
 
     from dist_ckpt.format import metadata_v2
     from dist_ckpt.format.metadata_json import FileRecord
@@ -95,7 +108,9 @@ def test_metadata_json_does_not_grow_with_ranks_for_regular_shardings(tmp_path):
         for i in range(50):
             offsets, sizes, _ = _shard((1000, 64), world)
             chunks = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in zip(offsets, sizes)]
-            sd[f"layer{i}.w"] = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size((1000, 64)), chunks)
+            sd[f"layer{i}.w"] = TensorStorageMetadata(
+                TensorProperties(dtype=torch.float32), torch.Size((1000, 64)), chunks
+            )
             ranks.update({(f"layer{i}.w", torch.Size(o)): r for r, o in enumerate(offsets)})
         files = {f"rank_{r:05d}.safetensors": FileRecord(r, 1, "x", f"index_{r:05d}.safetensors") for r in range(world)}
         files.update({f"index_{r:05d}.safetensors": FileRecord(r, 1, "x") for r in range(world)})
@@ -250,5 +265,7 @@ def test_dcp_view_finds_chunks_and_overlaps_by_rule():
     for lo, n in [(0, 10), (3, 4), (9, 1), (0, 0)]:
         local = ChunkStorageMetadata(torch.Size((lo, 0)), torch.Size((n, 3)))
         found = [tuple(c.offsets) for c in chunks.overlapping(local)]
-        scanned = [tuple(c.offsets) for c in chunks if c.sizes[0] and c.offsets[0] < lo + n and lo < c.offsets[0] + c.sizes[0]]
+        scanned = [
+            tuple(c.offsets) for c in chunks if c.sizes[0] and c.offsets[0] < lo + n and lo < c.offsets[0] + c.sizes[0]
+        ]
         assert found == scanned, (lo, n)

@@ -14,9 +14,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from manager_common import FAST, assert_same, manager  # noqa: E402
+
 from dist_ckpt import CheckpointManager, CheckpointNotFound, ConfigError, IncompatibleCheckpoint  # noqa: E402
 from dist_ckpt.manager import LoadedWeights  # noqa: E402
-from manager_common import FAST, assert_same, manager  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
@@ -105,7 +106,9 @@ def test_restore_hint_names_config_changes_and_load_weights_strict_false_follows
     assert isinstance(loaded, LoadedWeights) and loaded.step == 1 and int(loaded) == 1
     assert loaded.missing_keys == ("4.bias", "4.weight")
     assert loaded.unexpected_keys == ("2.bias", "2.weight")
-    assert torch.equal(partial[0].weight, torch.full((4, 3), 1.0)) and torch.equal(partial[0].bias, torch.full((4,), 1.0))
+    assert torch.equal(partial[0].weight, torch.full((4, 3), 1.0)) and torch.equal(
+        partial[0].bias, torch.full((4,), 1.0)
+    )
     assert torch.equal(partial[4].weight, reference["4.weight"])  # missing: left as it was
     assert loaded.uri.endswith("step_000000001")
 

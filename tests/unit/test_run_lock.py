@@ -32,8 +32,12 @@ time.sleep(120)
 
 
 def _holder(root: Path, stale_after: float, mode: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(root), str(stale_after), mode], stdout=subprocess.PIPE,
-                            text=True, env=dict(os.environ))  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root), str(stale_after), mode],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     assert proc.stdout is not None
     first = proc.stdout.readline().split()
     assert first[:1] == ["HELD"], first

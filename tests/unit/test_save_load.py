@@ -20,10 +20,22 @@ from dist_ckpt import CheckpointNotFound, IncompatibleCheckpoint, StepAlreadyExi
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 ALL_DTYPES = [
-    torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32, torch.uint64,
+    torch.float32,
+    torch.float64,
+    torch.bfloat16,
+    torch.float16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
     torch.bool,
-]  # fmt: skip
+]
 
 
 def sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -204,9 +216,12 @@ def test_value_int_keyed_dict_beside_tensors(tmp_path):
     osd["state"][0]["note"] = 5  # a plain number next to the tensors
     target_opt = torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.5, momentum=0.1)
     torch.nn.Linear(3, 2)  # unrelated
-    target = {"optim": {"state": {0: {"momentum_buffer": torch.zeros(2, 3), "note": None},
-                                  1: {"momentum_buffer": torch.zeros(2)}},
-                        "param_groups": target_opt.state_dict()["param_groups"]}}  # fmt: skip
+    target = {
+        "optim": {
+            "state": {0: {"momentum_buffer": torch.zeros(2, 3), "note": None}, 1: {"momentum_buffer": torch.zeros(2)}},
+            "param_groups": target_opt.state_dict()["param_groups"],
+        }
+    }
     out = roundtrip(tmp_path, {"optim": osd}, target)["optim"]
     assert sorted(out["state"]) == [0, 1]
     assert out["state"][0]["note"] == 5
@@ -332,9 +347,15 @@ def test_codec_none_shard_opens_with_safetensors(tmp_path):
     uri = tmp_path / "step_1"
     dist_ckpt.save(state, str(uri), compression="none")
     flat = {
-        "model.w": state["model"]["w"], "model.b16": state["model"]["b16"], "model.h": state["model"]["h"],
-        "f8": state["f8"], "ids": state["ids"], "mask": state["mask"], "scalar": state["scalar"], "t": state["t"],
-    }  # fmt: skip
+        "model.w": state["model"]["w"],
+        "model.b16": state["model"]["b16"],
+        "model.h": state["model"]["h"],
+        "f8": state["f8"],
+        "ids": state["ids"],
+        "mask": state["mask"],
+        "scalar": state["scalar"],
+        "t": state["t"],
+    }
     with safe_open(str(uri / "rank_00000.safetensors"), framework="pt") as f:
         keys = set(f.keys())
         assert set(flat) <= keys

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
+from support.ckpt_edit import restamp_index
 
 import dist_ckpt
-from support.ckpt_edit import restamp_index
 from dist_ckpt import CorruptCheckpoint
 from dist_ckpt.format.safetensors_header import MAX_HEADER_BYTES
 from storage_backends.local import LocalBackend
@@ -175,7 +175,9 @@ def test_value_entry_replaced_by_a_pickle_in_a_consistent_shard(ckpt, tmp_path):
     sentinel = tmp_path / "pwned"
     header, data = split_shard(ckpt / SHARD)
     payload = evil_pickle(sentinel, pickle.HIGHEST_PROTOCOL)
-    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+    entries = sorted(
+        ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
+    )
     new_data, offset = b"", 0
     for name, spec in entries:
         b, e = spec["data_offsets"]
@@ -222,7 +224,9 @@ def test_load_never_calls_an_unpickler(ckpt, monkeypatch):
 # --- nothing outside the checkpoint is read --------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["../../x.safetensors", "../step_000000003/" + SHARD, "/ABS", "sub/" + SHARD, "..", ""])
+@pytest.mark.parametrize(
+    "name", ["../../x.safetensors", "../step_000000003/" + SHARD, "/ABS", "sub/" + SHARD, "..", ""]
+)
 def test_file_table_path_traversal(ckpt, tmp_path, monkeypatch, name):
     if name == "/ABS":
         name = str(tmp_path / "outside.safetensors")
@@ -267,10 +271,14 @@ def test_chunk_naming_a_file_outside_the_table(tmp_path):
 
 @pytest.mark.parametrize(
     ("layout", "what"),
-    [({"on": 5}, "outside world size"), ({"split": [0, 0, 2, 8]}, "does not fit"),
-     ({"split": [3, 0, 1, 8]}, "does not fit"), ({"chunks": [[[0, 0], [16, 8], 9]]}, "outside world size"),
-     ({"on": 0, "split": [0, 0, 1, 16]}, "exactly one of")],
-)  # fmt: skip
+    [
+        ({"on": 5}, "outside world size"),
+        ({"split": [0, 0, 2, 8]}, "does not fit"),
+        ({"split": [3, 0, 1, 8]}, "does not fit"),
+        ({"chunks": [[[0, 0], [16, 8], 9]]}, "outside world size"),
+        ({"on": 0, "split": [0, 0, 1, 16]}, "exactly one of"),
+    ],
+)
 def test_layout_naming_a_rank_outside_the_world(ckpt, layout, what):
     """Format 2: a layout names ranks, whose files the file table gives; a rank that wrote no
     file (or a rule that does not fit the tensor) is refused, naming metadata.json."""
@@ -368,7 +376,15 @@ def test_entry_shape_not_matching_metadata(ckpt):
         lambda h: h["__metadata__"].__setitem__("dist_ckpt", json.dumps({"entries": {"w": {"kind": "pickle"}}})),
         lambda h: h["__metadata__"].__setitem__("dist_ckpt", json.dumps({"entries": {"w": {"codec": "lz4"}}})),
     ],
-    ids=["entry-not-object", "bad-dtype", "negative-offset", "string-shape", "meta-not-json", "bad-kind", "codec-no-table"],
+    ids=[
+        "entry-not-object",
+        "bad-dtype",
+        "negative-offset",
+        "string-shape",
+        "meta-not-json",
+        "bad-kind",
+        "codec-no-table",
+    ],
 )
 def test_malformed_headers(ckpt, mutate):
     header, data = split_shard(ckpt / SHARD)
@@ -395,7 +411,9 @@ def test_truncated_shard(ckpt):
     raw = (ckpt / SHARD).read_bytes()
     (ckpt / SHARD).write_bytes(raw[:-10])
     t = target()
-    with pytest.raises(CorruptCheckpoint, match=rf"{SHARD}: file is {len(raw) - 10} bytes but metadata.json records {len(raw)}"):
+    with pytest.raises(
+        CorruptCheckpoint, match=rf"{SHARD}: file is {len(raw) - 10} bytes but metadata.json records {len(raw)}"
+    ):
         dist_ckpt.load(t, str(ckpt))
     assert torch.count_nonzero(t["w"]) == 0 and t["meta"]["note"] is None  # nothing was loaded
 

@@ -44,7 +44,11 @@ def test_capture_apply_round_trip_through_json():
     expected = _draw()
     python_and_numpy = json_values.decode(json_values.encode({"python": state["python"], "numpy": state["numpy"]}))
     python_as_lists = json_values.from_json(json.loads(json.dumps(python_and_numpy["python"])))  # tuples → lists
-    travelled = {"python": python_as_lists, "numpy": python_and_numpy["numpy"], "torch": state["torch"].clone().to(torch.int64)}
+    travelled = {
+        "python": python_as_lists,
+        "numpy": python_and_numpy["numpy"],
+        "torch": state["torch"].clone().to(torch.int64),
+    }
     _draw()
     rng.apply(travelled)
     assert _draw() == expected
@@ -123,6 +127,8 @@ def test_kinds():
     m = nn.Linear(2, 2)
     opt = torch.optim.AdamW(m.parameters())
     sched = torch.optim.lr_scheduler.StepLR(opt, 1)
-    s = TrainingState({"m": m, "o": opt, "s": sched, "c": {"tokens": 1}, "scaler": torch.amp.GradScaler("cpu", enabled=False)})
+    s = TrainingState(
+        {"m": m, "o": opt, "s": sched, "c": {"tokens": 1}, "scaler": torch.amp.GradScaler("cpu", enabled=False)}
+    )
     assert s.describe() == {"m": "model", "o": "optimizer", "s": "stateful", "c": "values", "scaler": "stateful"}
     assert set(s.state_dict()) == {"m", "o", "s", "scaler"}  # values travel in the progress record

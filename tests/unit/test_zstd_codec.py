@@ -22,11 +22,22 @@ from dist_ckpt.format import zstd_codec as zc
 from dist_ckpt.format.zstd_codec import ZstdCodec, chunk_range_for_bytes
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+}
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -328,7 +339,7 @@ def test_release_buffers_and_reuse() -> None:
     assert decode_all(codec, chunks, "BF16") == raw
 
 
-def _encode_in_child(queue: "multiprocessing.Queue[bytes]") -> None:
+def _encode_in_child(queue: multiprocessing.Queue[bytes]) -> None:
     codec = ZstdCodec(chunk_bytes=512, threads=2)
     raw = tensor_bytes(torch.arange(3000, dtype=torch.float32))
     chunks = list(codec.encode(memoryview(raw), "F32"))

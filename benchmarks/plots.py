@@ -105,7 +105,8 @@ def plot_throughput(results: Path) -> Path | None:
         bars = {
             "upload\nours": r["upload_MBps"]["ours"],
             "upload\nTransferManager": r["upload_MBps"]["transfer_manager"],
-            "download\nours": r["download_MBps"]["ours_read_ranges"],
+            # results before 2026-11-26 measured read_ranges (since dropped) instead of read_into
+            "download\nours": r["download_MBps"].get("ours_read_into", r["download_MBps"].get("ours_read_ranges")),
             "download\nTransferManager": r["download_MBps"]["transfer_manager"],
         }
         s3_ax.bar(range(len(bars)), list(bars.values()), color=["C0" if "ours" in k else "C7" for k in bars])

@@ -182,7 +182,6 @@ class DistCkptReader(CheckpointLocation, StorageReader):
         if (
             whole
             and info.codec == "none"
-            and hasattr(shard.backend, "read_into")
             and target.device.type == "cpu"
             and target.dtype == dtype
             and target.is_contiguous()

@@ -5,7 +5,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from storage_backends.base import Backend, ObjectInfo, ObjectWriter, Versioned, join_key, validate_key
+from storage_backends.base import (
+    Backend,
+    ConditionalWrites,
+    ObjectInfo,
+    ObjectWriter,
+    ReadableStore,
+    Staging,
+    Versioned,
+    WritableStore,
+    join_key,
+    validate_key,
+)
 from storage_backends.errors import (
     BackendError,
     ObjectExists,
@@ -18,13 +29,17 @@ from storage_backends.guarantees import WriteGuarantees, write_guarantees
 __all__ = [
     "Backend",
     "BackendError",
+    "ConditionalWrites",
     "ObjectExists",
     "ObjectInfo",
     "ObjectNotFound",
     "ObjectWriter",
     "PreconditionFailed",
+    "ReadableStore",
+    "Staging",
     "UnsafeKey",
     "Versioned",
+    "WritableStore",
     "WriteGuarantees",
     "join_key",
     "open_backend",

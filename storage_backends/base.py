@@ -1,4 +1,10 @@
-"""The ``Backend`` protocol: bytes in, bytes out. Nothing here knows about torch.
+"""The backend protocols: bytes in, bytes out. Nothing here knows about torch.
+
+:class:`Backend` is the union of four small seams, each a ``Protocol`` of at most eight
+methods: :class:`ReadableStore` (read, read into a buffer, size, exists, list),
+:class:`WritableStore` (streaming and whole writes, deletes), :class:`ConditionalWrites`
+(create-if-absent, versioned read, compare-and-swap) and :class:`Staging` (staging prefix,
+publish, unfinished uploads). :class:`ObjectWriter` is the streaming upload of one object.
 
 A backend is rooted at a URI (``/data/run1``, ``file:///data/run1``, ``s3://bucket/runs/run1``)
 and addresses objects by *keys*: ``/``-separated relative paths such as
@@ -8,16 +14,16 @@ outside the root.
 
 Call order of a checkpoint commit (see DESIGN.md, "Commit protocol"):
 
-1. The coordinator picks a *staging prefix* for the step with :meth:`Backend.staging_prefix`
+1. The coordinator picks a *staging prefix* for the step with :meth:`Staging.staging_prefix`
    (local: ``step_X.tmp-<attempt>``; S3: ``step_X`` itself, since uploads are invisible until
    complete).
-2. Every rank writes its shard files below that prefix with :meth:`Backend.open_writer`; each
+2. Every rank writes its shard files below that prefix with :meth:`WritableStore.open_writer`; each
    object becomes visible only when its writer's ``commit()`` returns, and is durable then.
 3. The coordinator writes ``metadata.json`` and then ``COMMITTED`` with
-   :meth:`Backend.create_if_absent`, and calls :meth:`Backend.publish` to move the staging
+   :meth:`ConditionalWrites.create_if_absent`, and calls :meth:`Staging.publish` to move the staging
    prefix to its final name (local: fsync + rename + fsync parent; S3: nothing to do).
-4. The coordinator updates ``manifest.json`` with :meth:`Backend.read_versioned` and
-   :meth:`Backend.compare_and_swap`.
+4. The coordinator updates ``manifest.json`` with :meth:`ConditionalWrites.read_versioned` and
+   :meth:`ConditionalWrites.compare_and_swap`.
 
 All methods may be called from several threads at once.
 """
@@ -27,6 +33,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from storage_backends.errors import UnsafeKey
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,7 @@ class ObjectInfo:
 
 @dataclass(frozen=True)
 class Versioned:
-    """A small object's content with an opaque version token for :meth:`Backend.compare_and_swap`."""
+    """A small object's content with an opaque version token for :meth:`ConditionalWrites.compare_and_swap`."""
 
     data: bytes
     version: str
@@ -49,7 +57,7 @@ class Versioned:
 class ObjectWriter(Protocol):
     """A streaming upload of one object. Memory use stays bounded whatever the object's size.
 
-    ``reserve_head`` bytes (given to :meth:`Backend.open_writer`) are left at the start of the
+    ``reserve_head`` bytes (given to :meth:`WritableStore.open_writer`) are left at the start of the
     object; their content is passed to :meth:`commit` once known (a file header whose values
     depend on the data written after it). Nothing is visible under the key before ``commit()``
     returns; after ``abort()`` nothing is left behind.
@@ -70,28 +78,23 @@ class ObjectWriter(Protocol):
 
 
 @runtime_checkable
-class Backend(Protocol):
-    """Storage for one run root. See the module docstring for the commit call order."""
+class ReadableStore(Protocol):
+    """Reads of a run root's objects: what restoring, verifying and listing need.
+
+    ``read_into`` is required (no probing for it): it reads straight into the caller's buffer,
+    e.g. a tensor's memory, without an intermediate bytes object."""
 
     uri: str
     """The root URI this backend was opened on, normalised (no trailing ``/``)."""
-
-    def open_writer(self, key: str, *, reserve_head: int = 0) -> ObjectWriter:
-        """Start a streaming write of ``key``; an existing object is replaced on commit."""
-        ...
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        """Write a small object whole (durable when this returns)."""
-        ...
 
     def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         """Read ``length`` bytes from ``start`` (to the end when ``length`` is None).
         Raises :class:`ObjectNotFound`; a range past the end returns what exists."""
         ...
 
-    def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """Read several ``(start, length)`` ranges of one object, possibly in parallel,
-        coalescing adjacent ones. Results come back in the order of ``ranges``."""
+    def read_into(self, key: str, start: int, out: memoryview) -> int:
+        """Read ``len(out)`` bytes at ``start`` into ``out``; returns the count read (short at
+        the end of the object, 0 at or past it). Raises :class:`ObjectNotFound`."""
         ...
 
     def size(self, key: str) -> int:
@@ -104,6 +107,19 @@ class Backend(Protocol):
         """Every object whose key starts with ``prefix`` (recursive), sorted by key."""
         ...
 
+
+@runtime_checkable
+class WritableStore(Protocol):
+    """Plain writes and deletes of objects (no conditions: see :class:`ConditionalWrites`)."""
+
+    def open_writer(self, key: str, *, reserve_head: int = 0) -> ObjectWriter:
+        """Start a streaming write of ``key``; an existing object is replaced on commit."""
+        ...
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write a small object whole (durable when this returns)."""
+        ...
+
     def delete(self, key: str) -> None:
         """Delete one object; deleting a missing object is not an error."""
         ...
@@ -111,6 +127,12 @@ class Backend(Protocol):
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object below ``prefix`` (a ``/``-terminated folder); returns the count."""
         ...
+
+
+@runtime_checkable
+class ConditionalWrites(Protocol):
+    """The atomic operations of the commit protocol, the manifest and the run lock. Only as
+    safe as the store's enforcement of them: see :mod:`storage_backends.guarantees`."""
 
     def create_if_absent(self, key: str, data: bytes) -> None:
         """Atomically create a small object; raises :class:`ObjectExists` if it is there."""
@@ -125,6 +147,13 @@ class Backend(Protocol):
         (``None``: only if it does not exist). Returns the new version; raises
         :class:`PreconditionFailed` when another writer got there first."""
         ...
+
+
+@runtime_checkable
+class Staging(Protocol):
+    """Staging a folder and publishing it under its final name (the model is Orbax's
+    ``TemporaryPath``: create, write into it, finalize), and cleaning up what a killed writer
+    left unfinished."""
 
     def staging_prefix(self, final_prefix: str, attempt: str) -> str:
         """Where the files of ``final_prefix`` are written before :meth:`publish`."""
@@ -144,10 +173,15 @@ class Backend(Protocol):
         ...
 
 
+@runtime_checkable
+class Backend(ReadableStore, WritableStore, ConditionalWrites, Staging, Protocol):
+    """Storage for one run root: every seam above, nothing of its own. See the module
+    docstring for the commit call order. Code that needs only one seam (a reader, say) should
+    name that one."""
+
+
 def validate_key(key: str) -> str:
     """Return ``key`` unchanged if it is a safe relative key; raise :class:`UnsafeKey` if not."""
-    from storage_backends.errors import UnsafeKey
-
     if not isinstance(key, str) or key == "":
         raise UnsafeKey(f"invalid object key {key!r}: expected a non-empty relative path", key=str(key))
     if key.startswith("/") or "\\" in key or "\x00" in key:

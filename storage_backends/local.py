@@ -31,7 +31,7 @@ import xxhash
 
 from storage_backends.base import ObjectInfo, Versioned, validate_key
 from storage_backends.errors import BackendError, ObjectExists, ObjectNotFound, PreconditionFailed
-from storage_backends.local_io import PART_MARK, STAGING_MARK, LocalWriter, LockFile, fsync_dir, retry_estale
+from storage_backends.local_io import PART_MARK, STAGING_MARK, LocalRoot, LocalWriter, LockFile, fsync_dir, retry_estale
 
 log = logging.getLogger(__name__)
 
@@ -44,58 +44,28 @@ class LocalBackend:
             root = root[len("file://") :]
         self.root = os.path.abspath(root)
         self.uri = self.root
-        self.fsync = fsync
         self.lock_stale_after = lock_stale_after
+        self._dir = LocalRoot(self.root, fsync=fsync)
 
     # -- paths -----------------------------------------------------------------------------
+    @property
+    def fsync(self) -> bool:
+        return self._dir.fsync
+
     def path_of(self, key: str) -> str:
-        validate_key(key)
-        return os.path.join(self.root, *key.rstrip("/").split("/"))
+        """The file of ``key`` (validated: never outside the root)."""
+        return self._dir.path_of(key)
 
     def in_staging(self, path: str) -> bool:
-        """Whether ``path`` (a file or directory) lies in a staging folder (``*.tmp-<attempt>``).
-
-        Nothing there is read before :meth:`publish`, which syncs the staging folder's
-        directories before renaming it into place; so writes inside it skip their own directory
-        syncs (each file's data is still fsynced). A save then costs two directory syncs,
-        not one per file."""
-        rel = os.path.relpath(path, self.root)
-        return not rel.startswith("..") and any(STAGING_MARK in part for part in rel.split(os.sep))
-
-    def make_dirs(self, path: str) -> None:
-        """Create ``path`` and missing parents, fsyncing each parent so the entries survive a crash."""
-        missing: list[str] = []
-        p = path
-        while not os.path.isdir(p):
-            missing.append(p)
-            parent = os.path.dirname(p)
-            if parent == p:
-                break
-            p = parent
-        for d in reversed(missing):
-            try:
-                os.mkdir(d)
-            except FileExistsError:
-                continue
-            if self.fsync and not self.in_staging(d):
-                fsync_dir(os.path.dirname(d))
-
-    def wrap(self, e: OSError, key: str, op: str) -> BackendError:
-        if isinstance(e, BackendError):
-            return e
-        if e.errno == errno.ENOENT:
-            return ObjectNotFound(f"{os.path.join(self.root, key)}: not found ({op})", key=key, code="ENOENT")
-        code = errno.errorcode.get(e.errno or 0, str(e.errno))
-        return BackendError(
-            f"{op} of {os.path.join(self.root, key)} failed: {e.strerror or e} [{code}]", key=key, code=code
-        )
+        """Whether ``path`` lies in a staging folder (see :meth:`LocalRoot.in_staging`)."""
+        return self._dir.in_staging(path)
 
     # -- objects ---------------------------------------------------------------------------
     def open_writer(self, key: str, *, reserve_head: int = 0) -> LocalWriter:
         try:
-            return LocalWriter(self, key, reserve_head)
+            return LocalWriter(self._dir, key, reserve_head)
         except OSError as e:
-            raise self.wrap(e, key, "open for writing") from e
+            raise self._dir.wrap(e, key, "open for writing") from e
 
     def write_bytes(self, key: str, data: bytes) -> None:
         writer = self.open_writer(key)
@@ -115,7 +85,7 @@ class LocalBackend:
         try:
             return retry_estale(_read)
         except OSError as e:
-            raise self.wrap(e, key, "read") from e
+            raise self._dir.wrap(e, key, "read") from e
 
     def read_into(self, key: str, start: int, out: memoryview) -> int:
         """Read ``len(out)`` bytes at ``start`` straight into ``out`` (no intermediate copy)."""
@@ -139,28 +109,13 @@ class LocalBackend:
         try:
             return retry_estale(_read)
         except OSError as e:
-            raise self.wrap(e, key, "read") from e
-
-    def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-        path = self.path_of(key)
-
-        def _read() -> list[bytes]:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                return [os.pread(fd, length, start) for start, length in ranges]
-            finally:
-                os.close(fd)
-
-        try:
-            return retry_estale(_read)
-        except OSError as e:
-            raise self.wrap(e, key, "read") from e
+            raise self._dir.wrap(e, key, "read") from e
 
     def size(self, key: str) -> int:
         try:
             return retry_estale(lambda: os.stat(self.path_of(key)).st_size)
         except OSError as e:
-            raise self.wrap(e, key, "stat") from e
+            raise self._dir.wrap(e, key, "stat") from e
 
     def exists(self, key: str) -> bool:
         return os.path.exists(self.path_of(key))
@@ -190,7 +145,7 @@ class LocalBackend:
         except FileNotFoundError:
             return
         except OSError as e:
-            raise self.wrap(e, key, "delete") from e
+            raise self._dir.wrap(e, key, "delete") from e
 
     def delete_prefix(self, prefix: str) -> int:
         validate_key(prefix)
@@ -220,7 +175,7 @@ class LocalBackend:
     # -- small objects: create-if-absent and compare-and-swap -----------------------------
     def create_if_absent(self, key: str, data: bytes) -> None:
         final = self.path_of(key)
-        self.make_dirs(os.path.dirname(final))
+        self._dir.make_dirs(os.path.dirname(final))
         tmp = f"{final}{PART_MARK}{uuid.uuid4().hex[:12]}"
         try:
             with open(tmp, "wb") as f:
@@ -232,10 +187,10 @@ class LocalBackend:
                 os.link(tmp, final)
             except FileExistsError as e:
                 raise ObjectExists(f"{final} already exists", key=key, code="EEXIST") from e
-            if self.fsync and not self.in_staging(final):
+            if self.fsync and not self._dir.in_staging(final):
                 fsync_dir(os.path.dirname(final))
         except OSError as e:
-            raise self.wrap(e, key, "create") from e
+            raise self._dir.wrap(e, key, "create") from e
         finally:
             try:
                 os.unlink(tmp)
@@ -265,11 +220,11 @@ class LocalBackend:
         except BackendError:
             raise
         except OSError as e:  # taking or dropping the lock file (read-only or full file system, ...)
-            raise self.wrap(e, f"{key}.lock", "compare-and-swap lock") from e
+            raise self._dir.wrap(e, f"{key}.lock", "compare-and-swap lock") from e
         return xxhash.xxh3_128_hexdigest(data)
 
     def lock(self, key: str, timeout: float = 30.0) -> LockFile:
-        return LockFile(self, key, timeout)
+        return LockFile(self._dir, key, timeout, stale_after=self.lock_stale_after)
 
     # -- staging and publishing a step -----------------------------------------------------
     def staging_prefix(self, final_prefix: str, attempt: str) -> str:
@@ -290,7 +245,7 @@ class LocalBackend:
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise ObjectExists(f"{final} already exists", key=final_prefix, code="EEXIST") from e
-            raise self.wrap(e, staging_prefix, "publish") from e
+            raise self._dir.wrap(e, staging_prefix, "publish") from e
 
     def abandoned_uploads(self, prefix: str = "") -> Iterator[str]:
         for dirpath, _dirs, files in os.walk(self.root):

@@ -1,6 +1,9 @@
-"""File-level primitives of the local backend: ESTALE retries, directory fsync, the
-streaming temp-file writer, and the ``O_EXCL`` lock file used by compare-and-swap.
-See :mod:`storage_backends.local` for the durability rules they implement."""
+"""File-level primitives of the local backend: ESTALE retries, directory fsync, the run root's
+paths (:class:`LocalRoot`), the streaming temp-file writer, and the ``O_EXCL`` lock file used by
+compare-and-swap. See :mod:`storage_backends.local` for the durability rules they implement.
+
+The writer and the lock file are handed a :class:`LocalRoot`, not the backend: this module
+never imports :mod:`storage_backends.local`."""
 
 from __future__ import annotations
 
@@ -12,12 +15,10 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-from storage_backends.errors import BackendError
-
-if TYPE_CHECKING:
-    from storage_backends.local import LocalBackend
+from storage_backends.base import validate_key
+from storage_backends.errors import BackendError, ObjectNotFound
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,67 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class LocalRoot:
+    """A run root's directory: key → path, staging-folder test, durable ``mkdir -p``, and
+    ``OSError`` → :class:`BackendError` naming the file."""
+
+    def __init__(self, root: str, *, fsync: bool):
+        self.root = root
+        self.fsync = fsync
+
+    def path_of(self, key: str) -> str:
+        validate_key(key)
+        return os.path.join(self.root, *key.rstrip("/").split("/"))
+
+    def in_staging(self, path: str) -> bool:
+        """Whether ``path`` (a file or directory) lies in a staging folder (``*.tmp-<attempt>``).
+
+        Nothing there is read before ``publish``, which syncs the staging folder's
+        directories before renaming it into place; so writes inside it skip their own directory
+        syncs (each file's data is still fsynced). A save then costs two directory syncs,
+        not one per file."""
+        rel = os.path.relpath(path, self.root)
+        return not rel.startswith("..") and any(STAGING_MARK in part for part in rel.split(os.sep))
+
+    def make_dirs(self, path: str) -> None:
+        """Create ``path`` and missing parents, fsyncing each parent so the entries survive a crash."""
+        missing: list[str] = []
+        p = path
+        while not os.path.isdir(p):
+            missing.append(p)
+            parent = os.path.dirname(p)
+            if parent == p:
+                break
+            p = parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                continue
+            if self.fsync and not self.in_staging(d):
+                fsync_dir(os.path.dirname(d))
+
+    def wrap(self, e: OSError, key: str, op: str) -> BackendError:
+        """``e`` as the :class:`BackendError` (ENOENT: :class:`ObjectNotFound`) to raise ``from e``."""
+        if isinstance(e, BackendError):
+            return e
+        if e.errno == errno.ENOENT:
+            return ObjectNotFound(f"{os.path.join(self.root, key)}: not found ({op})", key=key, code="ENOENT")
+        code = errno.errorcode.get(e.errno or 0, str(e.errno))
+        return BackendError(
+            f"{op} of {os.path.join(self.root, key)} failed: {e.strerror or e} [{code}]", key=key, code=code
+        )
+
+
 class LocalWriter:
     """Streams one object into a temp file; ``commit`` patches the head, fsyncs and renames."""
 
-    def __init__(self, backend: LocalBackend, key: str, reserve_head: int):
-        self._backend = backend
+    def __init__(self, root: LocalRoot, key: str, reserve_head: int):
+        self._root = root
         self._key = key
-        self._final = backend.path_of(key)
+        self._final = root.path_of(key)
         self._reserve = reserve_head
-        backend.make_dirs(os.path.dirname(self._final))
+        root.make_dirs(os.path.dirname(self._final))
         name = os.path.basename(self._final)
         self._tmp = os.path.join(os.path.dirname(self._final), f".{name}{PART_MARK}{uuid.uuid4().hex[:12]}")
         self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -73,7 +126,7 @@ class LocalWriter:
                 self._size += written
         except OSError as e:
             self.abort()
-            raise self._backend.wrap(e, self._key, "write") from e
+            raise self._root.wrap(e, self._key, "write") from e
 
     def commit(self, head: bytes = b"") -> int:
         if self._fd is None:
@@ -88,18 +141,18 @@ class LocalWriter:
         try:
             if head:
                 os.pwrite(fd, head, 0)
-            if self._backend.fsync:
+            if self._root.fsync:
                 os.fsync(fd)
             os.close(fd)
             fd = -1
             os.rename(self._tmp, self._final)
-            if self._backend.fsync and not self._backend.in_staging(self._final):
+            if self._root.fsync and not self._root.in_staging(self._final):
                 fsync_dir(os.path.dirname(self._final))
         except OSError as e:
             if fd >= 0:
                 os.close(fd)
             self._remove_tmp()
-            raise self._backend.wrap(e, self._key, "commit") from e
+            raise self._root.wrap(e, self._key, "commit") from e
         return self._size
 
     def abort(self) -> None:
@@ -119,18 +172,20 @@ class LocalWriter:
 
 
 class LockFile:
-    """An exclusive lock file (``O_CREAT|O_EXCL``) holding ``{"owner", "time"}`` as JSON."""
+    """An exclusive lock file (``O_CREAT|O_EXCL``) holding ``{"owner", "time"}`` as JSON; one
+    older than ``stale_after`` seconds is taken over (its holder is presumed dead)."""
 
-    def __init__(self, backend: LocalBackend, key: str, timeout: float):
-        self._backend = backend
+    def __init__(self, root: LocalRoot, key: str, timeout: float, *, stale_after: float):
+        self._root = root
         self._key = key
-        self._path = backend.path_of(key)
+        self._path = root.path_of(key)
         self._timeout = timeout
+        self._stale_after = stale_after
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> LockFile:
         deadline = time.monotonic() + self._timeout
-        self._backend.make_dirs(os.path.dirname(self._path))
+        self._root.make_dirs(os.path.dirname(self._path))
         body = json.dumps({"owner": self._owner, "time": time.time()}).encode()
         while True:
             try:
@@ -148,7 +203,7 @@ class LockFile:
                 continue
             try:
                 os.write(fd, body)
-                if self._backend.fsync:
+                if self._root.fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
@@ -172,7 +227,7 @@ class LockFile:
             age = time.time() - os.stat(self._path).st_mtime
         except FileNotFoundError:
             return
-        if age <= self._backend.lock_stale_after:
+        if age <= self._stale_after:
             return
         aside = f"{self._path}.stale-{uuid.uuid4().hex[:8]}"
         try:

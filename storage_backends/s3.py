@@ -8,10 +8,7 @@ botocore error surfaces as :class:`BackendError` (or a subclass) naming bucket, 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,6 +18,7 @@ from storage_backends import s3_probe, s3_read
 from storage_backends.base import ObjectInfo, Versioned, validate_key
 from storage_backends.errors import BackendError, ObjectExists, ObjectNotFound, PreconditionFailed, UnsafeKey
 from storage_backends.guarantees import WriteGuarantees
+from storage_backends.s3_bucket import S3Bucket
 from storage_backends.s3_multipart import S3ObjectWriter
 from storage_backends.s3_util import (
     MIN_PART_SIZE,
@@ -30,7 +28,6 @@ from storage_backends.s3_util import (
     error_code,
     http_status,
     retry_attempts,
-    translate,
 )
 
 log = logging.getLogger(__name__)
@@ -46,11 +43,12 @@ class S3Backend:
     ``endpoint_url`` (or boto3's standard configuration: ``AWS_ENDPOINT_URL_S3``, profiles, ...)
     and boto3 retries in ``retry_mode`` with ``max_attempts``. Writes of at least
     ``multipart_threshold`` bytes become multipart uploads of ``part_size`` parts, up to
-    ``max_concurrency`` at once; reads fetch ``part_size`` pieces in parallel and
-    ``read_ranges`` merges ranges less than ``coalesce_gap`` bytes apart into one GET.
+    ``max_concurrency`` at once; reads fetch ``part_size`` pieces in parallel.
 
     Extra attributes: ``bucket``, ``prefix``, ``client``, ``stats`` (a :class:`RequestStats`
-    counting requests by operation).
+    counting requests by operation). The connection itself (client, thread pool, key mapping,
+    error translation) is an :class:`~storage_backends.s3_bucket.S3Bucket` shared with the
+    reading, writing and probing modules.
     """
 
     def __init__(
@@ -65,7 +63,6 @@ class S3Backend:
         retry_mode: str = "standard",
         max_attempts: int = 5,
         multipart_threshold: int = 16 * MiB,
-        coalesce_gap: int = 1 * MiB,
     ) -> None:
         if not bucket or "/" in bucket:
             raise ValueError(f"invalid S3 bucket name {bucket!r}")
@@ -74,17 +71,15 @@ class S3Backend:
             validate_key(prefix)
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least 5 MiB ({MIN_PART_SIZE} bytes) for S3, got {part_size}")
-        if max_concurrency < 1 or max_attempts < 1 or multipart_threshold < 0 or coalesce_gap < 0:
-            raise ValueError("max_concurrency and max_attempts must be >= 1, thresholds and gaps >= 0")
+        if max_concurrency < 1 or max_attempts < 1 or multipart_threshold < 0:
+            raise ValueError("max_concurrency and max_attempts must be >= 1, multipart_threshold >= 0")
         self.bucket = bucket
         self.prefix = prefix
         self.uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         self.part_size = part_size
         self.max_concurrency = max_concurrency
         self.multipart_threshold = multipart_threshold
-        self.coalesce_gap = coalesce_gap
         self.max_attempts = max_attempts
-        self.stats = RequestStats()
         self._options: dict[str, Any] = dict(
             endpoint_url=endpoint_url,
             part_size=part_size,
@@ -92,13 +87,18 @@ class S3Backend:
             retry_mode=retry_mode,
             max_attempts=max_attempts,
             multipart_threshold=multipart_threshold,
-            coalesce_gap=coalesce_gap,
         )
         self._injected = client is not None
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pid = os.getpid()
-        self._client = client if client is not None else self._new_client()
+        self._s3 = S3Bucket(
+            bucket,
+            prefix,
+            client=client,
+            new_client=None if self._injected else self._new_client,
+            part_size=part_size,
+            max_concurrency=max_concurrency,
+            max_attempts=max_attempts,
+            multipart_threshold=multipart_threshold,
+        )
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> S3Backend:
@@ -115,15 +115,15 @@ class S3Backend:
 
     @property
     def client(self) -> Any:
-        self._check_fork()
-        return self._client
+        return self._s3.client
+
+    @property
+    def stats(self) -> RequestStats:
+        return self._s3.stats
 
     def close(self) -> None:
         """Stop the backend's thread pool (it is recreated on next use)."""
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+        self._s3.close()
 
     def __getstate__(self) -> dict[str, Any]:
         if self._injected:
@@ -147,69 +147,24 @@ class S3Backend:
             max_pool_connections=2 * self.max_concurrency + 4,
         )
 
-    def _check_fork(self) -> None:
-        """After ``fork()`` the parent's threads are gone and its sockets must not be shared."""
-        if os.getpid() != self._pid:
-            with self._lock:
-                if os.getpid() != self._pid:
-                    self._pool = None
-                    if not self._injected:
-                        self._client = self._new_client()
-                    self._pid = os.getpid()
-
-    def _executor(self) -> ThreadPoolExecutor:
-        self._check_fork()
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="s3-backend")
-            return self._pool
-
-    def _full(self, key: str) -> str:
-        validate_key(key)
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _full_prefix(self, prefix: str) -> str:
-        if prefix:
-            validate_key(prefix)
-        root = f"{self.prefix}/" if self.prefix else ""
-        return root + prefix
-
-    def _relative(self, full_key: str) -> str:
-        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
-
-    def _error(self, e: BaseException, op: str, key: str | None, full_key: str) -> BackendError:
-        endpoint = getattr(getattr(self._client, "meta", None), "endpoint_url", None)
-        return translate(e, op=op, bucket=self.bucket, full_key=full_key, key=key, endpoint=endpoint)
-
-    def _call(self, op: str, key: str | None, full_key: str, **kwargs: Any) -> Any:
-        """``client.<op>(Bucket=..., **kwargs)``, counted, with errors translated."""
-        self.stats.incr(op)
-        try:
-            return getattr(self.client, op)(Bucket=self.bucket, **kwargs)
-        except (ClientError, BotoCoreError) as e:
-            raise self._error(e, op, key, full_key) from e
-
-    def _put(self, key: str, full_key: str, body: bytes | bytearray, **conditions: str) -> str:
-        return str(self._call("put_object", key, full_key, Key=full_key, Body=body, **conditions)["ETag"])
-
     # -- writing ----------------------------------------------------------------------------
 
     def open_writer(self, key: str, *, reserve_head: int = 0) -> S3ObjectWriter:
-        return S3ObjectWriter(self, key, self._full(key), reserve_head)
+        return S3ObjectWriter(self._s3, key, self._s3.full(key), reserve_head)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        full = self._full(key)
+        full = self._s3.full(key)
         if len(data) < max(self.multipart_threshold, self.part_size):
-            self._put(key, full, data)
+            self._s3.put(key, full, data)
             return
         with self.open_writer(key) as w:
             w.write(data)
             w.commit()
 
     def create_if_absent(self, key: str, data: bytes) -> None:
-        full = self._full(key)
+        full = self._s3.full(key)
         try:
-            self._put(key, full, data, IfNoneMatch="*")
+            self._s3.put(key, full, data, IfNoneMatch="*")
         except BackendError as e:
             cause = e.__cause__
             if cause is None or http_status(cause) not in _CONFLICT_STATUSES:
@@ -219,18 +174,18 @@ class S3Backend:
             raise ObjectExists(f"s3://{self.bucket}/{full} already exists ({e.code})", key=key, code=e.code) from cause
 
     def read_versioned(self, key: str) -> Versioned | None:
-        full = self._full(key)
+        full = self._s3.full(key)
         try:
-            data, etag = s3_read.get_whole(self, key, full)
+            data, etag = s3_read.get_whole(self._s3, key, full)
         except FileNotFoundError:
             return None
         return Versioned(data, etag)
 
     def compare_and_swap(self, key: str, data: bytes, expected_version: str | None) -> str:
-        full = self._full(key)
+        full = self._s3.full(key)
         cond = {"IfNoneMatch": "*"} if expected_version is None else {"IfMatch": expected_version}
         try:
-            return self._put(key, full, data, **cond)
+            return self._s3.put(key, full, data, **cond)
         except ObjectNotFound as e:
             if expected_version is None:
                 raise
@@ -261,11 +216,11 @@ class S3Backend:
         """Check once per endpoint and bucket (cached in this process) that the bucket exists
         and that the server refuses conditional writes whose condition fails (see
         :mod:`storage_backends.s3_probe`); raises :class:`BackendError` naming a missing bucket."""
-        return s3_probe.write_guarantees(self)
+        return s3_probe.write_guarantees(self._s3, self)
 
     def _holds(self, key: str, full: str, data: bytes) -> bool:
         try:
-            return s3_read.get_whole(self, key, full)[0] == data
+            return s3_read.get_whole(self._s3, key, full)[0] == data
         except BackendError:
             return False
 
@@ -273,20 +228,14 @@ class S3Backend:
 
     def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         """Ranged GETs; a large read is fetched as ``part_size`` pieces in parallel."""
-        return s3_read.read(self, key, start, length)
+        return s3_read.read(self._s3, key, start, length)
 
     def read_into(self, key: str, start: int, out: memoryview) -> int:
         """``len(out)`` bytes at ``start`` into ``out``; the count (see ``s3_read.read_into``)."""
-        return s3_read.read_into(self, key, start, out)
-
-    def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """Ranges less than ``coalesce_gap`` apart share one GET; large spans are split into
-        ``part_size`` GETs; all run in parallel. Results come in the order of ``ranges``."""
-        return s3_read.read_ranges(self, key, ranges)
+        return s3_read.read_into(self._s3, key, start, out)
 
     def size(self, key: str) -> int:
-        full = self._full(key)
-        return int(self._call("head_object", key, full, Key=full)["ContentLength"])
+        return self._s3.size(key)
 
     def exists(self, key: str) -> bool:
         try:
@@ -296,43 +245,43 @@ class S3Backend:
         return True
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
-        full_prefix = self._full_prefix(prefix)
+        full_prefix = self._s3.full_prefix(prefix)
         out: list[ObjectInfo] = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full_prefix):
                 self.stats.incr("list_objects_v2")
-                out.extend(ObjectInfo(self._relative(o["Key"]), int(o["Size"])) for o in page.get("Contents", []))
+                out.extend(ObjectInfo(self._s3.relative(o["Key"]), int(o["Size"])) for o in page.get("Contents", []))
         except (ClientError, BotoCoreError) as e:
-            raise self._error(e, "ListObjectsV2", prefix, full_prefix) from e
+            raise self._s3.error(e, "ListObjectsV2", prefix, full_prefix) from e
         out.sort(key=lambda o: o.key)
         return out
 
     # -- deleting ---------------------------------------------------------------------------
 
     def delete(self, key: str) -> None:
-        full = self._full(key)
-        self._call("delete_object", key, full, Key=full)
+        full = self._s3.full(key)
+        self._s3.call("delete_object", key, full, Key=full)
 
     def delete_prefix(self, prefix: str) -> int:
         if not prefix.strip("/"):
             raise UnsafeKey("refusing to delete_prefix('') — that would delete the whole run root", key=prefix)
         folder = prefix.rstrip("/") + "/"
-        keys = [self._full(o.key) for o in self.list(folder)]
+        keys = [self._s3.full(o.key) for o in self.list(folder)]
         for i in range(0, len(keys), _DELETE_BATCH):
             batch = keys[i : i + _DELETE_BATCH]
-            resp = self._call(
+            resp = self._s3.call(
                 "delete_objects",
                 folder,
-                self._full_prefix(folder),
+                self._s3.full_prefix(folder),
                 Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
             )
             errors = resp.get("Errors") or []
             if errors:
                 first = errors[0]
                 raise BackendError(
-                    f"S3 DeleteObjects under s3://{self.bucket}/{self._full_prefix(folder)} failed for "
+                    f"S3 DeleteObjects under s3://{self.bucket}/{self._s3.full_prefix(folder)} failed for "
                     f"{len(errors)} keys, e.g. {first.get('Key')}: {first.get('Code')}: {first.get('Message')}",
-                    key=self._relative(str(first.get("Key", ""))),
+                    key=self._s3.relative(str(first.get("Key", ""))),
                     code=first.get("Code"),
                 )
         return len(keys)
@@ -351,19 +300,19 @@ class S3Backend:
             return
         src, dst = staging_prefix.rstrip("/") + "/", final_prefix.rstrip("/") + "/"
         if self.list(dst):
-            raise ObjectExists(f"s3://{self.bucket}/{self._full_prefix(dst)} already holds objects", key=dst)
+            raise ObjectExists(f"s3://{self.bucket}/{self._s3.full_prefix(dst)} already holds objects", key=dst)
         for obj in self.list(src):
             target = dst + obj.key[len(src) :]
-            full_target = self._full(target)
+            full_target = self._s3.full(target)
             self.stats.incr("copy")
             try:
-                self.client.copy({"Bucket": self.bucket, "Key": self._full(obj.key)}, self.bucket, full_target)
+                self.client.copy({"Bucket": self.bucket, "Key": self._s3.full(obj.key)}, self.bucket, full_target)
             except (ClientError, BotoCoreError) as e:
-                raise self._error(e, "CopyObject", target, full_target) from e
+                raise self._s3.error(e, "CopyObject", target, full_target) from e
         self.delete_prefix(src)
 
     def _uploads(self, prefix: str) -> Iterator[tuple[str, str, datetime | None]]:
-        full_prefix = self._full_prefix(prefix)
+        full_prefix = self._s3.full_prefix(prefix)
         try:
             pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=full_prefix)
             for page in pages:
@@ -371,13 +320,13 @@ class S3Backend:
                 for up in page.get("Uploads", []) or []:
                     yield up["Key"], up["UploadId"], up.get("Initiated")
         except (ClientError, BotoCoreError) as e:
-            raise self._error(e, "ListMultipartUploads", prefix, full_prefix) from e
+            raise self._s3.error(e, "ListMultipartUploads", prefix, full_prefix) from e
 
     def abandoned_uploads(self, prefix: str = "", *, older_than: float | None = None) -> Iterator[str]:
         """Keys of unfinished multipart uploads below ``prefix``; with ``older_than`` (seconds)
         only those started that long ago, so uploads of a running job can be spared."""
         for full_key, _, _ in self._old_uploads(prefix, older_than):
-            yield self._relative(full_key)
+            yield self._s3.relative(full_key)
 
     def abort_uploads(self, prefix: str = "", *, older_than: float | None = None) -> int:
         count = 0
@@ -388,7 +337,7 @@ class S3Backend:
             except (ClientError, BotoCoreError) as e:
                 if error_code(e) == "NoSuchUpload":
                     continue  # someone else aborted or completed it meanwhile
-                raise self._error(e, "AbortMultipartUpload", self._relative(full_key), full_key) from e
+                raise self._s3.error(e, "AbortMultipartUpload", self._s3.relative(full_key), full_key) from e
             log.info("aborted unfinished upload of s3://%s/%s", self.bucket, full_key)
             count += 1
         return count

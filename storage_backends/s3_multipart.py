@@ -11,15 +11,13 @@ import functools
 import logging
 import threading
 from concurrent.futures import Future, wait
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from storage_backends.errors import BackendError
+from storage_backends.s3_bucket import S3Bucket
 from storage_backends.s3_util import MAX_PARTS, error_code
-
-if TYPE_CHECKING:
-    from storage_backends.s3 import S3Backend
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +33,23 @@ class S3ObjectWriter:
     Any failure aborts the multipart upload, so nothing partial is left behind.
     """
 
-    def __init__(self, backend: S3Backend, key: str, full_key: str, reserve_head: int) -> None:
+    def __init__(self, s3: S3Bucket, key: str, full_key: str, reserve_head: int) -> None:
         if reserve_head < 0:
             raise ValueError(f"reserve_head must be >= 0, got {reserve_head}")
         self.key = key
-        self._b = backend
+        self._b = s3
         self._full = full_key
         self._reserve = reserve_head
-        self._part_size = backend.part_size
-        self._first_size = max(backend.part_size, reserve_head)
-        self._threshold = max(backend.multipart_threshold, self._first_size)
+        self._part_size = s3.part_size
+        self._first_size = max(s3.part_size, reserve_head)
+        self._threshold = max(s3.multipart_threshold, self._first_size)
         self._buf = bytearray(reserve_head)
         self._first: bytearray | None = None
         self._size = reserve_head
         self._next_part = 2
         self._pending: dict[int, Future[str]] = {}
         self._etags: dict[int, str] = {}
-        self._slots = threading.Semaphore(backend.max_concurrency)
+        self._slots = threading.Semaphore(s3.max_concurrency)
         self._lock = threading.Lock()
         self._inflight_bytes = 0
         self._error: BaseException | None = None
@@ -98,7 +96,7 @@ class S3ObjectWriter:
         try:
             if self.upload_id is None:
                 self._buf[: self._reserve] = head
-                self._b._put(self.key, self._full, self._buf)
+                self._b.put(self.key, self._full, self._buf)
             else:
                 self._finish_multipart(head)
         except BaseException:
@@ -122,7 +120,7 @@ class S3ObjectWriter:
         if self.upload_id is not None:
             try:
                 self._b.stats.incr("abort_multipart_upload")
-                self._b._client.abort_multipart_upload(Bucket=self._b.bucket, Key=self._full, UploadId=self.upload_id)
+                self._b.client.abort_multipart_upload(Bucket=self._b.bucket, Key=self._full, UploadId=self.upload_id)
                 log.debug("aborted multipart upload of s3://%s/%s", self._b.bucket, self._full)
             except (ClientError, BotoCoreError) as e:
                 if error_code(e) != "NoSuchUpload":
@@ -174,9 +172,9 @@ class S3ObjectWriter:
         b = self._b
         b.stats.incr("create_multipart_upload")
         try:
-            resp = b._client.create_multipart_upload(Bucket=b.bucket, Key=self._full)
+            resp = b.client.create_multipart_upload(Bucket=b.bucket, Key=self._full)
         except (ClientError, BotoCoreError) as e:
-            raise b._error(e, "CreateMultipartUpload", self.key, self._full) from e
+            raise b.error(e, "CreateMultipartUpload", self.key, self._full) from e
         self.upload_id = resp["UploadId"]
         log.debug("started multipart upload of s3://%s/%s", b.bucket, self._full)
         buf = self._buf
@@ -205,7 +203,7 @@ class S3ObjectWriter:
         with self._lock:
             self._inflight_bytes += len(part)
         self._note_buffered()
-        fut = self._b._executor().submit(self._upload_part, num, part)
+        fut = self._b.executor().submit(self._upload_part, num, part)
         self._pending[num] = fut
         fut.add_done_callback(functools.partial(self._part_done, num, len(part)))
 
@@ -225,11 +223,11 @@ class S3ObjectWriter:
         b = self._b
         b.stats.incr("upload_part")
         try:
-            resp = b._client.upload_part(
+            resp = b.client.upload_part(
                 Bucket=b.bucket, Key=self._full, UploadId=self.upload_id, PartNumber=num, Body=body
             )
         except (ClientError, BotoCoreError) as e:
-            raise b._error(e, f"UploadPart {num}", self.key, self._full) from e
+            raise b.error(e, f"UploadPart {num}", self.key, self._full) from e
         return str(resp["ETag"])
 
     def _finish_multipart(self, head: bytes) -> None:
@@ -248,21 +246,21 @@ class S3ObjectWriter:
         parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
         b.stats.incr("complete_multipart_upload")
         try:
-            b._client.complete_multipart_upload(
+            b.client.complete_multipart_upload(
                 Bucket=b.bucket, Key=self._full, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
             )
         except (ClientError, BotoCoreError) as e:
             if error_code(e) == "NoSuchUpload" and self._already_completed(len(parts)):
                 log.info("s3://%s/%s: a retried CompleteMultipartUpload had already succeeded", b.bucket, self._full)
             else:
-                raise b._error(e, "CompleteMultipartUpload", self.key, self._full) from e
+                raise b.error(e, "CompleteMultipartUpload", self.key, self._full) from e
         log.debug("completed s3://%s/%s: %d parts, %d bytes", b.bucket, self._full, len(parts), self._size)
 
     def _already_completed(self, nparts: int) -> bool:
         """After a NoSuchUpload on complete (a retry whose first attempt went through): is the
         object there with our size and a multipart ETag of our part count?"""
         try:
-            head = self._b._client.head_object(Bucket=self._b.bucket, Key=self._full)
+            head = self._b.client.head_object(Bucket=self._b.bucket, Key=self._full)
         except (ClientError, BotoCoreError):
             return False
         etag = str(head.get("ETag", "")).strip('"')

@@ -1,4 +1,4 @@
-"""Reads of the S3 backend: ranged GETs, fetched in parallel, with near ranges coalesced.
+"""Reads of the S3 backend: ranged GETs, fetched in parallel, of one :class:`S3Bucket`.
 
 A GET whose body breaks off mid-stream is fetched again (pinned to the first answer's ETag):
 botocore's retries end once the response headers have arrived.
@@ -7,28 +7,17 @@ botocore's retries end once the response headers have arrived.
 from __future__ import annotations
 
 import logging
-from bisect import bisect_right
-from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from storage_backends.s3_util import (
-    BODY_READ_ERRORS,
-    coalesce,
-    error_code,
-    http_status,
-    parse_total_size,
-    split_span,
-)
-
-if TYPE_CHECKING:
-    from storage_backends.s3 import S3Backend
+from storage_backends.s3_bucket import S3Bucket
+from storage_backends.s3_util import BODY_READ_ERRORS, error_code, http_status, parse_total_size, split_span
 
 log = logging.getLogger(__name__)
 
 
-def _open(s3: S3Backend, key: str, full: str, start: int, end: int, if_match: str | None) -> Any | None:
+def _open(s3: S3Bucket, key: str, full: str, start: int, end: int, if_match: str | None) -> Any | None:
     """Send a GET of bytes ``[start, end)``; the response with its body unread, or None when
     ``start`` is at or past the end (416: an empty object included)."""
     kwargs: dict[str, Any] = {"Key": full, "Range": f"bytes={start}-{end - 1}"}
@@ -40,7 +29,7 @@ def _open(s3: S3Backend, key: str, full: str, start: int, end: int, if_match: st
     except (ClientError, BotoCoreError) as e:
         if http_status(e) == 416 or error_code(e) == "InvalidRange":
             return None
-        raise s3._error(e, "GetObject", key, full) from e
+        raise s3.error(e, "GetObject", key, full) from e
 
 
 def _read_all(resp: Any) -> bytes:
@@ -63,7 +52,7 @@ def _body(resp: Any, start: int, end: int) -> tuple[bytes, int]:
 
 
 def get_range(
-    s3: S3Backend, key: str, full: str, start: int, end: int, if_match: str | None = None
+    s3: S3Bucket, key: str, full: str, start: int, end: int, if_match: str | None = None
 ) -> tuple[bytes, int | None, str]:
     """GET bytes ``[start, end)``: ``(data, object size, etag)``; ``(b"", None, "")`` when
     ``start`` is at or past the end. A body that breaks off is fetched again."""
@@ -75,7 +64,7 @@ def get_range(
             data, total = _body(resp, start, end)
         except BODY_READ_ERRORS as e:
             if attempt == s3.max_attempts:
-                raise s3._error(e, "GetObject (reading body)", key, full) from e
+                raise s3.error(e, "GetObject (reading body)", key, full) from e
             log.warning("s3://%s/%s: GET body broke off (%s), retrying", s3.bucket, full, type(e).__name__)
             if_match = resp["ETag"]
             continue
@@ -83,7 +72,7 @@ def get_range(
     raise AssertionError("unreachable")
 
 
-def get_into(s3: S3Backend, key: str, full: str, start: int, out: memoryview, if_match: str | None = None) -> int:
+def get_into(s3: S3Bucket, key: str, full: str, start: int, out: memoryview, if_match: str | None = None) -> int:
     """GET ``len(out)`` bytes at ``start`` straight into ``out`` (the body is read with
     ``readinto``: no bytes object of the whole range, no join); the count read, short at the end
     of the object, 0 at or past it. A body that breaks off is fetched again, pinned to the
@@ -108,7 +97,7 @@ def get_into(s3: S3Backend, key: str, full: str, start: int, out: memoryview, if
                 got += n
         except BODY_READ_ERRORS as e:
             if attempt == s3.max_attempts:
-                raise s3._error(e, "GetObject (reading body)", key, full) from e
+                raise s3.error(e, "GetObject (reading body)", key, full) from e
             log.warning("s3://%s/%s: GET body broke off (%s), retrying", s3.bucket, full, type(e).__name__)
             if_match = resp["ETag"]
             continue
@@ -118,10 +107,10 @@ def get_into(s3: S3Backend, key: str, full: str, start: int, out: memoryview, if
     raise AssertionError("unreachable")
 
 
-def read_into(s3: S3Backend, key: str, start: int, out: memoryview) -> int:
+def read_into(s3: S3Bucket, key: str, start: int, out: memoryview) -> int:
     """``len(out)`` bytes at ``start`` into ``out``, as ``part_size`` GETs in parallel; the
     count read (short at the end of the object)."""
-    full = s3._full(key)
+    full = s3.full(key)
     if start < 0:
         raise ValueError(f"invalid range start={start} for {key!r}")
     out = out.cast("B") if out.format != "B" or out.ndim != 1 else out
@@ -131,7 +120,7 @@ def read_into(s3: S3Backend, key: str, start: int, out: memoryview) -> int:
     pieces = split_span(start, start + len(out), s3.part_size)
     if len(pieces) == 1:
         return get_into(s3, key, full, start, out)
-    futures = [s3._executor().submit(get_into, s3, key, full, s, out[s - start : e - start]) for s, e in pieces]
+    futures = [s3.executor().submit(get_into, s3, key, full, s, out[s - start : e - start]) for s, e in pieces]
     try:
         counts = [f.result() for f in futures]
     finally:
@@ -141,7 +130,7 @@ def read_into(s3: S3Backend, key: str, start: int, out: memoryview) -> int:
     return sum(counts)
 
 
-def get_whole(s3: S3Backend, key: str, full: str) -> tuple[bytes, str]:
+def get_whole(s3: S3Bucket, key: str, full: str) -> tuple[bytes, str]:
     """A small object's bytes and ETag with one plain GET (an empty object included); a body
     that breaks off is fetched again."""
     for attempt in range(1, s3.max_attempts + 1):
@@ -149,32 +138,18 @@ def get_whole(s3: S3Backend, key: str, full: str) -> tuple[bytes, str]:
         try:
             resp = s3.client.get_object(Bucket=s3.bucket, Key=full)
         except (ClientError, BotoCoreError) as e:
-            raise s3._error(e, "GetObject", key, full) from e
+            raise s3.error(e, "GetObject", key, full) from e
         try:
             return _read_all(resp), str(resp["ETag"])
         except BODY_READ_ERRORS as e:
             if attempt == s3.max_attempts:
-                raise s3._error(e, "GetObject (reading body)", key, full) from e
+                raise s3.error(e, "GetObject (reading body)", key, full) from e
             log.warning("s3://%s/%s: GET body broke off (%s), retrying", s3.bucket, full, type(e).__name__)
     raise AssertionError("unreachable")
 
 
-def get_many(s3: S3Backend, key: str, full: str, pieces: list[tuple[int, int]], if_match: str | None) -> list[bytes]:
-    """GET several ``[start, end)`` pieces, in parallel when there are several."""
-    if len(pieces) == 1:
-        return [get_range(s3, key, full, *pieces[0], if_match)[0]]
-    futures: list[Future[tuple[bytes, int | None, str]]] = [
-        s3._executor().submit(get_range, s3, key, full, s, e, if_match) for s, e in pieces
-    ]
-    try:
-        return [f.result()[0] for f in futures]
-    finally:
-        for f in futures:
-            f.cancel()
-
-
-def read(s3: S3Backend, key: str, start: int = 0, length: int | None = None) -> bytes:
-    full = s3._full(key)
+def read(s3: S3Bucket, key: str, start: int = 0, length: int | None = None) -> bytes:
+    full = s3.full(key)
     if start < 0 or (length is not None and length < 0):
         raise ValueError(f"invalid range start={start} length={length} for {key!r}")
     if length == 0:
@@ -193,7 +168,7 @@ def read(s3: S3Backend, key: str, start: int = 0, length: int | None = None) -> 
     etag = str(resp.get("ETag", "")) or None
     # the rest goes out as soon as the first answer's headers tell the size, before its body is read
     pieces = split_span(first_stop, stop, s3.part_size) if first_stop < stop else []
-    rest = [s3._executor().submit(get_range, s3, key, full, s, e, etag) for s, e in pieces]
+    rest = [s3.executor().submit(get_range, s3, key, full, s, e, etag) for s, e in pieces]
     try:
         try:
             first = _body(resp, start, first_end)[0]
@@ -203,25 +178,3 @@ def read(s3: S3Backend, key: str, start: int = 0, length: int | None = None) -> 
     finally:
         for f in rest:
             f.cancel()
-
-
-def read_ranges(s3: S3Backend, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-    full = s3._full(key)
-    for start, length in ranges:
-        if start < 0 or length < 0:
-            raise ValueError(f"invalid range start={start} length={length} for {key!r}")
-    if not ranges:
-        return []
-    pieces = [p for s, e, _ in coalesce(ranges, s3.coalesce_gap) for p in split_span(s, max(e, s + 1), s3.part_size)]
-    blobs = get_many(s3, key, full, pieces, None)
-    starts = [s for s, _ in pieces]
-    out: list[bytes] = []
-    for r_start, r_len in ranges:  # slice each range out of the piece(s) it lies in, no big join
-        r_end = r_start + r_len
-        k = bisect_right(starts, r_start) - 1
-        parts: list[bytes] = []
-        while k < len(pieces) and starts[k] < r_end:
-            parts.append(blobs[k][max(r_start - starts[k], 0) : r_end - starts[k]])
-            k += 1
-        out.append(parts[0] if len(parts) == 1 else b"".join(parts))
-    return out

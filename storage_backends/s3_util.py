@@ -1,4 +1,4 @@
-"""Helpers of the S3 backend: error translation, request counters, range coalescing, client set-up.
+"""Helpers of the S3 backend: error translation, request counters, range splitting, client set-up.
 
 Nothing here talks to S3 by itself; :mod:`storage_backends.s3` and
 :mod:`storage_backends.s3_multipart` use these.
@@ -222,24 +222,6 @@ def translate(
     elif isinstance(e, BotoCoreError) and ("Endpoint" in code or "Connect" in code):
         text += f". Is the S3 endpoint {endpoint or '(AWS default)'} reachable? Set AWS_ENDPOINT_URL_S3 to change it"
     return BackendError(text, key=key, code=code)
-
-
-def coalesce(ranges: list[tuple[int, int]], gap: int) -> list[tuple[int, int, list[int]]]:
-    """Group ``(start, length)`` ranges into spans ``(span_start, span_end, indices)`` where
-    ranges closer than ``gap`` bytes (or overlapping) share one span; ``span_end`` is exclusive.
-    Indices refer to positions in ``ranges``; spans come sorted by offset."""
-    order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
-    spans: list[tuple[int, int, list[int]]] = []
-    for i in order:
-        start, length = ranges[i]
-        end = start + length
-        if spans and start <= spans[-1][1] + gap:
-            s0, e0, idx = spans[-1]
-            idx.append(i)
-            spans[-1] = (s0, max(e0, end), idx)
-        else:
-            spans.append((start, end, [i]))
-    return spans
 
 
 def split_span(start: int, end: int, chunk: int) -> list[tuple[int, int]]:

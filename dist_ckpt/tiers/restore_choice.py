@@ -34,8 +34,8 @@ _CANDIDATES = 8  # the newest steps considered
 
 
 class RoutedBackend:
-    """Reads of one checkpoint folder, each file from the tier ``routes`` names (the rest of
-    the Backend protocol — writes — is not needed by readers and not offered)."""
+    """Reads of one checkpoint folder, each file from the tier ``routes`` names: a
+    :class:`~storage_backends.ReadableStore` (writes are not needed by readers and not offered)."""
 
     def __init__(self, local: Backend, root: Backend, prefix: str, local_files: set[str], *, all_local: bool):
         self.local, self.root, self.prefix = local, root, prefix
@@ -51,16 +51,8 @@ class RoutedBackend:
     def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         return self._for(key).read(key, start, length)
 
-    def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-        return self._for(key).read_ranges(key, ranges)
-
     def read_into(self, key: str, start: int, out: memoryview) -> int:
-        backend = self._for(key)
-        if hasattr(backend, "read_into"):
-            return int(backend.read_into(key, start, out))
-        data = backend.read(key, start, len(out))
-        out[: len(data)] = data
-        return len(data)
+        return self._for(key).read_into(key, start, out)
 
     def size(self, key: str) -> int:
         return self._for(key).size(key)

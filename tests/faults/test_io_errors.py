@@ -67,7 +67,7 @@ def test_read_fails_with_eio_during_restore(tmp_path: Path) -> None:
     job.close()
     backend = FaultyBackend(
         open_backend(root),
-        [Rule(("read", "read_into", "read_ranges"), "step_*/rank_00000.safetensors", "fail", error="EIO")],
+        [Rule(("read", "read_into"), "step_*/rank_00000.safetensors", "fail", error="EIO")],
     )
     model, opt = build(seed=7)
     before = flatten(model, opt)

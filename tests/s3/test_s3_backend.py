@@ -29,7 +29,7 @@ from storage_backends import (
 )
 from storage_backends.base import Backend, ObjectWriter, Versioned
 from storage_backends.s3 import S3Backend
-from storage_backends.s3_util import coalesce, split_span
+from storage_backends.s3_util import split_span
 
 MiB = 1024 * 1024
 PART = 5 * MiB
@@ -71,10 +71,7 @@ def _proxied(s3_server: S3Server, s3_uri: str, proxy: FaultyProxy, max_attempts:
 # -- pure helpers and construction ----------------------------------------------------------------
 
 
-def test_coalesce_merges_near_ranges_and_keeps_indices() -> None:
-    ranges = [(100, 10), (0, 10), (15, 5), (5000, 1), (95, 30)]
-    assert coalesce(ranges, gap=10) == [(0, 20, [1, 2]), (95, 125, [4, 0]), (5000, 5001, [3])]
-    assert coalesce(ranges, gap=0) == [(0, 10, [1]), (15, 20, [2]), (95, 125, [4, 0]), (5000, 5001, [3])]
+def test_split_span_cuts_into_part_sized_pieces() -> None:
     assert split_span(0, 10, 4) == [(0, 4), (4, 8), (8, 10)]
 
 
@@ -122,7 +119,7 @@ def test_small_objects_read_size_exists(backend: S3Backend) -> None:
         lambda: backend.read("nope", 5, 5),
         lambda: backend.size("nope"),
         lambda: backend.read("nope", 0, 0),
-        lambda: backend.read_ranges("nope", [(0, 1)]),
+        lambda: backend.read_into("nope", 0, memoryview(bytearray(1))),
     ):
         with pytest.raises(ObjectNotFound) as info:
             call()
@@ -139,7 +136,7 @@ def test_key_validation_refuses_escaping_keys(backend: S3Backend) -> None:
             backend.size,
             lambda k: backend.write_bytes(k, b"x"),
             lambda k: backend.create_if_absent(k, b"x"),
-            lambda k: backend.read_ranges(k, [(0, 1)]),
+            lambda k: backend.read_into(k, 0, memoryview(bytearray(1))),
             lambda k: backend.compare_and_swap(k, b"", None),
         ):
             with pytest.raises(UnsafeKey):
@@ -213,24 +210,6 @@ def test_writer_abort_leaves_nothing(backend: S3Backend, s3_uri: str, s3_server:
         w2.write(os.urandom(11 * MiB))
         raise RuntimeError("training crashed")
     assert backend.list() == [] and _uploads(s3_server, _bucket(s3_uri)) == []
-
-
-def test_read_ranges_coalesces_and_keeps_order(backend: S3Backend) -> None:
-    data = os.urandom(12 * MiB)
-    backend.write_bytes("blob", data)
-    near = [(i * 3000, 1000) for i in range(200)]  # gaps of 2000 bytes: one GET
-    far = [(11 * MiB, 4096), (11 * MiB + 2048, 10), (len(data) - 5, 100), (len(data) + 10, 5), (64, 0)]
-    ranges = near + far
-    random.Random(2).shuffle(ranges)
-    backend.stats.reset()
-    out = backend.read_ranges("blob", ranges)
-    assert out == [data[s : s + n] for s, n in ranges]
-    assert backend.stats["get_object"] == 2
-    # one huge range is fetched as parallel part-sized GETs
-    backend.stats.reset()
-    assert backend.read_ranges("blob", [(1, 11 * MiB)]) == [data[1 : 11 * MiB + 1]]
-    assert backend.stats["get_object"] == 3
-    assert backend.read_ranges("blob", []) == []
 
 
 def test_list_paginates_and_delete_prefix_batches(backend: S3Backend) -> None:
@@ -439,7 +418,8 @@ def test_get_body_cut_off_is_read_again(s3_server: S3Server, s3_uri: str, proxy:
     data = os.urandom(3 * MiB)
     b.write_bytes("x", data)
     proxy.add_fault("truncate", 2, **GET)
-    assert b.read_ranges("x", [(0, MiB), (2 * MiB, MiB)]) == [data[:MiB], data[2 * MiB :]]
+    out = bytearray(len(data))
+    assert b.read_into("x", 0, memoryview(out)) == len(data) and out == data
     assert proxy.faults["truncate"] == 2
     proxy.add_fault("truncate", 2, **GET)
     assert b.read("x") == data

@@ -279,18 +279,8 @@ class FaultyBackend:
     def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         return self._run("read", key, lambda: self.inner.read(key, start, length))
 
-    @property
-    def read_into(self) -> Callable[[str, int, memoryview], int]:
-        if not hasattr(self.inner, "read_into"):
-            raise AttributeError("read_into")  # keeps hasattr(backend, "read_into") truthful
-
-        def read_into(key: str, start: int, out: memoryview) -> int:
-            return self._run("read_into", key, lambda: self.inner.read_into(key, start, out))
-
-        return read_into
-
-    def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-        return self._run("read_ranges", key, lambda: self.inner.read_ranges(key, ranges))
+    def read_into(self, key: str, start: int, out: memoryview) -> int:
+        return self._run("read_into", key, lambda: self.inner.read_into(key, start, out))
 
     def size(self, key: str) -> int:
         return self._run("size", key, lambda: self.inner.size(key))

@@ -229,11 +229,6 @@ class _CountingReads:
         self.read_bytes[key] += n
         return n
 
-    def read_ranges(self, key, ranges):
-        out = self.inner.read_ranges(key, ranges)
-        self.read_bytes[key] += sum(len(b) for b in out)
-        return out
-
     def __getattr__(self, name):
         return getattr(self.inner, name)
 

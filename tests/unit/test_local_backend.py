@@ -128,7 +128,7 @@ def test_large_streamed_write(be):
 # --- reading ---------------------------------------------------------------------------------
 
 
-def test_read_ranges_and_past_the_end(be):
+def test_ranged_reads_and_past_the_end(be):
     data = bytes(range(256))
     be.write_bytes("r", data)
     assert be.read("r", 10, 5) == data[10:15]
@@ -136,13 +136,6 @@ def test_read_ranges_and_past_the_end(be):
     assert be.read("r", 250, 100) == data[250:]  # past the end: what exists
     assert be.read("r", 300, 10) == b""
     assert be.read("r", 0, 0) == b""
-    assert be.read_ranges("r", [(200, 3), (0, 2), (1, 1), (255, 10)]) == [
-        data[200:203],
-        data[0:2],
-        data[1:2],
-        data[255:],
-    ]
-    assert be.read_ranges("r", []) == []
 
 
 def test_read_into(be):
@@ -160,7 +153,6 @@ def test_missing_objects_raise_object_not_found(be):
     for call in (
         lambda: be.read("nope"),
         lambda: be.read("nope", 0, 10),
-        lambda: be.read_ranges("nope", [(0, 1)]),
         lambda: be.read_into("nope", 0, memoryview(bytearray(1))),
         lambda: be.size("nope"),
     ):
@@ -365,7 +357,6 @@ def test_unsafe_keys_are_refused_everywhere(be, tmp_path, key):
     (tmp_path / "x").write_bytes(b"outside")
     calls = [
         lambda: be.read(key),
-        lambda: be.read_ranges(key, [(0, 1)]),
         lambda: be.read_into(key, 0, memoryview(bytearray(1))),
         lambda: be.size(key),
         lambda: be.exists(key),

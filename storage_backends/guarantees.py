@@ -1,6 +1,6 @@
 """Whether a store enforces the conditional writes the commit protocol rests on.
 
-The commit protocol (``COMMITTED`` with :meth:`Backend.create_if_absent`), the manifest's
+The commit protocol (``COMMITTED`` with :meth:`ConditionalWrites.create_if_absent`), the manifest's
 compare-and-swap and the run lock are only safe if the store *refuses* a conditional write
 whose condition does not hold. On S3 these are ``If-None-Match: *`` and ``If-Match: <etag>``;
 AWS S3 enforces both (since 2024), but some S3-compatible servers and gateways accept the

@@ -133,11 +133,6 @@ class S3ObjectWriter:
                         error_code(e),
                     )
 
-    @property
-    def size(self) -> int:
-        """Bytes written so far, the reserved head included."""
-        return self._size
-
     def __enter__(self) -> S3ObjectWriter:
         return self
 

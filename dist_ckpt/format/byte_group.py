@@ -65,6 +65,11 @@ class Workspace:
             buf = self._bufs[name] = np.empty(max(nbytes, 8), dtype=np.uint8)
         return buf[:nbytes].view(dt)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the scratch arrays."""
+        return sum(buf.nbytes for buf in self._bufs.values())
+
 
 def _ws(work: Workspace | None) -> Workspace:
     return work if work is not None else Workspace()

@@ -119,9 +119,16 @@ def _borrowed_workspace() -> Iterator[bg.Workspace]:
 
 
 def release_buffers() -> None:
-    """Free the idle scratch buffers (e.g. after a save, to give the memory back)."""
+    """Free the idle scratch buffers (after a save or load, to give the memory back; see
+    :func:`dist_ckpt.api.release_codec_buffers`). Buffers of chunks in flight stay theirs."""
     with _work_lock:
         _idle_work.clear()
+
+
+def idle_buffer_bytes() -> int:
+    """Bytes held by the idle scratch buffers (what :func:`release_buffers` gives back)."""
+    with _work_lock:
+        return sum(work.nbytes for work in _idle_work)
 
 
 # --- transforms -------------------------------------------------------------------------------

@@ -154,13 +154,17 @@ def lora_local(tmp: Path, saves: int) -> dict[str, Any]:
 def hashing_seconds(job: Job, which: str = "full") -> float:
     """Best of 5: content hashes (``full``) or samples (``sample``: what a save computes before
     writing a changed entry) of every tensor of the model and optimizer state."""
+    from dist_ckpt.format.dtypes import torch_to_safetensors
     from dist_ckpt.format.shard import PendingEntry
     from dist_ckpt.incremental import content_hash, sample_hash
-    from dist_ckpt.storage import ST_DTYPE, raw_bytes
+    from dist_ckpt.storage import raw_bytes
 
     tensors = [t.detach().contiguous() for t in job.model.state_dict().values()]
     tensors += [v for st in job.opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-    entries = [PendingEntry(str(i), ST_DTYPE[t.dtype], tuple(t.shape), raw_bytes(t)) for i, t in enumerate(tensors)]
+    entries = [
+        PendingEntry(str(i), torch_to_safetensors()[t.dtype], tuple(t.shape), raw_bytes(t))
+        for i, t in enumerate(tensors)
+    ]
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()

@@ -9,8 +9,9 @@ the default group when None).
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.distributed as dist
@@ -54,6 +55,28 @@ def _quiet_single_process() -> Iterator[None]:
         yield
 
 
+def run_dcp(dcp_call: Callable[..., Any], state_dict: dict[str, Any], *, no_dist: bool | None = None, **kw: Any) -> Any:
+    """Run ``dcp.save`` or ``dcp.load`` the one way every caller does: single-process
+    (``no_dist``) unless a process group is initialised (or as ``no_dist`` says), without
+    DCP's single-process warning, and with DCP's per-rank failure report raised as our error
+    (:func:`~dist_ckpt.dcp_errors.raise_from_dcp`)."""
+    try:
+        with _quiet_single_process():
+            return dcp_call(state_dict, no_dist=not _distributed() if no_dist is None else no_dist, **kw)
+    except CheckpointException as e:
+        raise_from_dcp(e)
+
+
+def release_codec_buffers() -> None:
+    """Free the zstd codec's idle scratch buffers (several times a chunk per thread that encoded
+    or decoded; kept between chunks, given back here: at the end of :func:`save` and
+    :func:`load` and when a manager closes). A no-op where the codec never ran in this process
+    (its module is not even imported for that)."""
+    zstd_chunk = sys.modules.get("dist_ckpt.format.zstd_chunk")
+    if zstd_chunk is not None:
+        zstd_chunk.release_buffers()
+
+
 def save_to(
     backend: Backend,
     prefix: str,
@@ -66,19 +89,14 @@ def save_to(
     spread: frozenset[str] = frozenset(),
 ) -> None:
     writer = DistCkptWriter(backend, prefix, codec=codec, commit_info=commit_info, fence=fence)
-    try:
-        with _quiet_single_process():
-            dcp.save(
-                state_dict,
-                storage_writer=writer,
-                planner=JsonSavePlanner(
-                    spread=spread, agree=compact_plan.agreement(process_group) if _distributed() else None
-                ),
-                process_group=process_group,
-                no_dist=not _distributed(),
-            )
-    except CheckpointException as e:
-        raise_from_dcp(e)
+    agree = compact_plan.agreement(process_group) if _distributed() else None
+    run_dcp(
+        dcp.save,
+        state_dict,
+        storage_writer=writer,
+        planner=JsonSavePlanner(spread=spread, agree=agree),
+        process_group=process_group,
+    )
 
 
 def load_from(
@@ -96,17 +114,13 @@ def load_from(
     # logged, retried as "rank-local metadata" and replaced by a bare AssertionError, which
     # would hide CheckpointNotFound / CorruptCheckpoint. The reader caches the result.
     reader.read_metadata()
-    try:
-        with _quiet_single_process():
-            dcp.load(
-                state_dict,
-                storage_reader=reader,
-                planner=JsonLoadPlanner(allow_partial_load=allow_partial_load, hint=incompatible_hint),
-                process_group=process_group,
-                no_dist=not _distributed(),
-            )
-    except CheckpointException as e:
-        raise_from_dcp(e)
+    run_dcp(
+        dcp.load,
+        state_dict,
+        storage_reader=reader,
+        planner=JsonLoadPlanner(allow_partial_load=allow_partial_load, hint=incompatible_hint),
+        process_group=process_group,
+    )
 
 
 def save(
@@ -130,14 +144,17 @@ def save(
     commit_info: dict[str, Any] = {}
     if base is not None or incremental:
         commit_info["incremental"] = "" if base is None else _base_folder(root, base)  # "": no base
-    save_to(
-        open_backend(root, **backend_options),
-        name,
-        state_dict,
-        codec=resolve_codec(compression),
-        commit_info=commit_info,
-        process_group=process_group,
-    )
+    try:
+        save_to(
+            open_backend(root, **backend_options),
+            name,
+            state_dict,
+            codec=resolve_codec(compression),
+            commit_info=commit_info,
+            process_group=process_group,
+        )
+    finally:
+        release_codec_buffers()
 
 
 def _base_folder(root: str, base: str) -> str:
@@ -162,10 +179,13 @@ def load(
     """Load the committed checkpoint at ``uri`` into ``state_dict`` in place (tensors are
     copied into, values replaced), resharding as needed."""
     root, name = split_checkpoint_uri(uri)
-    load_from(
-        open_backend(root, **backend_options),
-        name,
-        state_dict,
-        allow_partial_load=allow_partial_load,
-        process_group=process_group,
-    )
+    try:
+        load_from(
+            open_backend(root, **backend_options),
+            name,
+            state_dict,
+            allow_partial_load=allow_partial_load,
+            process_group=process_group,
+        )
+    finally:
+        release_codec_buffers()

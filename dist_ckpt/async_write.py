@@ -23,13 +23,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, StorageMeta, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import _compare_save_plans, _create_write_items
 
+from dist_ckpt.api import run_dcp
 from dist_ckpt.compact_plan import MeshSplit, agreement
-from dist_ckpt.dcp_errors import raise_from_dcp
 from dist_ckpt.format.shard import ChunkCodec
 from dist_ckpt.lock_fence import Fence
 from dist_ckpt.planner import JsonSavePlanner
@@ -143,14 +142,5 @@ def write_snapshot(
     writer = DistCkptWriter(backend, prefix, codec=codec, commit_info=commit_info, fence=fence)
     distributed = dist.is_available() and dist.is_initialized()
     planner = StagedSavePlanner(snapshot, cache_key=cache_key, agree=agreement(process_group) if distributed else None)
-    try:
-        dcp.save(
-            snapshot.flat_state_dict(),
-            storage_writer=writer,
-            planner=planner,
-            process_group=process_group,
-            no_dist=not (dist.is_available() and dist.is_initialized()),
-        )
-    except CheckpointException as e:
-        raise_from_dcp(e)
+    run_dcp(dcp.save, snapshot.flat_state_dict(), storage_writer=writer, planner=planner, process_group=process_group)
     return planner

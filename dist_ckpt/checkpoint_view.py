@@ -1,10 +1,11 @@
-"""Read one committed checkpoint offline (no process group, any world size and codec).
+"""What a URI names (:func:`locate`: a run root or one committed checkpoint), and reading one
+committed checkpoint offline (no process group, any world size and codec).
 
 :class:`CheckpointView` gives back what is stored — keys, shapes, dtypes, stored values — and
 *full* tensors, each assembled from its chunks across the rank files (``metadata.json`` records
-every chunk's offsets and sizes). ``dist-ckpt inspect``, ``diff`` and ``export`` read through it.
-Only :meth:`CheckpointView.tensor` needs torch (imported there), so listing and inspecting a
-checkpoint start without it.
+every chunk's offsets and sizes). ``dist-ckpt inspect``, ``diff`` and ``export`` read through
+it; every command finds its target with :func:`locate`. Only :meth:`CheckpointView.tensor`
+needs torch (imported there), so listing and inspecting a checkpoint start without it.
 """
 
 from __future__ import annotations
@@ -13,13 +14,21 @@ import json
 import math
 from typing import TYPE_CHECKING, Any
 
-from dist_ckpt.checkpoint_files import COMMITTED, read_checkpoint_metadata, split_checkpoint_uri, wrap_backend_error
-from dist_ckpt.errors import ConfigError, CorruptCheckpoint
+from dist_ckpt.checkpoint_files import (
+    COMMITTED,
+    METADATA,
+    read_checkpoint_metadata,
+    split_checkpoint_uri,
+    wrap_backend_error,
+)
+from dist_ckpt.errors import CheckpointNotFound, ConfigError, CorruptCheckpoint
 from dist_ckpt.format import json_values
-from dist_ckpt.format.metadata_json import CheckpointMetadata, EntryRef, TensorRecord, dtype_from_name
+from dist_ckpt.format.dtypes import dtype_from_name
+from dist_ckpt.format.metadata_json import CheckpointMetadata, EntryRef, TensorRecord
 from dist_ckpt.format.shard import ShardReader
 from dist_ckpt.progress import KEY, Progress
 from dist_ckpt.references import file_key
+from dist_ckpt.run_store import MANIFEST
 from storage_backends import Backend, BackendError, ObjectNotFound, join_key, open_backend
 
 if TYPE_CHECKING:
@@ -133,3 +142,35 @@ class CheckpointView:
                 f"{self.uri}: tensor {fqn!r}: its chunks cover {covered} of {full.numel()} elements"
             )
         return full
+
+
+def locate(uri: str) -> tuple[str, Backend, str]:
+    """What ``uri`` names: ``("checkpoint", backend of its parent, folder name)`` for a
+    committed checkpoint, ``("run", backend, "")`` for a run root. Raises
+    :class:`CheckpointNotFound` for an uncommitted step or an empty/missing location, and
+    :class:`ConfigError` for a URI no backend serves. Every command line command starts here."""
+    try:
+        here = open_backend(uri)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    try:
+        if here.exists(COMMITTED):
+            root, name = split_checkpoint_uri(uri)
+            return "checkpoint", open_backend(root), name
+        # the cheap checks first: a run root almost always has its manifest
+        if here.exists(MANIFEST) or here.list("step_"):
+            return "run", here, ""
+        uncommitted = here.exists(METADATA)
+        anything = not uncommitted and bool(here.list(""))
+    except BackendError as e:
+        raise wrap_backend_error(e, uri) from e
+    if uncommitted:
+        raise CheckpointNotFound(
+            f"{here.uri}: this checkpoint was not committed (no {COMMITTED} marker): an interrupted save, "
+            "never loaded; `dist-ckpt gc` on its run removes it"
+        )
+    if anything:
+        raise CheckpointNotFound(
+            f"{here.uri}: neither a run root (no {MANIFEST}, no step_* folders) nor a checkpoint (no {COMMITTED})"
+        )
+    raise CheckpointNotFound(f"{here.uri}: no run or checkpoint here (nothing stored at this location)")

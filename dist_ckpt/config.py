@@ -10,6 +10,7 @@ from typing import Any
 
 from dist_ckpt.errors import ConfigError, UnsupportedValue
 from dist_ckpt.format import json_values
+from dist_ckpt.format.zstd_level import check_level
 
 _MODES = ("min", "max")
 _COMPRESSION = ("none", "zstd")
@@ -166,8 +167,7 @@ class ManagerConfig:
             raise ConfigError(f"async_mode={self.async_mode!r}: expected one of {_ASYNC_MODES}")
         if self.if_busy not in _IF_BUSY:
             raise ConfigError(f"if_busy={self.if_busy!r}: expected one of {_IF_BUSY}")
-        if not isinstance(self.compression_level, int) or not -7 <= self.compression_level <= 22:
-            raise ConfigError(f"compression_level={self.compression_level!r}: expected an int in [-7, 22]")
+        check_level(self.compression_level, "compression_level")
         if self.incremental and self.local_root is not None:
             # a promotion copies a step's own files; references into older local steps are not promoted yet
             raise ConfigError("incremental=True with local_root: not supported together yet; choose one of them")

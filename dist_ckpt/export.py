@@ -22,9 +22,8 @@ from dist_ckpt.checkpoint_files import wrap_backend_error
 from dist_ckpt.checkpoint_view import CheckpointView
 from dist_ckpt.errors import ConfigError, CorruptCheckpoint
 from dist_ckpt.export_layout import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, parse_size
-from dist_ckpt.format.metadata_json import dtype_from_name
+from dist_ckpt.format.dtypes import dtype_from_name, torch_to_safetensors
 from dist_ckpt.progress import Progress
-from dist_ckpt.storage import ST_DTYPE
 from storage_backends import Backend, BackendError
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,6 @@ __all__ = [
     "DTYPES",
     "INDEX_FILE",
     "SINGLE_FILE",
-    "CheckpointView",
     "ExportResult",
     "export_checkpoint",
     "parse_size",
@@ -137,10 +135,11 @@ def export_checkpoint(
     for key, name in names.items():
         md = tensors[key]
         out_dtype = _out_dtype(dtype_from_name(md.dtype, f"{view.uri}: tensor {key!r}"), dtype)
-        if out_dtype not in ST_DTYPE:
+        st_dtype = torch_to_safetensors().get(out_dtype)
+        if st_dtype is None:
             raise ConfigError(f"{view.uri}: tensor {key!r} has dtype {out_dtype}, which safetensors cannot hold")
         nbytes = math.prod(md.size) * torch.empty((), dtype=out_dtype).element_size()
-        specs[key] = (name, ST_DTYPE[out_dtype], list(md.size), nbytes)
+        specs[key] = (name, st_dtype, list(md.size), nbytes)
     shards = _plan_shards([(k, specs[k][3]) for k in names], limit)
     n = len(shards)
     files = [SINGLE_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]

@@ -6,9 +6,9 @@ In the run that was checkpointed those draws happened *before* the saved steps; 
 script calls ``iter(loader)`` again after ``restore()`` and would draw again, shifting every
 random number of the resumed run — and it would start the epoch from its first batch.
 
-``track()`` therefore swaps the loader's class for a subclass (same object, same attributes)
-that, on every ``iter()``, records the states of the generators the pass draws from and counts
-the batches it yields. Tracking changes nothing in a run that is not resumed. After
+``track()`` therefore swaps the loader's class for a subclass (same object, same attributes;
+:mod:`dist_ckpt.loader_hooks`) that, on every ``iter()``, records the states of the generators
+the pass draws from and counts the batches it yields. Tracking changes nothing in a run that is not resumed. After
 ``restore()``, the next ``iter()`` of the interrupted epoch replays the pass start from the
 recorded states — same base seed, same sampler permutation — skips the batches already
 trained on at the level of sampler indices (no sample is loaded), and puts every generator
@@ -22,40 +22,25 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
-from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from dist_ckpt import data_position as dp
 from dist_ckpt.errors import ConfigError
+from dist_ckpt.loader_hooks import (
+    TRACKER_ATTR,
+    CountingIterator,
+    CurrentPass,
+    IndexSampler,
+    ScratchSeed,
+    generator_sources,
+    tracked_class,
+)
 
 log = logging.getLogger(__name__)
-
-_ATTR = "_dist_ckpt_position"
-
-
-def _sources(loader: DataLoader) -> dict[str, torch.Generator]:
-    """The CPU generators a pass of ``loader`` can draw from, by role (each object once)."""
-    out: dict[str, torch.Generator] = {"global": torch.default_generator}
-    seen = {id(torch.default_generator)}
-    for role, holder in (("loader", loader), ("sampler", loader.sampler), ("batch_sampler", loader.batch_sampler)):
-        g = getattr(holder, "generator", None)
-        if isinstance(g, torch.Generator) and g.device.type == "cpu" and id(g) not in seen:
-            out[role] = g
-            seen.add(id(g))
-    return out
-
-
-@dataclass
-class _Pass:
-    """The loader's current pass (mutable: counted as batches are yielded)."""
-
-    record: dp.PassRecord
-    start: dict[str, torch.Tensor] = field(default_factory=dict)
-    base: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -67,93 +52,6 @@ class _Replay:
     started: bool
     targets: dict[str, torch.Generator]  # the live generators (not the scratch seed generator)
     batches: list[list[int]] | None = None  # a continued epoch after a world-size change
-
-
-class _IndexSampler:
-    """Stands in for the loader's (batch) sampler so the tracker sees the pass begin and can
-    skip consumed batches by index."""
-
-    def __init__(self, inner: Any, tracker: LoaderPosition):
-        self.inner = inner
-        self._tracker = tracker
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._tracker.sampler_iter(self.inner)
-
-
-class _Counting:
-    """The loader's iterator, counting the batches handed to the training loop."""
-
-    def __init__(self, it: Any, current: _Pass):
-        self._it = it
-        self._pass = current
-
-    def __iter__(self) -> _Counting:
-        return self
-
-    def __next__(self) -> Any:
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self._pass.record = replace(self._pass.record, finished=True)
-            raise
-        self._pass.record = replace(self._pass.record, yielded=self._pass.record.yielded + 1)
-        return batch
-
-    def __len__(self) -> int:
-        return len(self._it)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._it, name)
-
-
-class _ShiftedWorkers(_MultiProcessingDataLoaderIter):
-    """The worker iterator of a resumed pass. Batch ``i`` of a pass goes to worker
-    ``i % num_workers`` (round robin from worker 0); after ``shift`` skipped batches the first
-    batch goes to the worker that loaded it in the saved run, so it gets the same worker seed."""
-
-    def __init__(self, loader: DataLoader, shift: int):
-        self._dist_ckpt_shift = shift
-        super().__init__(loader)
-
-    @property
-    def _worker_queue_idx_cycle(self) -> Any:
-        return self._dist_ckpt_cycle
-
-    @_worker_queue_idx_cycle.setter
-    def _worker_queue_idx_cycle(self, cycle: Any) -> None:
-        for _ in range(self._dist_ckpt_shift):  # only the pass being resumed: later epochs start at 0
-            next(cycle)
-        self._dist_ckpt_shift = 0
-        self._dist_ckpt_cycle = cycle
-
-
-_CLASSES: dict[type, type] = {}
-
-
-def _tracked_class(cls: type) -> type:
-    if cls not in _CLASSES:
-
-        class Tracked(cls):  # type: ignore[valid-type, misc]
-            def __iter__(self) -> Any:
-                return getattr(self, _ATTR).iterate(lambda: super(Tracked, self).__iter__())
-
-            @property
-            def _index_sampler(self) -> Any:
-                return getattr(self, _ATTR).index_sampler(super()._index_sampler)
-
-            def _get_iterator(self) -> Any:
-                shift = getattr(self, _ATTR).worker_shift()
-                if shift and self.num_workers > 0:
-                    return _ShiftedWorkers(self, shift)
-                return super()._get_iterator()
-
-        Tracked.__name__ = Tracked.__qualname__ = f"Tracked{cls.__name__}"
-        _CLASSES[cls] = Tracked
-    return _CLASSES[cls]
 
 
 class LoaderPosition:
@@ -168,19 +66,19 @@ class LoaderPosition:
                 "dataset that implements state_dict()/load_state_dict(), and track that loader."
             )
         self.loader, self.name, self.rank, self.world = loader, name, rank, world_size
-        self._pass: _Pass | None = None
+        self._pass: CurrentPass | None = None
         self._pending: dp.PassRecord | None = None  # the interrupted pass, until the next iter()
         self._spread_from: list[dp.PassRecord] | None = None  # all old ranks' records (world change)
         self._restored_base: tuple[str, torch.Tensor] | None = None  # persistent workers
         self._replay: _Replay | None = None
-        self._wrapper: _IndexSampler | None = None
-        loader.__class__ = _tracked_class(type(loader))
-        setattr(loader, _ATTR, self)
+        self._wrapper: IndexSampler | None = None
+        loader.__class__ = tracked_class(type(loader))
+        setattr(loader, TRACKER_ATTR, self)
 
     # -- hooks the loader class calls --------------------------------------------------------
-    def index_sampler(self, inner: Any) -> _IndexSampler:
+    def index_sampler(self, inner: Any) -> IndexSampler:
         if self._wrapper is None or self._wrapper.inner is not inner:
-            self._wrapper = _IndexSampler(inner, self)
+            self._wrapper = IndexSampler(inner, self)
         return self._wrapper
 
     def worker_shift(self) -> int:
@@ -216,7 +114,7 @@ class LoaderPosition:
 
     def iterate(self, make: Callable[[], Any]) -> Any:
         loader = self.loader
-        sources = _sources(loader)
+        sources = generator_sources(loader)
         creates = not (loader.persistent_workers and loader.num_workers > 0 and loader._iterator is not None)
         base_role = "loader" if loader.generator is not None else "global"
         pending, self._pending = self._pending, None
@@ -239,8 +137,8 @@ class LoaderPosition:
         if pending is not None and pending.complete and spread is None:
             # saved after the pass's last batch: the interrupted epoch has nothing left, and
             # building an iterator would draw from the generators
-            self._pass = _Pass(pending, _decoded(pending.start), _decoded_base(pending))
-            return _Counting(iter(()), self._pass)
+            self._pass = CurrentPass(pending, _decoded(pending.start), _decoded_base(pending))
+            return CountingIterator(iter(()), self._pass)
         if pending is not None or spread is not None:
             return self._resume(make, pending, spread, sources, creates, base_role)
         start = {role: g.get_state() for role, g in sources.items()}
@@ -262,11 +160,11 @@ class LoaderPosition:
             world=self.world,
             length=_length(loader._index_sampler),
         )
-        current = _Pass(record, start, base)
+        current = CurrentPass(record, start, base)
         self._pass = current
-        with _ScratchSeed(loader, base if creates and restored_base is not None else None):
+        with ScratchSeed(loader, base if creates and restored_base is not None else None):
             it = make()
-        return _Counting(it, current)
+        return CountingIterator(it, current)
 
     def _order(self, sampler: Any, offset: int = 0) -> dp.GlobalOrder | None:
         if isinstance(sampler, DistributedSampler) and self.loader.batch_size is not None:
@@ -296,17 +194,17 @@ class LoaderPosition:
         base = _decoded_base(record)
         if creates:
             self._restored_base = None  # used right here
-        current = _Pass(record, replay.start, base)
+        current = CurrentPass(record, replay.start, base)
         self._pass = current
         self._replay = replay
         try:
-            with _ScratchSeed(self.loader, base if creates else None):
+            with ScratchSeed(self.loader, base if creates else None):
                 it = make()
         finally:
             self._replay = None
             for role, g in sources.items():
                 g.set_state(restored[role])
-        return _Counting(it, current)
+        return CountingIterator(it, current)
 
     # -- world-size change -------------------------------------------------------------------
     def _spread_pass(
@@ -358,7 +256,7 @@ class LoaderPosition:
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, str]:
-        sources = _sources(self.loader)
+        sources = generator_sources(self.loader)
         current = {role: dp.encode_state(g.get_state()) for role, g in sources.items() if role != "global"}
         if self._pass is None:
             record = self._pending or dp.PassRecord(None, rank=self.rank, world=self.world)
@@ -388,7 +286,7 @@ class LoaderPosition:
                 )
             return
         own = records.get(self.rank)
-        sources = _sources(self.loader)
+        sources = generator_sources(self.loader)
         if own is not None:
             for role, text in own.current.items():  # the loader's/sampler's own generators
                 if role in sources:
@@ -427,23 +325,3 @@ def _length(index_sampler: Any) -> int | None:
         return len(index_sampler)
     except TypeError:  # a sampler without __len__
         return None
-
-
-class _ScratchSeed:
-    """While a new loader iterator is built: draw its worker base seed from a scratch
-    generator in the recorded ``state``, so the live generators are not touched."""
-
-    def __init__(self, loader: DataLoader, state: torch.Tensor | None):
-        self._loader, self._state = loader, state
-        self._saved: Any = None
-
-    def __enter__(self) -> None:
-        if self._state is not None:
-            scratch = torch.Generator()
-            scratch.set_state(self._state)
-            self._saved = self._loader.generator
-            self._loader.generator = scratch
-
-    def __exit__(self, *exc: object) -> None:
-        if self._state is not None:
-            self._loader.generator = self._saved

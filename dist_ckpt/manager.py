@@ -18,7 +18,7 @@ from torch import nn
 
 from dist_ckpt import ddp_buckets, overlap, rng, spread_writes
 from dist_ckpt import manifest as mf
-from dist_ckpt.api import resolve_codec, save_to
+from dist_ckpt.api import release_codec_buffers, resolve_codec, save_to
 from dist_ckpt.config import ManagerConfig
 from dist_ckpt.decision import share_decision
 from dist_ckpt.errors import (
@@ -30,6 +30,7 @@ from dist_ckpt.errors import (
 )
 from dist_ckpt.manager_keywords import ManagerKeywords
 from dist_ckpt.manager_restore import LoadedWeights, ResumeInfo, load_model_weights, restore_state
+from dist_ckpt.preemption import EXIT_CODE
 from dist_ckpt.progress import KEY, Progress, check_metrics
 from dist_ckpt.run_lock import RunLock
 from dist_ckpt.run_store import RunStore, entry_from_committed, step_prefix
@@ -424,8 +425,8 @@ class CheckpointManager(ManagerKeywords):
         self._check_open()
         return self._engine.should_stop() if self._engine is not None else False
 
-    def exit_after_preemption(self, code: int = 143) -> None:
-        """Wait for the in-flight save, close the manager and exit with ``code`` (128+SIGTERM)."""
+    def exit_after_preemption(self, code: int = EXIT_CODE) -> None:
+        """Wait for the in-flight save, close the manager and exit with ``code`` (143: 128+SIGTERM)."""
         self.close()
         raise SystemExit(code)
 
@@ -445,6 +446,7 @@ class CheckpointManager(ManagerKeywords):
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
+            release_codec_buffers()  # the zstd codec's idle scratch buffers
 
     def _check_open(self) -> None:
         if self._closed:

@@ -177,7 +177,3 @@ def loads(data: bytes, where: str = "manifest.json") -> Manifest:
     if dangling:
         raise CorruptCheckpoint(f"{where}: pointers {dangling} name checkpoints the manifest does not list")
     return Manifest(entries, pointers, modes, doc.get("tracker_run_id"), doc.get("config_hash"))
-
-
-def resolve_pointer(manifest: Manifest, name: str) -> int | None:
-    return manifest.pointers.get(name)

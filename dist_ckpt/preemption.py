@@ -53,11 +53,6 @@ class Preemption:
     def _handle(self, signum: int, frame: Any) -> None:
         self._flag = True
 
-    @property
-    def requested(self) -> bool:
-        """Whether this rank got SIGTERM (no collective)."""
-        return self._flag
-
     def should_stop(self) -> bool:
         """True on every rank once any rank got SIGTERM. A collective: call it on every rank."""
         local = self._flag

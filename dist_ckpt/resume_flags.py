@@ -227,7 +227,7 @@ def _checkpoint_uri(uri: str, run: RunSummary) -> str | int:
 
 def _located_checkpoint(flag: str, uri: str) -> str:
     """``uri`` when it names a committed checkpoint; a refusal saying what is there otherwise."""
-    from dist_ckpt.verify import locate
+    from dist_ckpt.checkpoint_view import locate
 
     try:
         kind, backend, prefix = locate(uri)

@@ -47,6 +47,7 @@ from dist_ckpt.checkpoint_files import (  # noqa: F401
 )
 from dist_ckpt.errors import CorruptCheckpoint, StepAlreadyExists
 from dist_ckpt.format import chunk_layout, metadata_v2
+from dist_ckpt.format.dtypes import torch_to_safetensors
 from dist_ckpt.format.metadata_json import EntryRef, FileRecord
 from dist_ckpt.format.rank_index import IndexEntry, index_entry, index_name
 from dist_ckpt.format.shard import ChunkCodec, PendingEntry, save_shard
@@ -56,27 +57,6 @@ from dist_ckpt.references import own_and_logical_bytes
 from storage_backends import Backend, BackendError, ObjectExists, join_key
 
 log = logging.getLogger(__name__)
-
-_READ_THREADS = 8
-
-ST_DTYPE: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.uint16: "U16",
-    torch.uint32: "U32",
-    torch.uint64: "U64",
-    torch.bool: "BOOL",
-}
-TORCH_DTYPE = {v: k for k, v in ST_DTYPE.items()}
 
 
 def raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -205,9 +185,10 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
             if tensor.device.type != "cpu":
                 tensor = tensor.cpu()
             tensor = tensor.contiguous()
-            if tensor.dtype not in ST_DTYPE:
+            st_dtype = torch_to_safetensors().get(tensor.dtype)
+            if st_dtype is None:
                 raise CorruptCheckpoint(f"{item.index.fqn}: dtype {tensor.dtype} cannot be stored in safetensors")
-            entries.append(PendingEntry(name, ST_DTYPE[tensor.dtype], tuple(tensor.shape), raw_bytes(tensor)))
+            entries.append(PendingEntry(name, st_dtype, tuple(tensor.shape), raw_bytes(tensor)))
         key = join_key(assignment.staging, assignment.file)
         extra: dict[str, IndexEntry] = {}
         referenced: dict[str, FileRecord] = {}

@@ -24,10 +24,11 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dist_ckpt.errors import CorruptCheckpoint
+from dist_ckpt.format.dtypes import safetensors_to_torch
 from dist_ckpt.format.metadata_json import CheckpointMetadata, EntryRef
 from dist_ckpt.format.shard import ChunkCodec, ShardReader
 from dist_ckpt.references import file_key
-from dist_ckpt.storage import TORCH_DTYPE, CheckpointLocation, raw_bytes, read_checkpoint_metadata, wrap_backend_error
+from dist_ckpt.storage import CheckpointLocation, raw_bytes, read_checkpoint_metadata, wrap_backend_error
 from storage_backends import Backend, BackendError
 
 log = logging.getLogger(__name__)
@@ -137,11 +138,11 @@ class DistCkptReader(CheckpointLocation, StorageReader):
         # format 2: the checksum comes from the rank index of this file (read once, on demand)
         ref = self._resolve(item)
         info = shard.entry(ref.entry)
-        if info.kind != "tensor" or info.dtype not in TORCH_DTYPE:
+        dtype = safetensors_to_torch().get(info.dtype)
+        if info.kind != "tensor" or dtype is None:
             raise CorruptCheckpoint(
                 f"{shard.header.file}, entry {ref.entry!r}: expected a tensor, found {info.kind}/{info.dtype}"
             )
-        dtype = TORCH_DTYPE[info.dtype]
         lengths, offsets = tuple(item.lengths), tuple(item.storage_offsets)
         # The shard's own header must agree with metadata.json: the box read lies inside the
         # entry (else the read would run into the next entry's bytes) and the dtype matches.

@@ -13,7 +13,6 @@ check streams every file once, in bounded memory.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,12 +21,13 @@ import xxhash
 
 from dist_ckpt import manifest as mf
 from dist_ckpt.checkpoint_files import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
-from dist_ckpt.errors import CheckpointNotFound, CorruptCheckpoint
+from dist_ckpt.checkpoint_view import locate
+from dist_ckpt.errors import CorruptCheckpoint
 from dist_ckpt.format.metadata_json import CheckpointMetadata, FileRecord
 from dist_ckpt.format.safetensors_header import header_length, parse_header
 from dist_ckpt.references import file_key
 from dist_ckpt.run_store import MANIFEST, RunStore, entry_from_committed, parse_step_prefix
-from storage_backends import Backend, BackendError, ObjectNotFound, join_key, open_backend
+from storage_backends import Backend, BackendError, ObjectNotFound, join_key
 
 log = logging.getLogger(__name__)
 
@@ -315,46 +315,6 @@ def manifest_problems(store: RunStore, entries: list[mf.Entry], committed_steps:
             )
         )
     return problems
-
-
-def locate(uri: str) -> tuple[str, Backend, str]:
-    """What ``uri`` names: ``("checkpoint", backend of its parent, folder name)`` for a
-    committed checkpoint, ``("run", backend, "")`` for a run root. Raises
-    :class:`CheckpointNotFound` for an uncommitted step or an empty/missing location, and
-    :class:`ConfigError` for a URI no backend serves."""
-    from dist_ckpt.checkpoint_files import split_checkpoint_uri
-    from dist_ckpt.errors import ConfigError
-
-    try:
-        here = open_backend(uri)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    try:
-        if here.exists(COMMITTED):
-            root, name = split_checkpoint_uri(uri)
-            return "checkpoint", open_backend(root), name
-        local_root = getattr(here, "root", None) if not here.uri.startswith("s3://") else None
-        if local_root is not None:  # a directory: look at its entries only, never walk a big tree
-            names = os.listdir(local_root) if os.path.isdir(local_root) else []
-            is_run = MANIFEST in names or any(n.startswith("step_") for n in names)
-        else:
-            is_run = here.exists(MANIFEST) or bool(here.list("step_"))
-        if is_run:
-            return "run", here, ""
-        uncommitted = here.exists(METADATA)
-        anything = bool(names) if local_root is not None else bool(here.list(""))
-    except BackendError as e:
-        raise wrap_backend_error(e, uri) from e
-    if uncommitted:
-        raise CheckpointNotFound(
-            f"{here.uri}: this checkpoint was not committed (no {COMMITTED} marker): an interrupted save, "
-            "never loaded; `dist-ckpt gc` on its run removes it"
-        )
-    if anything:
-        raise CheckpointNotFound(
-            f"{here.uri}: neither a run root (no {MANIFEST}, no step_* folders) nor a checkpoint (no {COMMITTED})"
-        )
-    raise CheckpointNotFound(f"{here.uri}: no run or checkpoint here (nothing stored at this location)")
 
 
 def verify(uri: str, *, quick: bool = False, progress: ProgressSink | None = None) -> CheckpointReport | RunReport:

@@ -11,9 +11,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from dist_ckpt.checkpoint_view import locate
 from dist_ckpt.errors import ConfigError
 from dist_ckpt.run_store import RunStore
-from dist_ckpt.verify import locate
 from storage_backends import Backend
 
 if TYPE_CHECKING:

@@ -18,6 +18,7 @@ import xxhash
 
 from dist_ckpt import manifest as mf
 from dist_ckpt.checkpoint_files import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
+from dist_ckpt.checkpoint_view import locate
 from dist_ckpt.cli.common import BREAK_LOCK_HELP, BarSink, human_size, print_json, progress_bar, run_locked
 from dist_ckpt.cli.copy_refs import copy_referenced_files, copy_self_contained
 from dist_ckpt.cli.write_safety import add_flag, require_safe_writes
@@ -27,7 +28,7 @@ from dist_ckpt.format.safetensors_header import header_length
 from dist_ckpt.lock_fence import Fence
 from dist_ckpt.references import is_reference
 from dist_ckpt.run_store import STEP_RE, RunStore, parse_step_prefix
-from dist_ckpt.verify import BLOCK_BYTES, locate, parse_checksum, verify_files
+from dist_ckpt.verify import BLOCK_BYTES, parse_checksum, verify_files
 from storage_backends import Backend, BackendError, ObjectExists, join_key, open_backend
 
 EPILOG = """\

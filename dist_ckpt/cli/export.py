@@ -12,7 +12,8 @@ from typing import Any
 from dist_ckpt.cli.common import human_size, print_json, progress_bar
 from dist_ckpt.errors import ConfigError
 from dist_ckpt.export_layout import CONFIG_FILE, DTYPE_NAMES, INDEX_FILE, parse_size
-from dist_ckpt.format.metadata_json import TensorRecord, dtype_from_name
+from dist_ckpt.format.dtypes import dtype_from_name
+from dist_ckpt.format.metadata_json import TensorRecord
 from storage_backends import Backend
 
 EPILOG = f"""\
@@ -81,8 +82,8 @@ def read_config_file(path: str) -> bytes:
 
 def source(args: argparse.Namespace) -> tuple[Backend, str]:
     """Backend and folder name of the checkpoint to export: CKPT itself, or RUN's ``--which``."""
+    from dist_ckpt.checkpoint_view import locate
     from dist_ckpt.cli.common import run_at
-    from dist_ckpt.verify import locate
 
     if args.which is None:
         kind, backend, prefix = locate(args.checkpoint)
@@ -107,7 +108,8 @@ def source(args: argparse.Namespace) -> tuple[Backend, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dist_ckpt.export import CheckpointView, export_checkpoint, select_tensors
+    from dist_ckpt.checkpoint_view import CheckpointView
+    from dist_ckpt.export import export_checkpoint, select_tensors
     from storage_backends import open_backend
 
     limit = parse_size(args.max_shard_size) if args.max_shard_size else None

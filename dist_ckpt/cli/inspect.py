@@ -10,7 +10,7 @@ from typing import Any
 from dist_ckpt.checkpoint_view import CheckpointView
 from dist_ckpt.cli.common import checkpoint_at, fmt_number, human_size, human_time, print_json, table
 from dist_ckpt.config import flatten_config
-from dist_ckpt.format.metadata_json import ITEMSIZE
+from dist_ckpt.format.dtypes import BY_TORCH_NAME
 
 EPILOG = """\
 --keys takes a glob (model.*.weight) or, without wildcards, a key prefix (optimizer.state);
@@ -80,7 +80,7 @@ def describe(view: CheckpointView, patterns: list[str] | None = None) -> dict[st
                     "chunks": len(md.chunks),
                     "files": sorted({r.file for r in refs}),
                     "stored_bytes": stored,
-                    "raw_bytes": math.prod(md.size) * ITEMSIZE[md.dtype],
+                    "raw_bytes": math.prod(md.size) * BY_TORCH_NAME[md.dtype].itemsize,
                 }
             )
         else:

@@ -6,8 +6,9 @@ import argparse
 import sys
 from typing import Any
 
+from dist_ckpt.checkpoint_view import locate
 from dist_ckpt.cli.common import BarSink, human_size, print_json, progress_bar
-from dist_ckpt.verify import CheckpointReport, RunReport, locate, verify_checkpoint, verify_run
+from dist_ckpt.verify import CheckpointReport, RunReport, verify_checkpoint, verify_run
 
 EPILOG = """\
 Checks that every file of each checkpoint's file table exists with the recorded size, and that

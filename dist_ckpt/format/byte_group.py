@@ -43,37 +43,8 @@ ESCAPE = 15  # exponent code meaning "exponent stored verbatim in the escape str
 _WINDOW = 15  # exponents representable by a code
 _HIST_SAMPLE = 65536  # elements sampled to pick the exponent window (a histogram, not exact)
 
-# How each dtype is transformed (chosen by measurement on real weights, see the module docstring).
-NONE, GROUP, ROT_GROUP, SPLIT = "none", "group", "rot_group", "split"
-
-# safetensors dtype -> (itemsize, transform)
-DTYPES: dict[str, tuple[int, str]] = {
-    "F64": (8, GROUP),
-    "F32": (4, SPLIT),
-    "F16": (2, ROT_GROUP),
-    "BF16": (2, SPLIT),
-    "F8_E4M3": (1, NONE),
-    "F8_E5M2": (1, NONE),
-    "I64": (8, GROUP),
-    "I32": (4, GROUP),
-    "I16": (2, GROUP),
-    "I8": (1, NONE),
-    "U64": (8, GROUP),
-    "U32": (4, GROUP),
-    "U16": (2, GROUP),
-    "U8": (1, NONE),
-    "BOOL": (1, NONE),
-}
-
 _U8 = np.dtype(np.uint8)
 _WORD = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}  # explicit: the stored byte order
-
-
-def itemsize_of(dtype: str) -> int:
-    try:
-        return DTYPES[dtype][0]
-    except KeyError:
-        raise ValueError(f"unknown safetensors dtype {dtype!r}; expected one of {sorted(DTYPES)}") from None
 
 
 class Workspace:
@@ -93,6 +64,11 @@ class Workspace:
         if buf is None or buf.size < nbytes:
             buf = self._bufs[name] = np.empty(max(nbytes, 8), dtype=np.uint8)
         return buf[:nbytes].view(dt)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the scratch arrays."""
+        return sum(buf.nbytes for buf in self._bufs.values())
 
 
 def _ws(work: Workspace | None) -> Workspace:

@@ -23,7 +23,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from dist_ckpt.format.metadata_json import CheckpointMetadata, ChunkRecord, EntryRef, TensorRecord, dtype_from_name
+from dist_ckpt.format.dtypes import dtype_from_name
+from dist_ckpt.format.metadata_json import CheckpointMetadata, ChunkRecord, EntryRef, TensorRecord
 
 
 class RuleChunks(Sequence[ChunkStorageMetadata]):

@@ -21,53 +21,13 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from dist_ckpt.errors import CorruptCheckpoint
+from dist_ckpt.format.dtypes import check_dtype_name, dtype_from_name, dtype_name
 
 if TYPE_CHECKING:  # torch is imported only where DCP objects are built (loading, saving)
-    import torch
     from torch.distributed.checkpoint.metadata import Metadata
 
 FORMAT = "dist_ckpt.checkpoint/1"
 MAX_METADATA_BYTES = 256 * 1024 * 1024  # format 1 (no declared counts); format 2: metadata_v2.size_limit
-
-# dtype name (as torch spells it, without "torch.") -> bytes per element
-ITEMSIZE: dict[str, int] = {
-    "float64": 8,
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-    "int64": 8,
-    "int32": 4,
-    "int16": 2,
-    "int8": 1,
-    "uint8": 1,
-    "uint16": 2,
-    "uint32": 4,
-    "uint64": 8,
-    "bool": 1,
-    "complex64": 8,
-    "complex128": 16,
-}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def check_dtype_name(name: Any, where: str) -> str:
-    if not isinstance(name, str) or name not in ITEMSIZE:
-        raise CorruptCheckpoint(f"{where}: unknown dtype {name!r}")
-    return name
-
-
-def dtype_from_name(name: str, where: str) -> torch.dtype:
-    import torch
-
-    dtype = getattr(torch, check_dtype_name(name, where), None)
-    if not isinstance(dtype, torch.dtype):
-        raise CorruptCheckpoint(f"{where}: dtype {name!r} is not supported by this torch ({torch.__version__})")
-    return dtype
 
 
 @dataclass(frozen=True)

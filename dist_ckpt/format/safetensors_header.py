@@ -21,30 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dist_ckpt.errors import CorruptCheckpoint
+from dist_ckpt.format.dtypes import BY_SAFETENSORS
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_CHUNK_RAW_BYTES = 1 << 30
 META_KEY = "dist_ckpt"
 FORMAT_VERSION = 1
-
-# safetensors dtype name -> element size in bytes
-ITEMSIZE: dict[str, int] = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U64": 8,
-    "U32": 4,
-    "U16": 2,
-    "U8": 1,
-    "BOOL": 1,
-}
 
 
 @dataclass(frozen=True)
@@ -67,7 +49,7 @@ class EntryInfo:
 
     @property
     def raw_nbytes(self) -> int:
-        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+        return math.prod(self.shape) * BY_SAFETENSORS[self.dtype].itemsize
 
 
 @dataclass(frozen=True)
@@ -159,7 +141,7 @@ def _parse_entry(file: str, name: str, spec: Any, extra: Any, hlen: int, data_le
     if not isinstance(spec, dict):
         raise _corrupt(file, "entry is not a JSON object", name)
     dtype, shape, offsets = spec.get("dtype"), _int_list(spec.get("shape")), _int_list(spec.get("data_offsets"))
-    if dtype not in ITEMSIZE:
+    if dtype not in BY_SAFETENSORS:
         raise _corrupt(file, f"unknown dtype {dtype!r}", name)
     if shape is None or offsets is None or len(offsets) != 2:
         raise _corrupt(file, "shape or data_offsets is not a list of non-negative integers", name)
@@ -167,7 +149,7 @@ def _parse_entry(file: str, name: str, spec: Any, extra: Any, hlen: int, data_le
     if not begin <= end <= data_len:
         raise _corrupt(file, f"data_offsets {offsets} lie outside the {data_len}-byte data region", name)
     stored = end - begin
-    if math.prod(shape) * ITEMSIZE[dtype] != stored:
+    if math.prod(shape) * BY_SAFETENSORS[dtype].itemsize != stored:
         raise _corrupt(file, f"{stored} stored bytes do not match dtype {dtype} and shape {shape}", name)
     if extra is None:
         return EntryInfo(name, dtype, tuple(shape), hlen + begin, hlen + end)
@@ -180,7 +162,7 @@ def _parse_entry(file: str, name: str, spec: Any, extra: Any, hlen: int, data_le
     if codec == "none":
         return EntryInfo(name, dtype, tuple(shape), hlen + begin, hlen + end, kind=kind)
     real_dtype, real_shape = extra.get("dtype"), _int_list(extra.get("shape"))
-    if real_dtype not in ITEMSIZE or real_shape is None:
+    if real_dtype not in BY_SAFETENSORS or real_shape is None:
         raise _corrupt(file, f"codec {codec!r} entry lacks a valid real dtype/shape", name)
     raw_chunks = extra.get("chunks")
     if not isinstance(raw_chunks, list) or not all(_int_list(c) is not None and len(c) == 2 for c in raw_chunks):
@@ -190,7 +172,7 @@ def _parse_entry(file: str, name: str, spec: Any, extra: Any, hlen: int, data_le
         raise _corrupt(file, f"a chunk declares more than {MAX_CHUNK_RAW_BYTES} raw bytes", name)
     if sum(s for _, s in chunks) != stored:
         raise _corrupt(file, f"chunk table covers {sum(s for _, s in chunks)} bytes, entry holds {stored}", name)
-    raw_total = math.prod(real_shape) * ITEMSIZE[real_dtype]
+    raw_total = math.prod(real_shape) * BY_SAFETENSORS[real_dtype].itemsize
     if sum(r for r, _ in chunks) != raw_total:
         raise _corrupt(
             file, f"chunk table holds {sum(r for r, _ in chunks)} raw bytes, dtype and shape need {raw_total}", name

@@ -22,8 +22,8 @@ from typing import Protocol
 import xxhash
 
 from dist_ckpt.errors import CorruptCheckpoint
+from dist_ckpt.format.dtypes import BY_SAFETENSORS
 from dist_ckpt.format.safetensors_header import (
-    ITEMSIZE,
     EntryInfo,
     ShardHeader,
     build_header,
@@ -180,7 +180,7 @@ def _chunked_header(
         if stored is None:
             begin = end = _PLACEHOLDER
             chunks = [[_PLACEHOLDER, _PLACEHOLDER]] * (
-                _chunk_count(e.data.nbytes, ITEMSIZE[e.dtype], codec.chunk_bytes) + 1
+                _chunk_count(e.data.nbytes, BY_SAFETENSORS[e.dtype].itemsize, codec.chunk_bytes) + 1
             )
         else:
             begin, end, chunk_list = stored[e.name]

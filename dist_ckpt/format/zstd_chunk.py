@@ -47,7 +47,9 @@ import zstandard
 
 from dist_ckpt.errors import CorruptCheckpoint
 from dist_ckpt.format import byte_group as bg
+from dist_ckpt.format import dtypes as dt
 from dist_ckpt.format import float_jit
+from dist_ckpt.format.dtypes import BY_SAFETENSORS, safetensors_itemsize
 
 FORMAT_VERSION = 2  # written; READABLE_VERSIONS are read
 READABLE_VERSIONS = (1, 2)
@@ -117,24 +119,31 @@ def _borrowed_workspace() -> Iterator[bg.Workspace]:
 
 
 def release_buffers() -> None:
-    """Free the idle scratch buffers (e.g. after a save, to give the memory back)."""
+    """Free the idle scratch buffers (after a save or load, to give the memory back; see
+    :func:`dist_ckpt.api.release_codec_buffers`). Buffers of chunks in flight stay theirs."""
     with _work_lock:
         _idle_work.clear()
+
+
+def idle_buffer_bytes() -> int:
+    """Bytes held by the idle scratch buffers (what :func:`release_buffers` gives back)."""
+    with _work_lock:
+        return sum(work.nbytes for work in _idle_work)
 
 
 # --- transforms -------------------------------------------------------------------------------
 
 # transform ids by format version (only the float split changed)
 _TRANSFORM_IDS = {
-    1: {bg.NONE: T_NONE, bg.GROUP: T_GROUP, bg.SPLIT: T_SPLIT, bg.ROT_GROUP: T_ROT_GROUP},
-    2: {bg.NONE: T_NONE, bg.GROUP: T_GROUP, bg.SPLIT: T_SPLIT6, bg.ROT_GROUP: T_ROT_GROUP},
+    1: {dt.NONE: T_NONE, dt.GROUP: T_GROUP, dt.SPLIT: T_SPLIT, dt.ROT_GROUP: T_ROT_GROUP},
+    2: {dt.NONE: T_NONE, dt.GROUP: T_GROUP, dt.SPLIT: T_SPLIT6, dt.ROT_GROUP: T_ROT_GROUP},
 }
 
 
 def transform_of(dtype: str, version: int = FORMAT_VERSION) -> tuple[int, int]:
     """(transform id, itemsize) for a safetensors dtype in chunks of format ``version``."""
-    itemsize = bg.itemsize_of(dtype)
-    return _TRANSFORM_IDS[version][bg.DTYPES[dtype][1]], itemsize
+    itemsize = safetensors_itemsize(dtype)
+    return _TRANSFORM_IDS[version][BY_SAFETENSORS[dtype].transform], itemsize
 
 
 def _stream_count(transform: int, itemsize: int) -> int:
@@ -275,7 +284,7 @@ def _decode_chunk_into(
     check_raw_len(index, raw_len)
     if dst.size != raw_len:
         raise ValueError(f"chunk {index}: output buffer holds {dst.size} bytes, the chunk decodes to {raw_len}")
-    itemsize = bg.itemsize_of(dtype)
+    itemsize = safetensors_itemsize(dtype)
     view = memoryview(stored).cast("B")
     fixed = HEAD.size + TRAILER.size
     if len(view) < fixed:

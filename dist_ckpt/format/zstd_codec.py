@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import zstandard
 
 from dist_ckpt.errors import ConfigError
-from dist_ckpt.format import byte_group as bg
+from dist_ckpt.format.dtypes import safetensors_itemsize
 from dist_ckpt.format.zstd_chunk import (  # noqa: F401  (re-exported: the codec's public surface)
     CHUNK_BYTES_MAX,
     FORMAT_VERSION,
@@ -32,6 +31,7 @@ from dist_ckpt.format.zstd_chunk import (  # noqa: F401  (re-exported: the codec
     encode_chunk,
     release_buffers,
 )
+from dist_ckpt.format.zstd_level import check_level
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,7 @@ class ZstdCodec:
     name: ClassVar[str] = "zstd"
 
     def __post_init__(self) -> None:
-        if not zstandard.MAX_COMPRESSION_LEVEL >= self.level >= -(1 << 17):
-            raise ConfigError(f"zstd level must be in [-131072, {zstandard.MAX_COMPRESSION_LEVEL}], got {self.level}")
+        check_level(self.level, "level")
         if not 1 <= self.chunk_bytes <= CHUNK_BYTES_MAX:
             raise ConfigError(f"chunk_bytes must be in [1, {CHUNK_BYTES_MAX}], got {self.chunk_bytes}")
         if self.threads is not None and self.threads < 1:
@@ -92,7 +91,7 @@ class ZstdCodec:
 
     def step(self, dtype: str) -> int:
         """Raw bytes per chunk for this dtype: never splits an element."""
-        k = bg.itemsize_of(dtype)
+        k = safetensors_itemsize(dtype)
         return max(k, self.chunk_bytes - self.chunk_bytes % k)
 
     def encode(self, raw: memoryview, dtype: str) -> Iterator[tuple[bytes, int]]:

@@ -147,7 +147,7 @@ class DistCkptMixin:
         if resume.rstrip("/") == self.checkpoint_root.rstrip("/"):
             return "last"
         if "/" in resume or os.path.isdir(resume):
-            from dist_ckpt.verify import locate
+            from dist_ckpt.checkpoint_view import locate
 
             kind, backend, prefix = locate(resume)
             if kind == "run":  # another run root: its latest checkpoint

@@ -46,10 +46,8 @@ from fsspec.spec import AbstractFileSystem
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
-from torch.distributed.checkpoint.api import CheckpointException
 
-from dist_ckpt.api import _quiet_single_process, resolve_codec
-from dist_ckpt.dcp_errors import raise_from_dcp
+from dist_ckpt.api import resolve_codec, run_dcp
 from dist_ckpt.errors import CheckpointError, ConfigError, StorageError
 from dist_ckpt.integrations.lightning_run import (
     LAST_NAME,
@@ -168,11 +166,7 @@ class DistCkptIO(CheckpointIO):
         reader = DistCkptReader(backend, step_prefix(step))
         uri = f"{where.root}/{step_prefix(step)}"
         template = load_template(reader.read_metadata(), uri)
-        try:
-            with _quiet_single_process():
-                dcp.load(template, storage_reader=reader, planner=JsonLoadPlanner(), no_dist=True)
-        except CheckpointException as e:
-            raise_from_dcp(e)
+        run_dcp(dcp.load, template, storage_reader=reader, planner=JsonLoadPlanner(), no_dist=True)
         checkpoint = join_checkpoint(template, uri)
         if isinstance(map_location, (str, torch.device)):
             checkpoint = _to_device(checkpoint, torch.device(map_location))

@@ -31,12 +31,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 
 from dist_ckpt import manifest as mf
-from dist_ckpt.api import _quiet_single_process
+from dist_ckpt.api import run_dcp
 from dist_ckpt.checkpoint_files import COMMITTED
-from dist_ckpt.dcp_errors import raise_from_dcp
 from dist_ckpt.errors import CheckpointNotFound, ConfigError, StorageError
 from dist_ckpt.format.shard import ChunkCodec
 from dist_ckpt.planner import JsonSavePlanner
@@ -201,13 +199,9 @@ class RunWriter:
         writer = DistCkptWriter(
             self.backend, step_prefix(step), codec=self.codec, commit_info=info, fence=self.lock.fence
         )
-        try:
-            # Lightning calls CheckpointIO on global rank 0 alone (the state is replicated under
-            # DDP): a local save, with no collective on the training job's process group.
-            with _quiet_single_process():
-                dcp.save(flat, storage_writer=writer, planner=JsonSavePlanner(), no_dist=True)
-        except CheckpointException as e:
-            raise_from_dcp(e)
+        # Lightning calls CheckpointIO on global rank 0 alone (the state is replicated under
+        # DDP): a local save, with no collective on the training job's process group.
+        run_dcp(dcp.save, flat, storage_writer=writer, planner=JsonSavePlanner(), no_dist=True)
         self.names[step] = name
         self.retired |= {s for s, n in self.names.items() if n in retires and s < step}
         key = join_key(step_prefix(step), COMMITTED)

@@ -57,7 +57,7 @@ def snapshot(root: Path) -> dict[str, bytes] | None:
 
 def checkpoint_params(uri: str | Path, model: str = "model") -> dict[str, list[Any]]:
     """The tracked model's parameters stored in a checkpoint, as the job reports them."""
-    from dist_ckpt.export import CheckpointView
+    from dist_ckpt.checkpoint_view import CheckpointView
 
     view = CheckpointView.open(str(uri))
     prefix = model + "."

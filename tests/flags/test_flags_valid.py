@@ -185,7 +185,8 @@ def test_fsdp_example_starts_from_exported_weights_on_two_ranks(tmp_path: Path) 
     """--init-from a safetensors file under torchrun: every rank reads it and FSDP2 shards it."""
     from safetensors.torch import load_file
 
-    from dist_ckpt.export import CheckpointView, export_checkpoint
+    from dist_ckpt.checkpoint_view import CheckpointView
+    from dist_ckpt.export import export_checkpoint
     from storage_backends import open_backend
 
     sys.path.insert(0, str(Path(__file__).parent.parent))

@@ -20,6 +20,7 @@ from dist_ckpt.errors import CorruptCheckpoint
 from dist_ckpt.format import byte_group as bg
 from dist_ckpt.format import float_jit
 from dist_ckpt.format import zstd_chunk as zch
+from dist_ckpt.format.dtypes import safetensors_itemsize
 from dist_ckpt.format.zstd_codec import ZstdCodec
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "zstd_chunks_v1"
@@ -67,7 +68,7 @@ def _check_both_layouts(data: np.ndarray, itemsize: int) -> None:
 @pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 4097])
 def test_every_exponent_escaped(dtype: str, n: int) -> None:
     """Exponents spread over the whole range: most elements escape; odd sizes hit the tails."""
-    itemsize = bg.itemsize_of(dtype)
+    itemsize = safetensors_itemsize(dtype)
     gen = torch.Generator().manual_seed(n)
     t = torch.ldexp(torch.ones(n, dtype=torch.float64), torch.randint(-120, 120, (n,), generator=gen))
     data = np.frombuffer(tensor_bytes(t.to(TORCH_DTYPES[dtype])), dtype=np.uint8)

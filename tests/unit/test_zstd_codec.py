@@ -19,6 +19,7 @@ from dist_ckpt.errors import ConfigError, CorruptCheckpoint
 from dist_ckpt.format import byte_group as bg
 from dist_ckpt.format import zstd_chunk as zch
 from dist_ckpt.format import zstd_codec as zc
+from dist_ckpt.format.dtypes import safetensors_itemsize
 from dist_ckpt.format.zstd_codec import ZstdCodec, chunk_range_for_bytes
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -49,7 +50,7 @@ def make_tensor(dtype: str, n: int, seed: int, kind: str) -> torch.Tensor:
     """Realistic values ('normal': weights-like, with a few specials) or any bit pattern ('bits')."""
     gen = torch.Generator().manual_seed(seed)
     td = TORCH_DTYPES[dtype]
-    k = bg.itemsize_of(dtype)
+    k = safetensors_itemsize(dtype)
     if kind == "bits" or td == torch.bool:
         raw = torch.randint(0, 256, (n * k,), generator=gen, dtype=torch.uint8)
         return raw.view(td) if td != torch.bool else raw % 2 == 1
@@ -69,7 +70,7 @@ def make_tensor(dtype: str, n: int, seed: int, kind: str) -> torch.Tensor:
 def roundtrip(codec: ZstdCodec, raw: bytes, dtype: str) -> list[tuple[bytes, int]]:
     chunks = list(codec.encode(memoryview(raw), dtype))
     assert sum(r for _, r in chunks) == len(raw)
-    k = bg.itemsize_of(dtype)
+    k = safetensors_itemsize(dtype)
     assert all(r % k == 0 for _, r in chunks[:-1]), "a chunk boundary split an element"
     out = bytearray(len(raw))
     codec.decode_into([c for c, _ in chunks], [r for _, r in chunks], dtype, memoryview(out))
@@ -95,7 +96,7 @@ def test_round_trip_every_dtype(
     dtype: str, n: int, seed: int, kind: str, chunk_bytes: int, threads: int, tail: int
 ) -> None:
     raw = tensor_bytes(make_tensor(dtype, n, seed, kind))
-    raw += bytes(range(tail % bg.itemsize_of(dtype)))  # a trailing partial element must survive too
+    raw += bytes(range(tail % safetensors_itemsize(dtype)))  # a trailing partial element must survive too
     roundtrip(ZstdCodec(chunk_bytes=chunk_bytes, threads=threads), raw, dtype)
 
 
@@ -103,7 +104,7 @@ def test_round_trip_every_dtype(
 @pytest.mark.parametrize("dtype", sorted(TORCH_DTYPES))
 def test_round_trip_several_chunks(dtype: str, kind: str) -> None:
     raw = tensor_bytes(make_tensor(dtype, 5003, 3, kind))  # 4+ chunks, the last one partial
-    codec = ZstdCodec(chunk_bytes=1500 * bg.itemsize_of(dtype) + 1, threads=2)
+    codec = ZstdCodec(chunk_bytes=1500 * safetensors_itemsize(dtype) + 1, threads=2)
     assert len(roundtrip(codec, raw, dtype)) == 4
 
 

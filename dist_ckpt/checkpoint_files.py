@@ -1,6 +1,7 @@
 """The files of one checkpoint folder that readers look at first: ``COMMITTED`` and
-``metadata.json``. No torch here: the command line lists, inspects, verifies and copies
-checkpoints without importing it (see :mod:`dist_ckpt.storage` for the DCP writer)."""
+``metadata.json`` (their names are defined in :mod:`dist_ckpt.layout`, re-exported here). No
+torch here: the command line lists, inspects, verifies and copies checkpoints without
+importing it (see :mod:`dist_ckpt.storage` for the DCP writer)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ from dist_ckpt.errors import CheckpointNotFound, ConfigError, CorruptCheckpoint,
 from dist_ckpt.format import metadata_json
 from dist_ckpt.format.metadata_json import CheckpointMetadata
 from dist_ckpt.format.rank_index import RankIndexes
+from dist_ckpt.layout import COMMITTED, METADATA
 from storage_backends import Backend, BackendError, ObjectNotFound, join_key, split_uri
-
-COMMITTED = "COMMITTED"
-METADATA = "metadata.json"
 
 
 def split_checkpoint_uri(uri: str) -> tuple[str, str]:
@@ -34,10 +33,6 @@ def split_checkpoint_uri(uri: str) -> tuple[str, str]:
 
 def wrap_backend_error(e: BaseException, uri: str) -> StorageError:
     return StorageError(f"storage failed at {uri}: {e}")
-
-
-def step_committed(backend: Backend, prefix: str) -> bool:
-    return backend.exists(join_key(prefix, COMMITTED))
 
 
 def read_checkpoint_metadata(backend: Backend, prefix: str) -> CheckpointMetadata:

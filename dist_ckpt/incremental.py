@@ -30,6 +30,7 @@ from dist_ckpt.errors import CheckpointNotFound, CorruptCheckpoint
 from dist_ckpt.format.metadata_json import FileRecord
 from dist_ckpt.format.rank_index import IndexEntry
 from dist_ckpt.format.shard import PendingEntry
+from dist_ckpt.layout import STEP_PREFIX
 from dist_ckpt.references import check_reference, is_reference, run_parent
 from storage_backends import Backend, BackendError, join_key
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 _HASH_PIECE = 2 << 20
 _SAMPLE = 16 << 10
 T = TypeVar("T")
-_STEP_PREFIX = "step_"
+_STEP_PREFIX = STEP_PREFIX  # the folder-name prefix of every step (dist_ckpt.layout)
 
 
 def content_hash(entry: PendingEntry) -> str:

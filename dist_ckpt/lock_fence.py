@@ -27,9 +27,9 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from dist_ckpt.errors import RunLocked, StorageError
+from dist_ckpt.layout import LOCK
 from storage_backends import Backend, BackendError, PreconditionFailed
 
-LOCK = "LOCK"
 _RENEW_ATTEMPTS = 10  # swaps lost to this holder's own concurrent renewals (thread vs. writer process)
 
 

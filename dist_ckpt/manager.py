@@ -24,9 +24,7 @@ from dist_ckpt.decision import share_decision
 from dist_ckpt.errors import (
     CheckpointError,
     ConfigError,
-    CorruptCheckpoint,
     StepAlreadyExists,
-    StorageError,
 )
 from dist_ckpt.manager_keywords import ManagerKeywords
 from dist_ckpt.manager_restore import LoadedWeights, ResumeInfo, load_model_weights, restore_state
@@ -305,32 +303,18 @@ class CheckpointManager(ManagerKeywords):
         after the save's verdict: they are clean-up, not part of committing)."""
         key = f"{step_prefix(step)}/COMMITTED"  # the marker holds everything the manifest lists
         entry = entry_from_committed(step, self.backend.read(key), f"{self.root}/{key}")
-        drops: list[int] = []
 
         def change(current: mf.Manifest | None) -> mf.Manifest:
-            nonlocal drops
             base = current if current is not None else mf.rebuild(self.store.committed_entries(), self.config.best)
             new = mf.with_entry(base, entry, self.config.best)
-            new = replace(new, tracker_run_id=self._progress.tracker_run_id, config_hash=self.config.config_hash())
-            drops = mf.retention_drops(new, self.config.keep_last, self.config.keep_every_n_steps)
-            return mf.without_steps(new, drops)
+            return replace(new, tracker_run_id=self._progress.tracker_run_id, config_hash=self.config.config_hash())
 
-        if self._lock is not None:  # a job that lost the run lock changes nothing (RunLocked)
-            self._lock.fence.check(self.backend, f"updating {self.root}/manifest.json")
-        self._last_step = self.store.update_manifest(change).pointers.get(mf.LAST)
-        if retention_later:
-            return lambda: self._delete_dropped(drops)
-        self._delete_dropped(drops)
-        return None
-
-    def _delete_dropped(self, drops: list[int]) -> None:
-        for dropped in drops:  # only now: the manifest that no longer lists them is durable
-            try:
-                if self._lock is not None:
-                    self._lock.fence.check(self.backend, f"deleting step {dropped} (retention)")
-                self.store.delete_step(dropped)
-            except (StorageError, CorruptCheckpoint):  # corrupt: what the run's checkpoints reference is unknown
-                log.exception("retention could not delete step %d of %s; `dist-ckpt gc` will", dropped, self.root)
+        fence = self._lock.fence if self._lock is not None else None  # a job that lost the run lock changes nothing
+        kept = self.store.apply_retention(
+            change, self.config.keep_last, self.config.keep_every_n_steps, fence=fence, deletes_later=retention_later
+        )
+        self._last_step = kept.manifest.pointers.get(mf.LAST)
+        return (lambda: self.store.delete_dropped(kept.drops, fence=fence)) if retention_later else None
 
     def _manifest(self) -> mf.Manifest:
         """The stored manifest, or the one the COMMITTED markers give when it is missing or

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dist_ckpt.errors import CorruptCheckpoint
+from dist_ckpt.layout import MANIFEST
 
 FORMAT = "dist_ckpt.manifest/1"
 LAST = "last"
@@ -159,7 +160,7 @@ def dumps(manifest: Manifest) -> bytes:
     return json.dumps(doc, indent=1).encode("utf-8")
 
 
-def loads(data: bytes, where: str = "manifest.json") -> Manifest:
+def loads(data: bytes, where: str = MANIFEST) -> Manifest:
     """Parse a manifest; anything malformed raises :class:`CorruptCheckpoint` naming ``where``."""
     try:
         doc = json.loads(data.decode("utf-8"))

@@ -12,6 +12,7 @@ from dist_ckpt import manifest as mf
 from dist_ckpt.checkpoint_files import split_checkpoint_uri
 from dist_ckpt.config import ManagerConfig
 from dist_ckpt.errors import CheckpointNotFound, ConfigChanged, ConfigError
+from dist_ckpt.layout import committed_key
 from dist_ckpt.progress import Progress
 from dist_ckpt.run_store import RunStore, parse_step_prefix, step_prefix
 
@@ -66,7 +67,7 @@ def resolve_which(
     if isinstance(which, str) and which.isdigit():
         which = int(which)
     if isinstance(which, int):
-        if manifest.entry(which) is None and not store.backend.exists(f"{step_prefix(which)}/COMMITTED"):
+        if manifest.entry(which) is None and not store.backend.exists(committed_key(which)):
             raise CheckpointNotFound(f"{store.uri}: no committed checkpoint for step {which}; {available(manifest)}")
         return store.uri, step_prefix(which)
     if parse_step_prefix(which) is not None:

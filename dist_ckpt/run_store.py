@@ -7,56 +7,49 @@ Deletion happens only after the manifest that no longer lists a step is durable.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dist_ckpt import manifest as mf
 from dist_ckpt import sweep
-from dist_ckpt.checkpoint_files import COMMITTED
-from dist_ckpt.errors import ConfigError, CorruptCheckpoint, StorageError
+from dist_ckpt.commit_record import CommitRecord
+from dist_ckpt.errors import CheckpointError, CorruptCheckpoint, StorageError
+
+# the layout's names, re-exported for the modules that import them from here
+from dist_ckpt.layout import (  # noqa: F401
+    COMMITTED,
+    MANIFEST,
+    STEP_PREFIX,
+    STEP_RE,
+    TMP_RE,
+    parse_step_prefix,
+    step_prefix,
+)
 from storage_backends import Backend, BackendError, PreconditionFailed
+
+if TYPE_CHECKING:
+    from dist_ckpt.lock_fence import Fence
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-STEP_RE = re.compile(r"^step_(\d{9,})$")
-TMP_RE = re.compile(r"^step_\d+\.tmp-[0-9a-f]+$")
 _CAS_ATTEMPTS = 20
 _READ_ONLY_CODES = frozenset({"EROFS", "EACCES", "EPERM", "AccessDenied"})
 
 
-def step_prefix(step: int) -> str:
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        # ConfigError (a ValueError): inside the manager's rank-0 decisions it reaches every rank
-        raise ConfigError(f"step must be a non-negative int, got {step!r}")
-    return f"step_{step:09d}"
-
-
-def parse_step_prefix(name: str) -> int | None:
-    m = STEP_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
 def entry_from_committed(step: int, data: bytes, where: str) -> mf.Entry:
-    try:
-        info = json.loads(data.decode("utf-8"))
-        if not isinstance(info, dict):
-            raise ValueError("not a JSON object")
-        return mf.Entry(
-            step=step,
-            epoch=info.get("epoch"),
-            metrics={str(k): float(v) for k, v in (info.get("metrics") or {}).items()},
-            time=float(info.get("time") or 0.0),
-            size=int(info.get("bytes") or 0),
-            world_size=int(info.get("world_size") or 1),
-            codec=str(info.get("codec") or "none"),
-            logical_size=int(info.get("logical_bytes") or 0),  # incremental: own + referenced
-        )
-    except (UnicodeDecodeError, ValueError, TypeError) as e:
-        raise CorruptCheckpoint(f"{where}: COMMITTED marker is not valid JSON ({e})") from e
+    """The manifest entry of ``step`` from its ``COMMITTED`` marker's bytes (``where``: its URI)."""
+    return CommitRecord.from_json(data, where).entry(step)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """What :meth:`RunStore.apply_retention` made durable, and the steps it dropped from it."""
+
+    manifest: mf.Manifest
+    drops: tuple[int, ...]
+    failed: tuple[int, ...] = ()  # dropped steps that could not be deleted (left to gc)
 
 
 @dataclass(frozen=True)
@@ -87,7 +80,7 @@ class RunStore:
     def committed_entries(self) -> list[mf.Entry]:
         """Every committed checkpoint, from its COMMITTED marker."""
         try:
-            markers = [o.key for o in self.backend.list("step_") if o.key.endswith("/" + COMMITTED)]
+            markers = [o.key for o in self.backend.list(STEP_PREFIX) if o.key.endswith("/" + COMMITTED)]
             entries = []
             for key in markers:
                 step = parse_step_prefix(key.split("/", 1)[0])
@@ -100,8 +93,8 @@ class RunStore:
 
     def leftovers(self) -> Leftovers:
         try:
-            objects = self.backend.list("step_")
-            uploads = tuple(self.backend.abandoned_uploads("step_"))
+            objects = self.backend.list(STEP_PREFIX)
+            uploads = tuple(self.backend.abandoned_uploads(STEP_PREFIX))
         except BackendError as e:
             raise self._wrap(e) from e
         folders: dict[str, set[str]] = {}
@@ -134,7 +127,7 @@ class RunStore:
             for folder in found.uncommitted_steps:  # keeps files committed checkpoints refer to
                 log.info("gc: removing %s/%s", self.uri, folder)
                 sweep.sweep_folder(self.backend, folder, marked)
-            self.backend.abort_uploads("step_")
+            self.backend.abort_uploads(STEP_PREFIX)
         except BackendError as e:
             raise self._wrap(e) from e
         return found
@@ -213,3 +206,60 @@ class RunStore:
             sweep.delete_checkpoint(self.backend, prefix)
         except BackendError as e:
             raise self._wrap(e) from e
+
+    def apply_retention(
+        self,
+        change: Callable[[mf.Manifest | None], mf.Manifest],
+        keep_last: int | None,
+        keep_every_n_steps: int | None = None,
+        *,
+        fence: Fence | None = None,
+        deletes_later: bool = False,
+        on_failure: Callable[[int, CheckpointError], None] | None = None,
+    ) -> Retention:
+        """Update the manifest with ``change``, less the steps retention drops from the result
+        (:func:`dist_ckpt.manifest.retention_drops`), with compare-and-swap — then delete those
+        steps, only now that the manifest which no longer lists them is durable (a reader never
+        follows the manifest to a deleted step; a crash in between leaves steps gc removes).
+        ``fence``: the run lock, renewed before the manifest update and before each delete (a
+        job that lost it raises :class:`RunLocked` and changes nothing more). ``deletes_later``:
+        the caller runs :meth:`delete_dropped` itself (the async worker, after the save's
+        verdict). ``on_failure``: see :meth:`delete_dropped`."""
+        drops: tuple[int, ...] = ()
+
+        def retained(current: mf.Manifest | None) -> mf.Manifest:
+            nonlocal drops
+            new = change(current)
+            drops = tuple(mf.retention_drops(new, keep_last, keep_every_n_steps))
+            return mf.without_steps(new, drops)
+
+        if fence is not None:
+            fence.check(self.backend, f"updating {self.uri}/{MANIFEST}")
+        manifest = self.update_manifest(retained)  # raises before any delete when the write fails
+        if deletes_later:
+            return Retention(manifest, drops)
+        return Retention(manifest, drops, tuple(self.delete_dropped(drops, fence=fence, on_failure=on_failure)))
+
+    def delete_dropped(
+        self,
+        drops: tuple[int, ...],
+        *,
+        fence: Fence | None = None,
+        on_failure: Callable[[int, CheckpointError], None] | None = None,
+    ) -> list[int]:
+        """Delete the steps retention dropped (call only once the manifest without them is
+        durable). A step that cannot be deleted is reported to ``on_failure`` (default: logged)
+        and left to gc; the others are still deleted. Returns the steps not deleted."""
+        failed = []
+        for step in drops:
+            try:
+                if fence is not None:
+                    fence.check(self.backend, f"deleting step {step} (retention)")
+                self.delete_step(step)
+            except (StorageError, CorruptCheckpoint) as e:  # corrupt: what the run's checkpoints reference is unknown
+                failed.append(step)
+                if on_failure is not None:
+                    on_failure(step, e)
+                else:
+                    log.exception("retention could not delete step %d of %s; `dist-ckpt gc` will", step, self.uri)
+        return failed

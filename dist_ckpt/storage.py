@@ -8,7 +8,8 @@ Save call order (DCP drives it; "coordinator" is rank 0 of the process group):
 3. every rank: ``write_data`` streams its items into one safetensors shard (checksums computed
    while writing) and reports where each item went;
    and its rank index (``index_NNNNN.safetensors``: each entry's checksum and stored size);
-4. coordinator: ``finish`` writes ``metadata.json`` (format 2: O(tensors + ranks), see
+4. coordinator: ``finish`` builds the :class:`~dist_ckpt.commit_record.CommitRecord` and runs
+   :func:`dist_ckpt.commit.commit_checkpoint`: ``metadata.json`` (format 2: O(tensors + ranks), see
    :mod:`dist_ckpt.format.metadata_v2`) (create-if-absent, so of two racing jobs
    only one proceeds), renews the run lock through the manager's fence (a conditional write:
    a job that lost the lock raises ``RunLocked`` here and makes nothing visible), then writes
@@ -21,7 +22,6 @@ entries its plan needs. Nothing is unpickled; values are JSON.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from dataclasses import dataclass, replace
@@ -38,13 +38,9 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 # the torch-free half (what the command line reads), re-exported for the modules that import it from here
-from dist_ckpt.checkpoint_files import (  # noqa: F401
-    COMMITTED,
-    METADATA,
-    read_checkpoint_metadata,
-    step_committed,
-    wrap_backend_error,
-)
+from dist_ckpt.checkpoint_files import read_checkpoint_metadata, wrap_backend_error  # noqa: F401
+from dist_ckpt.commit import commit_checkpoint
+from dist_ckpt.commit_record import CommitRecord
 from dist_ckpt.errors import CorruptCheckpoint, StepAlreadyExists
 from dist_ckpt.format import chunk_layout, metadata_v2
 from dist_ckpt.format.dtypes import torch_to_safetensors
@@ -52,9 +48,10 @@ from dist_ckpt.format.metadata_json import EntryRef, FileRecord
 from dist_ckpt.format.rank_index import IndexEntry, index_entry, index_name
 from dist_ckpt.format.shard import ChunkCodec, PendingEntry, save_shard
 from dist_ckpt.incremental import choose_base, hashed_while, load_base, split_entries
+from dist_ckpt.layout import COMMITTED
 from dist_ckpt.lock_fence import Fence
 from dist_ckpt.references import own_and_logical_bytes
-from storage_backends import Backend, BackendError, ObjectExists, join_key
+from storage_backends import Backend, BackendError, join_key
 
 log = logging.getLogger(__name__)
 
@@ -251,39 +248,21 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
             versions = {"torch": torch.__version__, "dist_ckpt": _version()}
             codec = self.codec.name if self.codec else "none"
             doc = metadata_v2.dumps(metadata, chunk_ranks, values, files, len(results), codec, versions)
-            try:
-                self.backend.create_if_absent(join_key(staging, METADATA), doc)
-            except ObjectExists as e:
-                self._check_fence()  # a job that lost the run lock is told so, not "step exists"
-                raise StepAlreadyExists(f"{self.uri}: another job is saving or has saved this step") from e
             own_bytes, logical_bytes = own_and_logical_bytes(files)
-            info = {
-                **self.commit_info,
-                "world_size": len(results),
-                "files": len(files),
-                "bytes": own_bytes,
-                "logical_bytes": logical_bytes,
-            }
-            if self._base is not None:
-                info["base"] = self._base
-            self._check_fence()
-            try:
-                self.backend.create_if_absent(join_key(staging, COMMITTED), json.dumps(info).encode())
-            except ObjectExists as e:
-                raise StepAlreadyExists(f"{self.uri} was committed by another job first") from e
-            try:
-                self.backend.publish(staging, self.prefix)
-            except ObjectExists as e:
-                self.backend.delete_prefix(staging + "/")
-                raise StepAlreadyExists(f"{self.uri} was committed by another job first") from e
+            record = CommitRecord.new(
+                self.commit_info,
+                world_size=len(results),
+                files=len(files),
+                bytes=own_bytes,
+                logical_bytes=logical_bytes,
+                base=self._base,
+                where=f"{self.uri}/{COMMITTED}",
+            )
+            commit_checkpoint(
+                self.backend, staging, self.prefix, doc, record.to_json(), where=self.uri, fence=self.fence
+            )
         except BackendError as e:
             raise wrap_backend_error(e, self.uri) from e
-
-    def _check_fence(self) -> None:
-        """Renew the run lock by a conditional write; :class:`RunLocked` if another job took it
-        (then nothing of this save becomes visible: its staging is left to gc)."""
-        if self.fence is not None:
-            self.fence.check(self.backend, f"committing {self.uri}")
 
 
 def _version() -> str:

@@ -24,12 +24,13 @@ If a committed checkpoint's metadata.json cannot be read, nothing is swept
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 
 from dist_ckpt.checkpoint_files import COMMITTED, read_checkpoint_metadata
+from dist_ckpt.commit_record import CommitRecord
 from dist_ckpt.errors import CorruptCheckpoint
+from dist_ckpt.layout import STEP_PREFIX
 from dist_ckpt.references import marked_keys
 from storage_backends import Backend
 
@@ -40,20 +41,17 @@ def committed_folders(backend: Backend) -> list[str]:
     """The run root's committed checkpoint folders (``step_*/COMMITTED``)."""
     return sorted(
         o.key.split("/", 1)[0]
-        for o in backend.list("step_")
+        for o in backend.list(STEP_PREFIX)
         if o.key.count("/") == 1 and o.key.endswith("/" + COMMITTED) and ".tmp-" not in o.key
     )
 
 
 def _has_base(backend: Backend, folder: str) -> bool:
+    where = f"{backend.uri}/{folder}/{COMMITTED}"
     try:
-        info = json.loads(backend.read(f"{folder}/{COMMITTED}").decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CorruptCheckpoint(
-            f"{backend.uri}/{folder}/{COMMITTED}: not valid JSON ({e}); nothing is deleted while it is "
-            "unknown which files this checkpoint needs"
-        ) from e
-    return isinstance(info, dict) and bool(info.get("base"))
+        return CommitRecord.from_json(backend.read(f"{folder}/{COMMITTED}"), where).base is not None
+    except CorruptCheckpoint as e:
+        raise CorruptCheckpoint(f"{e}; nothing is deleted while it is unknown which files this checkpoint needs") from e
 
 
 def marks(backend: Backend) -> set[str]:

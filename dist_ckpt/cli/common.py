@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from dist_ckpt.checkpoint_view import locate
 from dist_ckpt.errors import ConfigError
+from dist_ckpt.layout import step_prefix
 from dist_ckpt.run_store import RunStore
 from storage_backends import Backend
 
@@ -31,7 +32,7 @@ def checkpoint_at(uri: str) -> tuple[Backend, str]:
     kind, backend, prefix = locate(uri)
     if kind == "run":
         entries = RunStore(backend).committed_entries()
-        hint = f", e.g. {backend.uri}/step_{entries[-1].step:09d} (the latest)" if entries else ""
+        hint = f", e.g. {backend.uri}/{step_prefix(entries[-1].step)} (the latest)" if entries else ""
         raise ConfigError(
             f"{backend.uri} is a run root, not one checkpoint: name a checkpoint folder{hint}; "
             f"`dist-ckpt list {uri}` shows them"

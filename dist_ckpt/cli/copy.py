@@ -17,19 +17,21 @@ from typing import Any
 import xxhash
 
 from dist_ckpt import manifest as mf
-from dist_ckpt.checkpoint_files import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
+from dist_ckpt.checkpoint_files import read_checkpoint_metadata, wrap_backend_error
 from dist_ckpt.checkpoint_view import locate
 from dist_ckpt.cli.common import BREAK_LOCK_HELP, BarSink, human_size, print_json, progress_bar, run_locked
 from dist_ckpt.cli.copy_refs import copy_referenced_files, copy_self_contained
 from dist_ckpt.cli.write_safety import add_flag, require_safe_writes
+from dist_ckpt.commit import commit_checkpoint
 from dist_ckpt.errors import ConfigError, CorruptCheckpoint, StepAlreadyExists
 from dist_ckpt.format.metadata_json import FileRecord
 from dist_ckpt.format.safetensors_header import header_length
+from dist_ckpt.layout import COMMITTED, MANIFEST, METADATA, STEP_RE, parse_step_prefix, step_prefix
 from dist_ckpt.lock_fence import Fence
 from dist_ckpt.references import is_reference
-from dist_ckpt.run_store import STEP_RE, RunStore, parse_step_prefix
+from dist_ckpt.run_store import RunStore
 from dist_ckpt.verify import BLOCK_BYTES, parse_checksum, verify_files
-from storage_backends import Backend, BackendError, ObjectExists, join_key, open_backend
+from storage_backends import Backend, BackendError, join_key, open_backend
 
 EPILOG = """\
 SRC is a checkpoint folder or a run root. For a checkpoint, DST is the run root it is copied
@@ -180,29 +182,21 @@ def copy_checkpoint(
         # Where staging is the final prefix (S3), losing a race to another writer of this step
         # means the files may be theirs too: then nothing is removed (`gc` handles leftovers).
         shared = staging == dst_prefix
+
+        def on_written(name: str) -> None:
+            if name == METADATA:
+                written.append(join_key(staging, METADATA))
+            else:
+                written.clear()  # committed: from here on nothing is rolled back
+
         try:
-            dst.create_if_absent(join_key(staging, METADATA), metadata)
-            written.append(join_key(staging, METADATA))
-        except ObjectExists as e:
-            written = [] if shared else written
-            raise StepAlreadyExists(
-                f"{dst_uri}: another job is writing this step (or left an interrupted save: "
-                "`dist-ckpt gc` the destination run)"
-            ) from e
-        if fence is not None:
-            fence.check(dst, f"committing {dst_uri}")
-        try:
-            dst.create_if_absent(join_key(staging, COMMITTED), committed)
-        except ObjectExists as e:
-            written = [] if shared else written
-            raise StepAlreadyExists(f"{dst_uri} was committed by another job first") from e
-        written = []  # committed: from here on nothing is rolled back
-        try:
-            dst.publish(staging, dst_prefix)
-        except ObjectExists as e:
-            if not shared:
-                dst.delete_prefix(staging + "/")
-            raise StepAlreadyExists(f"{dst_uri} was committed by another job first") from e
+            commit_checkpoint(
+                dst, staging, dst_prefix, metadata, committed, where=dst_uri, fence=fence, on_written=on_written
+            )
+        except StepAlreadyExists:
+            if shared:
+                written.clear()
+            raise
     except BackendError as e:
         _cleanup(dst, staging, dst_prefix, written)
         raise wrap_backend_error(e, dst_uri) from e
@@ -263,14 +257,14 @@ def run(args: argparse.Namespace) -> int:
         names = [(prefix, dst_prefix)]
     else:
         dst, dst_prefix = _open(args.dst), ""
-        names = [(f"step_{e.step:09d}",) * 2 for e in RunStore(src).committed_entries()]
+        names = [(step_prefix(e.step),) * 2 for e in RunStore(src).committed_entries()]
     require_safe_writes(args, dst)
     src_manifest = RunStore(src).read_manifest()[0]
     copied: list[Copied] = []
     manifest = None
     with run_locked(dst, args.break_lock) as lock, progress_bar(args, "copy") as bar:
         if kind == "run":
-            taken = sorted({n for n, _ in names} & {f"step_{e.step:09d}" for e in RunStore(dst).committed_entries()})
+            taken = sorted({n for n, _ in names} & {step_prefix(e.step) for e in RunStore(dst).committed_entries()})
             if taken:
                 raise StepAlreadyExists(
                     f"{dst.uri} already has committed {', '.join(taken)}; nothing was copied (copy into a new run root)"
@@ -283,14 +277,14 @@ def run(args: argparse.Namespace) -> int:
             if copied and (kind == "run" or parse_step_prefix(dst_prefix) is not None):
                 manifest = rebuild_manifest(dst, src_manifest)
     if args.json:
-        where = None if manifest is None else {"uri": f"{dst.uri}/manifest.json", "pointers": dict(manifest.pointers)}
+        where = None if manifest is None else {"uri": f"{dst.uri}/{MANIFEST}", "pointers": dict(manifest.pointers)}
         print_json({"copied": [c.__dict__ for c in copied], "verified": True, "manifest": where})
         return 0
     for c in copied:
         print(f"copied {c.source} -> {c.destination} ({c.files} files, {human_size(c.bytes)}, checksums verified)")
     if manifest is not None:
         print(
-            f"manifest {dst.uri}/manifest.json: {len(manifest.entries)} checkpoints, pointers "
+            f"manifest {dst.uri}/{MANIFEST}: {len(manifest.entries)} checkpoints, pointers "
             + (", ".join(f"{k}={v}" for k, v in sorted(manifest.pointers.items())) or "none")
         )
     if not copied:

@@ -17,9 +17,11 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dist_ckpt.commit_record import CommitRecord
 from dist_ckpt.format.metadata_json import FileRecord
 from dist_ckpt.format.rank_index import INDEX_ENTRY, INDEX_FORMAT
 from dist_ckpt.format.shard import PendingEntry, ShardReader, save_shard
+from dist_ckpt.layout import COMMITTED
 from dist_ckpt.references import file_key, is_reference
 from dist_ckpt.verify import verify_file
 from storage_backends import Backend, join_key
@@ -93,10 +95,9 @@ def copy_self_contained(
             **({"index": record.index} if record.index else {}),
         }
     meta_doc["files"] = table
-    info = json.loads(committed.decode("utf-8"))
-    info.pop("base", None)
-    info["bytes"] = info["logical_bytes"] = sum(r.size for r in new_files.values())
-    return Rewritten(new_files, json.dumps(meta_doc, separators=(",", ":")).encode("utf-8"), json.dumps(info).encode())
+    record = CommitRecord.from_json(committed, f"{src.uri}/{src_prefix}/{COMMITTED}")
+    record = record.self_contained(sum(r.size for r in new_files.values()))
+    return Rewritten(new_files, json.dumps(meta_doc, separators=(",", ":")).encode("utf-8"), record.to_json())
 
 
 def copy_referenced_files(

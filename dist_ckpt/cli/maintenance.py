@@ -9,7 +9,7 @@ from typing import Any
 from dist_ckpt import manifest as mf
 from dist_ckpt.cli.common import BREAK_LOCK_HELP, print_json, run_at, run_locked
 from dist_ckpt.cli.write_safety import add_flag, require_safe_writes
-from dist_ckpt.errors import ConfigError, StorageError
+from dist_ckpt.errors import CheckpointError, ConfigError
 from dist_ckpt.run_store import RunStore, step_prefix
 
 PRUNE_EPILOG = """\
@@ -93,14 +93,10 @@ def _parse_best(items: list[str]) -> dict[str, str]:
     return modes
 
 
-def _plan(
-    store: RunStore, current: mf.Manifest | None, extra: dict[str, str], keep_last: int, keep_every: int | None
-) -> tuple[mf.Manifest, list[int]]:
-    """The manifest after retention, and the steps it drops (from the COMMITTED markers)."""
+def _retained(store: RunStore, current: mf.Manifest | None, extra: dict[str, str]) -> mf.Manifest:
+    """The manifest the COMMITTED markers give, keeping the stored one's modes, run id and hash."""
     base = current or mf.Manifest()
-    full = mf.rebuild(store.committed_entries(), {**base.best_modes, **extra}, base.tracker_run_id, base.config_hash)
-    drops = mf.retention_drops(full, keep_last, keep_every)
-    return mf.without_steps(full, drops), drops
+    return mf.rebuild(store.committed_entries(), {**base.best_modes, **extra}, base.tracker_run_id, base.config_hash)
 
 
 def run_prune(args: argparse.Namespace) -> int:
@@ -122,25 +118,23 @@ def run_prune(args: argparse.Namespace) -> int:
         )
     failed: list[int] = []
     if args.dry_run:
-        result, drops = _plan(store, current, extra, args.keep_last, args.keep_every)
+        full = _retained(store, current, extra)
+        drops = mf.retention_drops(full, args.keep_last, args.keep_every)
+        result = mf.without_steps(full, drops)
     else:
+
+        def report(step: int, e: CheckpointError) -> None:
+            print(f"dist-ckpt: error: could not delete step {step}: {e}", file=sys.stderr)
+
         with run_locked(backend, args.break_lock) as lock:
-            drops = []
-
-            def change(cur: mf.Manifest | None) -> mf.Manifest:
-                nonlocal drops
-                new, drops = _plan(store, cur, extra, args.keep_last, args.keep_every)
-                return new
-
-            lock.fence.check(backend, f"updating {backend.uri}/manifest.json")
-            result = store.update_manifest(change)
-            for step in drops:  # only now: the manifest that no longer lists them is durable
-                try:
-                    lock.fence.check(backend, f"deleting step {step}")
-                    store.delete_step(step)
-                except StorageError as e:
-                    failed.append(step)
-                    print(f"dist-ckpt: error: could not delete step {step}: {e}", file=sys.stderr)
+            kept = store.apply_retention(
+                lambda cur: _retained(store, cur, extra),
+                args.keep_last,
+                args.keep_every,
+                fence=lock.fence,
+                on_failure=report,
+            )
+            result, drops, failed = kept.manifest, list(kept.drops), list(kept.failed)
     names: dict[int, list[str]] = {}
     for name, step in sorted(result.pointers.items()):
         names.setdefault(step, []).append(name)

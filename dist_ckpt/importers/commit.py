@@ -12,6 +12,7 @@ from dist_ckpt import manifest as mf
 from dist_ckpt.api import resolve_codec, save_to
 from dist_ckpt.errors import ConfigError, StepAlreadyExists
 from dist_ckpt.importers.source import ImportedState
+from dist_ckpt.layout import committed_key
 from dist_ckpt.progress import KEY, Progress
 from dist_ckpt.run_lock import RunLock
 from dist_ckpt.run_store import RunStore, step_prefix
@@ -65,7 +66,7 @@ def write_imported(
     lock.acquire()  # RunLocked (naming the job) while a training job writes this run
     try:
         uri = f"{backend.uri}/{prefix}"
-        if backend.exists(f"{prefix}/COMMITTED"):
+        if backend.exists(committed_key(step)):
             raise StepAlreadyExists(
                 f"{uri} is already committed and is never overwritten; import as another step (--step)"
             )

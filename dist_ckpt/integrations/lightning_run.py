@@ -21,7 +21,6 @@ on resume) use :func:`resolve_step` and never lock.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -35,8 +34,10 @@ import torch.distributed.checkpoint as dcp
 from dist_ckpt import manifest as mf
 from dist_ckpt.api import run_dcp
 from dist_ckpt.checkpoint_files import COMMITTED
-from dist_ckpt.errors import CheckpointNotFound, ConfigError, StorageError
+from dist_ckpt.commit_record import CommitRecord
+from dist_ckpt.errors import CheckpointNotFound, ConfigError, CorruptCheckpoint, StorageError
 from dist_ckpt.format.shard import ChunkCodec
+from dist_ckpt.layout import STEP_PREFIX
 from dist_ckpt.planner import JsonSavePlanner
 from dist_ckpt.run_lock import RunLock
 from dist_ckpt.run_store import RunStore, entry_from_committed, parse_step_prefix, step_prefix
@@ -83,16 +84,16 @@ def committed_records(backend: Backend) -> dict[int, tuple[str | None, tuple[str
     names its save retired), for every committed step of the run that DistCkptIO wrote."""
     out: dict[int, tuple[str | None, tuple[str, ...]]] = {}
     try:
-        for obj in backend.list("step_"):
+        for obj in backend.list(STEP_PREFIX):
             top, _, rest = obj.key.partition("/")
             step = parse_step_prefix(top)
             if step is None or rest != COMMITTED:
                 continue
             try:
-                info = json.loads(backend.read(obj.key).decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
+                info = CommitRecord.from_json(backend.read(obj.key), f"{backend.uri}/{obj.key}").document
+            except CorruptCheckpoint:
                 continue  # not ours to judge here: the manager's reconciliation reports it
-            if isinstance(info, dict) and isinstance(info.get("lightning"), dict):
+            if isinstance(info.get("lightning"), dict):
                 name = info["lightning"].get("name")
                 retires = info["lightning"].get("retires") or []
                 out[step] = (name if isinstance(name, str) else None, tuple(r for r in retires if isinstance(r, str)))

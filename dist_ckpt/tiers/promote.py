@@ -4,10 +4,11 @@ The node's files are streamed with ``dist-ckpt copy``'s :func:`copy_object` (siz
 checksums checked on the way, so an object that exists at the root is complete and right),
 into the root's staging prefix for an attempt id derived from the ``COMMITTED`` marker — the
 same on every node, so the nodes of a multi-node job fill one staging prefix, each with its own
-ranks' files. Whoever finds every file of ``metadata.json`` there commits: ``metadata.json`` and
-``COMMITTED`` with create-if-absent (finding them already there with the same bytes is a
-finished commit, not a conflict), then publish. Then the root manifest gets the entry and root
-retention runs, as after a direct save.
+ranks' files. Whoever finds every file of ``metadata.json`` there commits with
+:func:`dist_ckpt.commit.commit_checkpoint`: ``metadata.json`` and ``COMMITTED`` with
+create-if-absent (finding them already there with the same bytes is a finished commit, not a
+conflict), then publish. Then the root manifest gets the entry and root
+retention runs (:meth:`RunStore.apply_retention`), as after a direct save.
 
 Restartable at any point: a file already at the root with its recorded size is not sent again
 (no double upload); an unfinished multipart upload of one of this node's files (a killed
@@ -28,10 +29,11 @@ import xxhash
 from dist_ckpt import manifest as mf
 from dist_ckpt.checkpoint_files import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
 from dist_ckpt.cli.copy import copy_object
-from dist_ckpt.errors import StepAlreadyExists, StorageError
+from dist_ckpt.commit import commit_checkpoint
+from dist_ckpt.errors import StepAlreadyExists
 from dist_ckpt.run_store import RunStore, entry_from_committed, step_prefix
 from dist_ckpt.tiers.queue import PromotionRequest
-from storage_backends import Backend, BackendError, ObjectExists, join_key
+from storage_backends import Backend, BackendError, join_key
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +66,6 @@ def attempt_id(committed: bytes) -> str:
     """The root staging attempt of a promotion: a function of the local COMMITTED marker, so
     every node (and a restarted uploader) uses the same one."""
     return "p" + xxhash.xxh3_64_hexdigest(committed)[:11]
-
-
-def _create_same(root: Backend, key: str, data: bytes, where: str) -> None:
-    """create-if-absent, where an existing object with the same bytes is our own earlier write."""
-    try:
-        root.create_if_absent(key, data)
-    except ObjectExists as e:
-        if root.read(key) != data:
-            raise StepAlreadyExists(f"{where}: another job committed a different checkpoint of this step") from e
 
 
 def promote(local: Backend, root: Backend, request: PromotionRequest) -> Outcome:
@@ -114,14 +107,9 @@ def promote(local: Backend, root: Backend, request: PromotionRequest) -> Outcome
         if missing:
             log.info("step %d: waiting for other nodes' files at %s: %s", request.step, where, ", ".join(missing))
             return Outcome.WAITING
-        _create_same(root, join_key(staging, METADATA), metadata, where)
-        _create_same(root, join_key(staging, COMMITTED), committed, where)
-        try:
-            root.publish(staging, prefix)
-        except ObjectExists as e:  # another node published first: fine if it is this checkpoint
-            if root.read(final_marker) != committed:
-                raise StepAlreadyExists(f"{where} was committed by another job first") from e
-            root.delete_prefix(staging + "/")
+        # finding metadata.json / COMMITTED / the published step with our bytes is our own
+        # earlier attempt (a restarted uploader, another node), not a conflict
+        commit_checkpoint(root, staging, prefix, metadata, committed, where=where, idempotent=True)
     except BackendError as e:
         raise wrap_backend_error(e, where) from e
     _record(root, request, committed)
@@ -134,23 +122,14 @@ def _record(root: Backend, request: PromotionRequest, committed: bytes) -> None:
     store = RunStore(root)
     key = join_key(step_prefix(request.step), COMMITTED)
     entry = entry_from_committed(request.step, committed, f"{root.uri}/{key}")
-    drops: list[int] = []
 
     def change(current: mf.Manifest | None) -> mf.Manifest:
-        nonlocal drops
         base = current if current is not None else mf.rebuild(store.committed_entries(), request.best_modes)
         new = mf.with_entry(base, entry, request.best_modes)
-        new = replace(
+        return replace(
             new,
             tracker_run_id=new.tracker_run_id or request.tracker_run_id,
             config_hash=new.config_hash or request.config_hash,
         )
-        drops = mf.retention_drops(new, request.keep_last, request.keep_every_n_steps)
-        return mf.without_steps(new, drops)
 
-    store.update_manifest(change)
-    for dropped in drops:
-        try:
-            store.delete_step(dropped)
-        except StorageError:
-            log.exception("root retention could not delete step %d of %s; `dist-ckpt gc` will", dropped, root.uri)
+    store.apply_retention(change, request.keep_last, request.keep_every_n_steps)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_ckpt.errors import ConfigError
+from dist_ckpt.layout import step_prefix
 
 TIERS_DIR = ".tiers"
 
@@ -53,7 +54,7 @@ class PromotionRequest:
 
 
 def _name(step: int) -> str:
-    return f"step_{step:09d}"
+    return step_prefix(step)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

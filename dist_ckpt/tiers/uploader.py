@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO
 
 from dist_ckpt.errors import CheckpointError, StorageError
-from dist_ckpt.run_store import parse_step_prefix
+from dist_ckpt.layout import COMMITTED, STEP_PREFIX, parse_step_prefix, step_prefix
 from dist_ckpt.tiers.policy import local_drops
 from dist_ckpt.tiers.promote import Outcome, promote
 from dist_ckpt.tiers.queue import TIERS_DIR, PromotionQueue, PromotionRequest
@@ -186,10 +186,10 @@ class Uploader:
 def local_steps(local: Backend) -> list[int]:
     """Committed steps of a local tier (its COMMITTED markers)."""
     steps = []
-    for o in local.list("step_"):
+    for o in local.list(STEP_PREFIX):
         top, _, rest = o.key.partition("/")
         step = parse_step_prefix(top)
-        if step is not None and rest == "COMMITTED":
+        if step is not None and rest == COMMITTED:
             steps.append(step)
     return sorted(steps)
 
@@ -200,9 +200,9 @@ def apply_local_retention(local: Backend, queue: PromotionQueue, keep_last: int)
     unsettled = queue.pending_steps() | {s for s in local_steps(local) if queue.failure(s) is not None}
     drops = local_drops(local_steps(local), keep_last, unsettled)
     for step in drops:
-        prefix = f"step_{step:09d}"
+        prefix = step_prefix(step)
         try:
-            local.delete(f"{prefix}/COMMITTED")  # a half-deleted step is never taken for committed
+            local.delete(f"{prefix}/{COMMITTED}")  # a half-deleted step is never taken for committed
             local.delete_prefix(prefix + "/")
             queue.forget(step)
         except BackendError:

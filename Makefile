@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow demo bench soak clean
+.PHONY: setup test test-unit test-slow demo bench soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# one process, no server, not slow (markers: tests/conftest.py); under a minute
+test-unit: setup
+	$(PY) -m pytest -m "unit and not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 # tests marked slow (long multi-rank runs); .ci/run runs them after `make test`
 test-slow: setup

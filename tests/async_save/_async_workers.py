@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from async_helpers import WrappedBackend, children_of, committed_steps, shm_entries
+from async_helpers import children_of, committed_steps, shard_faults, shm_entries
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
@@ -77,7 +77,7 @@ def failure_and_preemption(rank: int, world: int, root: str, kind: str, mode: st
     background; save 4 raises on both ranks; rank 1 gets SIGTERM and should_stop() turns
     True on both; the final save commits; close() leaves no child or /dev/shm segment."""
     me, shm_before, kids_before = os.getpid(), shm_entries(), set(children_of(os.getpid()))
-    backend = WrappedBackend(root, fail_at=3 if rank == 1 else None)
+    backend = shard_faults(root, fail_at=3 if rank == 1 else None)
     mgr = CheckpointManager(root, backend=backend, async_save=True, async_mode=mode, save_on_sigterm=True)
     writer_pid = mgr._engine.process.pid if mode == "process" else None
     model = _model(kind, seed=0)

@@ -1,65 +1,40 @@
-"""Helpers of the async-save tests: backend wrappers (slow, failing), a small training state,
-and probes for leftover processes and shared-memory segments.
-
-The wrappers are plain picklable objects around a :class:`LocalBackend`, so the writer
-process of ``async_mode="process"`` gets a working copy (it counts its own writes)."""
+"""Helpers of the async-save tests: slow or failing shard writes (rules of the fault suite's
+:class:`FaultyBackend`), a small training state, and probes for leftover processes and
+shared-memory segments."""
 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from support.faulty_backend import FaultyBackend, Rule
 from torch import nn
 
-from storage_backends import BackendError
 from storage_backends.local import LocalBackend
 
-
-class _Writer:
-    def __init__(self, inner: Any, delay: float):
-        self._inner, self._delay = inner, delay
-
-    def write(self, data: Any) -> None:
-        if self._delay:  # once, before the first byte: the shard's data is read after the pause
-            time.sleep(self._delay)
-            self._delay = 0.0
-        self._inner.write(data)
-
-    def commit(self, head: bytes = b"") -> int:
-        return self._inner.commit(head)
-
-    def abort(self) -> None:
-        self._inner.abort()
+SHARD_KEYS = "*/rank_*"  # data shards, not their index files (index_*) or metadata
 
 
-class WrappedBackend:
-    """``LocalBackend`` whose shard writers sleep ``delay`` seconds before their first byte and whose
-    ``fail_at``-th shard (1-based, counted per process) fails with a :class:`BackendError`;
-    with ``slow_at``, only those shards are slow."""
+def shard_faults(
+    root: str, *, delay: float = 0.0, fail_at: int | None = None, slow_at: set[int] | None = None
+) -> FaultyBackend:
+    """A ``LocalBackend`` (no fsync) behind the fault suite's :class:`FaultyBackend`: shard writers
+    sleep ``delay`` seconds once opened, before their first byte (with ``slow_at``, only those
+    shards, 1-based), and the ``fail_at``-th shard fails to open with a :class:`BackendError`.
+    Shards are counted per process (the wrapper pickles into ``async_mode="process"``'s writer)."""
+    rules = []
+    if fail_at is not None:
+        rules.append(Rule("open_writer", SHARD_KEYS, "fail", nth=fail_at, error="BackendError", message=_FAILURE_TEXT))
+    if delay:
+        for nth in sorted(slow_at) if slow_at else [1]:
+            count = 1 if slow_at else None
+            rules.append(Rule("open_writer", SHARD_KEYS, "delay", when="after", delay=delay, nth=nth, count=count))
+    return FaultyBackend(LocalBackend(root, fsync=False), rules)
 
-    def __init__(self, root: str, *, delay: float = 0.0, fail_at: int | None = None, slow_at: set[int] | None = None):
-        self.inner = LocalBackend(root, fsync=False)
-        self.delay, self.fail_at, self.slow_at = delay, fail_at, slow_at
-        self.shards_opened = 0
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":  # not yet set (unpickling)
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def open_writer(self, key: str, *, reserve_head: int = 0) -> Any:
-        writer = self.inner.open_writer(key, reserve_head=reserve_head)
-        if key.rsplit("/", 1)[-1].startswith("rank_"):  # data shards, not their rank index files
-            self.shards_opened += 1
-            if self.fail_at is not None and self.shards_opened == self.fail_at:
-                writer.abort()
-                raise BackendError(f"injected failure writing {key} (shard #{self.shards_opened})", key=key)
-            if self.delay and (self.slow_at is None or self.shards_opened in self.slow_at):
-                return _Writer(writer, self.delay)
-        return writer
+_FAILURE_TEXT = "injected failure writing {key} (shard #{nth})"
 
 
 class Net(nn.Module):

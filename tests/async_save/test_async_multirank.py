@@ -6,16 +6,11 @@ after ``save()`` do not leak; buffers are reused; nothing is left behind."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import _async_workers as workers
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
-
-import _async_workers as workers  # noqa: E402
-from support.dist import run_ranks  # noqa: E402
+from support.dist import run_ranks
 
 
 @pytest.mark.parametrize(("kind", "mode"), [("ddp", "thread"), ("fsdp", "process")])

@@ -15,17 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 from async_helpers import (
-    WrappedBackend,
     alive,
     assert_same,
     children_of,
     committed_steps,
     make_state,
     mutate_in_place,
+    shard_faults,
     shm_entries,
     snapshot,
     train_step,
 )
+from support.faulty_backend import FaultyBackend
 
 from dist_ckpt import CheckpointManager
 from dist_ckpt.errors import StorageError
@@ -33,8 +34,8 @@ from dist_ckpt.errors import StorageError
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
-def manager(root: Path, backend: WrappedBackend | None = None, **options) -> CheckpointManager:
-    return CheckpointManager(str(root), backend=backend or WrappedBackend(str(root)), async_save=True, **options)
+def manager(root: Path, backend: FaultyBackend | None = None, **options) -> CheckpointManager:
+    return CheckpointManager(str(root), backend=backend or shard_faults(str(root)), async_save=True, **options)
 
 
 def restored(root: Path, step: int, width: int = 32) -> tuple[dict[str, torch.Tensor], dict]:
@@ -49,7 +50,7 @@ def restored(root: Path, step: int, width: int = 32) -> tuple[dict[str, torch.Te
 def test_state_changed_right_after_save_does_not_leak(tmp_path: Path, mode: str = "thread") -> None:
     model, opt, sched, counters = make_state()
     shm_before = shm_entries()
-    mgr = manager(tmp_path, WrappedBackend(str(tmp_path), delay=1.0), async_mode=mode)
+    mgr = manager(tmp_path, shard_faults(str(tmp_path), delay=1.0), async_mode=mode)
     state = mgr.track(model=model, optimizer=opt, scheduler=sched, counters=counters)
     for _ in range(2):
         train_step(model, opt, sched, counters)
@@ -102,7 +103,7 @@ def test_consecutive_saves_reuse_staging_buffers(tmp_path: Path, mode: str = "th
 
 def test_background_failure_surfaces_at_next_call(tmp_path: Path, mode: str = "thread") -> None:
     model, opt, sched, counters = make_state()
-    mgr = manager(tmp_path, WrappedBackend(str(tmp_path), fail_at=2), async_mode=mode)
+    mgr = manager(tmp_path, shard_faults(str(tmp_path), fail_at=2), async_mode=mode)
     state = mgr.track(model=model, optimizer=opt, scheduler=sched, counters=counters)
     train_step(model, opt, sched, counters)
     mgr.save(1, state, force=True)
@@ -122,12 +123,12 @@ def test_background_failure_surfaces_at_next_call(tmp_path: Path, mode: str = "t
 
 def test_failure_is_raised_by_wait_and_close(tmp_path: Path) -> None:
     model, opt, sched, counters = make_state()
-    mgr = manager(tmp_path, WrappedBackend(str(tmp_path), fail_at=1))
+    mgr = manager(tmp_path, shard_faults(str(tmp_path), fail_at=1))
     state = mgr.track(model=model, optimizer=opt)
     mgr.save(1, state, force=True)
     with pytest.raises(StorageError, match="step 1"):
         mgr.wait()
-    mgr2 = manager(tmp_path / "b", WrappedBackend(str(tmp_path / "b"), fail_at=1))
+    mgr2 = manager(tmp_path / "b", shard_faults(str(tmp_path / "b"), fail_at=1))
     mgr2.save(1, mgr2.track(model=model), force=True)
     with pytest.raises(StorageError, match="step 1"):
         mgr2.close()
@@ -137,7 +138,7 @@ def test_failure_is_raised_by_wait_and_close(tmp_path: Path) -> None:
 
 def test_if_busy_skip(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     model, opt, sched, counters = make_state()
-    mgr = manager(tmp_path, WrappedBackend(str(tmp_path), delay=1.0), if_busy="skip")
+    mgr = manager(tmp_path, shard_faults(str(tmp_path), delay=1.0), if_busy="skip")
     state = mgr.track(model=model, optimizer=opt)
     train_step(model, opt, sched, counters)
     assert mgr.save(1, state, force=True)
@@ -207,13 +208,14 @@ def test_interpreter_exit_waits_for_the_saves_in_flight(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from async_helpers import WrappedBackend, make_state, train_step
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})  # tests/: support.faulty_backend
+        from async_helpers import shard_faults, make_state, train_step
         from dist_ckpt import CheckpointManager
         model, opt, sched, counters = make_state()
         managers = []
         for mode in ("thread", "process"):
             root = {str(tmp_path)!r} + "/" + mode
-            mgr = CheckpointManager(root, backend=WrappedBackend(root, delay=0.5), async_save=True, async_mode=mode)
+            mgr = CheckpointManager(root, backend=shard_faults(root, delay=0.5), async_save=True, async_mode=mode)
             managers.append(mgr)
             state = mgr.track(model=model, optimizer=opt)
             train_step(model, opt, sched, counters)
@@ -238,7 +240,7 @@ def test_process_mode(tmp_path: Path) -> None:
     and no shared-memory segment."""
     me = os.getpid()
     children_before, shm_before = set(children_of(me)), shm_entries()
-    backend = WrappedBackend(str(tmp_path), delay=1.0, slow_at={4}, fail_at=5)
+    backend = shard_faults(str(tmp_path), delay=1.0, slow_at={4}, fail_at=5)
     mgr = manager(tmp_path, backend, async_mode="process")
     engine = mgr._engine
     pid = engine.process.pid

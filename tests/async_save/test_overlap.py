@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from async_helpers import WrappedBackend, assert_same, committed_steps
+from async_helpers import assert_same, committed_steps, shard_faults
 from torch import nn
 
 from dist_ckpt import CheckpointManager
@@ -125,7 +125,7 @@ def test_a_tensor_changed_in_place_during_the_copy_fails_the_save(
     tmp_path: Path, when: str, small_chunks: None, between_chunks: Any
 ) -> None:
     model, opt, sched = make()
-    mgr = CheckpointManager(str(tmp_path), backend=WrappedBackend(str(tmp_path)), async_save="overlap")
+    mgr = CheckpointManager(str(tmp_path), backend=shard_faults(str(tmp_path)), async_save="overlap")
     state = mgr.track(model=model, optimizer=opt, scheduler=sched)
     step(model, opt, sched)
     mgr.save(1, state, force=True)

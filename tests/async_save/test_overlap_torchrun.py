@@ -4,16 +4,12 @@ with overlapped staging, SIGKILLed mid-run and resumed, equals an uninterrupted 
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 import pytest
+from exactness import compare, torchrun, torchrun_once_more_on_abort
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
-from exactness import compare, torchrun, torchrun_once_more_on_abort  # noqa: E402
-
-from dist_ckpt import CheckpointManager  # noqa: E402
+from dist_ckpt import CheckpointManager
 
 STEPS = 16
 COMMON = ["--steps", str(STEPS), "--save-every", "3", "--keep-last", "2", "--overlap"]

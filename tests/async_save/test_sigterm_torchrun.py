@@ -11,10 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
-from async_helpers import committed_steps  # noqa: E402
-from exactness import EXAMPLES, compare, read_losses, torchrun  # noqa: E402
+from async_helpers import committed_steps
+from exactness import EXAMPLES, compare, read_losses, torchrun
 
 STEPS = 40
 ARGS = ["--steps", str(STEPS), "--save-every", "8", "--keep-last", "2", "--async", "--save-on-sigterm"]

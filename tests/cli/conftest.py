@@ -4,16 +4,12 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_support import Run, train_and_save
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from cli_support import Run, train_and_save  # noqa: E402
 
 
 @pytest.fixture(scope="session")

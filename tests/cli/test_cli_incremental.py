@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from cli_support import as_json, cli_in
+from incremental_common import AdapterRun, assert_bit_identical
 from safetensors.torch import load_file
 
 from dist_ckpt import CheckpointManager
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "unit"))
-
-from incremental_common import AdapterRun, assert_bit_identical  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 

@@ -10,15 +10,11 @@ and the compact checkpoint restores bit for bit at 4 ranks and resharded to 2.""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
-
-import _compact_plan_workers as workers  # noqa: E402
-import _meta16_workers as meta16  # noqa: E402
-from support.dist import run_ranks  # noqa: E402
+import _compact_plan_workers as workers
+import _meta16_workers as meta16
+from support.dist import run_ranks
 
 
 def test_compact_plans_send_no_chunk_of_a_ruled_tensor_and_restore_bit_identical(tmp_path: Path) -> None:

@@ -3,25 +3,20 @@ and a resharded load reads only the chunks a rank needs."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
+import _reshard_workers as workers
 import torch
 import torch.distributed as dist
+from support.dist import run_ranks
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
-
-import _reshard_workers as workers  # noqa: E402
-from support.dist import run_ranks  # noqa: E402
-
-from dist_ckpt.api import load_from, save_to, split_checkpoint_uri  # noqa: E402
-from dist_ckpt.format.zstd_codec import ZstdCodec  # noqa: E402
-from storage_backends import open_backend  # noqa: E402
-from storage_backends.local import LocalBackend  # noqa: E402
+from dist_ckpt.api import load_from, save_to, split_checkpoint_uri
+from dist_ckpt.format.zstd_codec import ZstdCodec
+from storage_backends import open_backend
+from storage_backends.local import LocalBackend
 
 CODEC = ZstdCodec(chunk_bytes=2048)  # small chunks: every tensor spans many of them
 

@@ -8,19 +8,15 @@ at 2 -> 4 and 4 -> 2 ranks trains on, with the warning that bit-exactness is not
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from exactness import compare, read_losses, torchrun, torchrun_once_more_on_abort
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
-from exactness import compare, read_losses, torchrun, torchrun_once_more_on_abort  # noqa: E402
-
-from dist_ckpt import CheckpointManager, load  # noqa: E402
-from dist_ckpt.progress import KEY, Progress  # noqa: E402
+from dist_ckpt import CheckpointManager, load
+from dist_ckpt.progress import KEY, Progress
 
 STEPS, CRASH = 12, 9  # saves every 4 steps, at a new best loss and at the last; rank 0 SIGKILLs itself after step 9
 COMMON = ["--steps", str(STEPS), "--save-every", "4", "--keep-last", "2"]

@@ -4,18 +4,13 @@ bit-identically at 2 ranks and loads the same state at 1 and 3 ranks."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import _spread_workers as workers
 import pytest
 import torch
 from safetensors import safe_open
-
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
-
-import _spread_workers as workers  # noqa: E402
-from support.dist import run_ranks  # noqa: E402
+from support.dist import run_ranks
 
 
 def shard_keys(ckpt: Path) -> dict[str, set[str]]:

@@ -6,14 +6,10 @@ rank printed the same warnings."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent.parent))
-
-from support.dist import RanksFailed, run_torchrun  # noqa: E402
+from support.dist import RanksFailed, run_torchrun
 
 SCRIPT = Path(__file__).with_name("_once_per_job.py")
 

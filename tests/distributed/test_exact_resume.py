@@ -5,18 +5,14 @@ and a checkpoint resumes at another world size with identical state."""
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from exactness import compare, torchrun, torchrun_once_more_on_abort
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
-from exactness import compare, torchrun, torchrun_once_more_on_abort  # noqa: E402
-
-from dist_ckpt import CheckpointManager  # noqa: E402
+from dist_ckpt import CheckpointManager
 
 STEPS = 24
 COMMON = ["--steps", str(STEPS), "--save-every", "4", "--keep-last", "2"]

@@ -4,17 +4,12 @@ before format 2) restores resharded: 2 and 3 ranks load it into DTensors, bit fo
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
+import _format1_workers as workers
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
-
-import _format1_workers as workers  # noqa: E402
-from support.dist import run_ranks  # noqa: E402
+from support.dist import run_ranks
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "format1_checkpoint" / "step_000000003"
 

@@ -4,16 +4,11 @@ root and on the real SeaweedFS S3 server, codec none and zstd."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import _incremental_workers as workers
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
-
-import _incremental_workers as workers  # noqa: E402
-from support.dist import run_ranks  # noqa: E402
+from support.dist import run_ranks
 
 
 def _check(root: str, refs: Path) -> None:

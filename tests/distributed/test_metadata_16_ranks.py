@@ -7,18 +7,13 @@ that hold its chunks, never all of them."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+import _meta16_workers as workers
 import pytest
+from support.dist import run_ranks
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
-
-import _meta16_workers as workers  # noqa: E402
-from support.dist import run_ranks  # noqa: E402
-
-from dist_ckpt.format import metadata_json  # noqa: E402
+from dist_ckpt.format import metadata_json
 
 pytestmark = pytest.mark.slow
 

@@ -13,18 +13,13 @@ independent of the wrapper.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+import _reshard_workers as workers
 import pytest
+from support.dist import RanksFailed, run_ranks
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
-
-import _reshard_workers as workers  # noqa: E402
-from support.dist import RanksFailed, run_ranks  # noqa: E402
-
-from dist_ckpt.format import metadata_json  # noqa: E402
+from dist_ckpt.format import metadata_json
 
 KINDS = ("ddp", "fsdp")
 

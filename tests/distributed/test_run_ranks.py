@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent.parent))
-
-from support.dist import RanksFailed, run_ranks, run_torchrun  # noqa: E402
+from support.dist import RanksFailed, run_ranks, run_torchrun
 
 
 def _sum_ranks(rank: int, world_size: int, offset: int) -> dict:

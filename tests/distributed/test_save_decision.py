@@ -4,13 +4,10 @@ fixed buffer and an error on rank 0 take the general path and reach every rank."
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
-
-from support.dist import run_ranks  # noqa: E402
+from support.dist import run_ranks
 
 
 def _decisions(rank: int, world_size: int, root: str) -> dict[str, Any]:

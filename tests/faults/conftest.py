@@ -4,13 +4,10 @@ when mounting is not permitted)."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _mount(args: list[str]) -> str | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.faulty_backend import FaultyBackend
 
 from dist_ckpt.checkpoint_view import CheckpointView
 from dist_ckpt.verify import verify_run
@@ -29,9 +30,7 @@ from storage_backends import open_backend
 
 HERE = Path(__file__).resolve().parent
 JOB = HERE / "_incremental_job.py"
-sys.path.insert(0, str(HERE.parent))
 
-from support.faulty_backend import FaultyBackend  # noqa: E402
 
 KILLED = 137
 DELETES = ("delete", "delete_prefix")

@@ -12,7 +12,8 @@ import pickle
 from pathlib import Path
 
 import pytest
-from _fault_lib import QUIET, Audit, LocalJob, assert_bit_identical, assert_named_error, build, restore_into_fresh
+from _fault_lib import QUIET, LocalJob, assert_bit_identical, assert_named_error, build, restore_into_fresh
+from fault_audit import Audit
 from safetensors.torch import load_file
 from support.ckpt_edit import restamp_index
 

@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _fault_lib import QUIET, Audit, LocalJob, assert_bit_identical, assert_named_error, build
+from _fault_lib import QUIET, LocalJob, assert_bit_identical, assert_named_error, build
+from fault_audit import Audit
 from safetensors.torch import load_file
 
 from dist_ckpt import CheckpointManager

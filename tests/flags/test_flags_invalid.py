@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from _flags_job import build_parser
+from flags_support import EXAMPLES, committed_steps, make_run, run_script, snapshot, start_with
+from support.dist import run_ranks
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
-
-from _flags_job import build_parser  # noqa: E402
-from flags_support import EXAMPLES, committed_steps, make_run, run_script, snapshot, start_with  # noqa: E402
-from support.dist import run_ranks  # noqa: E402
-
-from dist_ckpt import CheckpointManager  # noqa: E402
+from dist_ckpt import CheckpointManager
 
 ONE_LINE = re.compile(r"^\S+: error: [^\n]+\n$")
 A_HAS = "steps 0, 1, 2, 3, 4, 5 (best:score=3, last=5)"

@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from dist_ckpt.cli import main as cli_main
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from flags_support import (  # noqa: E402
+from flags_support import (
     checkpoint_params,
     committed_steps,
     distinct_weights,
@@ -29,6 +22,9 @@ from flags_support import (  # noqa: E402
     run_job,
     snapshot,
 )
+from safetensors.torch import save_file
+
+from dist_ckpt.cli import main as cli_main
 
 
 @pytest.fixture(scope="module")
@@ -183,15 +179,13 @@ def test_list_checkpoints_prints_what_dist_ckpt_list_prints(
 
 def test_fsdp_example_starts_from_exported_weights_on_two_ranks(tmp_path: Path) -> None:
     """--init-from a safetensors file under torchrun: every rank reads it and FSDP2 shards it."""
+    from flags_support import EXAMPLES, run_script
     from safetensors.torch import load_file
+    from support.dist import run_torchrun
 
     from dist_ckpt.checkpoint_view import CheckpointView
     from dist_ckpt.export import export_checkpoint
     from storage_backends import open_backend
-
-    sys.path.insert(0, str(Path(__file__).parent.parent))
-    from flags_support import EXAMPLES, run_script
-    from support.dist import run_torchrun
 
     source = tmp_path / "source"
     trained = run_script(EXAMPLES / "train_ddp.py", ["--ckpt", str(source), "--steps", "2", "--save-every", "1"])

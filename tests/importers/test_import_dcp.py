@@ -14,18 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _dcp_workers as workers
 import pytest
 import torch
+from import_support import assert_bit_identical
+from support.dist import run_ranks
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 import dist_ckpt
 from dist_ckpt import CheckpointManager
 from dist_ckpt.errors import CorruptCheckpoint
-
-sys.path.insert(0, str(Path(__file__).parent))
-import _dcp_workers as workers  # noqa: E402
-from import_support import assert_bit_identical  # noqa: E402
-from support.dist import run_ranks  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from import_support import assert_bit_identical, minilm_folder
 from safetensors.torch import load_file
 
 import dist_ckpt
 from dist_ckpt import CheckpointManager
 from dist_ckpt.errors import CheckpointNotFound, ConfigError, CorruptCheckpoint
-
-sys.path.insert(0, str(Path(__file__).parent))
-from import_support import assert_bit_identical, minilm_folder  # noqa: E402
 
 
 def _model(seed: int) -> torch.nn.Module:

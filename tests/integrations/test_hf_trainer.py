@@ -102,10 +102,8 @@ class _Stop(Exception):
 
 
 def _trainer(tmp: Path, root: Path, *, stop_at: int | None = None, **overrides):  # type: ignore[no-untyped-def]
-    from transformers import TrainerCallback, TrainingArguments, set_seed
-
-    sys.path.insert(0, str(JOB.parent))
     from _hf_job import Tokens, build_model
+    from transformers import TrainerCallback, TrainingArguments, set_seed
 
     from dist_ckpt.integrations.hf import DistCkptTrainer
 

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from exactness import compare
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "examples"))
 
-from exactness import compare  # noqa: E402
 
 pytestmark = pytest.mark.slow  # two torchrun agents, killed and resumed: run by .ci/run after make test
 

@@ -1,6 +1,6 @@
 """S3Backend against real S3 servers — every test that uses one runs on SeaweedFS and on moto's
-standalone server (see tests/support/s3server.py); fault tests go through a real HTTP proxy that
-injects 503/500/connection resets (tests/support/faulty_proxy.py)."""
+standalone server (see tests/support/s3server.py): construction and every object operation.
+Faults through a real HTTP proxy: test_s3_backend_faults.py."""
 
 from __future__ import annotations
 
@@ -9,15 +9,13 @@ import pickle
 import random
 import threading
 import tracemalloc
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError
-from support.faulty_proxy import COMPLETE_UPLOAD, GET, PUT_OBJECT, UPLOAD_PART, FaultyProxy
-from support.s3server import S3Server, make_s3_backend, on_every_s3_implementation
+from s3_backend_common import PART, MiB, bucket_name, open_uploads
+from support.s3_fixtures import on_every_s3_implementation
+from support.s3server import S3Server, make_s3_backend
 
 from storage_backends import (
     BackendError,
@@ -27,45 +25,16 @@ from storage_backends import (
     UnsafeKey,
     open_backend,
 )
-from storage_backends.base import Backend, ObjectWriter, Versioned
+from storage_backends.base import Backend, ObjectWriter
 from storage_backends.s3 import S3Backend
 from storage_backends.s3_util import split_span
 
-MiB = 1024 * 1024
-PART = 5 * MiB
-
 pytest_generate_tests = on_every_s3_implementation
-
-
-def _bucket(uri: str) -> str:
-    return uri[len("s3://") :].split("/", 1)[0]
-
-
-def _uploads(server: S3Server, bucket: str) -> list[dict]:
-    return server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) or []
 
 
 @pytest.fixture
 def backend(s3_server: S3Server, s3_uri: str) -> S3Backend:
     return make_s3_backend(s3_server, s3_uri, part_size=PART, multipart_threshold=PART, max_concurrency=4)
-
-
-@pytest.fixture
-def proxy(s3_server: S3Server) -> Iterator[FaultyProxy]:
-    with FaultyProxy(s3_server.endpoint_url) as p:
-        yield p
-
-
-def _proxied(s3_server: S3Server, s3_uri: str, proxy: FaultyProxy, max_attempts: int = 3) -> S3Backend:
-    return make_s3_backend(
-        s3_server,
-        s3_uri,
-        endpoint_url=proxy.url,
-        max_attempts=max_attempts,
-        part_size=PART,
-        multipart_threshold=PART,
-        max_concurrency=4,
-    )
 
 
 # -- pure helpers and construction ----------------------------------------------------------------
@@ -167,7 +136,7 @@ def test_streaming_upload_bounded_memory_and_patched_head(backend: S3Backend, s3
     assert writer.max_buffered_bytes <= bound, writer.max_buffered_bytes
     assert peak <= bound + 4 * MiB, f"peak traced memory {peak / MiB:.1f} MiB > {bound / MiB} MiB"
     assert writer.parts_uploaded == 9 == backend.stats["upload_part"]  # 8 full parts + the rest
-    assert _uploads(s3_server, _bucket(s3_uri)) == []
+    assert open_uploads(s3_server, bucket_name(s3_uri)) == []
     assert backend.size("step_1/rank_0.bin") == size
     data = backend.read("step_1/rank_0.bin")
     assert data[:100] == head
@@ -193,23 +162,23 @@ def test_head_larger_than_a_part_and_wrong_head_length(backend: S3Backend, s3_ur
     with pytest.raises(ValueError, match="8"):
         w.commit(b"short")
     assert not backend.exists("wrong_head")
-    assert _uploads(s3_server, _bucket(s3_uri)) == []
+    assert open_uploads(s3_server, bucket_name(s3_uri)) == []
 
 
 def test_writer_abort_leaves_nothing(backend: S3Backend, s3_uri: str, s3_server: S3Server) -> None:
     w = backend.open_writer("step_2/x.bin", reserve_head=8)
     w.write(os.urandom(12 * MiB))  # a multipart upload is under way
-    assert w.upload_id is not None and len(_uploads(s3_server, _bucket(s3_uri))) == 1
+    assert w.upload_id is not None and len(open_uploads(s3_server, bucket_name(s3_uri))) == 1
     w.abort()
     w.abort()
     with pytest.raises(ValueError):
         w.write(b"more")
     assert not backend.exists("step_2/x.bin")
-    assert _uploads(s3_server, _bucket(s3_uri)) == []
+    assert open_uploads(s3_server, bucket_name(s3_uri)) == []
     with pytest.raises(RuntimeError), backend.open_writer("step_2/y.bin") as w2:
         w2.write(os.urandom(11 * MiB))
         raise RuntimeError("training crashed")
-    assert backend.list() == [] and _uploads(s3_server, _bucket(s3_uri)) == []
+    assert backend.list() == [] and open_uploads(s3_server, bucket_name(s3_uri)) == []
 
 
 def test_list_paginates_and_delete_prefix_batches(backend: S3Backend) -> None:
@@ -309,19 +278,19 @@ def test_staging_and_publish(backend: S3Backend) -> None:
 
 def test_abandoned_uploads_are_listed_and_aborted(backend: S3Backend, s3_uri: str, s3_server: S3Server) -> None:
     raw = s3_server.client()
-    bucket = _bucket(s3_uri)
+    bucket = bucket_name(s3_uri)
     up = raw.create_multipart_upload(Bucket=bucket, Key="run/step_3/rank_0.bin")
     raw.upload_part(Bucket=bucket, Key="run/step_3/rank_0.bin", UploadId=up["UploadId"], PartNumber=1, Body=b"x" * 100)
     raw.create_multipart_upload(Bucket=bucket, Key="other-run/step_3/rank_0.bin")  # outside our root
     assert list(backend.abandoned_uploads()) == ["step_3/rank_0.bin"]
     assert list(backend.abandoned_uploads("step_4/")) == []
     # Ages come from the server's Initiated time (moto 5.2.5 reports 2010-11-10 for every upload)
-    initiated = min(u["Initiated"] for u in _uploads(s3_server, bucket))
+    initiated = min(u["Initiated"] for u in open_uploads(s3_server, bucket))
     age = (datetime.now(timezone.utc) - initiated).total_seconds()
     assert backend.abort_uploads(older_than=age + 3600) == 0  # too young to be abandoned
     assert backend.abort_uploads("step_3/") == 1
     assert list(backend.abandoned_uploads()) == []
-    assert [u["Key"] for u in _uploads(s3_server, bucket)] == ["other-run/step_3/rank_0.bin"]
+    assert [u["Key"] for u in open_uploads(s3_server, bucket)] == ["other-run/step_3/rank_0.bin"]
 
 
 def test_errors_name_bucket_key_and_code(s3_env: S3Server) -> None:
@@ -337,132 +306,3 @@ def test_errors_name_bucket_key_and_code(s3_env: S3Server) -> None:
     with pytest.raises(BackendError) as info:
         dead.read("x")
     assert "s3://bkt/run/x" in str(info.value) and "127.0.0.1:9" in str(info.value)
-
-
-# -- faults through a real HTTP proxy -------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind", ["slowdown", "internal", "reset"])
-def test_transient_faults_are_retried(kind: str, s3_server: S3Server, s3_uri: str, proxy: FaultyProxy) -> None:
-    b = _proxied(s3_server, s3_uri, proxy, max_attempts=3)
-    data = os.urandom(12 * MiB)
-    proxy.add_fault(kind, 2, **UPLOAD_PART)
-    proxy.add_fault(kind, 1, **COMPLETE_UPLOAD)
-    proxy.add_fault(kind, 1, **PUT_OBJECT)
-    proxy.add_fault(kind, 1, **GET)
-    w = b.open_writer("big", reserve_head=4)
-    w.write(data)
-    assert w.commit(b"HEAD") == len(data) + 4
-    b.write_bytes("small", b"small")
-    assert b.read("small") == b"small"
-    assert b.read("big") == b"HEAD" + data
-    assert proxy.faults[kind] == 5
-    assert proxy.count(**UPLOAD_PART, faulted=False) == 3
-    assert _uploads(s3_server, _bucket(s3_uri)) == []
-
-
-def test_failure_beyond_retry_budget_leaves_nothing(s3_server: S3Server, s3_uri: str, proxy: FaultyProxy) -> None:
-    b = _proxied(s3_server, s3_uri, proxy, max_attempts=2)
-    proxy.add_fault("slowdown", 1000, **UPLOAD_PART)
-    w = b.open_writer("step_1/rank_0.bin", reserve_head=8)
-    with pytest.raises(BackendError) as info:
-        w.write(os.urandom(25 * MiB))
-        w.commit(b"12345678")
-    msg = str(info.value)
-    assert info.value.code == "SlowDown"
-    assert _bucket(s3_uri) in msg and "run/step_1/rank_0.bin" in msg and "SlowDown" in msg
-    assert not s3_server.client().list_objects_v2(Bucket=_bucket(s3_uri)).get("Contents")
-    assert _uploads(s3_server, _bucket(s3_uri)) == []
-    proxy.add_fault("internal", 1000, **PUT_OBJECT)
-    with pytest.raises(BackendError, match="InternalError"):
-        b.create_if_absent("step_1/COMMITTED", b"{}")
-    assert not b.exists("step_1/COMMITTED")
-
-
-def test_complete_failing_beyond_retries_aborts_upload(s3_server: S3Server, s3_uri: str, proxy: FaultyProxy) -> None:
-    b = _proxied(s3_server, s3_uri, proxy, max_attempts=2)
-    proxy.add_fault("internal", 2, **COMPLETE_UPLOAD)
-    w = b.open_writer("obj")
-    w.write(os.urandom(11 * MiB))
-    with pytest.raises(BackendError, match="CompleteMultipartUpload") as info:
-        w.commit()
-    assert info.value.code == "InternalError"
-    assert proxy.count(method="DELETE", query_has=("uploadId",)) == 1  # AbortMultipartUpload
-    assert not b.exists("obj")
-    assert _uploads(s3_server, _bucket(s3_uri)) == []
-
-
-def test_lost_answers_are_not_mistaken_for_conflicts(s3_server: S3Server, s3_uri: str, proxy: FaultyProxy) -> None:
-    """The request went through but its answer was lost: boto3 retries, the retry meets our own
-    write (412) — that is success, not a conflict."""
-    b = _proxied(s3_server, s3_uri, proxy, max_attempts=3)
-    proxy.add_fault("reset_after", 1, **PUT_OBJECT)
-    b.create_if_absent("COMMITTED", b"done")
-    v1 = b.compare_and_swap("manifest.json", b"m1", None)
-    proxy.add_fault("reset_after", 1, **PUT_OBJECT)
-    v2 = b.compare_and_swap("manifest.json", b"m2", v1)
-    assert b.read_versioned("manifest.json") == Versioned(b"m2", v2)
-    with pytest.raises(ObjectExists):
-        b.create_if_absent("COMMITTED", b"other")
-    proxy.add_fault("reset_after", 1, **COMPLETE_UPLOAD)
-    data = os.urandom(11 * MiB)
-    w = b.open_writer("obj")
-    w.write(data)
-    w.commit()
-    assert b.read("obj") == data
-    assert proxy.total_faults == 3
-
-
-def test_get_body_cut_off_is_read_again(s3_server: S3Server, s3_uri: str, proxy: FaultyProxy) -> None:
-    b = _proxied(s3_server, s3_uri, proxy, max_attempts=3)
-    data = os.urandom(3 * MiB)
-    b.write_bytes("x", data)
-    proxy.add_fault("truncate", 2, **GET)
-    out = bytearray(len(data))
-    assert b.read_into("x", 0, memoryview(out)) == len(data) and out == data
-    assert proxy.faults["truncate"] == 2
-    proxy.add_fault("truncate", 2, **GET)
-    assert b.read("x") == data
-    assert proxy.faults["truncate"] == 4
-    proxy.add_fault("truncate", 1, **GET)
-    assert b.read_versioned("x").data == data  # type: ignore[union-attr]
-    proxy.add_fault("truncate", 3, **GET)  # as many as max_attempts: reported
-    with pytest.raises(BackendError, match="ResponseStreamingError|IncompleteRead") as info:
-        b.read_versioned("x")
-    assert "run/x" in str(info.value)
-
-
-class _LosesCompleteAnswer:
-    """A client whose CompleteMultipartUpload goes through but answers NoSuchUpload, as a
-    store that is not idempotent would on boto3's retry after a lost answer."""
-
-    def __init__(self, real: Any, really_complete: bool) -> None:
-        self._real, self._really = real, really_complete
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def complete_multipart_upload(self, **kwargs: Any) -> Any:
-        if self._really:
-            self._real.complete_multipart_upload(**kwargs)
-        raise ClientError(
-            {"Error": {"Code": "NoSuchUpload", "Message": "gone"}, "ResponseMetadata": {"HTTPStatusCode": 404}},
-            "CompleteMultipartUpload",
-        )
-
-
-@pytest.mark.parametrize("really_complete", [True, False])
-def test_complete_answered_no_such_upload(really_complete: bool, s3_server: S3Server, s3_uri: str) -> None:
-    client = _LosesCompleteAnswer(s3_server.client(), really_complete)
-    b = S3Backend.from_uri(s3_uri, client=client, part_size=PART, multipart_threshold=PART)
-    data = os.urandom(11 * MiB)
-    w = b.open_writer("obj")
-    w.write(data)
-    if really_complete:
-        assert w.commit() == len(data)
-        assert b.read("obj") == data
-    else:
-        with pytest.raises(BackendError, match="NoSuchUpload"):
-            w.commit()
-        assert not b.exists("obj")
-    assert _uploads(s3_server, _bucket(s3_uri)) == []

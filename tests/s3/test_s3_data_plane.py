@@ -24,7 +24,8 @@ import pytest
 import torch
 from botocore.exceptions import ClientError
 from support.faulty_proxy import GET, UPLOAD_PART, FaultyProxy
-from support.s3server import S3Server, make_s3_backend, on_every_s3_implementation
+from support.s3_fixtures import on_every_s3_implementation
+from support.s3server import S3Server, make_s3_backend
 
 import dist_ckpt
 from dist_ckpt.errors import CheckpointNotFound, StorageError

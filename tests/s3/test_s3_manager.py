@@ -6,20 +6,16 @@ exactly one wins and the checkpoint holds the winner's data."""
 from __future__ import annotations
 
 import multiprocessing
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from exactness import compare, torchrun
 from safetensors.torch import load_file
+from support.s3server import S3_IMPLEMENTATIONS
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
-from exactness import compare, torchrun  # noqa: E402
-from support.s3server import S3_IMPLEMENTATIONS  # noqa: E402
-
-import dist_ckpt  # noqa: E402
-from dist_ckpt import CheckpointManager, StepAlreadyExists  # noqa: E402
+import dist_ckpt
+from dist_ckpt import CheckpointManager, StepAlreadyExists
 
 STEPS = 16
 COMMON = ["--steps", str(STEPS), "--save-every", "4", "--compression", "zstd"]

@@ -10,8 +10,8 @@ import uuid
 import boto3
 import pytest
 from botocore.config import Config
+from support.s3_fixtures import on_every_s3_implementation as pytest_generate_tests  # noqa: F401
 from support.s3server import SCOPED_ACCESS_KEY, SCOPED_BUCKET, SCOPED_SECRET_KEY, S3Server, make_s3_backend
-from support.s3server import on_every_s3_implementation as pytest_generate_tests  # noqa: F401
 from support.stripping_proxy import STRIPPED_HEADERS, StrippingProxy
 
 from storage_backends import BackendError, write_guarantees

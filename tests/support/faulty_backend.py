@@ -18,7 +18,8 @@ one from the ``nth`` on):
 - ``fail``: raise ``error``: an errno name (``EIO``, ``ENOSPC``, ...) gives the
   :class:`BackendError` a real backend raises for that ``OSError`` (``raw=True``: the bare
   ``OSError``), or one of ``BackendError``, ``ObjectNotFound``, ``PreconditionFailed``,
-  ``ObjectExists``, or ``RuntimeError`` (not a storage error: a bug). A failing writer operation aborts the
+  ``ObjectExists``, or ``RuntimeError`` (not a storage error: a bug); ``message`` (formatted
+  with ``op``, ``key``, ``nth``) replaces the default text. A failing writer operation aborts the
   real writer first, as the real
   backends do on an I/O error.
 - ``exit``: ``os._exit(exit_code)`` — the process dies on the spot, no cleanup, no finally.
@@ -56,7 +57,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from storage_backends import BackendError, ObjectExists, ObjectNotFound, PreconditionFailed
@@ -91,6 +92,7 @@ class Rule:
     raw: bool = False
     delay: float = 0.0
     exit_code: int = 137
+    message: str | None = None
     ranks: tuple[int, ...] | None = None
     hook: Callable[[str, str], None] | None = field(default=None, repr=False)
     matched: int = 0
@@ -112,7 +114,7 @@ class Rule:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Rule:
-        allowed = {"op", "key", "action", "when", "nth", "count", "error", "raw", "delay", "exit_code", "ranks"}
+        allowed = {f.name for f in fields(cls)} - {"hook", "matched", "triggered"}  # hooks: in-process only
         unknown = set(obj) - allowed
         if unknown:
             raise ValueError(f"unknown fault rule fields {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -252,6 +254,11 @@ class FaultyBackend:
 
     def _error(self, rule: Rule, op: str, key: str) -> BaseException:
         where = f"{self.uri}/{key}"
+        if rule.message is not None:
+            text = rule.message.format(op=op, key=key, nth=rule.matched)
+            if rule.error == "RuntimeError":
+                return RuntimeError(text)
+            return _ERRORS.get(rule.error, BackendError)(text, key=key, code=rule.error)  # type: ignore[call-arg]
         if rule.error == "RuntimeError":
             return RuntimeError(f"{op} of {where}: injected bug")
         if rule.error in _ERRORS:

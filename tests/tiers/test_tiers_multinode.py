@@ -13,15 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from exactness import compare
 from tier_support import reap_uploaders, wait_for
 
 from dist_ckpt.run_store import RunStore
 from storage_backends import open_backend
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "examples"))
 
-from exactness import compare  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # two torchrun agents, killed and resumed
 

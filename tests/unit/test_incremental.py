@@ -4,11 +4,11 @@ bytes, restores are bit-identical, references never leave the run root."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from incremental_common import AdapterRun, assert_bit_identical, stored_bytes
+from manager_common import manager, steps_on_disk
 
 import dist_ckpt
 from dist_ckpt.checkpoint_view import CheckpointView
@@ -16,11 +16,6 @@ from dist_ckpt.errors import ConfigError, CorruptCheckpoint
 from dist_ckpt.export import export_checkpoint
 from dist_ckpt.verify import verify_run
 from storage_backends import open_backend
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from incremental_common import AdapterRun, assert_bit_identical, stored_bytes  # noqa: E402
-from manager_common import manager, steps_on_disk  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_support import as_json, cli_in
 
 import dist_ckpt
 from dist_ckpt.checkpoint_view import CheckpointView
@@ -17,9 +17,6 @@ from dist_ckpt.errors import CorruptCheckpoint
 from dist_ckpt.format import chunk_layout, metadata_json
 from dist_ckpt.verify import verify_checkpoint
 from storage_backends.local import LocalBackend
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cli"))
-from cli_support import as_json, cli_in  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "format1_checkpoint" / "step_000000003"

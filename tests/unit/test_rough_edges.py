@@ -5,19 +5,15 @@ warning under torchrun in tests/distributed/test_errors_once_per_rank.py."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from manager_common import FAST, assert_same, manager
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from manager_common import FAST, assert_same, manager  # noqa: E402
-
-from dist_ckpt import CheckpointManager, CheckpointNotFound, ConfigError, IncompatibleCheckpoint  # noqa: E402
-from dist_ckpt.manager import LoadedWeights  # noqa: E402
+from dist_ckpt import CheckpointManager, CheckpointNotFound, ConfigError, IncompatibleCheckpoint
+from dist_ckpt.manager import LoadedWeights
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 

@@ -4,8 +4,11 @@
 is allocated on the first save and reused (:mod:`dist_ckpt.staging`) — and hands the
 snapshot to a background worker; it returns as soon as the copy is done. The worker plans
 the DCP save (plans cached while the layout is unchanged), encodes, compresses, writes,
-commits, and — on rank 0 — updates the manifest and applies retention; then every rank's
-worker exchanges its outcome, so all ranks hold the same verdict.
+commits, and — on rank 0 — runs the one callback the manager gave the job (``after_commit``:
+the manifest update; :meth:`CheckpointManager._background_after_commit`); then every rank's
+worker exchanges its outcome (:func:`dist_ckpt.async_job.agree_verdict`), so all ranks hold
+the same verdict, which the foreground consumes. Tests and benchmarks watch saves through
+``observer`` (:class:`dist_ckpt.async_job.SaveObserver`).
 
 With ``async_save="overlap"`` the parameters and optimizer state are left out of that copy:
 the worker copies them during the next forward/backward and the tracked optimizers' step

@@ -227,24 +227,22 @@ class CheckpointManager(ManagerKeywords):
 
         if self._lock is not None:  # a job that lost the run lock changes nothing (RunLocked)
             self._lock.fence.check(self.backend, f"updating {self.root}/manifest.json")
-        self._last_step = self.store.update_manifest(change).pointers.get(mf.LAST)
+        self._set_last_step(self.store.update_manifest(change).pointers.get(mf.LAST))
         if retention_later:
             return lambda: self._delete_dropped(drops)
         self._delete_dropped(drops)
         return None
 
+    def _set_last_step(self, step: int | None) -> None:
+        with self._commit_lock:  # the async worker's _after_commit writes it, save()'s _decide reads it
+            self._last_step = step
+
     def _background_after_commit(self, step: int) -> Any:
-        """The async worker's follow-up of a commit (rank 0): :meth:`_after_commit` and, after
-        the verdict, its deletes, each under ``_commit_lock`` — the worker runs this callback
-        and nothing else of the manager's."""
-        with self._commit_lock:
-            deletes = self._after_commit(step, retention_later=True)
-
-        def retention() -> None:
-            with self._commit_lock:
-                deletes()
-
-        return retention
+        """The async worker's follow-up of a commit (rank 0): the manifest update, and the deletes
+        it runs after the verdict. The only manager code the worker runs; the one manager field
+        it writes, ``_last_step``, is written and read under ``_commit_lock`` (not held during
+        I/O: ``save()`` on every step must not wait for a manifest update or a retention)."""
+        return self._after_commit(step, retention_later=True)
 
     def _delete_dropped(self, drops: list[int]) -> None:
         for dropped in drops:  # only now: the manifest that no longer lists them is durable

@@ -2,7 +2,8 @@
 verdict every rank agrees on, and the observer seam tests and benchmarks watch it through.
 
 The worker writes and commits the job, the manager's follow-up (``Job.after_commit``, rank 0:
-the manifest update; the manager runs it under its own lock) returns its result, and
+the manifest update; the one field of the manager it writes is set under the manager's lock)
+returns its result, and
 :func:`agree_verdict` makes every rank hold the same outcome before ``Job.done`` is set. The
 foreground consumes the outcome (raises ``Job.failure``) at the next ``save()``, ``wait()``
 or ``close()``.
@@ -39,6 +40,8 @@ def gloo_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
 
 @dataclass
 class Job:
+    """One save, from ``submit`` to its verdict (the worker fills in the results)."""
+
     step: int
     prefix: str
     snapshot: Snapshot | None  # dropped once written (it holds views of the staging buffer)

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
-from dist_ckpt import compact_plan
+from dist_ckpt import compact_plan, dcp_internals
 from dist_ckpt.format.chunk_layout import entry_name
 from dist_ckpt.format.metadata_json import EntryRef, FileRecord
 from dist_ckpt.planner import JsonSavePlanner
@@ -150,11 +150,11 @@ class Coordinator:
         key = f"bench.{uuid.uuid4().hex}"
         if cached:  # the first save fills DCP's caches; the second (timed) sends unusable plans
             warm = JsonSavePlanner(enable_plan_caching=True)
-            warm._cached_plans_key = key
+            dcp_internals.use_plan_cache(warm, key)
             global_plan, _ = warm.create_global_plan(plans)
             plans = [SavePlan([], usable=False)] * self.world
         planner = JsonSavePlanner(enable_plan_caching=cached)
-        planner._cached_plans_key = key
+        dcp_internals.use_plan_cache(planner, key)
         t_receive_plans = _unpickle_time(plans)
         writer = DistCkptWriter(LocalBackend(tmp), f"{mode}-{uuid.uuid4().hex[:8]}")
         t0 = time.perf_counter()
@@ -168,9 +168,7 @@ class Coordinator:
         writer.finish(metadata, results)
         t_finish = time.perf_counter() - t0
         if cached:
-            from dist_ckpt.async_write import forget_cached_plans
-
-            forget_cached_plans(key)
+            dcp_internals.forget_cached_plans(key)
         return {
             "items_received": sum(len(p.items) for p in plans),
             "results_received": sum(map(len, results)),

@@ -8,8 +8,6 @@ as always.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 import importlib
 import logging
 from typing import TYPE_CHECKING, Any
@@ -25,6 +23,7 @@ from dist_ckpt.errors import (
     StorageError,
     UnsupportedValue,
 )
+from dist_ckpt.version import __version__
 
 if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imports them
     from dist_ckpt.api import load, save

@@ -4,8 +4,11 @@
 is allocated on the first save and reused (:mod:`dist_ckpt.staging`) — and hands the
 snapshot to a background worker; it returns as soon as the copy is done. The worker plans
 the DCP save (plans cached while the layout is unchanged), encodes, compresses, writes,
-commits, and — on rank 0 — updates the manifest and applies retention; then every rank's
-worker exchanges its outcome, so all ranks hold the same verdict.
+commits, and — on rank 0 — runs the one callback the manager gave the job (``after_commit``:
+the manifest update; :meth:`CheckpointManager._background_after_commit`); then every rank's
+worker exchanges its outcome (:func:`dist_ckpt.async_job.agree_verdict`), so all ranks hold
+the same verdict, which the foreground consumes. Tests and benchmarks watch saves through
+``observer`` (:class:`dist_ckpt.async_job.SaveObserver`).
 
 With ``async_save="overlap"`` the parameters and optimizer state are left out of that copy:
 the worker copies them during the next forward/backward and the tracked optimizers' step
@@ -56,21 +59,29 @@ import atexit
 import dataclasses
 import logging
 import queue
-import sys
 import threading
 import time
 import uuid
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dist_ckpt import errors
-from dist_ckpt.async_write import forget_cached_plans, write_snapshot
+from dist_ckpt.async_job import (
+    Job,
+    NoObserver,
+    SaveObserver,
+    SubmitTimings,
+    agree_verdict,
+    gloo_group,
+    hand_to_every_rank,
+    loud,
+)
+from dist_ckpt.async_write import write_snapshot
 from dist_ckpt.config import ManagerConfig
+from dist_ckpt.dcp_internals import forget_cached_plans
 from dist_ckpt.errors import CheckpointError
 from dist_ckpt.format.shard import ChunkCodec
 from dist_ckpt.lock_fence import Fence
@@ -82,38 +93,6 @@ from storage_backends import Backend
 log = logging.getLogger(__name__)
 
 EXIT_WAIT_S = 600.0  # how long interpreter exit waits for an in-flight save
-
-
-def gloo_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    """A new gloo group over the ranks of ``process_group`` (all ranks call it together)."""
-    if process_group is None or process_group == dist.GroupMember.WORLD:
-        return dist.new_group(backend="gloo")
-    ranks = dist.get_process_group_ranks(process_group)
-    return dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
-
-
-@dataclass
-class Job:
-    step: int
-    prefix: str
-    snapshot: Snapshot | None  # dropped once written (it holds views of the staging buffer)
-    commit_info: dict[str, Any]
-    after_commit: Callable[[], Any] | None  # rank 0: the manifest update; may return the retention deletes
-    buffer: torch.Tensor | None = None
-    generation: int = 0
-    submitted: float = field(default_factory=time.monotonic)
-    finished: float | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    failure: BaseException | None = None
-    timings: dict[str, float] = field(default_factory=dict)  # write / after_commit / agree seconds
-    in_process: bool = False  # written by the writer process (else in this process, on the background group)
-    fence: Fence | None = None  # rank 0: the run lock, checked right before COMMITTED (also in the writer process)
-    copy: OverlapCopy | None = None  # async_save="overlap": the deferred part of the staging copy
-    on_every_rank: Callable[[Any], None] | None = None  # tiers: gets rank 0's after_commit result on every rank
-
-    @property
-    def seconds(self) -> float | None:
-        return None if self.finished is None else self.finished - self.submitted
 
 
 class AsyncEngine:
@@ -141,8 +120,7 @@ class AsyncEngine:
         self.preemption = Preemption(self._control, install=config.save_on_sigterm)
         self._closed = False
         self._job: Job | None = None
-        self.last_job: Job | None = None
-        self.last_submit: dict[str, float] = {}  # timings of the last submit (benchmarks)
+        self.observer: SaveObserver = NoObserver()  # the seam tests and benchmarks watch saves through
         self.stager = Stager(shared=config.async_mode == "process")
         self.cache_key = f"dist_ckpt.async.{uuid.uuid4().hex}"
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -245,12 +223,9 @@ class AsyncEngine:
             snapshot, nbytes = Snapshot({}, {}, (), (), {}, value_error=(type(e).__name__, f"staging failed: {e}")), 0
         snapshot.spread = spread
         t2 = time.perf_counter()
-        self.last_submit = {
-            "wait_previous_s": t1 - t0,
-            "stage_s": t2 - t1,
-            "bytes": nbytes,
-            "deferred_bytes": overlap.nbytes if overlap is not None else 0,
-        }
+        self.observer.submitted(
+            SubmitTimings(step, t1 - t0, t2 - t1, nbytes, overlap.nbytes if overlap is not None else 0)
+        )
         over_anywhere = over
         if cap is not None and self.process is not None and self._control is not None:
             flag = torch.tensor([1 if over else 0], dtype=torch.int32)
@@ -339,7 +314,7 @@ class AsyncEngine:
             t2 = time.perf_counter()
             job.failure = self._agree(job.step, error)
             if job.failure is None and job.on_every_rank is not None:
-                job.failure = self._agree(job.step, self._on_every_rank(job, result))
+                job.failure = self._agree(job.step, hand_to_every_rank(job, result, self._background))
             t3 = time.perf_counter()
             job.finished = time.monotonic()  # committed, in the manifest, verdict agreed
             if callable(result) and job.failure is None:
@@ -363,44 +338,13 @@ class AsyncEngine:
                 job.copy.items = ()  # joined already (run() waits for it): its views go too
             if job.finished is None:
                 job.finished = time.monotonic()
-            self.last_job = job
             if job.failure is not None:
                 log.error("background save of step %d failed: %s", job.step, job.failure)
+            self.observer.finished(job)  # before done: a test that waited sees it
             job.done.set()
 
-    def _on_every_rank(self, job: Job, result: Any) -> BaseException | None:
-        """Rank 0's after_commit result handed to ``job.on_every_rank`` on every rank (tiers:
-        each node completes its local commit); its error, to be agreed on."""
-        shared = [result]
-        if self._background is not None:
-            dist.broadcast_object_list(shared, src=dist.get_global_rank(self._background, 0), group=self._background)
-        try:
-            assert job.on_every_rank is not None
-            job.on_every_rank(shared[0])
-        except BaseException as e:  # noqa: BLE001 (reported to every rank)
-            return e
-        return None
-
     def _agree(self, step: int, error: BaseException | None) -> BaseException | None:
-        """The same verdict on every rank: the lowest failing rank's error, or None."""
-        mine = None if error is None else (type(error).__name__, str(error))
-        reports: list[Any] = [mine]
-        if self._background is not None:
-            reports = [None] * self.world_size
-            dist.all_gather_object(reports, mine, group=self._background)
-        failed = [(r, rep) for r, rep in enumerate(reports) if rep is not None]
-        if not failed:
-            return None
-        rank, (type_name, message) = failed[0]
-        cls = getattr(errors, type_name, None)
-        if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
-            cls, message = CheckpointError, f"{type_name}: {message}"
-        # DCP hands a rank's write failure to every rank; name a rank only when some succeeded
-        where = f" on rank {rank}" if 1 < self.world_size and len(failed) < self.world_size else ""
-        exc = cls(f"background save of step {step} failed{where}: {message}")
-        if rank == self.rank and error is not None:
-            exc.__cause__ = error
-        return exc
+        return agree_verdict(step, error, self._background, rank=self.rank, world_size=self.world_size)
 
     # -- shutdown -----------------------------------------------------------------------------
     def _shutdown(self) -> None:
@@ -425,32 +369,23 @@ class AsyncEngine:
         if job is not None:
             self.join_copy()
             if not job.done.is_set():
-                _loud(
+                loud(
                     f"dist_ckpt: interpreter exit with the save of step {job.step} in flight; waiting for it "
                     f"(up to {timeout:.0f}s). Call mgr.close() before exiting to do this explicitly."
                 )
             if not job.done.wait(timeout):
-                _loud(
+                loud(
                     f"dist_ckpt: the save of step {job.step} did not finish within {timeout:.0f}s; exiting "
                     "without it (it is not committed; the previous checkpoint stays the latest)"
                 )
                 return
             self._job = None
             if job.failure is not None:
-                _loud(
+                loud(
                     f"dist_ckpt: the background save of step {job.step} FAILED and nobody called save(), "
                     f"wait() or close() afterwards to see it: {job.failure}"
                 )
         self._shutdown()
-
-
-def _loud(message: str) -> None:
-    log.warning(message)
-    try:
-        sys.stderr.write(message + "\n")
-        sys.stderr.flush()
-    except Exception:  # noqa: BLE001 (stderr may be gone at exit)
-        pass
 
 
 def _at_exit(ref: weakref.ref[AsyncEngine]) -> None:

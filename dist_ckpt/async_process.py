@@ -36,9 +36,8 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp  # registers torch's reducers (tensors over pipes)
 
-from dist_ckpt import errors
 from dist_ckpt.config import ManagerConfig
-from dist_ckpt.errors import CheckpointError
+from dist_ckpt.errors import CheckpointError, rebuild_error
 from dist_ckpt.staging import encode_values
 from storage_backends import Backend
 
@@ -46,14 +45,6 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 300.0
 PG_TIMEOUT_S = 600.0
-
-
-def rebuild_error(type_name: str, message: str) -> CheckpointError:
-    """The dist_ckpt error named ``type_name`` (a :class:`CheckpointError` for others)."""
-    cls = getattr(errors, type_name, None)
-    if isinstance(cls, type) and issubclass(cls, CheckpointError):
-        return cls(message)
-    return CheckpointError(f"{type_name}: {message}")
 
 
 class WriterProcess:
@@ -141,7 +132,7 @@ class WriterProcess:
             raise rebuild_error(type_name, f"{message} (in the writer process)")
 
     def save(self, job: Any) -> None:
-        """Write ``job`` (an :class:`~dist_ckpt.async_engine.Job`) there; raises its error."""
+        """Write ``job`` (an :class:`~dist_ckpt.async_job.Job`) there; raises its error."""
         if not self._ready:
             self._check(self._recv(READY_TIMEOUT_S))
             self._ready = True

@@ -18,23 +18,27 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, StorageMeta, TensorProperties
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
-from torch.distributed.checkpoint.planner_helpers import _compare_save_plans, _create_write_items
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
+from dist_ckpt import dcp_internals
 from dist_ckpt.api import run_dcp
 from dist_ckpt.compact_plan import MeshSplit, agreement
+from dist_ckpt.errors import rebuild_error
 from dist_ckpt.format.shard import ChunkCodec
 from dist_ckpt.lock_fence import Fence
 from dist_ckpt.planner import JsonSavePlanner
 from dist_ckpt.staging import Snapshot, encode_values
 from dist_ckpt.storage import DistCkptWriter
 from storage_backends import Backend
+
+log = logging.getLogger(__name__)
 
 
 def _shard_item(fqn: str, local: torch.Tensor, offsets: tuple[int, ...], global_shape: tuple[int, ...]) -> WriteItem:
@@ -57,9 +61,8 @@ class StagedSavePlanner(JsonSavePlanner):
     def __init__(self, snapshot: Snapshot, *, cache_key: str | None = None, agree: Any = None):
         super().__init__(enable_plan_caching=cache_key is not None, spread=snapshot.spread, agree=agree)
         if cache_key is not None:
-            self._cached_plans_key = cache_key
+            dcp_internals.use_plan_cache(self, cache_key)
         self._snapshot = snapshot
-        self.local_plan_reused = False  # tests: whether the cached local plan was reused
 
     def _set_up(
         self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False
@@ -69,8 +72,6 @@ class StagedSavePlanner(JsonSavePlanner):
         self.is_coordinator = is_coordinator
         snap = self._snapshot
         if snap.value_error is not None:
-            from dist_ckpt.async_process import rebuild_error
-
             raise rebuild_error(*snap.value_error)
         self._encoded = snap.encoded if snap.encoded is not None else encode_values(snap.values)
 
@@ -81,15 +82,13 @@ class StagedSavePlanner(JsonSavePlanner):
             if fqn in shards:
                 items.append(_shard_item(fqn, obj, *shards[fqn]))
             else:
-                items.extend(_create_write_items(fqn, obj))
+                items.extend(dcp_internals.create_write_items(fqn, obj))
         plan = SavePlan(items, planner_data=self.mappings)
         self.plan = plan
-        if self._enable_plan_caching:  # as DefaultSavePlanner.create_local_plan does
-            cached = SavePlanner._cached_save_plan.get(self._cached_plans_key)
-            if cached is not None and _compare_save_plans(plan, cached):
-                self.local_plan_reused = True
-                return SavePlan([], usable=False)
-            self._pending_local_plan = plan
+        if dcp_internals.reuse_cached_local_plan(self, plan):  # as DefaultSavePlanner.create_local_plan does
+            # a structured record, so a test can see the reuse without a flag kept for it
+            log.debug("the cached local plan is reused: no plan is sent", extra={"local_plan_reused": True})
+            return SavePlan([], usable=False)
         return plan
 
     def _splits(self) -> dict[str, MeshSplit]:
@@ -112,18 +111,6 @@ class StagedSavePlanner(JsonSavePlanner):
         if write_item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(self._encoded[write_item.index.fqn])
         return object
-
-
-def forget_cached_plans(cache_key: str) -> None:
-    """Drop DCP's class-level plan caches of ``cache_key``."""
-    for cache in (
-        SavePlanner._cached_save_plan,
-        SavePlanner._cached_all_plans,
-        SavePlanner._cached_global_plan,
-        SavePlanner._cached_metadata,
-        SavePlanner._cached_final_save_plan,
-    ):
-        cache.pop(cache_key, None)
 
 
 def write_snapshot(

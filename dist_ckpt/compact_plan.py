@@ -37,7 +37,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -137,6 +137,14 @@ class LocalSplit:
 
     sent: SavePlan
     kept: tuple[WriteItem, ...]
+    ruled_fqns: frozenset[str]
+
+
+@runtime_checkable
+class RuledPlanner(Protocol):
+    """A save planner that leaves the items a split rule describes out of the coordinator's
+    plan (:class:`dist_ckpt.planner.JsonSavePlanner`): its writer returns no result for them."""
+
     ruled_fqns: frozenset[str]
 
 

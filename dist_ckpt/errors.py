@@ -59,3 +59,16 @@ class CheckpointArgsError(ConfigError):
 class SnapshotInconsistent(CheckpointError):
     """A tensor of an overlapped save (``async_save="overlap"``) changed in place before the
     staging copy had it; the save is not committed (never a torn snapshot)."""
+
+
+def error_class(type_name: str) -> type[CheckpointError] | None:
+    """The dist_ckpt error class named ``type_name``, or None (errors cross a thread or
+    process boundary as ``(type name, message)``: nothing is unpickled)."""
+    cls = globals().get(type_name)
+    return cls if isinstance(cls, type) and issubclass(cls, CheckpointError) else None
+
+
+def rebuild_error(type_name: str, message: str) -> CheckpointError:
+    """The dist_ckpt error named ``type_name`` (a :class:`CheckpointError` for others)."""
+    cls = error_class(type_name)
+    return cls(message) if cls is not None else CheckpointError(f"{type_name}: {message}")

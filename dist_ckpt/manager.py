@@ -8,28 +8,28 @@ broadcast, so ranks can never disagree; rank 0's ``metrics`` are the ones record
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch.distributed as dist
 from torch import nn
 
-from dist_ckpt import ddp_buckets, overlap, rng, spread_writes
 from dist_ckpt import manifest as mf
-from dist_ckpt.api import release_codec_buffers, resolve_codec, save_to
+from dist_ckpt.api import release_codec_buffers, resolve_codec
 from dist_ckpt.config import ManagerConfig
-from dist_ckpt.decision import share_decision
 from dist_ckpt.errors import (
     CheckpointError,
     ConfigError,
     StepAlreadyExists,
 )
 from dist_ckpt.manager_keywords import ManagerKeywords
+from dist_ckpt.manager_listing import CheckpointInfo, list_checkpoints, stored_manifest
 from dist_ckpt.manager_restore import LoadedWeights, ResumeInfo, load_model_weights, restore_state
+from dist_ckpt.manager_save import save_step
 from dist_ckpt.preemption import EXIT_CODE
-from dist_ckpt.progress import KEY, Progress, check_metrics
+from dist_ckpt.progress import Progress
 from dist_ckpt.run_lock import RunLock
 from dist_ckpt.run_store import RunStore, entry_from_committed, step_prefix
 from dist_ckpt.state import TrainingState
@@ -39,23 +39,6 @@ from storage_backends import Backend, open_backend
 log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointInfo", "CheckpointManager", "LoadedWeights", "ResumeInfo"]
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """One committed checkpoint of the run, as ``checkpoints()`` and ``dist-ckpt list`` show it."""
-
-    step: int
-    epoch: int | None
-    metrics: Mapping[str, float]
-    time: float
-    size: int
-    world_size: int
-    codec: str
-    pointers: tuple[str, ...]
-    uri: str
-    tiers: tuple[str, ...] = ("root",)  # with local_root: "local" (this node's tier) and/or "root"
-    logical_size: int = 0  # bytes of every file it reads: own (``size``) + referenced (incremental)
 
 
 class CheckpointManager(ManagerKeywords):
@@ -87,7 +70,8 @@ class CheckpointManager(ManagerKeywords):
         self._progress = Progress(tracker_run_id=self.config.tracker_run_id, config=self.config.config)
         self._closed = False
         self._lock: RunLock | None = None
-        self._last_step: int | None = None  # rank 0: the run's newest committed step
+        self._last_step: int | None = None  # rank 0: the run's newest committed step (under _commit_lock)
+        self._commit_lock = threading.Lock()  # the async worker's follow-up of a commit vs the foreground
         self._engine: Any = None  # async saves and SIGTERM handling (dist_ckpt.async_engine)
         self._tiers: Any = None  # with local_root: saves commit locally, promoted by the node's uploader
         if self.config.local_root is not None:
@@ -196,82 +180,7 @@ class CheckpointManager(ManagerKeywords):
         ``save_every_n_steps``, when a tracked metric improves, or ``force``). Returns whether
         a checkpoint was written."""
         self._check_open()
-        if self.config.read_only:
-            raise ConfigError(f"{self.root} was opened with read_only=True; save() needs a writable manager")
-        if not isinstance(state, TrainingState):
-            raise ConfigError("save(step, state): state must come from mgr.track(...)")
-        prefix = step_prefix(step)  # validates step
-        engine = self._engine  # async: whether rank 0's save is still running rides on the decision
-        decision, busy = share_decision(
-            lambda: (
-                self._decide(step, check_metrics(metrics), epoch, force),
-                engine is not None and engine.busy_here(),
-            ),
-            rank=self.rank,
-            base=self._progress,
-            agree=self._agree,
-            group=self._pg if self._distributed else None,
-            distributed=self._distributed,
-        )
-        if engine is not None:  # raises a finished background save's failure (on every rank)
-            busy = engine.settle(busy)
-        progress, due = decision
-        if not due:
-            self._progress = progress
-            return False
-        if busy and self.config.if_busy == "skip":
-            if self.rank == 0:  # the decision is the job's: one warning, not one per rank
-                log.warning("step %d not saved: the previous save is still in flight (if_busy='skip')", step)
-            self._progress = progress
-            return False
-        sd = state.state_dict()
-        layouts = ddp_buckets.capture(state.models)  # may settle DDP's pending bucket rebuild (collective)
-        sd[KEY] = replace(progress, objects=state.describe(), values=_values_of(state), ddp_buckets=layouts).encode()
-        sd[rng.PREFIX] = {rng.rank_key(self.rank): rng.capture()}
-        commit_info = {
-            "step": step,
-            "epoch": epoch,
-            "metrics": dict(progress.metrics),
-            "time": time.time(),
-            "codec": self._codec.name if self._codec else "none",
-            **({"incremental": True} if self.config.incremental else {}),  # dist_ckpt.incremental
-        }
-        fence = self._lock.fence if self._lock is not None else None  # rank 0: checked right before COMMITTED
-        spread = (
-            spread_writes.replicated_fqns(state, sd, self.world_size) if self.config.ddp_spread_writes else frozenset()
-        )
-        after_commit, on_every_rank = (lambda: self._after_commit(step)), None
-        background_after_commit = lambda: self._after_commit(step, retention_later=True)  # noqa: E731
-        if self._tiers is not None:  # the local commit needs no run lock; the node's uploader promotes
-            after_commit, on_every_rank = self._tiers.hooks(
-                step, force=force, before=self._progress.best, after=progress.best
-            )
-            background_after_commit, fence = after_commit, None
-        if self._engine is not None and self.config.async_save:
-            # returns once the tensors are staged; write, commit and _after_commit run in the background
-            deferrable = (
-                overlap.prepare(state, self._engine.join_copy) if self.config.async_save == "overlap" else frozenset()
-            )
-            self._engine.submit(
-                step, prefix, sd, commit_info, background_after_commit, fence, deferrable, spread, on_every_rank
-            )
-            self._progress = progress
-            return True
-        save_to(
-            self._save_backend,
-            prefix,
-            sd,
-            codec=self._codec,
-            commit_info=commit_info,
-            process_group=self._pg,
-            fence=fence,
-            spread=spread,
-        )
-        result = self._agree(after_commit)
-        if on_every_rank is not None:
-            self._tiers.everywhere(on_every_rank, result)
-        self._progress = progress
-        return True
+        return save_step(self, step, state, metrics, epoch, force)
 
     def _decide(self, step: int, metrics: dict[str, float], epoch: int | None, force: bool) -> tuple[Progress, bool]:
         if self._lock is not None:
@@ -286,11 +195,13 @@ class CheckpointManager(ManagerKeywords):
                 "after resuming from an earlier checkpoint than the run's last: continue such a branch "
                 "in a new run root (restore(which=<checkpoint path>) from there), or prune the later steps."
             )
-        if due and self._last_step is not None and step < self._last_step:
+        with self._commit_lock:
+            last_step = self._last_step
+        if due and last_step is not None and step < last_step:
             # Retention keeps the newest *step*: a checkpoint behind it could be deleted as soon
             # as it is committed, and "last" would still resume from the later step.
             raise ConfigError(
-                f"{self.root}: step {step} is behind the run's last checkpoint (step {self._last_step}); a run's "
+                f"{self.root}: step {step} is behind the run's last checkpoint (step {last_step}); a run's "
                 "steps only go forward. This happens after resuming from an earlier checkpoint than the run's "
                 "last: continue such a branch in a new run root (restore(which=<checkpoint path>) from there), "
                 "or prune the later steps."
@@ -313,42 +224,26 @@ class CheckpointManager(ManagerKeywords):
         kept = self.store.apply_retention(
             change, self.config.keep_last, self.config.keep_every_n_steps, fence=fence, deletes_later=retention_later
         )
-        self._last_step = kept.manifest.pointers.get(mf.LAST)
+        self._set_last_step(kept.manifest.pointers.get(mf.LAST))
         return (lambda: self.store.delete_dropped(kept.drops, fence=fence)) if retention_later else None
 
+    def _set_last_step(self, step: int | None) -> None:
+        with self._commit_lock:  # the async worker's _after_commit writes it, save()'s _decide reads it
+            self._last_step = step
+
+    def _background_after_commit(self, step: int) -> Any:
+        """The async worker's follow-up of a commit (rank 0): the manifest update, and the deletes
+        it runs after the verdict. The only manager code the worker runs; the one manager field
+        it writes, ``_last_step``, is written and read under ``_commit_lock`` (not held during
+        I/O: ``save()`` on every step must not wait for a manifest update or a retention)."""
+        return self._after_commit(step, retention_later=True)
+
     def _manifest(self) -> mf.Manifest:
-        """The stored manifest, or the one the COMMITTED markers give when it is missing or
-        damaged — written back, unless this manager is read-only."""
-        manifest, _ = self.store.read_manifest()
-        if manifest is None:
-            manifest = self.store.reconciled_manifest(self.config.best, write=not self.config.read_only)
-        return manifest
+        return stored_manifest(self)
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """The run's committed checkpoints, oldest first, with the pointers naming each."""
-        manifest = self._manifest()
-        names: dict[int, list[str]] = {}
-        for name, step in manifest.pointers.items():
-            names.setdefault(step, []).append(name)
-        entries, tiers = list(manifest.entries), {}
-        if self._tiers is not None:  # local-only steps too, and where each one is
-            entries, tiers = self._tiers.listing(entries)
-        return [
-            CheckpointInfo(
-                e.step,
-                e.epoch,
-                dict(e.metrics),
-                e.time,
-                e.size,
-                e.world_size,
-                e.codec,
-                tuple(sorted(names.get(e.step, []))),
-                f"{self.backend.uri}/{step_prefix(e.step)}",
-                tiers.get(e.step, ("root",)),
-                e.logical_size or e.size,
-            )
-            for e in entries
-        ]
+        return list_checkpoints(self)
 
     # -- resume (dist_ckpt/manager_restore.py) ----------------------------------------------
     def restore(self, state: TrainingState, which: Any = "last") -> ResumeInfo | None:
@@ -441,7 +336,3 @@ class CheckpointManager(ManagerKeywords):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _values_of(state: TrainingState) -> dict[str, Any]:
-    return {name: dict(obj) for name, obj in state.objects.items() if state.kinds[name] == "values"}

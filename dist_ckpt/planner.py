@@ -15,12 +15,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint._nested_dict import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItem, WriteItemType
 
 from dist_ckpt import compact_plan
+from dist_ckpt.dcp_internals import duplicated_flatten_key, set_element
 from dist_ckpt.errors import IncompatibleCheckpoint, UnsupportedValue
 from dist_ckpt.format import json_values
 from dist_ckpt.format.dcp_view import narrow_for
@@ -71,9 +71,9 @@ class JsonSavePlanner(DefaultSavePlanner):
         try:
             super().set_up_planner(state_dict, storage_meta, is_coordinator)
         except ValueError as e:
-            if "duplicated flatten key" not in str(e):
+            key = duplicated_flatten_key(e)
+            if key is None:
                 raise
-            key = str(e).rsplit(" ", 1)[-1]
             raise UnsupportedValue(
                 f"cannot store {key}: two entries of the state flatten to the same key (a dict "
                 "holding both 1 and '1', or a key containing '.' that shadows a nested one). "

@@ -28,10 +28,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 from torch.nn.parallel import DistributedDataParallel
 
+from dist_ckpt.dcp_internals import flatten_state_dict
 from dist_ckpt.overlap import storage_key
 
 

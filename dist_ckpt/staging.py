@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.tensor import DTensor
 
 from dist_ckpt.compact_plan import MeshSplit, split_of
+from dist_ckpt.dcp_internals import flatten_state_dict
 from dist_ckpt.errors import ConfigError
 from dist_ckpt.format import json_values
 

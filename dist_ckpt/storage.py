@@ -210,7 +210,9 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         stored.update({n: (e.checksum, e.stored_bytes) for n, e in extra.items() if e.location is not None})
         # No result per chunk of a tensor a split rule describes (compact_plan): the coordinator
         # gathers O(tensors + ranks) results; the first carries this rank's file records.
-        ruled = getattr(planner, "ruled_fqns", frozenset())
+        from dist_ckpt.compact_plan import RuledPlanner  # here: the imports above are the layout's
+
+        ruled = planner.ruled_fqns if isinstance(planner, RuledPlanner) else frozenset()
         return [
             WriteResult(
                 index=item.index,
@@ -266,6 +268,6 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
 
 
 def _version() -> str:
-    from dist_ckpt import __version__
+    from dist_ckpt.version import __version__
 
     return __version__

@@ -87,8 +87,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dist_ckpt import __version__
     from dist_ckpt.cli import copy, diff, export, import_cmd, inspect, listing, maintenance, verify
+    from dist_ckpt.version import __version__
 
     parser = _Parser(
         prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -134,7 +134,7 @@ def build(meta: CheckpointMetadata) -> Metadata:
 def narrow_for(metadata: Metadata, state_dict: Mapping[str, Any]) -> Metadata:
     """``metadata`` with each rule-described tensor of ``state_dict`` cut down to the saved
     chunks overlapping this rank's part of it (DCP's planner then works on those only)."""
-    from torch.distributed.checkpoint.planner_helpers import _create_chunk_list
+    from dist_ckpt.dcp_internals import create_chunk_list
 
     narrowed = dict(metadata.state_dict_metadata)
     for fqn, obj in state_dict.items():
@@ -144,7 +144,7 @@ def narrow_for(metadata: Metadata, state_dict: Mapping[str, Any]) -> Metadata:
         if getattr(obj, "size", None) is None or md.size != obj.size():
             continue  # DCP's planner reports the mismatch
         seen: dict[tuple[int, ...], ChunkStorageMetadata] = {}
-        for local in _create_chunk_list(obj):
+        for local in create_chunk_list(obj):
             for c in md.chunks.overlapping(local):
                 seen.setdefault(tuple(c.offsets), c)
         narrowed[fqn] = TensorStorageMetadata(properties=md.properties, size=md.size, chunks=list(seen.values()))

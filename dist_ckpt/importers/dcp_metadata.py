@@ -41,12 +41,12 @@ def _allowed() -> dict[tuple[str, str], Any]:
     import collections
     import pathlib
 
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from dist_ckpt.dcp_internals import filesystem_storage_info_class
 
     allowed: dict[tuple[str, str], Any] = {
         ("torch.distributed.checkpoint.metadata", n): getattr(dcp_metadata, n) for n in _DCP_CLASSES
     }
-    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = _StorageInfo
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = filesystem_storage_info_class()
     allowed[("torch", "Size")] = torch.Size
     # torch.layout pickles as torch.serialization._get_layout("torch.strided"): a dictionary look-up
     allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout

@@ -118,3 +118,18 @@ def children_of(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 out.append(int(entry.name))
     return out
+
+
+class RecordingObserver:
+    """An :class:`~dist_ckpt.async_job.SaveObserver` that keeps what it is told: set it as
+    ``mgr._engine.observer`` (the engine's seam for tests and benchmarks)."""
+
+    def __init__(self) -> None:
+        self.submits: list[Any] = []  # SubmitTimings, one per save() that staged
+        self.jobs: list[Any] = []  # finished Jobs, in order
+
+    def submitted(self, timings: Any) -> None:
+        self.submits.append(timings)
+
+    def finished(self, job: Any) -> None:
+        self.jobs.append(job)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from async_helpers import assert_same, committed_steps, shard_faults
+from async_helpers import RecordingObserver, assert_same, committed_steps, shard_faults
 from torch import nn
 
 from dist_ckpt import CheckpointManager
@@ -90,6 +90,7 @@ def test_save_returns_before_the_copy_and_the_optimizer_step_waits_for_it(
     model, opt, sched = make()
     mgr = CheckpointManager(str(tmp_path), async_save="overlap", async_mode=mode)
     state = mgr.track(model=model, optimizer=opt, scheduler=sched)
+    mgr._engine.observer = observer = RecordingObserver()
     step(model, opt, sched)
     gate, reached = threading.Event(), threading.Event()
 
@@ -102,7 +103,7 @@ def test_save_returns_before_the_copy_and_the_optimizer_step_waits_for_it(
     mgr.save(1, state, force=True)  # returns although the copy is held
     assert reached.wait(30)
     engine = mgr._engine
-    assert engine.last_submit["deferred_bytes"] > 0
+    assert observer.submits[-1].deferred_bytes > 0
     assert not engine._job.copy.copied
     forward_backward(model, opt)  # forward/backward run meanwhile: BatchNorm statistics change
     stepped = threading.Event()

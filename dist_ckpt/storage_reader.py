@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dist_ckpt.errors import CorruptCheckpoint
+from dist_ckpt.format.dcp_view import dcp_metadata
 from dist_ckpt.format.dtypes import safetensors_to_torch
 from dist_ckpt.format.metadata_json import CheckpointMetadata, EntryRef
 from dist_ckpt.format.shard import ChunkCodec, ShardReader
@@ -67,11 +68,14 @@ class DistCkptReader(CheckpointLocation, StorageReader):
         self.backend, self.prefix = backend, prefix.strip("/")
         self.codecs = codecs
         self.checkpoint: CheckpointMetadata | None = None
+        self._dcp: Metadata | None = None  # DCP's view of it, built once
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self.checkpoint is None:
             self.checkpoint = read_checkpoint_metadata(self.backend, self.prefix)
-        return self.checkpoint.dcp
+        if self._dcp is None:
+            self._dcp = dcp_metadata(self.checkpoint)
+        return self._dcp
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.storage_data: dict[Any, EntryRef] = metadata.storage_data
@@ -151,7 +155,7 @@ class DistCkptReader(CheckpointLocation, StorageReader):
                 f"{shard.header.file}, entry {ref.entry!r}: holds shape {list(info.shape)}, but metadata.json "
                 f"needs the box at {list(offsets)} of size {list(lengths)}"
             )
-        md = self.checkpoint.dcp.state_dict_metadata.get(item.storage_index.fqn) if self.checkpoint else None
+        md = self._dcp.state_dict_metadata.get(item.storage_index.fqn) if self._dcp is not None else None
         if isinstance(md, TensorStorageMetadata) and md.properties.dtype != dtype:
             raise CorruptCheckpoint(
                 f"{shard.header.file}, entry {ref.entry!r}: holds {info.dtype}, but metadata.json "

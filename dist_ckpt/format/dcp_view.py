@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from dist_ckpt.format.dtypes import dtype_from_name
-from dist_ckpt.format.metadata_json import CheckpointMetadata, ChunkRecord, EntryRef, TensorRecord
+from dist_ckpt.format.metadata_records import CheckpointMetadata, ChunkRecord, EntryRef, TensorRecord
 
 
 class RuleChunks(Sequence[ChunkStorageMetadata]):
@@ -151,3 +151,22 @@ def narrow_for(metadata: Metadata, state_dict: Mapping[str, Any]) -> Metadata:
     return Metadata(
         state_dict_metadata=narrowed, planner_data=metadata.planner_data, storage_data=metadata.storage_data
     )
+
+
+def dcp_metadata(meta: CheckpointMetadata) -> Metadata:
+    """The DCP :class:`Metadata` (``state_dict_metadata`` and ``storage_data``) for loading."""
+    if meta.format_version == 2:  # chunks and storage computed on access, not per chunk up front
+        return build(meta)
+    sd_meta: dict[str, Any] = {}
+    storage: dict[MetadataIndex, EntryRef] = {}
+    for fqn, t in meta.tensors.items():
+        chunks = []
+        for i, c in enumerate(t.chunks):
+            chunks.append(ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)))
+            storage[MetadataIndex(fqn, torch.Size(c.offsets), i)] = c.ref
+        props = TensorProperties(dtype=dtype_from_name(t.dtype, f"tensor {fqn!r}"))
+        sd_meta[fqn] = TensorStorageMetadata(properties=props, size=torch.Size(t.size), chunks=chunks)
+    for fqn, ref in meta.values.items():
+        sd_meta[fqn] = BytesStorageMetadata()
+        storage[MetadataIndex(fqn)] = ref
+    return Metadata(state_dict_metadata=sd_meta, planner_data=dict(meta.planner_data), storage_data=storage)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from dist_ckpt.errors import CorruptCheckpoint
 from dist_ckpt.format.chunk_layout import Layout, Placed, entry_name, layout_json, parse_layout
 from dist_ckpt.format.dtypes import check_dtype_name, dtype_name
-from dist_ckpt.format.metadata_json import (
+from dist_ckpt.format.metadata_records import (
     CheckpointMetadata,
     ChunkRecord,
     EntryRef,

@@ -177,8 +177,7 @@ def test_the_graph_sees_module_level_function_level_and_relative_imports() -> No
 @pytest.mark.xfail(
     strict=True,
     reason="issue 14 open: manager_{save,restore,listing} and resume_flags type their CheckpointManager "
-    "argument (a TYPE_CHECKING import back); format.metadata_json dispatches to metadata_v2/dcp_view, "
-    "which import its records",
+    "argument (a TYPE_CHECKING import back)",
 )
 def test_no_import_cycle() -> None:
     graph = _import_graph()

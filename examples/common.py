@@ -138,6 +138,8 @@ def exit_without_finalization() -> None:
     ``ProcessGroupGloo``, whose destructor joins a worker thread that is itself waiting for the
     GIL to free the Python-owned tensors of the last broadcast — a deadlock at exit, or
     ``std::terminate`` ("terminate called without an active exception") later in finalization.
+    The same destructor runs when the last reference to the DDP module goes, e.g. when ``main()``
+    returns with the module in a local: callers keep it referenced until this call.
     """
     import sys
 

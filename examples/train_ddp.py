@@ -62,8 +62,9 @@ def wrap_ddp(model: nn.Module, opts: argparse.Namespace | None = None) -> nn.Mod
 
 def main(
     argv: list[str] | None = None, *, wrap: Callable[[nn.Module], nn.Module] | None = None, doc: str | None = None
-) -> None:
-    """The training loop; ``wrap`` makes the model distributed (DDP by default, FSDP2 in train_fsdp.py)."""
+) -> nn.Module:
+    """The training loop; ``wrap`` makes the model distributed (DDP by default, FSDP2 in train_fsdp.py).
+    Returns the (wrapped) model: the caller holds it until :func:`common.exit_without_finalization`."""
     opts, argv = ddp_options(argv)
     wrap = wrap or (lambda model: wrap_ddp(model, opts))
     args = common.parse_args(doc or __doc__ or "", argv)
@@ -118,8 +119,9 @@ def main(
     common.write_full_state(args.final_out, model, {"optimizer": opt})
     if dist.is_initialized():
         dist.destroy_process_group()
+    return model
 
 
 if __name__ == "__main__":
-    main()
+    model = main()  # held until the exit: freeing a DDP module at exit can deadlock (see below)
     common.exit_without_finalization()  # see its docstring: a PyTorch gloo/DDP teardown race

@@ -28,5 +28,5 @@ def wrap_fsdp(model: nn.Module) -> nn.Module:
 
 
 if __name__ == "__main__":
-    train_ddp.main(wrap=wrap_fsdp, doc=__doc__)
+    model = train_ddp.main(wrap=wrap_fsdp, doc=__doc__)  # held until the exit
     common.exit_without_finalization()  # see its docstring: a PyTorch gloo teardown race

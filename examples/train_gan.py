@@ -24,7 +24,7 @@ from dist_ckpt import CheckpointManager  # noqa: E402
 NOISE = 8
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> tuple[nn.Module, nn.Module]:
     args = common.parse_args(__doc__ or "", argv)
     rank, world = common.init_distributed()
     torch.manual_seed(args.seed)
@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     common.write_full_state(args.final_out, gen, {"opt_g": opt_g})
     if dist.is_initialized():
         dist.destroy_process_group()
+    return gen, disc  # the caller holds the DDP modules until exit_without_finalization
 
 
 if __name__ == "__main__":
-    main()
+    models = main()  # held until the exit: freeing a DDP module at exit can deadlock (see below)
     common.exit_without_finalization()  # see its docstring: a PyTorch gloo/DDP teardown race

@@ -45,7 +45,7 @@ class Samples(Dataset):
         return i, self.x[i], self.y[i], info.seed if info is not None else -1
 
 
-def main() -> None:
+def main() -> nn.Module:
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True, help="records go to OUT.rank_<r>.jsonl")
@@ -145,10 +145,11 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in params.items()}, args.final_out)
     if dist.is_initialized():
         dist.destroy_process_group()
+    return model  # held by the caller until os._exit: freeing a DDP module at exit can deadlock
 
 
 if __name__ == "__main__":
-    main()
+    model = main()
     # Everything is written, committed and the process group destroyed. Under load, a gloo rank
     # has been seen to abort in C++ teardown at interpreter finalization ("terminate called
     # without an active exception", no Python frame left: README, known issues); skip it.

@@ -32,7 +32,7 @@ from dist_ckpt import CheckpointManager  # noqa: E402
 from storage_backends import open_backend  # noqa: E402
 
 
-def main() -> None:
+def main() -> object:
     p = argparse.ArgumentParser()
     p.add_argument("--root", required=True)
     p.add_argument("--refs", required=True)
@@ -107,11 +107,12 @@ def main() -> None:
     if stop:
         sys.exit(143)  # what a preempted job reports
     print("DONE", flush=True)
+    return trained  # held by the caller until os._exit: freeing a DDP module at exit can deadlock
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main()
+    trained = main()
     # finished: skip finalization (a PyTorch gloo/DDP teardown race: examples/common.py,
     # exit_without_finalization)
     sys.stdout.flush()

@@ -27,7 +27,7 @@ from dist_ckpt.layout import (  # noqa: F401
     parse_step_prefix,
     step_prefix,
 )
-from storage_backends import Backend, BackendError, PreconditionFailed
+from storage_backends import Backend, BackendError, ObjectNotFound, PreconditionFailed
 
 if TYPE_CHECKING:
     from dist_ckpt.lock_fence import Fence
@@ -77,19 +77,32 @@ class RunStore:
     def _wrap(self, e: BackendError) -> StorageError:
         return StorageError(f"storage failed for run {self.uri}: {e}")
 
-    def committed_entries(self) -> list[mf.Entry]:
-        """Every committed checkpoint, from its COMMITTED marker."""
+    def committed_records(self) -> list[tuple[int, CommitRecord]]:
+        """(step, its parsed ``COMMITTED`` marker) for every committed checkpoint, by step.
+
+        A marker listed and then gone when read was deleted meanwhile (retention run by the job
+        that writes this run, while a monitor, a CLI or another rank lists it): that step is no
+        longer committed and is left out rather than failing the whole listing."""
         try:
             markers = [o.key for o in self.backend.list(STEP_PREFIX) if o.key.endswith("/" + COMMITTED)]
-            entries = []
+            records = []
             for key in markers:
                 step = parse_step_prefix(key.split("/", 1)[0])
                 if step is None or key.count("/") != 1:
                     continue
-                entries.append(entry_from_committed(step, self.backend.read(key), f"{self.uri}/{key}"))
+                try:
+                    data = self.backend.read(key)
+                except ObjectNotFound:
+                    log.debug("%s/%s was deleted while the run was listed; step %d left out", self.uri, key, step)
+                    continue
+                records.append((step, CommitRecord.from_json(data, f"{self.uri}/{key}")))
         except BackendError as e:
             raise self._wrap(e) from e
-        return sorted(entries, key=lambda e: e.step)
+        return sorted(records, key=lambda r: r[0])
+
+    def committed_entries(self) -> list[mf.Entry]:
+        """Every committed checkpoint's manifest entry, from its COMMITTED marker, by step."""
+        return [record.entry(step) for step, record in self.committed_records()]
 
     def leftovers(self) -> Leftovers:
         try:

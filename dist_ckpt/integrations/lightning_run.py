@@ -34,16 +34,14 @@ import torch.distributed.checkpoint as dcp
 from dist_ckpt import manifest as mf
 from dist_ckpt.api import run_dcp
 from dist_ckpt.checkpoint_files import COMMITTED
-from dist_ckpt.commit_record import CommitRecord
-from dist_ckpt.errors import CheckpointNotFound, ConfigError, CorruptCheckpoint, StorageError
+from dist_ckpt.errors import CheckpointNotFound, ConfigError
 from dist_ckpt.format.shard import ChunkCodec
-from dist_ckpt.layout import STEP_PREFIX
 from dist_ckpt.planner import JsonSavePlanner
 from dist_ckpt.run_lock import RunLock
 from dist_ckpt.run_store import RunStore, entry_from_committed, parse_step_prefix, step_prefix
 from dist_ckpt.storage import DistCkptWriter
 from dist_ckpt.write_guard import require_conditional_writes
-from storage_backends import Backend, BackendError, join_key
+from storage_backends import Backend, join_key
 
 log = logging.getLogger(__name__)
 
@@ -79,32 +77,22 @@ def parse_path(path: Any) -> CheckpointPath:
     return CheckpointPath(os.path.dirname(text), os.path.basename(text))
 
 
-def committed_records(backend: Backend) -> dict[int, tuple[str | None, tuple[str, ...]]]:
+def lightning_records(backend: Backend) -> dict[int, tuple[str | None, tuple[str, ...]]]:
     """step → (the Lightning name it was saved under — None: saved as ``last`` only —, the
     names its save retired), for every committed step of the run that DistCkptIO wrote."""
     out: dict[int, tuple[str | None, tuple[str, ...]]] = {}
-    try:
-        for obj in backend.list(STEP_PREFIX):
-            top, _, rest = obj.key.partition("/")
-            step = parse_step_prefix(top)
-            if step is None or rest != COMMITTED:
-                continue
-            try:
-                info = CommitRecord.from_json(backend.read(obj.key), f"{backend.uri}/{obj.key}").document
-            except CorruptCheckpoint:
-                continue  # not ours to judge here: the manager's reconciliation reports it
-            if isinstance(info.get("lightning"), dict):
-                name = info["lightning"].get("name")
-                retires = info["lightning"].get("retires") or []
-                out[step] = (name if isinstance(name, str) else None, tuple(r for r in retires if isinstance(r, str)))
-    except BackendError as e:
-        raise StorageError(f"cannot list the checkpoints of {backend.uri}: {e}") from e
+    for step, record in RunStore(backend).committed_records():
+        info = record.document.get("lightning")
+        if isinstance(info, dict):
+            name = info.get("name")
+            retires = info.get("retires") or []
+            out[step] = (name if isinstance(name, str) else None, tuple(r for r in retires if isinstance(r, str)))
     return out
 
 
 def committed_names(backend: Backend) -> dict[int, str | None]:
     """step → the Lightning name it was saved under (None: saved as ``last`` only)."""
-    return {step: name for step, (name, _) in committed_records(backend).items()}
+    return {step: name for step, (name, _) in lightning_records(backend).items()}
 
 
 def last_step(backend: Backend) -> int | None:
@@ -159,7 +147,7 @@ class RunWriter:
         if found.temp_dirs or found.uncommitted_steps or found.unfinished_uploads:
             log.warning("removed leftovers of interrupted saves in %s: %s", backend.uri, found)
         manifest = self.store.reconciled_manifest({})
-        records = committed_records(backend)
+        records = lightning_records(backend)
         self.names = {step: name for step, (name, _) in records.items()}  # step → name, for retention
         # Steps a later committed save retired (Lightning's top-k drop, recorded in that save's
         # COMMITTED): a job killed between that commit and the delete leaves them behind.

@@ -32,7 +32,7 @@ from dist_ckpt import CheckpointManager  # noqa: E402
 from storage_backends import open_backend  # noqa: E402
 
 
-def main() -> object:
+def main() -> tuple[object, int]:
     p = argparse.ArgumentParser()
     p.add_argument("--root", required=True)
     p.add_argument("--refs", required=True)
@@ -105,16 +105,16 @@ def main() -> object:
     if dist.is_initialized():
         dist.destroy_process_group()
     if stop:
-        sys.exit(143)  # what a preempted job reports
+        return trained, 143  # what a preempted job reports
     print("DONE", flush=True)
-    return trained  # held by the caller until os._exit: freeing a DDP module at exit can deadlock
+    return trained, 0  # held by the caller until os._exit: freeing a DDP module at exit can deadlock
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    trained = main()
+    trained, exit_code = main()
     # finished: skip finalization (a PyTorch gloo/DDP teardown race: examples/common.py,
     # exit_without_finalization)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(exit_code)

@@ -108,3 +108,22 @@ def test_the_manager_deletes_nothing_when_its_manifest_write_fails(tmp_path):
     assert backend.injected
     assert [s for s in (1, 2) if (tmp_path / step_prefix(s) / COMMITTED).exists()] == [1, 2]
     assert mf.loads((tmp_path / MANIFEST).read_bytes()).steps() == [1]
+
+
+def test_a_step_retired_while_the_run_is_listed_is_left_out_not_an_error(tmp_path):
+    """A monitor (or the Lightning test's poll) lists the run while the job's retention deletes
+    a step: the marker is listed, then gone when read. CI saw this as a NoSuchKey on S3."""
+    _run(tmp_path)
+    inner = open_backend(str(tmp_path))
+    retire = RunStore(inner)
+    # the job's retention (keep 2: steps 1 and 2 go) runs between the listing and the first read
+    hook = Rule(
+        "read",
+        f"{step_prefix(1)}/{COMMITTED}",
+        "call",
+        hook=lambda op, key: retire.apply_retention(_rebuild(retire), keep_last=2),
+    )
+    backend = FaultyBackend(inner, [hook])
+    entries = RunStore(backend).committed_entries()
+    assert backend.injected, "the read of the retired marker was not reached"
+    assert [e.step for e in entries] == [3, 4]

@@ -4,10 +4,12 @@
 is allocated on the first save and reused (:mod:`dist_ckpt.staging`) — and hands the
 snapshot to a background worker; it returns as soon as the copy is done. The worker plans
 the DCP save (plans cached while the layout is unchanged), encodes, compresses, writes,
-commits, and — on rank 0 — runs the one callback the manager gave the job (``after_commit``:
-the manifest update; :meth:`CheckpointManager._background_after_commit`); then every rank's
-worker exchanges its outcome (:func:`dist_ckpt.async_job.agree_verdict`), so all ranks hold
-the same verdict, which the foreground consumes. Tests and benchmarks watch saves through
+commits, and — on rank 0 — runs the job's ``after_commit`` hook (the manifest update, a
+:class:`~dist_ckpt.commit_follow_up.CommitFollowUp` built from values at submit: no manager
+code runs here); then every rank's worker exchanges its outcome
+(:func:`dist_ckpt.async_job.agree_verdict`), so all ranks hold the same verdict, which the
+foreground consumes (:meth:`drain`: it raises the failure, or hands the result to the job's
+``on_consumed`` hook). Tests and benchmarks watch saves through
 ``observer`` (:class:`dist_ckpt.async_job.SaveObserver`).
 
 With ``async_save="overlap"`` the parameters and optimizer state are left out of that copy:
@@ -63,13 +65,13 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from dist_ckpt.async_job import (
+    CommitHooks,
     Job,
     NoObserver,
     SaveObserver,
@@ -150,6 +152,11 @@ class AsyncEngine:
         it on rank 0 inside the decision it broadcasts anyway, and passes it to :meth:`settle`."""
         return self._job is not None and not self._job.done.is_set()
 
+    def in_flight_step(self) -> int | None:
+        """The step of the save submitted and not consumed yet (running or done), or None."""
+        job = self._job
+        return job.step if job is not None else None
+
     def settle(self, busy_on_rank0: bool) -> bool:
         """Whether a save is in flight, agreed: rank 0's answer. When rank 0's save is done,
         every rank's is done or about to be (rank 0 finished the outcome exchange, the last
@@ -179,6 +186,8 @@ class AsyncEngine:
         self._job = None
         if job.failure is not None:
             raise job.failure
+        if job.hooks.on_consumed is not None:
+            job.hooks.on_consumed(job.result)
 
     def submit(
         self,
@@ -186,11 +195,10 @@ class AsyncEngine:
         prefix: str,
         state_dict: dict[str, Any],
         commit_info: dict[str, Any],
-        after_commit: Callable[[], Any] | None,
+        hooks: CommitHooks,
         fence: Fence | None = None,
         deferrable: frozenset[int] = frozenset(),
         spread: frozenset[str] = frozenset(),
-        on_every_rank: Callable[[Any], None] | None = None,
     ) -> None:
         """Stage ``state_dict`` and save it in the background as ``prefix`` (waits for the
         previous save first). Synchronous when the memory budget is exceeded on any rank.
@@ -236,12 +244,11 @@ class AsyncEngine:
             prefix,
             snapshot,
             dict(commit_info),
-            after_commit,
+            hooks,
             self.stager.buffer,
             self.stager.generation,
             fence=fence,
             copy=overlap,
-            on_every_rank=on_every_rank,
         )
         job.in_process = self.process is not None and not over_anywhere
         self._job = job
@@ -305,21 +312,20 @@ class AsyncEngine:
             except BaseException as e:  # noqa: BLE001 (reported to every rank)
                 error = e
             t1 = time.perf_counter()
-            result = None
-            if error is None and job.after_commit is not None and self.rank == 0:
+            if error is None and job.hooks.after_commit is not None and self.rank == 0:
                 try:
-                    result = job.after_commit()
+                    job.result = job.hooks.after_commit()
                 except BaseException as e:  # noqa: BLE001
                     error = e
             t2 = time.perf_counter()
             job.failure = self._agree(job.step, error)
-            if job.failure is None and job.on_every_rank is not None:
-                job.failure = self._agree(job.step, hand_to_every_rank(job, result, self._background))
+            if job.failure is None and job.hooks.on_every_rank is not None:
+                job.failure = self._agree(job.step, hand_to_every_rank(job, job.result, self._background))
             t3 = time.perf_counter()
             job.finished = time.monotonic()  # committed, in the manifest, verdict agreed
-            if callable(result) and job.failure is None:
+            if job.failure is None and job.hooks.after_verdict is not None and self.rank == 0:
                 try:  # after the verdict: deleting old steps is clean-up, not committing (done waits for it)
-                    result()
+                    job.hooks.after_verdict(job.result)
                 except Exception:  # noqa: BLE001 (the save is committed; gc removes what is left)
                     log.exception(
                         "step %d: retention after the commit failed; `dist-ckpt gc` removes what is left", job.step

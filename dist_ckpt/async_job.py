@@ -1,12 +1,12 @@
 """One background save of the :class:`~dist_ckpt.async_engine.AsyncEngine`: the job, the
 verdict every rank agrees on, and the observer seam tests and benchmarks watch it through.
 
-The worker writes and commits the job, the manager's follow-up (``Job.after_commit``, rank 0:
-the manifest update; the one field of the manager it writes is set under the manager's lock)
-returns its result, and
-:func:`agree_verdict` makes every rank hold the same outcome before ``Job.done`` is set. The
-foreground consumes the outcome (raises ``Job.failure``) at the next ``save()``, ``wait()``
-or ``close()``.
+The worker writes and commits the job, runs its :class:`CommitHooks` (values captured when the
+save was submitted: rank 0's manifest update returns a result, it touches no state of the
+manager), and :func:`agree_verdict` makes every rank hold the same outcome before ``Job.done``
+is set. The foreground consumes the outcome at the next ``save()``, ``wait()`` or ``close()``:
+it raises ``Job.failure``, or hands ``Job.result`` to ``CommitHooks.on_consumed`` (the
+manager's bookkeeping, in the foreground).
 """
 
 from __future__ import annotations
@@ -38,6 +38,25 @@ def gloo_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     return dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
 
 
+@dataclass(frozen=True)
+class CommitHooks:
+    """What follows a background save's commit: each hook, the thread and the ranks it runs on.
+    Built when the save is submitted, from values: the worker runs no code of the manager's."""
+
+    after_commit: Callable[[], Any] | None = None
+    """Rank 0, the worker, before the verdict (its failure fails the save): the manifest update.
+    Its result becomes ``Job.result``."""
+    after_verdict: Callable[[Any], None] | None = None
+    """Rank 0, the worker, after a successful verdict, with the result: retention's deletes
+    (clean-up, not committing: a failure is logged, ``dist-ckpt gc`` removes what is left)."""
+    on_every_rank: Callable[[Any], None] | None = None
+    """Every rank, the worker, before the verdict, with rank 0's result (tiers: each node
+    completes its local commit)."""
+    on_consumed: Callable[[Any], None] | None = None
+    """Every rank, the foreground, when it consumes the save's success, with the result (None
+    but on rank 0): the manager's own bookkeeping."""
+
+
 @dataclass
 class Job:
     """One save, from ``submit`` to its verdict (the worker fills in the results)."""
@@ -46,7 +65,7 @@ class Job:
     prefix: str
     snapshot: Snapshot | None  # dropped once written (it holds views of the staging buffer)
     commit_info: dict[str, Any]
-    after_commit: Callable[[], Any] | None  # rank 0: the manifest update; may return the retention deletes
+    hooks: CommitHooks
     buffer: torch.Tensor | None = None
     generation: int = 0
     submitted: float = field(default_factory=time.monotonic)
@@ -57,7 +76,7 @@ class Job:
     in_process: bool = False  # written by the writer process (else in this process, on the background group)
     fence: Fence | None = None  # rank 0: the run lock, checked right before COMMITTED (also in the writer process)
     copy: OverlapCopy | None = None  # async_save="overlap": the deferred part of the staging copy
-    on_every_rank: Callable[[Any], None] | None = None  # tiers: gets rank 0's after_commit result on every rank
+    result: Any = None  # rank 0: what hooks.after_commit returned (consumed by hooks.on_consumed)
 
     @property
     def seconds(self) -> float | None:
@@ -116,14 +135,14 @@ def agree_verdict(
 
 
 def hand_to_every_rank(job: Job, result: Any, group: dist.ProcessGroup | None) -> BaseException | None:
-    """Rank 0's after_commit result handed to ``job.on_every_rank`` on every rank (tiers:
+    """Rank 0's after_commit result handed to ``job.hooks.on_every_rank`` on every rank (tiers:
     each node completes its local commit); its error, to be agreed on."""
     shared = [result]
     if group is not None:
         dist.broadcast_object_list(shared, src=dist.get_global_rank(group, 0), group=group)
     try:
-        assert job.on_every_rank is not None
-        job.on_every_rank(shared[0])
+        assert job.hooks.on_every_rank is not None
+        job.hooks.on_every_rank(shared[0])
     except BaseException as e:  # noqa: BLE001 (reported to every rank)
         return e
     return None

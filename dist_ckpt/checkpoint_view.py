@@ -10,7 +10,6 @@ needs torch (imported there), so listing and inspecting a checkpoint start witho
 
 from __future__ import annotations
 
-import json
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ from dist_ckpt.checkpoint_files import (
     split_checkpoint_uri,
     wrap_backend_error,
 )
+from dist_ckpt.commit_record import CommitRecord
 from dist_ckpt.errors import CheckpointNotFound, ConfigError, CorruptCheckpoint
 from dist_ckpt.format import json_values
 from dist_ckpt.format.dtypes import dtype_from_name
@@ -70,15 +70,14 @@ class CheckpointView:
         return [self.meta.values[fqn]]
 
     def committed_info(self) -> dict[str, Any]:
+        """The ``COMMITTED`` marker's document, as written ({} when there is none)."""
         try:
-            doc = json.loads(self.backend.read(join_key(self.prefix, COMMITTED)).decode("utf-8"))
+            data = self.backend.read(join_key(self.prefix, COMMITTED))
         except ObjectNotFound:
             return {}
         except BackendError as e:
             raise wrap_backend_error(e, self.uri) from e
-        except (UnicodeDecodeError, ValueError) as e:
-            raise CorruptCheckpoint(f"{self.uri}/{COMMITTED}: not valid JSON ({e})") from e
-        return doc if isinstance(doc, dict) else {}
+        return dict(CommitRecord.from_json(data, f"{self.uri}/{COMMITTED}").document)
 
     # -- reading ----------------------------------------------------------------------------
     def _reader(self, file: str) -> ShardReader:

@@ -8,7 +8,6 @@ broadcast, so ranks can never disagree; rank 0's ``metrics`` are the ones record
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -18,12 +17,14 @@ from torch import nn
 
 from dist_ckpt import manifest as mf
 from dist_ckpt.api import release_codec_buffers, resolve_codec
+from dist_ckpt.commit_follow_up import CommitFollowUp, RunPolicy
 from dist_ckpt.config import ManagerConfig
 from dist_ckpt.errors import (
     CheckpointError,
     ConfigError,
     StepAlreadyExists,
 )
+from dist_ckpt.layout import COMMITTED
 from dist_ckpt.manager_keywords import ManagerKeywords
 from dist_ckpt.manager_listing import CheckpointInfo, list_checkpoints, stored_manifest
 from dist_ckpt.manager_restore import LoadedWeights, ResumeInfo, load_model_weights, restore_state
@@ -31,10 +32,10 @@ from dist_ckpt.manager_save import save_step
 from dist_ckpt.preemption import EXIT_CODE
 from dist_ckpt.progress import Progress
 from dist_ckpt.run_lock import RunLock
-from dist_ckpt.run_store import RunStore, entry_from_committed, step_prefix
+from dist_ckpt.run_store import RunStore, step_prefix
 from dist_ckpt.state import TrainingState
 from dist_ckpt.write_guard import require_conditional_writes
-from storage_backends import Backend, open_backend
+from storage_backends import Backend, join_key, open_backend
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,9 @@ class CheckpointManager(ManagerKeywords):
         self._progress = Progress(tracker_run_id=self.config.tracker_run_id, config=self.config.config)
         self._closed = False
         self._lock: RunLock | None = None
-        self._last_step: int | None = None  # rank 0: the run's newest committed step (under _commit_lock)
-        self._commit_lock = threading.Lock()  # the async worker's follow-up of a commit vs the foreground
+        # rank 0: the run's newest committed step; the foreground's own (a background save's
+        # follow-up returns it, consumed by the next save(), wait() or close())
+        self._last_step: int | None = None
         self._engine: Any = None  # async saves and SIGTERM handling (dist_ckpt.async_engine)
         self._tiers: Any = None  # with local_root: saves commit locally, promoted by the node's uploader
         if self.config.local_root is not None:
@@ -189,14 +191,15 @@ class CheckpointManager(ManagerKeywords):
         progress = replace(progress, step=step, epoch=epoch, metrics=metrics)
         every = self.config.save_every_n_steps
         due = bool(force or every is None or step % every == 0 or improved)
-        if due and self._save_backend.exists(f"{step_prefix(step)}/COMMITTED"):
+        if due and self._save_backend.exists(join_key(step_prefix(step), COMMITTED)):
             raise StepAlreadyExists(
                 f"{self.root}: step {step} is already committed and is never overwritten. This happens "
                 "after resuming from an earlier checkpoint than the run's last: continue such a branch "
                 "in a new run root (restore(which=<checkpoint path>) from there), or prune the later steps."
             )
-        with self._commit_lock:
-            last_step = self._last_step
+        # the save in flight counts too: its step is committed (or its failure raised) next
+        in_flight = self._engine.in_flight_step() if self._engine is not None else None
+        last_step = max((s for s in (self._last_step, in_flight) if s is not None), default=None)
         if due and last_step is not None and step < last_step:
             # Retention keeps the newest *step*: a checkpoint behind it could be deleted as soon
             # as it is committed, and "last" would still resume from the later step.
@@ -208,35 +211,23 @@ class CheckpointManager(ManagerKeywords):
             )
         return progress, due
 
-    def _after_commit(self, step: int, *, retention_later: bool = False) -> Any:
-        """Add the committed ``step`` to the manifest, then apply retention — or, with
-        ``retention_later``, return the deletes as a callable (the async worker runs them
-        after the save's verdict: they are clean-up, not part of committing)."""
-        key = f"{step_prefix(step)}/COMMITTED"  # the marker holds everything the manifest lists
-        entry = entry_from_committed(step, self.backend.read(key), f"{self.root}/{key}")
-
-        def change(current: mf.Manifest | None) -> mf.Manifest:
-            base = current if current is not None else mf.rebuild(self.store.committed_entries(), self.config.best)
-            new = mf.with_entry(base, entry, self.config.best)
-            return replace(new, tracker_run_id=self._progress.tracker_run_id, config_hash=self.config.config_hash())
-
-        fence = self._lock.fence if self._lock is not None else None  # a job that lost the run lock changes nothing
-        kept = self.store.apply_retention(
-            change, self.config.keep_last, self.config.keep_every_n_steps, fence=fence, deletes_later=retention_later
+    def _commit_follow_up(self, step: int) -> CommitFollowUp:
+        """Rank 0's follow-up of the commit of ``step`` (manifest update, retention), built from
+        the manager's current values: the async worker runs it without touching the manager."""
+        policy = RunPolicy(
+            best_modes=dict(self.config.best),
+            keep_last=self.config.keep_last,
+            keep_every_n_steps=self.config.keep_every_n_steps,
+            tracker_run_id=self._progress.tracker_run_id,
+            config_hash=self.config.config_hash(),
         )
-        self._set_last_step(kept.manifest.pointers.get(mf.LAST))
-        return (lambda: self.store.delete_dropped(kept.drops, fence=fence)) if retention_later else None
+        fence = self._lock.fence if self._lock is not None else None  # a job that lost the run lock changes nothing
+        return CommitFollowUp(self.store, step, policy, fence)
 
-    def _set_last_step(self, step: int | None) -> None:
-        with self._commit_lock:  # the async worker's _after_commit writes it, save()'s _decide reads it
-            self._last_step = step
-
-    def _background_after_commit(self, step: int) -> Any:
-        """The async worker's follow-up of a commit (rank 0): the manifest update, and the deletes
-        it runs after the verdict. The only manager code the worker runs; the one manager field
-        it writes, ``_last_step``, is written and read under ``_commit_lock`` (not held during
-        I/O: ``save()`` on every step must not wait for a manifest update or a retention)."""
-        return self._after_commit(step, retention_later=True)
+    def _committed(self, last_step: int | None) -> None:
+        """A save's follow-up is done (foreground): the run's newest step is ``last_step``."""
+        if last_step is not None:
+            self._last_step = last_step
 
     def _manifest(self) -> mf.Manifest:
         return stored_manifest(self)

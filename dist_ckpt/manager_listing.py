@@ -10,7 +10,7 @@ from dist_ckpt import manifest as mf
 from dist_ckpt.run_store import step_prefix
 
 if TYPE_CHECKING:
-    from dist_ckpt.manager import CheckpointManager
+    from dist_ckpt.manager_parts import RunParts
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class CheckpointInfo:
     logical_size: int = 0  # bytes of every file it reads: own (``size``) + referenced (incremental)
 
 
-def stored_manifest(mgr: CheckpointManager) -> mf.Manifest:
+def stored_manifest(mgr: RunParts) -> mf.Manifest:
     """The stored manifest, or the one the COMMITTED markers give when it is missing or
     damaged — written back, unless this manager is read-only."""
     manifest, _ = mgr.store.read_manifest()
@@ -39,7 +39,7 @@ def stored_manifest(mgr: CheckpointManager) -> mf.Manifest:
     return manifest
 
 
-def list_checkpoints(mgr: CheckpointManager) -> list[CheckpointInfo]:
+def list_checkpoints(mgr: RunParts) -> list[CheckpointInfo]:
     """The run's committed checkpoints, oldest first, with the pointers naming each."""
     manifest = stored_manifest(mgr)
     names: dict[int, list[str]] = {}

@@ -28,7 +28,7 @@ from dist_ckpt.state import TrainingState
 from storage_backends import Backend, open_backend
 
 if TYPE_CHECKING:
-    from dist_ckpt.manager import CheckpointManager
+    from dist_ckpt.manager_parts import RestoringParts
 
 _MAX_LISTED = 8
 
@@ -68,7 +68,7 @@ class LoadedWeights:
         return self.step
 
 
-def _target(mgr: CheckpointManager, which: Any) -> tuple[Backend, str] | None:
+def _target(mgr: RestoringParts, which: Any) -> tuple[Backend, str] | None:
     if mgr._tiers is not None:  # the newest step every rank can read, in either tier
         from dist_ckpt.tiers.restore_choice import restore_target
 
@@ -89,7 +89,7 @@ def _target(mgr: CheckpointManager, which: Any) -> tuple[Backend, str] | None:
     return backend, prefix
 
 
-def _config_note(mgr: CheckpointManager, saved: Progress | None) -> tuple[tuple[str, ...], str]:
+def _config_note(mgr: RestoringParts, saved: Progress | None) -> tuple[tuple[str, ...], str]:
     """The config changes since the checkpoint, and a sentence naming them for an
     IncompatibleCheckpoint (a changed model size is the usual reason shapes differ)."""
     if saved is None or mgr.config.config is None:
@@ -101,7 +101,7 @@ def _config_note(mgr: CheckpointManager, saved: Progress | None) -> tuple[tuple[
     return changes, f"The run config changed since this checkpoint: {'; '.join(changes[:_MAX_LISTED])}{more}. "
 
 
-def restore_state(mgr: CheckpointManager, state: TrainingState, which: Any) -> ResumeInfo | None:
+def restore_state(mgr: RestoringParts, state: TrainingState, which: Any) -> ResumeInfo | None:
     """See :meth:`CheckpointManager.restore`."""
     if mgr._engine is not None:
         mgr._engine.drain()  # restore what is committed, not what is half-written
@@ -154,7 +154,7 @@ def restore_state(mgr: CheckpointManager, state: TrainingState, which: Any) -> R
 
 
 def load_model_weights(
-    mgr: CheckpointManager, module: nn.Module, which: Any, name: str | None, strict: bool
+    mgr: RestoringParts, module: nn.Module, which: Any, name: str | None, strict: bool
 ) -> LoadedWeights:
     """See :meth:`CheckpointManager.load_weights`."""
     target = _target(mgr, which)

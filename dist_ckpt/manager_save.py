@@ -1,7 +1,7 @@
 """The save path of :meth:`CheckpointManager.save`: decide (on rank 0, shared), build the
 state dict, then write it — in the background (:class:`~dist_ckpt.async_engine.AsyncEngine`)
-or here (:func:`dist_ckpt.api.save_to`) — and follow the commit with the manager's
-:meth:`~CheckpointManager._after_commit` (the manifest update and retention)."""
+or here (:func:`dist_ckpt.api.save_to`) — and follow the commit with rank 0's
+:class:`~dist_ckpt.commit_follow_up.CommitFollowUp` (the manifest update and retention)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from dist_ckpt import ddp_buckets, overlap, rng, spread_writes
 from dist_ckpt.api import save_to
+from dist_ckpt.async_job import CommitHooks
 from dist_ckpt.decision import share_decision
 from dist_ckpt.errors import ConfigError
 from dist_ckpt.progress import KEY, check_metrics
@@ -20,13 +21,13 @@ from dist_ckpt.run_store import step_prefix
 from dist_ckpt.state import TrainingState
 
 if TYPE_CHECKING:
-    from dist_ckpt.manager import CheckpointManager
+    from dist_ckpt.manager_parts import SavingParts
 
 log = logging.getLogger("dist_ckpt.manager")  # the if_busy warning keeps its logger name
 
 
 def save_step(
-    mgr: CheckpointManager,
+    mgr: SavingParts,
     step: int,
     state: TrainingState,
     metrics: Mapping[str, Any] | None,
@@ -76,21 +77,24 @@ def save_step(
     }
     fence = mgr._lock.fence if mgr._lock is not None else None  # rank 0: checked right before COMMITTED
     spread = spread_writes.replicated_fqns(state, sd, mgr.world_size) if mgr.config.ddp_spread_writes else frozenset()
-    after_commit, on_every_rank = (lambda: mgr._after_commit(step)), None
-    background_after_commit = lambda: mgr._background_after_commit(step)  # noqa: E731
+    follow_up = mgr._commit_follow_up(step)
     if mgr._tiers is not None:  # the local commit needs no run lock; the node's uploader promotes
         after_commit, on_every_rank = mgr._tiers.hooks(
             step, force=force, before=mgr._progress.best, after=progress.best
         )
-        background_after_commit, fence = after_commit, None
+        hooks, fence = CommitHooks(after_commit=after_commit, on_every_rank=on_every_rank), None
+    else:
+        hooks = CommitHooks(
+            after_commit=lambda: follow_up.record(deletes_later=True),
+            after_verdict=follow_up.delete_dropped,
+            on_consumed=lambda kept: mgr._committed(kept.last_step if kept is not None else None),
+        )
     if mgr._engine is not None and mgr.config.async_save:
-        # returns once the tensors are staged; write, commit and _after_commit run in the background
+        # returns once the tensors are staged; write, commit and the hooks run in the background
         deferrable = (
             overlap.prepare(state, mgr._engine.join_copy) if mgr.config.async_save == "overlap" else frozenset()
         )
-        mgr._engine.submit(
-            step, prefix, sd, commit_info, background_after_commit, fence, deferrable, spread, on_every_rank
-        )
+        mgr._engine.submit(step, prefix, sd, commit_info, hooks, fence, deferrable, spread)
         mgr._progress = progress
         return True
     save_to(
@@ -103,9 +107,11 @@ def save_step(
         fence=fence,
         spread=spread,
     )
-    result = mgr._agree(after_commit)
-    if on_every_rank is not None:
-        mgr._tiers.everywhere(on_every_rank, result)
+    if mgr._tiers is not None:
+        assert hooks.after_commit is not None and hooks.on_every_rank is not None
+        mgr._tiers.everywhere(hooks.on_every_rank, mgr._agree(hooks.after_commit))
+    else:
+        mgr._committed(mgr._agree(lambda: follow_up.record().last_step))
     mgr._progress = progress
     return True
 

@@ -3,7 +3,7 @@
 :func:`add_checkpoint_args` adds ``--ckpt``, ``--resume``, ``--init-from`` and
 ``--list-checkpoints`` to an argparse parser; ``CheckpointManager.start(state, args)``
 (:func:`start`) applies them: it resumes, loads initial weights, or starts fresh, and returns the
-:class:`~dist_ckpt.manager.ResumeInfo` (None when training starts at step 0).
+:class:`~dist_ckpt.manager_restore.ResumeInfo` (None when training starts at step 0).
 
 Invalid combinations are refused the way argparse refuses bad arguments — one line
 ``<prog>: error: <message>`` on stderr, exit status 2 — and leave the run root untouched:
@@ -34,7 +34,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from dist_ckpt import manifest as mf
 from dist_ckpt.api import split_checkpoint_uri
@@ -42,8 +42,25 @@ from dist_ckpt.errors import CheckpointArgsError, CheckpointNotFound, ConfigErro
 from dist_ckpt.run_store import RunStore, parse_step_prefix, step_prefix
 
 if TYPE_CHECKING:
-    from dist_ckpt.manager import CheckpointManager, ResumeInfo
+    from torch import nn
+
+    from dist_ckpt.manager_listing import CheckpointInfo
+    from dist_ckpt.manager_parts import Collective
+    from dist_ckpt.manager_restore import LoadedWeights, ResumeInfo
     from dist_ckpt.state import TrainingState
+    from storage_backends import Backend
+
+    class StartingManager(Collective, Protocol):
+        """What :func:`start` needs of the manager (its public API and rank 0's decisions)."""
+
+        root: str
+        backend: Backend
+
+        def checkpoints(self) -> list[CheckpointInfo]: ...
+        def restore(self, state: TrainingState, which: Any = "last") -> ResumeInfo | None: ...
+        def load_weights(self, module: nn.Module, which: Any = "last", *, name: str | None = None) -> LoadedWeights: ...
+        def close(self) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +327,7 @@ def _refuse(prog: str, error: CheckpointArgsError, *, show: bool) -> NoReturn:
 
 
 # -- CheckpointManager.start ----------------------------------------------------------------
-def start(mgr: CheckpointManager, state: TrainingState, args: argparse.Namespace) -> ResumeInfo | None:
+def start(mgr: StartingManager, state: TrainingState, args: argparse.Namespace) -> ResumeInfo | None:
     """Apply the flags of ``args`` (see :func:`add_checkpoint_args`) to ``state``; every rank
     calls it. Returns the ``ResumeInfo`` of the checkpoint resumed, or None when training
     starts at step 0 (fresh, or from ``--init-from`` weights). Exits with status 2 on every
@@ -335,7 +352,7 @@ def start(mgr: CheckpointManager, state: TrainingState, args: argparse.Namespace
     return _apply(mgr, state, plan)
 
 
-def _apply(mgr: CheckpointManager, state: TrainingState, plan: StartPlan) -> ResumeInfo | None:
+def _apply(mgr: StartingManager, state: TrainingState, plan: StartPlan) -> ResumeInfo | None:
     if plan.action == "resume":
         info = mgr.restore(state, plan.which)
         if info is not None and mgr.rank == 0:

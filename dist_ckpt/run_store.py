@@ -51,6 +51,11 @@ class Retention:
     drops: tuple[int, ...]
     failed: tuple[int, ...] = ()  # dropped steps that could not be deleted (left to gc)
 
+    @property
+    def last_step(self) -> int | None:
+        """The run's newest committed step: the durable manifest's ``last`` pointer."""
+        return self.manifest.pointers.get(mf.LAST)
+
 
 @dataclass(frozen=True)
 class Leftovers:

@@ -26,7 +26,7 @@ from dist_ckpt.errors import CorruptCheckpoint
 from dist_ckpt.format.metadata_json import CheckpointMetadata, FileRecord
 from dist_ckpt.format.safetensors_header import header_length, parse_header
 from dist_ckpt.references import file_key
-from dist_ckpt.run_store import MANIFEST, RunStore, entry_from_committed, parse_step_prefix
+from dist_ckpt.run_store import MANIFEST, STEP_PREFIX, RunStore, entry_from_committed, parse_step_prefix
 from storage_backends import Backend, BackendError, ObjectNotFound, join_key
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ def verify_checkpoint(
 
 def _committed_folders(backend: Backend) -> list[str]:
     try:
-        objects = backend.list("step_")
+        objects = backend.list(STEP_PREFIX)
     except BackendError as e:
         raise wrap_backend_error(e, backend.uri) from e
     return sorted(

@@ -22,16 +22,15 @@ import enum
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import xxhash
 
-from dist_ckpt import manifest as mf
 from dist_ckpt.checkpoint_files import COMMITTED, METADATA, read_checkpoint_metadata, wrap_backend_error
 from dist_ckpt.cli.copy import copy_object
 from dist_ckpt.commit import commit_checkpoint
+from dist_ckpt.commit_follow_up import RunPolicy, record_commit
 from dist_ckpt.errors import StepAlreadyExists
-from dist_ckpt.run_store import RunStore, entry_from_committed, step_prefix
+from dist_ckpt.run_store import RunStore, step_prefix
 from dist_ckpt.tiers.queue import PromotionRequest
 from storage_backends import Backend, BackendError, join_key
 
@@ -119,17 +118,12 @@ def promote(local: Backend, root: Backend, request: PromotionRequest) -> Outcome
 def _record(root: Backend, request: PromotionRequest, committed: bytes) -> None:
     """The root manifest gets the entry (idempotent), then root retention runs — deletes only
     after the manifest without them is durable, as after a direct save."""
-    store = RunStore(root)
-    key = join_key(step_prefix(request.step), COMMITTED)
-    entry = entry_from_committed(request.step, committed, f"{root.uri}/{key}")
-
-    def change(current: mf.Manifest | None) -> mf.Manifest:
-        base = current if current is not None else mf.rebuild(store.committed_entries(), request.best_modes)
-        new = mf.with_entry(base, entry, request.best_modes)
-        return replace(
-            new,
-            tracker_run_id=new.tracker_run_id or request.tracker_run_id,
-            config_hash=new.config_hash or request.config_hash,
-        )
-
-    store.apply_retention(change, request.keep_last, request.keep_every_n_steps)
+    policy = RunPolicy(
+        best_modes=request.best_modes,
+        keep_last=request.keep_last,
+        keep_every_n_steps=request.keep_every_n_steps,
+        tracker_run_id=request.tracker_run_id,
+        config_hash=request.config_hash,
+        overwrite_stamps=False,  # the job's own manager stamps the run; the uploader fills gaps
+    )
+    record_commit(RunStore(root), request.step, policy, marker=committed)

@@ -26,7 +26,7 @@ from dist_ckpt.verify import verify_file
 from storage_backends import Backend, BackendError, ObjectInfo, join_key
 
 if TYPE_CHECKING:
-    from dist_ckpt.manager import CheckpointManager
+    from dist_ckpt.manager_parts import RestoringParts
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class LocalCheck:
         return files is not None and sound == set(files)
 
 
-def restore_target(mgr: CheckpointManager, which: Any) -> tuple[Any, str] | None:
+def restore_target(mgr: RestoringParts, which: Any) -> tuple[Any, str] | None:
     """The (backend, prefix) to restore from, or None to resolve ``which`` as without tiers
     (pointers, paths, nothing committed anywhere)."""
     tiers = mgr._tiers

@@ -18,8 +18,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("dist_ckpt", "storage_backends")
 LINE_LIMIT = 400
@@ -174,11 +172,6 @@ def test_the_graph_sees_module_level_function_level_and_relative_imports() -> No
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 open: manager_{save,restore,listing} and resume_flags type their CheckpointManager "
-    "argument (a TYPE_CHECKING import back)",
-)
 def test_no_import_cycle() -> None:
     graph = _import_graph()
     cycles = _cycles(graph)

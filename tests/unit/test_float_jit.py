@@ -75,6 +75,33 @@ def test_every_exponent_escaped(dtype: str, n: int) -> None:
     _check_both_layouts(data, itemsize)
 
 
+@pytest.mark.parametrize("n", [2 * 16384, 3 * 16384 + 5 * 64 + 3, 16384 + 64 + 61])
+def test_bf16_merge_over_several_blocks_with_escapes_at_every_edge(n: int) -> None:
+    """The BF16 layout-2 merge runs in blocks of MERGE_BLOCK elements and flags the 64-symbol
+    groups that hold an escape: escapes (zeros, infinities, NaN, denormals, huge values) at
+    the first and last element of groups and blocks, in the unflagged tail, and nowhere else
+    in some groups, all come back bit for bit."""
+    from dist_ckpt.format import float_kernels
+
+    block = float_kernels.MERGE_BLOCK
+    assert n > block, "the test must span more than one merge block"
+    gen = torch.Generator().manual_seed(n)
+    t = torch.randn(n, generator=gen, dtype=torch.float64) * 0.05
+    specials = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -3e-41, 3e38, -1e-30]
+    edges = [0, 1, 63, 64, 127, 128, block - 1, block, block + 1, block + 63, n - 64, n - 4, n - 3, n - 1]
+    for k, at in enumerate(edges):
+        t[at] = specials[k % len(specials)]
+    data = np.frombuffer(tensor_bytes(t.to(torch.bfloat16)), dtype=np.uint8)
+    _check_both_layouts(data, 2)
+    raw = data.tobytes()
+    codec = ZstdCodec(chunk_bytes=1 << 22, threads=1)
+    chunks = list(codec.encode(memoryview(raw), "BF16"))
+    assert [c[0][1] for c in chunks] == [zch.T_SPLIT6], "the chunk should take layout 2 (weights-like values)"
+    out = bytearray(len(raw))
+    codec.decode_into([c for c, _ in chunks], [r for _, r in chunks], "BF16", memoryview(out))
+    assert bytes(out) == raw
+
+
 @pytest.mark.parametrize("dtype", sorted(TORCH_DTYPES))
 @pytest.mark.parametrize("n", [0, 1, 3, 1001])
 def test_chunks_are_the_same_with_and_without_numba(dtype: str, n: int, monkeypatch: pytest.MonkeyPatch) -> None:

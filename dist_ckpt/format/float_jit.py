@@ -118,16 +118,10 @@ def merge_float6(base: int, streams: list[np.ndarray], itemsize: int, out: np.nd
     escapes the symbols call for, or -1 when that exceeds the escape stream: the caller
     compares it with the escape stream's length (a mismatch means damaged data)."""
     symbols, escapes, *planes, nibbles, quads = streams
+    if itemsize == 2:  # one call, escapes included (its Python-side cost shows on small tensors)
+        return int(_k().merge6_bf16(base, symbols, escapes, nibbles, quads, out))
     words = out.view(_WORD[itemsize])
-    n = symbols.size
-    if itemsize == 2:  # the kernel flags the blocks holding escapes as it goes
-        flags = np.empty(n // 64, np.uint8)
-        _k().merge6_bf16(base, symbols, flags, nibbles, quads, words, _as(out, 4, n // 2), _as(out, 8, n // 4))
-        first = _ESCAPES[2][0]
-        return int(_k().fix_escapes(symbols, flags, first, escapes, words, *_EXPONENT[itemsize]))
-    else:
-        sym32, nib16 = _as(symbols, 4), _as(nibbles, 2)
-        _k().merge6_f32(base, symbols, sym32, nibbles, nib16, quads, planes[0], planes[1], words)
+    _k().merge6_f32(base, symbols, _as(symbols, 4), nibbles, _as(nibbles, 2), quads, planes[0], planes[1], words)
     return _fix_escapes(2, symbols, escapes, words, itemsize)
 
 

@@ -304,28 +304,47 @@ def _quad_pass(quads: np.ndarray, out64: np.ndarray) -> None:
 
 
 @_jit
+def _fix_block(symbols: np.ndarray, flags: np.ndarray, s0: int, s1: int, escapes: np.ndarray, k: int, out) -> int:  # noqa: ANN001
+    """Write the escaped exponents of elements [s0, s1) (the 64-symbol groups ``flags`` marks,
+    and the tail past the last whole group), from ``escapes[k]`` on; returns the next k, or -1
+    where ``escapes`` runs out."""
+    span = 8 * BLOCK_WORDS
+    groups = (s1 - s0) // span
+    for g in range(groups + 1):
+        if g < groups and flags[g] == 0:
+            continue
+        for i in range(s0 + g * span, min(s1, s0 + (g + 1) * span)):
+            if symbols[i] >= U8(60):
+                if k >= escapes.size:
+                    return -1
+                out[i] = (out[i] & U16(0x807F)) | (U16(escapes[k]) << U16(7))
+                k += 1
+    return k
+
+
+@_jit
 def merge6_bf16(
-    base: int,
-    symbols: np.ndarray,
-    flags: np.ndarray,
-    nibbles: np.ndarray,
-    quads: np.ndarray,
-    out: np.ndarray,
-    out32: np.ndarray,
-    out64: np.ndarray,
-) -> None:
-    """Layout 2 into u16 words (``out32``/``out64``: the same bytes as ``out``, whole pairs and
-    quads of elements), escapes not yet written: ``flags`` marks the 64-symbol groups that
-    hold one (for ``fix_escapes``)."""
+    base: int, symbols: np.ndarray, escapes: np.ndarray, nibbles: np.ndarray, quads: np.ndarray, out8
+) -> int:  # noqa: ANN001
+    """Layout 2 into ``out8`` (uint8, 2n bytes), escapes included, block by block while the
+    block is in cache. Returns the number of escapes the symbols call for, or -1 where that
+    exceeds ``escapes``."""
     n, b16 = symbols.size, U16(base)
-    whole = n - n % 4
+    out = out8.view(np.uint16)
+    out32, out64 = out8[: 4 * (n // 2)].view(np.uint32), out8[: 8 * (n // 4)].view(np.uint64)
+    flags = np.empty(MERGE_BLOCK // (8 * BLOCK_WORDS), np.uint8)
+    whole, k = n - n % 4, 0
     for s0 in range(0, whole, MERGE_BLOCK):
         s1 = min(whole, s0 + MERGE_BLOCK)
-        _symbol_pass(symbols[s0:s1], out[s0:s1], flags[s0 // 64 : s1 // 64], b16)
+        _symbol_pass(symbols[s0:s1], out[s0:s1], flags, b16)
         _nibble_pass(nibbles[s0 // 2 : s1 // 2], out32[s0 // 2 : s1 // 2])
         _quad_pass(quads[s0 // 4 : s1 // 4], out64[s0 // 4 : s1 // 4])
+        k = _fix_block(symbols, flags, s0, s1, escapes, k, out)
+        if k < 0:
+            return -1
     for i in range(whole, n):
         out[i] = U16(_tail_top(i, symbols, nibbles, quads, U32(base)))
+    return _fix_block(symbols, flags, whole, n, escapes, k, out) if k >= 0 else -1
 
 
 @_jit

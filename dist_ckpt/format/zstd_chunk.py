@@ -109,13 +109,21 @@ def _borrowed_workspace() -> Iterator[bg.Workspace]:
     """Scratch buffers for one chunk (~6x its raw size for BF16/F32), from a free list: reused
     chunk after chunk (fresh multi-MB numpy temporaries page-fault: 10x the arithmetic), yet
     never more of them than chunks in flight, and dropped by :func:`release_buffers`."""
-    with _work_lock:
-        work = _idle_work.pop() if _idle_work else bg.Workspace()
+    work = _take_workspace()
     try:
         yield work
     finally:
-        with _work_lock:
-            _idle_work.append(work)
+        _give_workspace(work)
+
+
+def _take_workspace() -> bg.Workspace:
+    with _work_lock:
+        return _idle_work.pop() if _idle_work else bg.Workspace()
+
+
+def _give_workspace(work: bg.Workspace) -> None:
+    with _work_lock:
+        _idle_work.append(work)
 
 
 def release_buffers() -> None:
@@ -274,8 +282,11 @@ def _unpack_stream(index: int, which: int, mode: int, payload: memoryview, expec
 
 def decode_chunk_into(stored: bytes | memoryview, raw_len: int, dtype: str, dst: np.ndarray, index: int = 0) -> None:
     """Decode one stored chunk into ``dst`` (uint8, ``raw_len`` long); raises CorruptCheckpoint."""
-    with _borrowed_workspace() as work:
+    work = _take_workspace()  # not the context manager: its cost shows on chunks of small tensors
+    try:
         _decode_chunk_into(stored, raw_len, dtype, dst, index, work)
+    finally:
+        _give_workspace(work)
 
 
 def _decode_chunk_into(
@@ -308,7 +319,7 @@ def _decode_chunk_into(
     pos = HEAD.size + nstreams * STREAM.size
     if nstreams < 1 or pos > len(body):
         raise _corrupt(index, f"bad stream count {nstreams}")
-    table = [STREAM.unpack_from(body, HEAD.size + i * STREAM.size) for i in range(nstreams)]
+    table = list(STREAM.iter_unpack(body[HEAD.size : pos]))
     listed = sum(length for _, length in table)
     if pos + listed != len(body):
         raise _corrupt(index, f"stream lengths sum to {listed}, the chunk holds {len(body) - pos}")

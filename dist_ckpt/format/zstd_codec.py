@@ -10,6 +10,7 @@ compress and decompress in parallel on a plain ThreadPoolExecutor. Any failure r
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import os
 import threading
@@ -147,12 +148,15 @@ class ZstdCodec:
         for i, raw_len in enumerate(raw_lens):
             check_raw_len(first_index + i, raw_len)
         dst = np.frombuffer(memoryview(out).cast("B"), dtype=np.uint8)
-        if dst.size != sum(raw_lens):
-            raise ValueError(f"out holds {dst.size} bytes but the chunks decode to {sum(raw_lens)}")
-        bounds = [0, *np.cumsum(raw_lens, dtype=np.int64).tolist()]
+        bounds = [0, *itertools.accumulate(raw_lens)]
+        if dst.size != bounds[-1]:
+            raise ValueError(f"out holds {dst.size} bytes but the chunks decode to {bounds[-1]}")
+        if len(chunks) == 1:  # most tensors: no job list (its cost shows on small tensors)
+            decode_chunk_into(chunks[0], raw_lens[0], dtype, dst, first_index)
+            return
         jobs = [(c, raw_lens[i], dst[bounds[i] : bounds[i + 1]], first_index + i) for i, c in enumerate(chunks)]
         threads = self.pool_size
-        if threads == 1 or len(jobs) <= 1:
+        if threads == 1:
             for c, raw_len, part, idx in jobs:
                 decode_chunk_into(c, raw_len, dtype, part, idx)
             return

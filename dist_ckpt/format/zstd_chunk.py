@@ -362,7 +362,8 @@ def _decode_chunk_into(
         if transform == T_ROT_GROUP:
             words = whole.view("<u2")
             bg.rotate_right1(words, out=words, work=work)
-    dst[raw_len - tail_len : raw_len] = stream(nstreams - 1, tail_len)
+    if tail_len or table[-1] != (MODE_RAW, 0):  # an empty raw tail (most chunks) has nothing to check
+        dst[raw_len - tail_len : raw_len] = stream(nstreams - 1, tail_len)
 
 
 def _merge_float(

@@ -265,3 +265,18 @@ def test_each_chunk_takes_the_smaller_float_layout(
         else:
             assert chosen in forced.values()
             assert len(chosen) <= 1.005 * min(len(c) for c in forced.values())
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+@pytest.mark.parametrize("offset", [1, 2, 3, 6])
+def test_decode_into_a_misaligned_buffer(dtype: str, offset: int) -> None:
+    """A reader may decode into any byte offset of a larger buffer: the kernels view the output
+    as u16/u32/u64 words, which must not assume it is aligned."""
+    raw = tensor_bytes(make_tensor(dtype, 3 * 16384 + 7, 5, "normal"))
+    codec = ZstdCodec(chunk_bytes=1 << 16, threads=1)
+    chunks = list(codec.encode(memoryview(raw), dtype))
+    assert any(c[1] == zch.T_SPLIT6 for c, _ in chunks)
+    backing = bytearray(len(raw) + offset)
+    out = memoryview(backing)[offset:]
+    codec.decode_into([c for c, _ in chunks], [r for _, r in chunks], dtype, out)
+    assert bytes(out) == raw

@@ -260,7 +260,7 @@ def _tail_top(i: int, symbols: np.ndarray, nibbles: np.ndarray, quads: np.ndarra
 # BF16 layout 2 is merged in three element-wise passes (symbols, nibbles, quads) over blocks
 # that stay in L1: each pass is a plain loop over one input that LLVM vectorizes fully
 # (~0.13 ns per element), where one fused loop over groups of four needed lane shuffles
-# (~0.33 ns). The escaped exponents are written afterwards (``fix_escapes``).
+# (~0.33 ns). The escaped exponents of each block follow at once (``_fix_block``).
 MERGE_BLOCK = 16384  # elements per block of the passes: a multiple of 8 * BLOCK_WORDS
 
 
@@ -279,7 +279,7 @@ def _symbol_pass(symbols: np.ndarray, out: np.ndarray, flags: np.ndarray, b16: n
             w = U16(s)
             out[i] = ((((w >> U16(2)) + b16) & U16(255)) << U16(7)) | ((w & U16(3)) << U16(5))
         flags[g] = U8(1) if top >= U8(60) else U8(0)
-    for i in range(groups * span, symbols.size):  # no flag: fix_escapes scans the tail
+    for i in range(groups * span, symbols.size):  # no flag: _fix_block scans the tail
         w = U16(symbols[i])
         out[i] = ((((w >> U16(2)) + b16) & U16(255)) << U16(7)) | ((w & U16(3)) << U16(5))
 

@@ -253,15 +253,23 @@ def lora_s3(tmp: Path, saves: int) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--saves", type=int, default=10)
+    p.add_argument(
+        "--full-saves", type=int, default=30, help="rounds of the full fine-tune (its ratio is the noisiest figure)"
+    )
     p.add_argument("--no-s3", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
     load_before = os.getloadavg()
     try:
-        result: dict[str, Any] = {"benchmark": "incremental", "date": time.strftime("%Y-%m-%d"), "saves": args.saves}
+        result: dict[str, Any] = {
+            "benchmark": "incremental",
+            "date": time.strftime("%Y-%m-%d"),
+            "saves": args.saves,
+            "full_saves": args.full_saves,
+        }
         result["lora_local"] = lora_local(tmp, args.saves)
-        result["full_finetune_local"] = full_finetune(tmp, args.saves)
+        result["full_finetune_local"] = full_finetune(tmp, args.full_saves)
         if not args.no_s3:
             result["lora_s3"] = lora_s3(tmp, args.saves)
         lora_ratio = result["lora_local"]["bytes_ratio_after_first"]["median"]

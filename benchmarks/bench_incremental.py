@@ -190,9 +190,10 @@ def full_finetune(tmp: Path, saves: int) -> dict[str, Any]:
     hash_s, sample_s = hashing_seconds(job), hashing_seconds(job, "sample")
     return {
         "state_bytes": plain[-1]["bytes"],
-        # the extra work incremental=True does, timed alone (less noisy than the save ratio on a
-        # loaded machine): one xxh3-128 pass over every tensor (on a helper thread while the shard
-        # is written), and the samples computed before writing, against the plain save's median
+        # the extra work incremental=True could do, timed alone (less noisy than the save ratio on
+        # a loaded machine): one xxh3-128 pass over every tensor — paid only by the first save and
+        # by entries whose sample matches the base's, so NOT by these saves (every sample differs)
+        # — and the samples, which every save computes before writing, against the plain median
         "hash_s_best_of_5": hash_s,
         "hash_share_of_plain_save": hash_s / statistics.median(r["save_s"] for r in plain),
         "sample_s_best_of_5": sample_s,

@@ -30,15 +30,16 @@ def _files(folder) -> set[str]:
     return set(json.loads((folder / "metadata.json").read_text())["files"])
 
 
-def test_a_change_the_sample_cannot_see_is_written_not_reused(tmp_path):
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_a_change_the_sample_cannot_see_is_written_not_reused(tmp_path, compression):
     """``w`` changes in a sampled region at save b (b records its sample only), then in a
     region no sample covers at save c: c's sample equals b's, so only hashing b's stored bytes
     can tell — c must write ``w`` and restore the changed value."""
     w = torch.zeros(1 << 20)  # 4 MiB: samples cover 3 x 16 KiB of it
-    dist_ckpt.save({"w": w}, str(tmp_path / "a"), incremental=True)
+    dist_ckpt.save({"w": w}, str(tmp_path / "a"), incremental=True, compression=compression)
     w_b = w.clone()
     w_b[0] = 1.0  # first bytes: sampled
-    dist_ckpt.save({"w": w_b}, str(tmp_path / "b"), base=str(tmp_path / "a"))
+    dist_ckpt.save({"w": w_b}, str(tmp_path / "b"), base=str(tmp_path / "a"), compression=compression)
     index_b = json.loads(
         ShardReader(open_backend(str(tmp_path)), "b/index_00000.safetensors", None).read("index").tobytes()
     )
@@ -46,14 +47,21 @@ def test_a_change_the_sample_cannot_see_is_written_not_reused(tmp_path):
     w_c = w_b.clone()
     w_c[100_000] = 2.0  # byte 400000: between the start and middle samples
     assert incremental.sample_hash(_entry(w_c)) == incremental.sample_hash(_entry(w_b))
-    dist_ckpt.save({"w": w_c}, str(tmp_path / "c"), base=str(tmp_path / "b"))
+    dist_ckpt.save({"w": w_c}, str(tmp_path / "c"), base=str(tmp_path / "b"), compression=compression)
     assert _files(tmp_path / "c") == {"rank_00000.safetensors", "index_00000.safetensors"}  # written, no reference
     out = {"w": torch.empty(1 << 20)}
     dist_ckpt.load(out, str(tmp_path / "c"))
     assert torch.equal(out["w"], w_c)
     # and unchanged from c to d: reused (c hashed w in full while writing it)
-    dist_ckpt.save({"w": w_c}, str(tmp_path / "d"), base=str(tmp_path / "c"))
+    dist_ckpt.save({"w": w_c}, str(tmp_path / "d"), base=str(tmp_path / "c"), compression=compression)
     assert "c/rank_00000.safetensors" in _files(tmp_path / "d")
+    # changed (sample-only record in e), then unchanged in f: e's stored bytes decide, f reuses them
+    w_e = w_c + 1
+    dist_ckpt.save({"w": w_e}, str(tmp_path / "e"), base=str(tmp_path / "d"), compression=compression)
+    dist_ckpt.save({"w": w_e.clone()}, str(tmp_path / "f"), base=str(tmp_path / "e"), compression=compression)
+    assert "e/rank_00000.safetensors" in _files(tmp_path / "f")
+    dist_ckpt.load(out, str(tmp_path / "f"))
+    assert torch.equal(out["w"], w_e)
 
 
 def _entry(t: torch.Tensor):

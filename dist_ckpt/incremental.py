@@ -10,7 +10,11 @@ written again; the new checkpoint refers to the file that holds its bytes.
   unchanged; after a world-size change names rarely match and the save is simply fuller). An
   entry is reused when its name and content hash (xxh3-128 over dtype, shape and raw bytes)
   equal the base entry's. Reused entries point straight at the file that holds the bytes
-  (never a chain through the base), so deleting a step never needs to rewrite another.
+  (never a chain through the base), so deleting a step never needs to rewrite another. When
+  this process wrote the base itself (the base's ``COMMITTED``, read at every save, names the
+  same save attempt), its entries are not read back (:mod:`dist_ckpt.known_commits`).
+- **Hashing.** A sample hash first; the full hash only where the sample matches the base's (a
+  possible reuse) or there is no base entry — see :func:`split_entries`.
 - **Where hashing runs.** In ``write_data``, i.e. on the staged copy in the background worker of
   an async save (thread or writer process): it never lengthens the training stall.
 """

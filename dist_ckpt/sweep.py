@@ -6,7 +6,9 @@ leftovers (``gc``) may remove only what no *committed* checkpoint needs:
 
 - **Mark**: every committed checkpoint keeps its own folder whole, plus the referenced files its
   metadata.json lists. Only checkpoints whose ``COMMITTED`` marker names a ``base`` can hold
-  references, so a run without incremental saves reads no metadata.json here.
+  references, so a run without incremental saves reads no metadata.json here; nor does this
+  process for the checkpoints it committed itself while their marker names the same save
+  attempt (:mod:`dist_ckpt.known_commits`).
 - **Sweep**: deleting a step removes its ``COMMITTED`` first (the step is no longer a
   checkpoint, and no longer marks anything), then each of its files that no remaining
   committed checkpoint references; referenced files stay in the folder, which is then a

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from incremental_common import assert_bit_identical
+from incremental_common import AdapterRun, assert_bit_identical
 from manager_common import manager
 
 import dist_ckpt
@@ -176,3 +176,51 @@ def test_retention_reads_references_of_a_step_committed_again_by_another_job(tmp
     out = {"a": torch.empty(128, 128), "b": torch.empty(8)}
     dist_ckpt.load(out, str(root / "step_000000003"))
     assert torch.equal(out["a"], a)
+
+
+def test_a_remembered_base_that_was_deleted_is_never_referenced(tmp_path):
+    """This process remembers step 2 (the last it wrote); step 2 is then deleted. Step 3's
+    base is step 1 (the newest committed): nothing of step 2 may be referenced, and the
+    frozen weights are reused from step 1's shard, read back from storage."""
+    from dist_ckpt.run_store import RunStore
+    from dist_ckpt.verify import verify_run
+
+    run = AdapterRun(0)
+    with manager(tmp_path, keep_last=None, incremental=True) as mgr:
+        state = mgr.track(**run.objects())
+        for step in (1, 2):
+            run.train_step()
+            mgr.save(step, state)
+        RunStore(open_backend(str(tmp_path))).delete_step(2)
+        assert not (tmp_path / "step_000000002").exists()
+        run.train_step()
+        mgr.save(3, state)
+        snap = run.snapshot()
+    files = _files(tmp_path / "step_000000003")
+    assert not any(n.startswith("step_000000002/") for n in files), files
+    assert "step_000000001/rank_00000.safetensors" in files  # the frozen base, from step 1
+    fresh = AdapterRun(99)
+    with manager(tmp_path, read_only=True) as mgr:
+        mgr.restore(mgr.track(**fresh.objects()), which=3)
+    assert_bit_identical(snap, fresh.snapshot())
+    report = verify_run(open_backend(str(tmp_path)))  # (the manifest still lists step 2: deleted behind its back)
+    assert [c.problems for c in report.checkpoints] == [[], []], report
+
+
+def test_entries_remembered_from_a_deleted_step_are_never_reused(tmp_path):
+    """Step 2 (the last this process wrote) adds ``z``, hashed in full; step 2 is deleted;
+    step 3 over base step 1 holds the same ``z``: it must be written, not refer to the
+    deleted step 2's shard."""
+    from dist_ckpt.run_store import RunStore
+
+    x, z = torch.randn(64, 64), torch.randn(64, 64)
+    dist_ckpt.save({"w": x}, str(tmp_path / "step_000000001"), incremental=True)
+    dist_ckpt.save({"w": x + 1, "z": z}, str(tmp_path / "step_000000002"), base=str(tmp_path / "step_000000001"))
+    RunStore(open_backend(str(tmp_path))).delete_step(2)
+    assert not (tmp_path / "step_000000002").exists()
+    dist_ckpt.save({"w": x, "z": z}, str(tmp_path / "step_000000003"), base=str(tmp_path / "step_000000001"))
+    files = _files(tmp_path / "step_000000003")
+    assert files == {"rank_00000.safetensors", "index_00000.safetensors", "step_000000001/rank_00000.safetensors"}
+    out = {"w": torch.empty(64, 64), "z": torch.empty(64, 64)}
+    dist_ckpt.load(out, str(tmp_path / "step_000000003"))
+    assert torch.equal(out["w"], x) and torch.equal(out["z"], z)

@@ -50,6 +50,7 @@ class CommitRecord:
         bytes: int,
         logical_bytes: int,
         base: str | None = None,
+        attempt: str | None = None,
         where: str = COMMITTED,
     ) -> CommitRecord:
         """The record the DCP writer commits: ``saver_info`` (what the saver recorded) first,
@@ -63,6 +64,8 @@ class CommitRecord:
         }
         if base is not None:
             doc["base"] = base
+        if attempt is not None:  # incremental: identifies the save (dist_ckpt.known_commits)
+            doc["attempt"] = attempt
         return cls._from_document(doc, where)
 
     @classmethod

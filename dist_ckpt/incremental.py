@@ -10,7 +10,11 @@ written again; the new checkpoint refers to the file that holds its bytes.
   unchanged; after a world-size change names rarely match and the save is simply fuller). An
   entry is reused when its name and content hash (xxh3-128 over dtype, shape and raw bytes)
   equal the base entry's. Reused entries point straight at the file that holds the bytes
-  (never a chain through the base), so deleting a step never needs to rewrite another.
+  (never a chain through the base), so deleting a step never needs to rewrite another. When
+  this process wrote the base itself (the base's ``COMMITTED``, read at every save, names the
+  same save attempt), its entries are not read back (:mod:`dist_ckpt.known_commits`).
+- **Hashing.** A sample hash first; the full hash only where the sample matches the base's (a
+  possible reuse) or there is no base entry — see :func:`split_entries`.
 - **Where hashing runs.** In ``write_data``, i.e. on the staged copy in the background worker of
   an async save (thread or writer process): it never lengthens the training stall.
 """
@@ -20,19 +24,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import xxhash
 
+from dist_ckpt import known_commits
 from dist_ckpt.checkpoint_files import COMMITTED, read_checkpoint_metadata
 from dist_ckpt.errors import CheckpointNotFound, CorruptCheckpoint
 from dist_ckpt.format.metadata_json import FileRecord
 from dist_ckpt.format.rank_index import IndexEntry
-from dist_ckpt.format.shard import PendingEntry
+from dist_ckpt.format.shard import PendingEntry, ShardReader
 from dist_ckpt.layout import STEP_PREFIX
-from dist_ckpt.references import check_reference, is_reference, run_parent
-from storage_backends import Backend, BackendError, join_key
+from dist_ckpt.references import check_reference, file_key, is_reference, run_parent
+from storage_backends import Backend, BackendError, ObjectNotFound, join_key
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,21 @@ def choose_base(backend: Backend, prefix: str, requested: str | bool | None) -> 
     return max(older, key=lambda s: int(s[len(_STEP_PREFIX) :])) if older else None
 
 
+def base_attempt(backend: Backend, prefix: str, base: str | None) -> tuple[str | None, str | None]:
+    """``(base, attempt)``: the base folder if it is still committed (its ``COMMITTED`` is read
+    now, at every save) and the save attempt its marker names (None: an older marker)."""
+    if base is None:
+        return None, None
+    try:
+        marker = backend.read(join_key(run_parent(prefix), base, COMMITTED))
+    except ObjectNotFound:
+        log.info("base %s of %s is no longer committed: saving in full", base, prefix)
+        return None, None
+    except BackendError as e:
+        raise CorruptCheckpoint(f"{backend.uri}/{run_parent(prefix)}/{base}: cannot read {COMMITTED} ({e})") from e
+    return base, known_commits.attempt_of(marker)
+
+
 @dataclass(frozen=True)
 class BaseEntries:
     """What this rank may reuse: base entry -> where its bytes are, and those files' records."""
@@ -84,10 +104,15 @@ class BaseEntries:
     files: Mapping[str, FileRecord]  # run-root-relative path -> size and checksum
 
 
-def load_base(backend: Backend, prefix: str, base: str | None, rank: int) -> BaseEntries:
-    """The base's entries written by ``rank`` (empty when there is no usable base)."""
+def load_base(backend: Backend, prefix: str, base: str | None, rank: int, attempt: str | None = None) -> BaseEntries:
+    """The base's entries written by ``rank`` (empty when there is no usable base). When this
+    process wrote them itself as ``attempt`` — the attempt the base's marker names now — they
+    are not read back (:mod:`dist_ckpt.known_commits`)."""
     if base is None:
         return BaseEntries({}, {})
+    known = known_commits.known_base(f"{backend.uri}/{run_parent(prefix)}", rank, base, attempt)
+    if known is not None:
+        return known
     base_prefix = join_key(run_parent(prefix), base)
     try:
         meta = read_checkpoint_metadata(backend, base_prefix)
@@ -114,6 +139,34 @@ def load_base(backend: Backend, prefix: str, base: str | None, rank: int) -> Bas
     return BaseEntries(entries, files)
 
 
+def remember_written(
+    backend: Backend,
+    prefix: str,
+    rank: int,
+    attempt: str,
+    shard: str,
+    shard_record: FileRecord,
+    index_extra: Mapping[str, IndexEntry],
+    referenced: Mapping[str, FileRecord],
+) -> None:
+    """What :func:`load_base` would read back from this rank's part of the checkpoint just
+    written at ``prefix`` by ``attempt`` (used only once a marker naming ``attempt`` is found)."""
+    folder = prefix.strip("/").rsplit("/", 1)[-1]
+    own = f"{folder}/{shard}"
+    entries: dict[str, IndexEntry] = {}
+    files: dict[str, FileRecord] = {}
+    for name, e in index_extra.items():
+        if e.content is None:
+            continue
+        location = e.location or own
+        entries[name] = IndexEntry(e.checksum, e.stored_bytes, e.content, location)
+        record = referenced[location] if e.location else shard_record
+        files[location] = FileRecord(record.rank, record.size, record.checksum)
+    known_commits.remember_base(
+        f"{backend.uri}/{run_parent(prefix)}", rank, folder, attempt, BaseEntries(entries, files)
+    )
+
+
 def sample_hash(entry: PendingEntry) -> str:
     """xxh3-128 of dtype, shape, length and three 16 KiB slices (start, middle, end): equal for
     equal content, so a differing sample proves a change without hashing the whole entry."""
@@ -130,15 +183,17 @@ def sample_hash(entry: PendingEntry) -> str:
 
 
 def _content(sample: str, full: str) -> str:
-    """The content record of an entry: ``xxh3_128:<sample>:<full>``."""
+    """The content record of an entry: ``xxh3_128:<sample>:<full>`` (``<full>`` empty: not
+    computed, the entry had changed — see :func:`split_entries`)."""
     return f"xxh3_128:{sample}:{full.removeprefix('xxh3_128:')}"
 
 
 def _parts(content: str | None) -> tuple[str | None, str | None]:
-    """``(sample, full)`` of a content record (a record without a sample: ``(None, full)``)."""
+    """``(sample, full)`` of a content record (a record without a sample: ``(None, full)``;
+    one whose full hash was not computed: ``(sample, None)``)."""
     parts = (content or "").split(":")
     if len(parts) == 3 and parts[0] == "xxh3_128":
-        return parts[1], parts[2]
+        return parts[1], parts[2] or None
     if len(parts) == 2 and parts[0] == "xxh3_128":
         return None, parts[1]
     return None, None
@@ -154,11 +209,23 @@ class Split:
     pending: dict[str, tuple[PendingEntry, str]]  # written entries whose full hash is still due (entry, sample)
 
 
-def split_entries(entries: Sequence[PendingEntry], base: BaseEntries) -> Split:
-    """Keep out the tensor entries whose bytes the base already has. An entry whose sample
-    differs from the base's is written without waiting for its full hash (computed while the
-    shard is written, :func:`hashed_while`); only entries whose sample matches are hashed in
-    full first — in a fine-tune, the frozen ones, which are then not written at all."""
+def split_entries(
+    entries: Sequence[PendingEntry],
+    base: BaseEntries,
+    read_stored: Callable[[str, IndexEntry], memoryview] | None = None,
+) -> Split:
+    """Keep out the tensor entries whose bytes the base already has (equal full content hash).
+    Only entries whose sample matches the base's are hashed in full first — in a fine-tune,
+    the frozen ones, which are then not written at all.
+
+    An entry whose sample differs from the base entry's has certainly changed (equal content
+    gives equal samples): it is written and its full hash is not computed at all — in a full
+    fine-tune that is every entry, so an incremental save costs the samples only. Its record
+    keeps the sample alone. If a later save finds the same sample again, the base has no full
+    hash to match: the base's stored bytes of that entry are read back (``read_stored``) and
+    hashed, once, and the entry is reused when the hashes are equal (its record then carries
+    the full hash). An entry with no base entry (a first save, a new entry) is written and
+    hashed in full while the shard is written (:func:`hashed_while`)."""
     to_write: list[PendingEntry] = []
     extra: dict[str, IndexEntry] = {}
     referenced: dict[str, FileRecord] = {}
@@ -170,19 +237,55 @@ def split_entries(entries: Sequence[PendingEntry], base: BaseEntries) -> Split:
         sample = sample_hash(e)
         found = base.entries.get(e.name)
         base_sample, base_full = _parts(found.content if found is not None else None)
-        usable = found is not None and base_full is not None and found.location and is_reference(found.location)
-        if usable and base_sample in (None, sample):
+        located = found is not None and bool(found.location) and is_reference(found.location or "")
+        if located and base_sample in (None, sample) and (base_full is not None or read_stored is not None):
             full = content_hash(e).removeprefix("xxh3_128:")
+            if base_full is None:  # the base recorded its sample only: hash its stored bytes now
+                base_full = _stored_hash(e, found, read_stored)  # type: ignore[arg-type]
             if full == base_full:
-                extra[e.name] = found  # type: ignore[assignment]
+                extra[e.name] = replace(found, content=_content(sample, full))  # type: ignore[type-var]
                 referenced[found.location] = base.files[found.location]  # type: ignore[union-attr,index]
                 continue
             extra[e.name] = IndexEntry("", -1, _content(sample, full))  # checksum and size filled in after writing
+        elif found is not None and base_sample is not None and base_sample != sample:
+            extra[e.name] = IndexEntry("", -1, _content(sample, ""))  # changed: no full hash needed now
         else:
             extra[e.name] = IndexEntry("", -1, None)
             pending[e.name] = (e, sample)
         to_write.append(e)
     return Split(to_write, extra, referenced, pending)
+
+
+def _stored_hash(
+    entry: PendingEntry, found: IndexEntry, read_stored: Callable[[str, IndexEntry], memoryview]
+) -> str | None:
+    """The full content hash of the base's stored bytes of ``entry`` (None: unreadable — the
+    entry is then written, never reused unchecked)."""
+    try:
+        stored = read_stored(entry.name, found)
+    except (CorruptCheckpoint, BackendError) as e:
+        log.warning(
+            "%s: cannot read the base's bytes of %r to compare (%s): writing it again", found.location, entry.name, e
+        )
+        return None
+    return content_hash(PendingEntry(entry.name, entry.dtype, entry.shape, stored)).removeprefix("xxh3_128:")
+
+
+class StoredEntries:
+    """Reads a base entry's stored (decoded) bytes from the file that holds them, checking
+    its size against the file table and the entry checksum; one shard header read per file."""
+
+    def __init__(self, backend: Backend, prefix: str, files: Mapping[str, FileRecord]):
+        self.backend, self.prefix, self.files = backend, prefix, files
+        self._readers: dict[str, ShardReader] = {}
+
+    def __call__(self, name: str, found: IndexEntry) -> memoryview:
+        location = found.location or ""
+        reader = self._readers.get(location)
+        if reader is None:
+            reader = ShardReader(self.backend, file_key(self.prefix, location), self.files[location].size)
+            self._readers[location] = reader
+        return reader.read(name, checksum=found.checksum)
 
 
 def hashed_while(split: Split, write: Callable[[], T]) -> tuple[T, dict[str, str]]:
@@ -193,11 +296,14 @@ def hashed_while(split: Split, write: Callable[[], T]) -> tuple[T, dict[str, str
     def hash_pending() -> dict[str, str]:
         return {name: _content(sample, content_hash(e)) for name, (e, sample) in split.pending.items()}
 
-    with ThreadPoolExecutor(1, thread_name_prefix="dist_ckpt-content-hash") as pool:
-        future = pool.submit(hash_pending)
-        try:
-            result = write()
-        finally:
-            pending = future.result()
+    if not split.pending:  # every written entry had changed (a full fine-tune): nothing to hash
+        result, pending = write(), {}
+    else:
+        with ThreadPoolExecutor(1, thread_name_prefix="dist_ckpt-content-hash") as pool:
+            future = pool.submit(hash_pending)
+            try:
+                result = write()
+            finally:
+                pending = future.result()
     contents = {name: e.content for name, e in split.index_extra.items() if e.location is None and e.content}
     return result, {**contents, **pending}

@@ -37,6 +37,8 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from dist_ckpt import known_commits
+
 # the torch-free half (what the command line reads), re-exported for the modules that import it from here
 from dist_ckpt.checkpoint_files import read_checkpoint_metadata, wrap_backend_error  # noqa: F401
 from dist_ckpt.commit import commit_checkpoint
@@ -47,10 +49,11 @@ from dist_ckpt.format.dtypes import torch_to_safetensors
 from dist_ckpt.format.metadata_json import EntryRef, FileRecord
 from dist_ckpt.format.rank_index import IndexEntry, index_entry, index_name
 from dist_ckpt.format.shard import ChunkCodec, PendingEntry, save_shard
-from dist_ckpt.incremental import choose_base, hashed_while, load_base, split_entries
+from dist_ckpt.incremental import StoredEntries, choose_base, hashed_while, load_base, remember_written, split_entries
+from dist_ckpt.incremental import base_attempt as base_attempt_of
 from dist_ckpt.layout import COMMITTED
 from dist_ckpt.lock_fence import Fence
-from dist_ckpt.references import own_and_logical_bytes
+from dist_ckpt.references import is_reference, own_and_logical_bytes
 from storage_backends import Backend, BackendError, join_key
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,8 @@ class _Assignment:
     rank: int
     incremental: bool = False  # record content hashes, reuse the base's entries
     base: str | None = None  # the base checkpoint's folder in the run root (None: full save)
+    attempt: str = ""  # this save's attempt id (incremental: named in COMMITTED)
+    base_attempt: str | None = None  # the attempt the base's COMMITTED names (dist_ckpt.known_commits)
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         # or the base folder's name; carried in commit_info so async jobs need no new field
         self.incremental: str | bool | None = self.commit_info.pop("incremental", None)
         self._base: str | None = None
+        self._attempt: str | None = None
         self.fence = fence  # the run lock's holder (a manager's save): checked right before COMMITTED
         self.is_coordinator = False
         self._staging = ""
@@ -148,12 +154,20 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         suffix = f"-{attempt}" if staging == self.prefix else ""
         self._staging = staging
         incremental = self.incremental is not None and self.incremental is not False  # "": hashes, no base
-        self._base = choose_base(self.backend, self.prefix, self.incremental)
+        self._attempt = attempt if incremental else None
+        chosen = choose_base(self.backend, self.prefix, self.incremental)
+        self._base, base_attempt = base_attempt_of(self.backend, self.prefix, chosen)
         return [
             replace(
                 plan,
                 storage_data=_Assignment(
-                    staging, f"rank_{rank:05d}{suffix}.safetensors", rank, incremental, self._base
+                    staging,
+                    f"rank_{rank:05d}{suffix}.safetensors",
+                    rank,
+                    incremental,
+                    self._base,
+                    attempt,
+                    base_attempt,
                 ),
             )
             for rank, plan in enumerate(plans)
@@ -190,7 +204,8 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         extra: dict[str, IndexEntry] = {}
         referenced: dict[str, FileRecord] = {}
         if assignment.incremental:  # hashing here runs on the staged copy (async: in the background)
-            split = split_entries(entries, load_base(self.backend, self.prefix, assignment.base, assignment.rank))
+            base = load_base(self.backend, self.prefix, assignment.base, assignment.rank, assignment.base_attempt)
+            split = split_entries(entries, base, StoredEntries(self.backend, self.prefix, base.files))
             extra, referenced = split.index_extra, split.referenced
             written, contents = hashed_while(split, lambda: save_shard(self.backend, key, split.to_write, self.codec))
             for name, e in extra.items():
@@ -206,6 +221,17 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         index_written = save_shard(self.backend, index_key, index_entries, None)
         index_record = FileRecord(assignment.rank, index_written.size, index_written.checksum)
         record = FileRecord(assignment.rank, written.size, written.checksum, index_file)
+        if assignment.incremental:  # the next save's base entries, if this attempt commits
+            remember_written(
+                self.backend,
+                self.prefix,
+                assignment.rank,
+                assignment.attempt,
+                assignment.file,
+                record,
+                extra,
+                referenced,
+            )
         stored = {n: (written.entry_checksums[n], written.stored_bytes[n]) for n in written.entry_checksums}
         stored.update({n: (e.checksum, e.stored_bytes) for n, e in extra.items() if e.location is not None})
         # No result per chunk of a tensor a split rule describes (compact_plan): the coordinator
@@ -258,11 +284,13 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
                 bytes=own_bytes,
                 logical_bytes=logical_bytes,
                 base=self._base,
+                attempt=self._attempt,
                 where=f"{self.uri}/{COMMITTED}",
             )
-            commit_checkpoint(
-                self.backend, staging, self.prefix, doc, record.to_json(), where=self.uri, fence=self.fence
-            )
+            marker = record.to_json()
+            commit_checkpoint(self.backend, staging, self.prefix, doc, marker, where=self.uri, fence=self.fence)
+            # retention need not read this metadata.json back to know what it references
+            known_commits.remember_references(f"{self.uri}/{COMMITTED}", marker, (n for n in files if is_reference(n)))
         except BackendError as e:
             raise wrap_backend_error(e, self.uri) from e
 

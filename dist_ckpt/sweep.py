@@ -6,7 +6,9 @@ leftovers (``gc``) may remove only what no *committed* checkpoint needs:
 
 - **Mark**: every committed checkpoint keeps its own folder whole, plus the referenced files its
   metadata.json lists. Only checkpoints whose ``COMMITTED`` marker names a ``base`` can hold
-  references, so a run without incremental saves reads no metadata.json here.
+  references, so a run without incremental saves reads no metadata.json here; nor does this
+  process for the checkpoints it committed itself while their marker names the same save
+  attempt (:mod:`dist_ckpt.known_commits`).
 - **Sweep**: deleting a step removes its ``COMMITTED`` first (the step is no longer a
   checkpoint, and no longer marks anything), then each of its files that no remaining
   committed checkpoint references; referenced files stay in the folder, which is then a
@@ -27,11 +29,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from dist_ckpt import known_commits
 from dist_ckpt.checkpoint_files import COMMITTED, read_checkpoint_metadata
 from dist_ckpt.commit_record import CommitRecord
 from dist_ckpt.errors import CorruptCheckpoint
 from dist_ckpt.layout import STEP_PREFIX
-from dist_ckpt.references import marked_keys
+from dist_ckpt.references import is_reference, marked_keys
 from storage_backends import Backend
 
 log = logging.getLogger(__name__)
@@ -46,10 +49,12 @@ def committed_folders(backend: Backend) -> list[str]:
     )
 
 
-def _has_base(backend: Backend, folder: str) -> bool:
+def _marker(backend: Backend, folder: str) -> tuple[bytes, bool]:
+    """A committed folder's ``COMMITTED`` bytes, and whether it names a base."""
     where = f"{backend.uri}/{folder}/{COMMITTED}"
+    data = backend.read(f"{folder}/{COMMITTED}")
     try:
-        return CommitRecord.from_json(backend.read(f"{folder}/{COMMITTED}"), where).base is not None
+        return data, CommitRecord.from_json(data, where).base is not None
     except CorruptCheckpoint as e:
         raise CorruptCheckpoint(f"{e}; nothing is deleted while it is unknown which files this checkpoint needs") from e
 
@@ -58,13 +63,20 @@ def marks(backend: Backend) -> set[str]:
     """Keys (run-root relative) outside their own folder that committed checkpoints read."""
     marked: set[str] = set()
     for folder in committed_folders(backend):
-        if not _has_base(backend, folder):
+        marker, has_base = _marker(backend, folder)
+        if not has_base:
             continue
-        try:
-            meta = read_checkpoint_metadata(backend, folder)
-        except CorruptCheckpoint as e:
-            raise CorruptCheckpoint(f"{e}; nothing is deleted while it is unknown which files it references") from e
-        marked |= marked_keys(folder, meta.files)
+        # the file table of a checkpoint this process committed (its marker, read just now,
+        # names the same save attempt) is known: no metadata.json read (dist_ckpt.known_commits)
+        where = f"{backend.uri}/{folder}/{COMMITTED}"
+        names = known_commits.known_references(where, marker)
+        if names is None:
+            try:
+                names = frozenset(read_checkpoint_metadata(backend, folder).files)
+            except CorruptCheckpoint as e:
+                raise CorruptCheckpoint(f"{e}; nothing is deleted while it is unknown which files it references") from e
+            known_commits.remember_references(where, marker, (n for n in names if is_reference(n)))
+        marked |= marked_keys(folder, names)
     return marked
 
 

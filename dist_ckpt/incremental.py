@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import xxhash
@@ -35,6 +35,7 @@ from dist_ckpt.errors import CheckpointNotFound, CorruptCheckpoint
 from dist_ckpt.format.metadata_json import FileRecord
 from dist_ckpt.format.rank_index import IndexEntry
 from dist_ckpt.format.shard import PendingEntry, ShardReader
+from dist_ckpt.incremental_chunks import ChunkPlan, ChunkRecord, ReadChunk, plan_chunks
 from dist_ckpt.layout import STEP_PREFIX
 from dist_ckpt.references import check_reference, file_key, is_reference, run_parent
 from storage_backends import Backend, BackendError, ObjectNotFound, join_key
@@ -134,9 +135,20 @@ def load_base(backend: Backend, prefix: str, base: str | None, rank: int, attemp
         if record is None:
             raise CorruptCheckpoint(f"{backend.uri}/{base_prefix}: entry {name!r} refers to an unlisted file")
         check_reference(location, f"{backend.uri}/{base_prefix}")
-        entries[name] = IndexEntry(e.checksum, e.stored_bytes, e.content, location)
+        chunks = _located_chunks(e.chunks, f"{base}/{shard}")
+        entries[name] = IndexEntry(e.checksum, e.stored_bytes, e.content, location, chunks)
         files[location] = FileRecord(record.rank, record.size, record.checksum)
+        for c in chunks or ():
+            chunk_record = meta.files[shard if c[1] == f"{base}/{shard}" else c[1]]
+            files[c[1]] = FileRecord(chunk_record.rank, chunk_record.size, chunk_record.checksum)
     return BaseEntries(entries, files)
+
+
+def _located_chunks(chunks: tuple[ChunkRecord, ...] | None, own: str) -> tuple[ChunkRecord, ...] | None:
+    """Chunk records with file ``""`` (the shard of the index) named ``own`` (run-root-relative)."""
+    if chunks is None:
+        return None
+    return tuple(c if c[1] else (c[0], own, *c[2:]) for c in chunks)
 
 
 def remember_written(
@@ -159,9 +171,13 @@ def remember_written(
         if e.content is None:
             continue
         location = e.location or own
-        entries[name] = IndexEntry(e.checksum, e.stored_bytes, e.content, location)
+        chunks = _located_chunks(e.chunks, own)
+        entries[name] = IndexEntry(e.checksum, e.stored_bytes, e.content, location, chunks)
         record = referenced[location] if e.location else shard_record
         files[location] = FileRecord(record.rank, record.size, record.checksum)
+        for c in chunks or ():
+            r = shard_record if c[1] == own else referenced[c[1]]
+            files[c[1]] = FileRecord(r.rank, r.size, r.checksum)
     known_commits.remember_base(
         f"{backend.uri}/{run_parent(prefix)}", rank, folder, attempt, BaseEntries(entries, files)
     )
@@ -207,12 +223,15 @@ class Split:
     index_extra: dict[str, IndexEntry]  # content records of written entries (None: pending); reused entries
     referenced: dict[str, FileRecord]  # the files reused entries are in
     pending: dict[str, tuple[PendingEntry, str]]  # written entries whose full hash is still due (entry, sample)
+    chunk_plans: dict[str, ChunkPlan] = field(default_factory=dict)  # zstd: written entries' chunks
 
 
 def split_entries(
     entries: Sequence[PendingEntry],
     base: BaseEntries,
     read_stored: Callable[[str, IndexEntry], memoryview] | None = None,
+    chunk_step: Callable[[PendingEntry], int | None] | None = None,
+    read_chunk: ReadChunk | None = None,
 ) -> Split:
     """Keep out the tensor entries whose bytes the base already has (equal full content hash).
     Only entries whose sample matches the base's are hashed in full first — in a fine-tune,
@@ -225,11 +244,14 @@ def split_entries(
     hash to match: the base's stored bytes of that entry are read back (``read_stored``) and
     hashed, once, and the entry is reused when the hashes are equal (its record then carries
     the full hash). An entry with no base entry (a first save, a new entry) is written and
-    hashed in full while the shard is written (:func:`hashed_while`)."""
+    hashed in full while the shard is written (:func:`hashed_while`). With the zstd codec
+    (``chunk_step``: raw bytes per chunk of an entry, None where not chunked) a written entry's
+    unchanged chunks are kept out too (:mod:`dist_ckpt.incremental_chunks`)."""
     to_write: list[PendingEntry] = []
     extra: dict[str, IndexEntry] = {}
     referenced: dict[str, FileRecord] = {}
     pending: dict[str, tuple[PendingEntry, str]] = {}
+    plans: dict[str, ChunkPlan] = {}
     for e in entries:
         if e.kind != "tensor":
             to_write.append(e)  # values are small JSON: always written
@@ -245,6 +267,8 @@ def split_entries(
             if full == base_full:
                 extra[e.name] = replace(found, content=_content(sample, full))  # type: ignore[type-var]
                 referenced[found.location] = base.files[found.location]  # type: ignore[union-attr,index]
+                for c in found.chunks or ():  # type: ignore[union-attr]
+                    referenced[c[1]] = base.files[c[1]]  # its shard's header points at them
                 continue
             extra[e.name] = IndexEntry("", -1, _content(sample, full))  # checksum and size filled in after writing
         elif found is not None and base_sample is not None and base_sample != sample:
@@ -252,8 +276,15 @@ def split_entries(
         else:
             extra[e.name] = IndexEntry("", -1, None)
             pending[e.name] = (e, sample)
+        step = chunk_step(e) if chunk_step is not None else None
+        plan = plan_chunks(e, step, found, base.files, read_chunk) if step else None
+        if plan is not None:
+            plans[e.name] = plan
+            referenced.update(plan.files)
+            if plan.files:
+                e = replace(e, reuse=plan.reuse)
         to_write.append(e)
-    return Split(to_write, extra, referenced, pending)
+    return Split(to_write, extra, referenced, pending, plans)
 
 
 def _stored_hash(
@@ -286,6 +317,17 @@ class StoredEntries:
             reader = ShardReader(self.backend, file_key(self.prefix, location), self.files[location].size)
             self._readers[location] = reader
         return reader.read(name, checksum=found.checksum)
+
+    def chunk(self, record: ChunkRecord, dtype: str) -> bytes:
+        """The raw bytes of one base chunk (its stored bytes read by range, then decoded)."""
+        from dist_ckpt.format.safetensors_header import header_length
+        from dist_ckpt.format.zstd_codec import ZstdCodec
+
+        key = file_key(self.prefix, record[1])
+        size = self.backend.size(key)
+        start = header_length(bytes(self.backend.read(key, 0, min(size, 8))), f"{self.backend.uri}/{key}", size)
+        stored = self.backend.read(key, start + record[2], record[3])
+        return ZstdCodec(threads=1).decode_chunk(stored, record[4], dtype)
 
 
 def hashed_while(split: Split, write: Callable[[], T]) -> tuple[T, dict[str, str]]:

@@ -51,6 +51,7 @@ from dist_ckpt.format.rank_index import IndexEntry, index_entry, index_name
 from dist_ckpt.format.shard import ChunkCodec, PendingEntry, save_shard
 from dist_ckpt.incremental import StoredEntries, choose_base, hashed_while, load_base, remember_written, split_entries
 from dist_ckpt.incremental import base_attempt as base_attempt_of
+from dist_ckpt.incremental_chunks import chunk_steps, finish_records
 from dist_ckpt.layout import COMMITTED
 from dist_ckpt.lock_fence import Fence
 from dist_ckpt.references import is_reference, own_and_logical_bytes
@@ -205,12 +206,18 @@ class DistCkptWriter(CheckpointLocation, StorageWriter):
         referenced: dict[str, FileRecord] = {}
         if assignment.incremental:  # hashing here runs on the staged copy (async: in the background)
             base = load_base(self.backend, self.prefix, assignment.base, assignment.rank, assignment.base_attempt)
-            split = split_entries(entries, base, StoredEntries(self.backend, self.prefix, base.files))
+            stored_entries = StoredEntries(self.backend, self.prefix, base.files)
+            steps = chunk_steps(self.codec)
+            split = split_entries(entries, base, stored_entries, steps, stored_entries.chunk if steps else None)
             extra, referenced = split.index_extra, split.referenced
             written, contents = hashed_while(split, lambda: save_shard(self.backend, key, split.to_write, self.codec))
             for name, e in extra.items():
                 if e.location is None:  # written now: its checksum and stored size are known now
-                    extra[name] = IndexEntry(written.entry_checksums[name], written.stored_bytes[name], contents[name])
+                    chunk_plan = split.chunk_plans.get(name)
+                    chunks = finish_records(chunk_plan.records, written.chunk_offsets[name]) if chunk_plan else None  # type: ignore[index]
+                    extra[name] = IndexEntry(
+                        written.entry_checksums[name], written.stored_bytes[name], contents[name], None, chunks
+                    )
         else:
             written = save_shard(self.backend, key, entries, self.codec)
         # The per-entry checksums go to this rank's own index file, not into metadata.json

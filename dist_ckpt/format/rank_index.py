@@ -29,6 +29,10 @@ from dist_ckpt.format.shard import PendingEntry, ShardReader
 from storage_backends import Backend, join_key
 
 INDEX_FORMAT = "dist_ckpt.rank_index/1"
+# written when an entry records per-chunk hashes (zstd chunk reuse, dist_ckpt.incremental_chunks):
+# readers of format /1 only refuse it by name instead of misreading it
+INDEX_FORMAT_CHUNKS = "dist_ckpt.rank_index/2"
+INDEX_FORMATS = (INDEX_FORMAT, INDEX_FORMAT_CHUNKS)
 INDEX_ENTRY = "index"
 _BASE_BYTES = 64 * 1024
 _BYTES_PER_ENTRY = 1024  # an entry name (key path + offsets), a 16-hex checksum, a size
@@ -44,16 +48,21 @@ class IndexEntry:
     stored_bytes: int
     content: str | None = None
     location: str | None = None
+    # zstd entries of incremental saves: per chunk (content record, file, data-region offset,
+    # stored_len, raw_len); file "" = the shard of this index (dist_ckpt.incremental_chunks)
+    chunks: tuple[tuple[str, str, int, int, int], ...] | None = None
 
     def __getitem__(self, i: int) -> Any:  # (checksum, stored_bytes) as format-2 code reads it
         return (self.checksum, self.stored_bytes)[i]
 
     def json(self) -> list[Any]:
         out: list[Any] = [self.checksum, self.stored_bytes]
-        if self.content is not None or self.location is not None:
+        if self.content is not None or self.location is not None or self.chunks is not None:
             out.append(self.content or "")
-        if self.location is not None:
-            out.append(self.location)
+        if self.location is not None or self.chunks is not None:
+            out.append(self.location or "")
+        if self.chunks is not None:
+            out.append([list(c) for c in self.chunks])
         return out
 
 
@@ -73,7 +82,8 @@ def index_entry(
     entries: dict[str, list[Any]] = {name: [sums[name], stored[name]] for name in sums}
     for name, e in (extra or {}).items():
         entries[name] = e.json()
-    doc = {"format": INDEX_FORMAT, "shard": shard, "entries": entries}
+    chunked = any(e.chunks is not None for e in (extra or {}).values())
+    doc = {"format": INDEX_FORMAT_CHUNKS if chunked else INDEX_FORMAT, "shard": shard, "entries": entries}
     data = json.dumps(doc, separators=(",", ":")).encode("utf-8")
     return PendingEntry(INDEX_ENTRY, "U8", (len(data),), memoryview(data), "json")
 
@@ -128,7 +138,7 @@ class RankIndexes:
             )
         try:
             doc = json.loads(data.decode("utf-8"))
-            if doc.get("format") != INDEX_FORMAT or doc.get("shard") != shard:
+            if doc.get("format") not in INDEX_FORMATS or doc.get("shard") != shard:
                 raise ValueError(f"expected format {INDEX_FORMAT!r} for shard {shard!r}")
             entries = {str(k): _parse_entry(v) for k, v in doc["entries"].items()}
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
@@ -139,16 +149,29 @@ class RankIndexes:
                 raise CorruptCheckpoint(
                     f"{where}: entry {name!r} refers to {e.location!r}, which metadata.json does not list"
                 )
+            for c in e.chunks or ():
+                if c[1] and c[1] not in self.files:
+                    raise CorruptCheckpoint(
+                        f"{where}: a chunk of entry {name!r} is in {c[1]!r}, which metadata.json does not list"
+                    )
         return entries
 
 
 def _parse_entry(v: Any) -> IndexEntry:
-    if not isinstance(v, list) or not 2 <= len(v) <= 4:
-        raise ValueError(f"expected [checksum, stored_bytes(, content(, file))], found {v!r:.80}")
+    if not isinstance(v, list) or not 2 <= len(v) <= 5:
+        raise ValueError(f"expected [checksum, stored_bytes(, content(, file(, chunks)))], found {v!r:.80}")
     content = str(v[2]) if len(v) > 2 and v[2] else None
-    location = str(v[3]) if len(v) > 3 else None
+    location = str(v[3]) if len(v) > 3 and v[3] else None
+    chunks = None
+    if len(v) > 4:
+        from dist_ckpt.references import check_reference
+
+        chunks = tuple((str(c[0]), str(c[1]), int(c[2]), int(c[3]), int(c[4])) for c in v[4])
+        for c in chunks:
+            if c[1]:
+                check_reference(c[1])
     if location is not None and "/" in location:  # no "/": an own file (a self-contained copy)
         from dist_ckpt.references import check_reference
 
         check_reference(location)
-    return IndexEntry(str(v[0]), int(v[1]), content, location)
+    return IndexEntry(str(v[0]), int(v[1]), content, location, chunks)

@@ -46,6 +46,9 @@ class EntryInfo:
     codec: str = "none"
     kind: str = "tensor"
     chunks: tuple[tuple[int, int], ...] = ()
+    # per chunk: None (its stored bytes are here, in order) or (file, offset) — a chunk reused
+    # from a shard of an earlier checkpoint (dist_ckpt.format.chunk_refs); empty: all here
+    refs: tuple[tuple[str, int] | None, ...] = ()
 
     @property
     def raw_nbytes(self) -> int:
@@ -164,19 +167,19 @@ def _parse_entry(file: str, name: str, spec: Any, extra: Any, hlen: int, data_le
     real_dtype, real_shape = extra.get("dtype"), _int_list(extra.get("shape"))
     if real_dtype not in BY_SAFETENSORS or real_shape is None:
         raise _corrupt(file, f"codec {codec!r} entry lacks a valid real dtype/shape", name)
-    raw_chunks = extra.get("chunks")
-    if not isinstance(raw_chunks, list) or not all(_int_list(c) is not None and len(c) == 2 for c in raw_chunks):
-        raise _corrupt(file, "chunk table is not a list of [raw_len, stored_len] pairs", name)
-    chunks = tuple((int(r), int(s)) for r, s in raw_chunks)
+    from dist_ckpt.format.chunk_refs import parse_chunk_table
+
+    chunks, refs = parse_chunk_table(extra.get("chunks"), lambda what: _corrupt(file, what, name))
     if any(r > MAX_CHUNK_RAW_BYTES for r, _ in chunks):
         raise _corrupt(file, f"a chunk declares more than {MAX_CHUNK_RAW_BYTES} raw bytes", name)
-    if sum(s for _, s in chunks) != stored:
-        raise _corrupt(file, f"chunk table covers {sum(s for _, s in chunks)} bytes, entry holds {stored}", name)
+    own = sum(s for (_, s), ref in zip(chunks, refs or (None,) * len(chunks)) if ref is None)
+    if own != stored:
+        raise _corrupt(file, f"chunk table covers {own} bytes, entry holds {stored}", name)
     raw_total = math.prod(real_shape) * BY_SAFETENSORS[real_dtype].itemsize
     if sum(r for r, _ in chunks) != raw_total:
         raise _corrupt(
             file, f"chunk table holds {sum(r for r, _ in chunks)} raw bytes, dtype and shape need {raw_total}", name
         )
     return EntryInfo(
-        name, real_dtype, tuple(real_shape), hlen + begin, hlen + end, codec=codec, kind=kind, chunks=chunks
+        name, real_dtype, tuple(real_shape), hlen + begin, hlen + end, codec=codec, kind=kind, chunks=chunks, refs=refs
     )

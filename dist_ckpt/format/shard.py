@@ -17,11 +17,12 @@ import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import xxhash
 
 from dist_ckpt.errors import CorruptCheckpoint
+from dist_ckpt.format.chunk_refs import ChunkRef, decode_pieces, read_pieces
 from dist_ckpt.format.dtypes import BY_SAFETENSORS
 from dist_ckpt.format.safetensors_header import (
     EntryInfo,
@@ -68,6 +69,9 @@ class PendingEntry:
     shape: tuple[int, ...]
     data: memoryview
     kind: str = "tensor"
+    # chunked codec only: per chunk, None (encode and write it) or where an earlier checkpoint
+    # already stores it (not written again: dist_ckpt.format.chunk_refs)
+    reuse: tuple[ChunkRef | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class WrittenShard:
     checksum: str  # "xxh3_128:<header hex>:<data hex>"
     entry_checksums: dict[str, str]
     stored_bytes: dict[str, int]
+    # chunked entries: per chunk (data-region offset or None where not written here, stored_len)
+    chunk_offsets: dict[str, list[tuple[int | None, int]]] | None = None
 
 
 def _codec_for(entry: PendingEntry, codec: ChunkCodec | None) -> ChunkCodec | None:
@@ -170,7 +176,7 @@ def _chunk_count(nbytes: int, itemsize: int, chunk_bytes: int) -> int:
 def _chunked_header(
     entries: Sequence[PendingEntry],
     codec: ChunkCodec,
-    stored: dict[str, tuple[int, int, list[tuple[int, int]]]] | None,
+    stored: dict[str, tuple[int, int, list[tuple[Any, ...]]]] | None,
     size: int | None = None,
 ) -> bytes:
     """Header for a chunked shard; with ``stored=None``, an upper bound built from placeholders."""
@@ -182,6 +188,8 @@ def _chunked_header(
             chunks = [[_PLACEHOLDER, _PLACEHOLDER]] * (
                 _chunk_count(e.data.nbytes, BY_SAFETENSORS[e.dtype].itemsize, codec.chunk_bytes) + 1
             )
+            if e.reuse:
+                chunks = [[_PLACEHOLDER] * 2 + ([r.file, _PLACEHOLDER] if r else []) for r in e.reuse] + chunks[:1]
         else:
             begin, end, chunk_list = stored[e.name]
             chunks = [list(c) for c in chunk_list]
@@ -200,25 +208,53 @@ def _write_chunked(writer: ObjectWriter, entries: Sequence[PendingEntry], codec:
     reserve = head_reserve(entries, codec)  # what save_shard reserved when opening the writer
     data_hash = xxhash.xxh3_128()
     sums: dict[str, str] = {}
-    stored: dict[str, tuple[int, int, list[tuple[int, int]]]] = {}
+    stored: dict[str, tuple[int, int, list[tuple[Any, ...]]]] = {}
+    offsets: dict[str, list[tuple[int | None, int]]] = {}
     offset = 0
     for e in entries:
         entry_hash = xxhash.xxh3_64()
-        begin, chunks = offset, []
+        begin, chunks, where = offset, [], []
         enc = _codec_for(e, codec)
-        pieces = enc.encode(e.data, e.dtype) if enc is not None else iter([(e.data, e.data.nbytes)])
+        if enc is not None and e.reuse:
+            pieces: Iterator[tuple[Any, int]] = _encode_new(enc, e)
+        else:
+            pieces = enc.encode(e.data, e.dtype) if enc is not None else iter([(e.data, e.data.nbytes)])
         for piece, raw_len in pieces:
+            if isinstance(piece, ChunkRef):  # stored in an earlier checkpoint: not written again
+                chunks.append((raw_len, piece.stored, piece.file, piece.offset))
+                where.append((None, piece.stored))
+                continue
             entry_hash.update(piece)
             data_hash.update(piece)
             writer.write(piece)
             chunks.append((raw_len, len(memoryview(piece).cast("B"))))
+            where.append((offset, chunks[-1][1]))
             offset += chunks[-1][1]
         stored[e.name] = (begin, offset, chunks)
+        offsets[e.name] = where
         sums[e.name] = entry_hash.hexdigest()
     header = _chunked_header(entries, codec, stored, reserve)
     size = writer.commit(header)
     checksum = f"xxh3_128:{xxhash.xxh3_128_hexdigest(header)}:{data_hash.hexdigest()}"
-    return WrittenShard(size, checksum, sums, {n: s[1] - s[0] for n, s in stored.items()})
+    return WrittenShard(size, checksum, sums, {n: s[1] - s[0] for n, s in stored.items()}, offsets)
+
+
+def _encode_new(codec: ChunkCodec, e: PendingEntry) -> Iterator[tuple[Any, int]]:
+    """``e``'s chunks in order: a :class:`ChunkRef` for each reused one, each run of the others
+    encoded (chunk boundaries are multiples of the step, so a run encodes to the same chunks)."""
+    assert e.reuse is not None
+    view, step, i = e.data.cast("B") if e.data.format != "B" or e.data.ndim != 1 else e.data, codec.step(e.dtype), 0
+    while i < len(e.reuse):
+        ref = e.reuse[i]
+        if ref is not None:
+            yield ref, ref.raw
+            i += 1
+            continue
+        j = i
+        while j < len(e.reuse) and e.reuse[j] is None:
+            j += 1
+        yield from codec.encode(view[i * step : j * step], e.dtype)
+        i = j
 
 
 def head_reserve(entries: Sequence[PendingEntry], codec: ChunkCodec | None) -> int:
@@ -309,6 +345,15 @@ class ShardReader:
         if stop <= start:
             return memoryview(b"")
         first, last = chunk_range_for_bytes(raw_lens, start, stop) if checksum is None else (0, len(info.chunks))
+        out = bytearray(sum(raw_lens[first:last]))
+        if info.refs:  # some chunks are in earlier checkpoints' files (dist_ckpt.format.chunk_refs)
+            try:
+                pieces = read_pieces(self, info, first, last, checksum)
+                decode_pieces(codec, pieces, raw_lens[first:last], info.dtype, memoryview(out), first)
+            except CorruptCheckpoint as e:
+                raise CorruptCheckpoint(f"{self.header.file}, entry {info.name!r}: {e}") from e
+            offset = sum(raw_lens[:first])
+            return memoryview(out)[start - offset : stop - offset]
         stored_begin = info.begin + sum(s for _, s in info.chunks[:first])
         stored_lens = [s for _, s in info.chunks[first:last]]
         blob = self.backend.read(self.key, stored_begin, sum(stored_lens))
@@ -316,13 +361,12 @@ class ShardReader:
             raise CorruptCheckpoint(f"{self.header.file}, entry {info.name!r}: short read (truncated file)")
         if checksum is not None:
             self.check(info, blob, checksum)
-        view, pieces, pos = memoryview(blob), [], 0
+        view, pieces_, pos = memoryview(blob), [], 0
         for n in stored_lens:
-            pieces.append(view[pos : pos + n])
+            pieces_.append(view[pos : pos + n])
             pos += n
-        out = bytearray(sum(raw_lens[first:last]))
         try:
-            codec.decode_into(pieces, raw_lens[first:last], info.dtype, memoryview(out), first_index=first)
+            codec.decode_into(pieces_, raw_lens[first:last], info.dtype, memoryview(out), first_index=first)
         except CorruptCheckpoint as e:
             raise CorruptCheckpoint(f"{self.header.file}, entry {info.name!r}: {e}") from e
         offset = sum(raw_lens[:first])

@@ -17,9 +17,10 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dist_ckpt.cli.copy_chunks import copy_renaming_chunks
 from dist_ckpt.commit_record import CommitRecord
 from dist_ckpt.format.metadata_json import FileRecord
-from dist_ckpt.format.rank_index import INDEX_ENTRY, INDEX_FORMAT
+from dist_ckpt.format.rank_index import INDEX_ENTRY, INDEX_FORMATS
 from dist_ckpt.format.shard import PendingEntry, ShardReader, save_shard
 from dist_ckpt.layout import COMMITTED
 from dist_ckpt.references import file_key, is_reference
@@ -65,6 +66,10 @@ def copy_self_contained(
         target = renamed.get(name, name)
         key = join_key(staging, target)
         written.append(key)
+        rewritten = copy_renaming_chunks(src, file_key(src_prefix, name), dst, key, record, renamed)
+        if rewritten is not None:  # zstd chunks reused from other files: header names them anew
+            new_files[target] = rewritten
+            continue
         copy_object(src, file_key(src_prefix, name), dst, key, record)
         new_files[target] = FileRecord(record.rank, record.size, record.checksum, record.index)
     for name in sorted(indexes):
@@ -76,10 +81,12 @@ def copy_self_contained(
 
             raise CorruptCheckpoint(f"{problem.message}; not copied (`dist-ckpt verify` the source)")
         doc = json.loads(bytes(reader.read(INDEX_ENTRY)).decode("utf-8"))
-        assert doc.get("format") == INDEX_FORMAT  # checked by its checksum against the file table above
+        assert doc.get("format") in INDEX_FORMATS  # checked by its checksum against the file table above
         for entry in doc["entries"].values():
             if len(entry) > 3 and entry[3] in renamed:
                 entry[3] = renamed[entry[3]]
+            for chunk in entry[4] if len(entry) > 4 else ():  # zstd chunk records
+                chunk[1] = renamed.get(chunk[1], chunk[1])
         data = json.dumps(doc, separators=(",", ":")).encode("utf-8")
         key = join_key(staging, name)
         written.append(key)

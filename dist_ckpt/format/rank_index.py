@@ -168,7 +168,7 @@ def _parse_entry(v: Any) -> IndexEntry:
 
         chunks = tuple((str(c[0]), str(c[1]), int(c[2]), int(c[3]), int(c[4])) for c in v[4])
         for c in chunks:
-            if c[1]:
+            if "/" in c[1]:  # no "/": an own file ("": this index's shard; else a self-contained copy)
                 check_reference(c[1])
     if location is not None and "/" in location:  # no "/": an own file (a self-contained copy)
         from dist_ckpt.references import check_reference

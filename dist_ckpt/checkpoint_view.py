@@ -84,6 +84,7 @@ class CheckpointView:
         if file not in self._readers:
             try:
                 self._readers[file] = ShardReader(self.backend, file_key(self.prefix, file), self.meta.files[file].size)
+                self._readers[file].files = self.meta.files  # reused zstd chunks must be in listed files
             except BackendError as e:
                 raise wrap_backend_error(e, f"{self.uri}/{file}") from e
         return self._readers[file]

@@ -107,6 +107,7 @@ class DistCkptReader(CheckpointLocation, StorageReader):
         for file in by_file:
             record = self.checkpoint.files[file]
             shards[file] = ShardReader(self.backend, file_key(self.prefix, file), record.size, self.codecs)
+            shards[file].files = self.checkpoint.files  # reused zstd chunks must be in listed files
         tensor_items: list[tuple[ShardReader, ReadItem]] = []
         for file, items in by_file.items():
             for item in items:

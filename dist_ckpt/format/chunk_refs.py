@@ -101,7 +101,12 @@ def read_pieces(reader: Any, info: Any, first: int, last: int, checksum: str | N
             j += 1
         key = ref_key(reader.key, ref[0])
         where = f"{reader.backend.uri}/{key}"
-        start = _data_start(reader, key, where)
+        listed = getattr(reader, "files", None)  # the checkpoint's file table, where the caller has it
+        if listed is not None and ref[0] not in listed:
+            raise CorruptCheckpoint(
+                f"a chunk of entry {info.name!r} is in {ref[0]!r}, which metadata.json does not list"
+            )
+        start = _data_start(reader, key, where, listed[ref[0]].size if listed is not None else None)
         blob = memoryview(reader.backend.read(key, start + ref[1], end - ref[1]))
         if len(blob) != end - ref[1]:
             raise CorruptCheckpoint(f"{where}: short read of chunks of entry {info.name!r} (truncated file)")
@@ -113,13 +118,18 @@ def read_pieces(reader: Any, info: Any, first: int, last: int, checksum: str | N
     return out
 
 
-def _data_start(reader: Any, key: str, where: str) -> int:
-    """Where the data region of the referenced file ``key`` starts (its header length)."""
+def _data_start(reader: Any, key: str, where: str, expected_size: int | None) -> int:
+    """Where the data region of the referenced file ``key`` starts (its header length), once
+    its size is checked against metadata.json's file table."""
     from dist_ckpt.format.safetensors_header import header_length
 
     cache = reader.__dict__.setdefault("_ref_starts", {})
     if key not in cache:
         size = reader.backend.size(key)
+        if expected_size is not None and size != expected_size:
+            raise CorruptCheckpoint(
+                f"{where}: file is {size} bytes but metadata.json records {expected_size} (truncated or replaced)"
+            )
         cache[key] = header_length(bytes(reader.backend.read(key, 0, min(size, 8))), where, size)
     return cache[key]
 

@@ -14,7 +14,7 @@ data region (checked by ``dist-ckpt verify``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -289,6 +289,7 @@ class ShardReader:
         self, backend: Backend, key: str, expected_size: int | None, codecs: dict[str, ChunkCodec] | None = None
     ):
         self.backend, self.key, self._codecs = backend, key, codecs
+        self.files: Mapping[str, Any] | None = None  # the file table: where reused zstd chunks may be (chunk_refs)
         size = backend.size(key)
         if expected_size is not None and size != expected_size:
             raise CorruptCheckpoint(

@@ -13,6 +13,8 @@ written again; the new checkpoint refers to the file that holds its bytes.
   (never a chain through the base), so deleting a step never needs to rewrite another. When
   this process wrote the base itself (the base's ``COMMITTED``, read at every save, names the
   same save attempt), its entries are not read back (:mod:`dist_ckpt.known_commits`).
+- **zstd chunks.** In an entry that is written again, the chunks equal to the base entry's
+  are not (:mod:`dist_ckpt.incremental_chunks`).
 - **Hashing.** A sample hash first; the full hash only where the sample matches the base's (a
   possible reuse) or there is no base entry — see :func:`split_entries`.
 - **Where hashing runs.** In ``write_data``, i.e. on the staged copy in the background worker of

@@ -56,7 +56,10 @@ def parse_chunk_table(
         chunks.append((row[0], row[1]))
         if len(row) == 4:
             if "/" in row[2]:
-                check_reference(row[2])
+                try:
+                    check_reference(row[2], "chunk table")
+                except CorruptCheckpoint as e:
+                    raise corrupt(str(e)) from e
             elif row[2] in (".", "..") or "\\" in row[2]:
                 raise corrupt(f"chunk file {row[2]!r} refused")
             refs.append((row[2], row[3]))

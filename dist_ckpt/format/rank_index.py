@@ -6,7 +6,10 @@ like any shard: size and xxh3-128 checksums in metadata.json's file table) with 
 ``{"format": "dist_ckpt.rank_index/1", "shard": NAME, "entries": {ENTRY: [xxh3_64, stored_bytes, ...]}}``.
 Incremental checkpoints (:mod:`dist_ckpt.incremental`) add a third item, the entry's content
 hash, and for an entry not written again a fourth: the run-root-relative path of the file of
-an earlier checkpoint that holds its bytes (listed in metadata.json's file table too).
+an earlier checkpoint that holds its bytes (listed in metadata.json's file table too). A zstd
+entry of several chunks adds a fifth, its chunks' hashes and places
+(:mod:`dist_ckpt.incremental_chunks`); such an index is written as format ``rank_index/2``,
+which older readers refuse by name.
 
 ``metadata.json`` (read by every rank) then only holds what grows with tensors and ranks; a
 restoring rank reads the index of each file that holds one of its chunks, once, and nothing

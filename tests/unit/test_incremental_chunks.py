@@ -5,6 +5,7 @@ referenced chunk; a damaged referenced chunk fails by that file's name."""
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 import torch
@@ -190,3 +191,21 @@ def test_restore_reads_just_the_reused_chunks_of_the_earlier_file(tmp_path):
     assert torch.equal(out["emb"], b)
     # chunks 0 and 1 (one ranged read) and the 8-byte header length of a's file: not chunk 2
     assert backend.read_bytes["a/rank_00000.safetensors"] == info.chunks[0][1] + info.chunks[1][1] + 8
+
+
+@pytest.mark.parametrize("bad", ["c/rank_00000.safetensors", "../rank_00000.safetensors", "/a/rank_00000.safetensor"])
+def test_a_chunk_file_not_listed_or_outside_the_run_root_is_refused(tmp_path, bad):
+    from dist_ckpt.cli.copy_chunks import _renamed_header
+    from dist_ckpt.format.safetensors_header import header_length
+
+    _two_saves(tmp_path)
+    path = tmp_path / "b" / "rank_00000.safetensors"
+    data = path.read_bytes()
+    hlen = header_length(data[:8], str(path), len(data))
+    renamed = _renamed_header(data[:hlen], {"a/rank_00000.safetensors": bad}, str(path))
+    assert renamed is not None
+    body = renamed[8:] + b" " * (hlen - len(renamed))  # padded like the original: same file size
+    header = struct.pack("<Q", len(body)) + body
+    path.write_bytes(header + data[hlen:])
+    with pytest.raises(CorruptCheckpoint, match="rank_00000.safetensors"):
+        dist_ckpt.load({"emb": torch.zeros(ROWS, WIDTH)}, str(tmp_path / "b"))

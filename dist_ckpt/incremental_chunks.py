@@ -34,9 +34,16 @@ ChunkRecord = tuple[str, str, int, int, int]  # content "sample:full", file, off
 ReadChunk = Callable[[ChunkRecord, str], bytes]  # a base chunk's raw bytes (record, dtype)
 
 
-def _sample(piece: memoryview) -> str:
-    """xxh3-128 of three 16 KiB slices of a chunk and its length (equal for equal chunks)."""
-    h, n = xxhash.xxh3_128(), len(piece)
+def _full(piece: memoryview | bytes, dtype: str) -> str:
+    """xxh3-128 of a chunk's dtype and raw bytes (a chunk's encoding depends on its dtype)."""
+    h = xxhash.xxh3_128(f"{dtype}|".encode())
+    h.update(piece)
+    return h.hexdigest()
+
+
+def _sample(piece: memoryview, dtype: str) -> str:
+    """xxh3-128 of dtype, three 16 KiB slices of a chunk and its length (equal for equal chunks)."""
+    h, n = xxhash.xxh3_128(f"{dtype}|".encode()), len(piece)
     if n <= 4 * _SAMPLE:
         h.update(piece)
     else:
@@ -82,15 +89,15 @@ def plan_chunks(
     files: dict[str, FileRecord] = {}
     for i, raw in enumerate(raw_lens):
         piece = data[i * step : i * step + raw]
-        sample = _sample(piece)
+        sample = _sample(piece, entry.dtype)
         b = base[i] if base is not None else None
         full = ""
         if b is None:
-            full = xxhash.xxh3_128_hexdigest(piece)  # nothing to compare yet: the next save will
+            full = _full(piece, entry.dtype)  # nothing to compare yet: the next save will
         else:
             base_sample, base_full = _split(b[0])
             if base_sample == sample:
-                full = xxhash.xxh3_128_hexdigest(piece)
+                full = _full(piece, entry.dtype)
                 if base_full is None and read_chunk is not None:
                     base_full = _stored_hash(b, entry, read_chunk)
                 if full == base_full and b[1] in base_files:
@@ -105,7 +112,7 @@ def plan_chunks(
 
 def _stored_hash(b: ChunkRecord, entry: PendingEntry, read_chunk: ReadChunk) -> str | None:
     try:
-        return xxhash.xxh3_128_hexdigest(read_chunk(b, entry.dtype))
+        return _full(read_chunk(b, entry.dtype), entry.dtype)
     except (CorruptCheckpoint, BackendError) as e:
         log.warning("%s: cannot read back a chunk of %r to compare (%s): writing it again", b[1], entry.name, e)
         return None

@@ -98,6 +98,10 @@ def test_reused_chunks_are_listed_and_read_by_range(tmp_path):
     backend = open_backend(str(tmp_path))
     info = ShardReader(backend, "b/rank_00000.safetensors", None).entry("emb")
     assert [r[0] if r else None for r in info.refs] == ["a/rank_00000.safetensors"] * 2 + [None]
+    # the wire format older readers refuse by name: a format-2 rank index with per-chunk rows
+    index = ShardReader(backend, "b/index_00000.safetensors", None)
+    doc = json.loads(bytes(index.read("index")))
+    assert doc["format"] == "dist_ckpt.rank_index/2" and len(doc["entries"]["emb"][4]) == 3
     # a partial read of the first rows reads only that chunk of a's file
     part = {"emb": torch.zeros(ROWS, WIDTH)}
     dist_ckpt.load(part, str(tmp_path / "b"))

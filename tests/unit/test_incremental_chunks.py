@@ -13,6 +13,7 @@ from incremental_common import assert_bit_identical, stored_bytes
 from manager_common import manager, steps_on_disk
 
 import dist_ckpt
+from dist_ckpt import known_commits
 from dist_ckpt.checkpoint_view import CheckpointView
 from dist_ckpt.errors import CorruptCheckpoint
 from dist_ckpt.export import export_checkpoint
@@ -45,11 +46,16 @@ def _verify_clean(root, *, notes: bool = False) -> None:
     assert notes or not report.notes, report.notes
 
 
-def test_one_changed_row_stores_about_one_chunk_per_save_keep_last_two(tmp_path):
+@pytest.mark.parametrize("remembered", [True, False], ids=["same-process", "read-back"])
+def test_one_changed_row_stores_about_one_chunk_per_save_keep_last_two(tmp_path, remembered):
+    """``read-back``: every save reads its base's metadata.json and rank index (and the sweep
+    every kept step's), as a new process would; ``same-process``: what this process wrote."""
     emb, snaps = _embedding(), {}
     with manager(tmp_path, keep_last=2, incremental=True, compression="zstd") as mgr:
         state = mgr.track(model=emb)
         for step in range(1, 8):
+            if not remembered:
+                known_commits.forget_all()
             if step > 1:
                 with torch.no_grad():  # one row, in chunk (step % 3): every chunk changes in turn
                     emb.weight[(step % 3) * CHUNK_ROWS + step] += 1.0

@@ -139,15 +139,23 @@ def test_a_damaged_referenced_chunk_fails_naming_its_file(tmp_path):
     assert not report.ok and "a/rank_00000.safetensors" in " ".join(p.message for p in report.problems)
 
 
-@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
-def test_async_saves_reuse_chunks_local_and_s3(tmp_path, where, request):
-    """Async (thread) saves hash chunks in the background writer; on the real SeaweedFS S3
+@pytest.mark.parametrize(
+    "where, mode",
+    [
+        ("local", "thread"),
+        pytest.param("local", "process", marks=pytest.mark.slow),
+        pytest.param("s3", "thread", marks=pytest.mark.slow),
+    ],
+)
+def test_async_saves_reuse_chunks_local_and_s3(tmp_path, where, mode, request):
+    """Async saves (thread, writer process) hash chunks in the background writer; on the real SeaweedFS S3
     server too (shard names carry the attempt id there). Restores of the kept steps are
     bit-identical and retention keeps every file a kept step's chunks are in."""
     root = request.getfixturevalue("s3_uri") if where == "s3" else str(tmp_path)
     options = {"backend_options": {}} if where == "s3" else {}  # no fsync option on S3
     emb, snaps = _embedding(), {}
-    with manager(root, keep_last=2, incremental=True, compression="zstd", async_save=True, **options) as mgr:
+    async_options = {"async_save": True, "async_mode": mode}
+    with manager(root, keep_last=2, incremental=True, compression="zstd", **async_options, **options) as mgr:
         state = mgr.track(model=emb)
         for step in range(1, 6):
             with torch.no_grad():

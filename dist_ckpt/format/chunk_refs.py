@@ -18,13 +18,12 @@ bytes stored in this shard.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from dist_ckpt.errors import CorruptCheckpoint
-
-_Ref = tuple[str, int]
+from dist_ckpt.format.safetensors_header import header_length
 
 
 @dataclass(frozen=True)
@@ -35,37 +34,6 @@ class ChunkRef:
     offset: int  # in the file's data region
     stored: int
     raw: int
-
-
-def parse_chunk_table(
-    rows: Any, corrupt: Callable[[str], CorruptCheckpoint]
-) -> tuple[tuple[tuple[int, int], ...], tuple[_Ref | None, ...]]:
-    """``(chunks, refs)`` of a header's chunk table (``refs`` empty when every chunk is here)."""
-    from dist_ckpt.references import check_reference
-
-    if not isinstance(rows, list):
-        raise corrupt("chunk table is not a list of [raw_len, stored_len] pairs")
-    chunks: list[tuple[int, int]] = []
-    refs: list[_Ref | None] = []
-    for row in rows:
-        ok = isinstance(row, list) and len(row) in (2, 4) and all(type(v) is int and v >= 0 for v in row[:2])
-        if ok and len(row) == 4:
-            ok = isinstance(row[2], str) and bool(row[2]) and type(row[3]) is int and row[3] >= 0
-        if not ok:
-            raise corrupt("chunk table is not a list of [raw_len, stored_len(, file, offset)] rows")
-        chunks.append((row[0], row[1]))
-        if len(row) == 4:
-            if "/" in row[2]:
-                try:
-                    check_reference(row[2], "chunk table")
-                except CorruptCheckpoint as e:
-                    raise corrupt(str(e)) from e
-            elif row[2] in (".", "..") or "\\" in row[2]:
-                raise corrupt(f"chunk file {row[2]!r} refused")
-            refs.append((row[2], row[3]))
-        else:
-            refs.append(None)
-    return tuple(chunks), (tuple(refs) if any(r is not None for r in refs) else ())
 
 
 def ref_key(shard_key: str, file: str) -> str:
@@ -124,8 +92,6 @@ def read_pieces(reader: Any, info: Any, first: int, last: int, checksum: str | N
 def _data_start(reader: Any, key: str, where: str, expected_size: int | None) -> int:
     """Where the data region of the referenced file ``key`` starts (its header length), once
     its size is checked against metadata.json's file table."""
-    from dist_ckpt.format.safetensors_header import header_length
-
     cache = reader.__dict__.setdefault("_ref_starts", {})
     if key not in cache:
         size = reader.backend.size(key)

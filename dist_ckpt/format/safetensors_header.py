@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,8 +168,6 @@ def _parse_entry(file: str, name: str, spec: Any, extra: Any, hlen: int, data_le
     real_dtype, real_shape = extra.get("dtype"), _int_list(extra.get("shape"))
     if real_dtype not in BY_SAFETENSORS or real_shape is None:
         raise _corrupt(file, f"codec {codec!r} entry lacks a valid real dtype/shape", name)
-    from dist_ckpt.format.chunk_refs import parse_chunk_table
-
     chunks, refs = parse_chunk_table(extra.get("chunks"), lambda what: _corrupt(file, what, name))
     if any(r > MAX_CHUNK_RAW_BYTES for r, _ in chunks):
         raise _corrupt(file, f"a chunk declares more than {MAX_CHUNK_RAW_BYTES} raw bytes", name)
@@ -183,3 +182,34 @@ def _parse_entry(file: str, name: str, spec: Any, extra: Any, hlen: int, data_le
     return EntryInfo(
         name, real_dtype, tuple(real_shape), hlen + begin, hlen + end, codec=codec, kind=kind, chunks=chunks, refs=refs
     )
+
+
+def parse_chunk_table(
+    rows: Any, corrupt: Callable[[str], CorruptCheckpoint]
+) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[str, int] | None, ...]]:
+    """``(chunks, refs)`` of a header's chunk table (``refs`` empty when every chunk is here)."""
+    from dist_ckpt.references import check_reference
+
+    if not isinstance(rows, list):
+        raise corrupt("chunk table is not a list of [raw_len, stored_len] pairs")
+    chunks: list[tuple[int, int]] = []
+    refs: list[tuple[str, int] | None] = []
+    for row in rows:
+        ok = isinstance(row, list) and len(row) in (2, 4) and all(type(v) is int and v >= 0 for v in row[:2])
+        if ok and len(row) == 4:
+            ok = isinstance(row[2], str) and bool(row[2]) and type(row[3]) is int and row[3] >= 0
+        if not ok:
+            raise corrupt("chunk table is not a list of [raw_len, stored_len(, file, offset)] rows")
+        chunks.append((row[0], row[1]))
+        if len(row) == 4:
+            if "/" in row[2]:
+                try:
+                    check_reference(row[2], "chunk table")
+                except CorruptCheckpoint as e:
+                    raise corrupt(str(e)) from e
+            elif row[2] in (".", "..") or "\\" in row[2]:
+                raise corrupt(f"chunk file {row[2]!r} refused")
+            refs.append((row[2], row[3]))
+        else:
+            refs.append(None)
+    return tuple(chunks), (tuple(refs) if any(r is not None for r in refs) else ())

@@ -18,6 +18,7 @@ from _fault_lib import Job, wait_for
 
 from dist_ckpt.run_lock import LOCK, LockInfo
 from storage_backends import Backend
+from storage_backends.local_io import PART_MARK
 
 HERE = Path(__file__).resolve().parent
 LOCK_JOB = HERE / "_lock_job.py"
@@ -118,9 +119,11 @@ def merged_refs(tmp: Path, sources: dict[int, Path]) -> Path:
 
 
 def files_under(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file below ``root`` but ``LOCK`` (whose heartbeat moves): size and mtime."""
+    """Every file below ``root`` but ``LOCK`` (whose heartbeat moves) and the heartbeat's own
+    temporary ``[.]LOCK.part-*`` (written, then renamed over LOCK: it may vanish between the
+    listing and its stat — CI saw that): size and mtime."""
     return {
         str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != LOCK
+        if p.name != LOCK and not p.name.lstrip(".").startswith(LOCK + PART_MARK) and p.is_file()
     }

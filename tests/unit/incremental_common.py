@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -68,3 +69,23 @@ def stored_bytes(root, prefix: str = "step_") -> int:
         if Path(dirpath).relative_to(root).parts[:1] and Path(dirpath).relative_to(root).parts[0].startswith(prefix):
             total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
     return total
+
+
+class CountingReads:
+    """A backend wrapper that counts the bytes read from each key."""
+
+    def __init__(self, inner):
+        self.inner, self.read_bytes = inner, Counter()
+
+    def read(self, key, offset=0, length=None):
+        data = self.inner.read(key, offset, length)
+        self.read_bytes[key] += len(data)
+        return data
+
+    def read_into(self, key, offset, buf):
+        n = self.inner.read_into(key, offset, buf)
+        self.read_bytes[key] += n
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)

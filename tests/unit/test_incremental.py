@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from incremental_common import AdapterRun, assert_bit_identical, stored_bytes
+from incremental_common import AdapterRun, CountingReads, assert_bit_identical, stored_bytes
 from manager_common import manager, steps_on_disk
 
 import dist_ckpt
@@ -208,35 +208,13 @@ def test_hashing_runs_after_save_returns(tmp_path, monkeypatch):
     assert total >= 3.0 and stall < 3.0, (stall, total)
 
 
-class _CountingReads:
-    """A backend wrapper that counts the bytes read from each key."""
-
-    def __init__(self, inner):
-        from collections import Counter
-
-        self.inner, self.read_bytes = inner, Counter()
-
-    def read(self, key, offset=0, length=None):
-        data = self.inner.read(key, offset, length)
-        self.read_bytes[key] += len(data)
-        return data
-
-    def read_into(self, key, offset, buf):
-        n = self.inner.read_into(key, offset, buf)
-        self.read_bytes[key] += n
-        return n
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 def test_restore_reads_only_the_needed_bytes_of_a_referenced_file(tmp_path):
     from dist_ckpt.api import load_from
 
     frozen, changing = torch.randn(512, 512), torch.randn(512, 512)
     dist_ckpt.save({"frozen": frozen, "changing": changing}, str(tmp_path / "a"), incremental=True)
     dist_ckpt.save({"frozen": frozen, "changing": changing + 1}, str(tmp_path / "b"), base=str(tmp_path / "a"))
-    backend = _CountingReads(open_backend(str(tmp_path)))
+    backend = CountingReads(open_backend(str(tmp_path)))
     out = {"frozen": torch.zeros(512, 512), "changing": torch.zeros(512, 512)}
     load_from(backend, "b", out)
     assert torch.equal(out["frozen"], frozen) and torch.equal(out["changing"], changing + 1)

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 import torch
-from incremental_common import assert_bit_identical, stored_bytes
+from incremental_common import CountingReads, assert_bit_identical, stored_bytes
 from manager_common import manager, steps_on_disk
 
 import dist_ckpt
@@ -176,34 +176,12 @@ def test_async_saves_reuse_chunks_local_and_s3(tmp_path, where, mode, request):
         assert_bit_identical(snaps[step], fresh.state_dict())
 
 
-class _CountingReads:
-    """A backend wrapper that counts the bytes read from each key."""
-
-    def __init__(self, inner):
-        from collections import Counter
-
-        self.inner, self.read_bytes = inner, Counter()
-
-    def read(self, key, offset=0, length=None):
-        data = self.inner.read(key, offset, length)
-        self.read_bytes[key] += len(data)
-        return data
-
-    def read_into(self, key, offset, buf):
-        n = self.inner.read_into(key, offset, buf)
-        self.read_bytes[key] += n
-        return n
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 def test_restore_reads_just_the_reused_chunks_of_the_earlier_file(tmp_path):
     from dist_ckpt.api import load_from
 
     a, b = _two_saves(tmp_path)
     info = ShardReader(open_backend(str(tmp_path)), "b/rank_00000.safetensors", None).entry("emb")
-    backend = _CountingReads(open_backend(str(tmp_path)))
+    backend = CountingReads(open_backend(str(tmp_path)))
     out = {"emb": torch.zeros(ROWS, WIDTH)}
     load_from(backend, "b", out)
     assert torch.equal(out["emb"], b)

@@ -77,13 +77,13 @@ def save_step(
     }
     fence = mgr._lock.fence if mgr._lock is not None else None  # rank 0: checked right before COMMITTED
     spread = spread_writes.replicated_fqns(state, sd, mgr.world_size) if mgr.config.ddp_spread_writes else frozenset()
-    follow_up = mgr._commit_follow_up(step)
     if mgr._tiers is not None:  # the local commit needs no run lock; the node's uploader promotes
         after_commit, on_every_rank = mgr._tiers.hooks(
             step, force=force, before=mgr._progress.best, after=progress.best
         )
         hooks, fence = CommitHooks(after_commit=after_commit, on_every_rank=on_every_rank), None
-    else:
+    else:  # rank 0's manifest update and retention, from values (no manager code in the worker)
+        follow_up = mgr._commit_follow_up(step)
         hooks = CommitHooks(
             after_commit=lambda: follow_up.record(deletes_later=True),
             after_verdict=follow_up.delete_dropped,

@@ -195,6 +195,7 @@ def main() -> None:
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--state-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--only", help="run only these sections (comma-separated names)")
     parser.add_argument("--child-context", help=argparse.SUPPRESS)
     parser.add_argument("--child-nccl", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -216,8 +217,11 @@ def main() -> None:
         ("nccl_single_rank", nccl_single_rank),
         ("stall", lambda: stall_and_staging(args.state_mib * MiB, args.rounds)),
         ("compute_overlap", lambda: compute_overlap(args.state_mib * MiB, 5)),
-        ("overlap_staging", lambda: overlap_staging(args.state_mib * MiB, 3)),
+        ("overlap_staging", lambda: overlap_staging(args.state_mib * MiB, 5)),
     ]
+    if args.only:
+        wanted = set(args.only.split(","))
+        sections = [(name, run) for name, run in sections if name in wanted]
     for name, run in sections:
         t0 = time.perf_counter()
         try:

@@ -33,8 +33,8 @@ class S3ObjectWriter:
 
     Memory stays below ``max(multipart_threshold, (max_concurrency + 2) * part_size)``: the
     first part when kept for a reserved head, at most ``max_concurrency`` parts in flight
-    (``write()`` blocks while that many are uploading) and the part being filled. ``max_buffered_bytes`` records the peak.
-    Any failure aborts the multipart upload, so nothing partial is left behind.
+    (``write()`` blocks while that many are uploading) and the part being filled.
+    ``max_buffered_bytes`` records the peak. Any failure aborts the multipart upload, so nothing partial is left behind.
     """
 
     def __init__(self, s3: S3Bucket, key: str, full_key: str, reserve_head: int) -> None:

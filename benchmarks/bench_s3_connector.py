@@ -105,7 +105,8 @@ def server_cpu_seconds(pid: int) -> float:
 
 
 def request_kind(method: str, query: tuple[str, ...]) -> str:
-    """S3 operation of a request, from its method and query keys."""
+    """S3 operation of a request, from its method and query keys (the proxy keeps no headers:
+    a CopyObject, a PUT with ``x-amz-copy-source``, counts as a PutObject)."""
     q = set(query)
     if method == "PUT":
         return "UploadPart" if "partNumber" in q else "PutObject"

@@ -1,8 +1,12 @@
 """The S3 streaming writer: one ``put_object`` for small objects, a parallel multipart upload
 for large ones, with bounded memory and a reserved head patched in at commit.
 
-The first part (which starts with the reserved head) stays in memory and is uploaded last, in
-``commit(head)``, with the head filled in: S3 assembles parts by number, not by upload order.
+With a reserved head, the first part (which starts with it) stays in memory and is uploaded
+last, in ``commit(head)``, with the head filled in: S3 assembles parts by number, not by upload
+order. Without one (``reserve_head=0``: uncompressed shards, whose header is written first)
+part 1 goes out as soon as it is full, like every other part, so the upload's tail after the
+last byte is one part, not two. Every part but the last keeps ``part_size`` bytes (stores such
+as Cloudflare R2 refuse multipart uploads whose parts differ in size).
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ class S3ObjectWriter:
     """Streams one object to S3. Obtain it from :meth:`S3Backend.open_writer`.
 
     Memory stays below ``max(multipart_threshold, (max_concurrency + 2) * part_size)``: the
-    kept first part, at most ``max_concurrency`` parts in flight (``write()`` blocks while that
-    many are uploading) and the part being filled. ``max_buffered_bytes`` records the peak.
-    Any failure aborts the multipart upload, so nothing partial is left behind.
+    first part when kept for a reserved head, at most ``max_concurrency`` parts in flight
+    (``write()`` blocks while that many are uploading) and the part being filled.
+    ``max_buffered_bytes`` records the peak. Any failure aborts the multipart upload, so nothing partial is left behind.
     """
 
     def __init__(self, s3: S3Bucket, key: str, full_key: str, reserve_head: int) -> None:
@@ -174,16 +178,25 @@ class S3ObjectWriter:
         log.debug("started multipart upload of s3://%s/%s", b.bucket, self._full)
         buf = self._buf
         if len(buf) == self._first_size:
-            self._first, self._buf = buf, bytearray()
+            first, self._buf = buf, bytearray()
+            self._keep_or_send_first(first)
             return
-        self._first = buf[: self._first_size]
+        first = buf[: self._first_size]
         rest = memoryview(buf)[self._first_size :]
         self._buf = bytearray()
+        self._keep_or_send_first(first)
         while len(rest) >= self._part_size:
             self._submit(self._take_part_number(), bytearray(rest[: self._part_size]))
             rest = rest[self._part_size :]
         self._buf = bytearray(rest)
         rest.release()
+
+    def _keep_or_send_first(self, first: bytearray) -> None:
+        """Part 1 waits for ``commit(head)`` only when a head is reserved in it."""
+        if self._reserve:
+            self._first = first
+        else:
+            self._submit(1, first)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -231,10 +244,11 @@ class S3ObjectWriter:
             last, self._buf = self._buf, bytearray()
             self._submit(self._take_part_number(), last)
         first = self._first
-        assert first is not None
-        first[: self._reserve] = head
-        self._first = None  # from here on it is counted as in flight
-        self._submit(1, first)
+        if self._reserve:
+            assert first is not None
+            first[: self._reserve] = head
+            self._first = None  # from here on it is counted as in flight
+            self._submit(1, first)
         wait(list(self._pending.values()))
         self._raise_if_failed()
         self._pending.clear()

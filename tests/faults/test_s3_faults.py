@@ -100,7 +100,7 @@ _ORPHAN = textwrap.dedent(
     from storage_backends import open_backend
     b = open_backend(sys.argv[1], part_size=5 << 20, multipart_threshold=5 << 20, max_concurrency=2)
     w = b.open_writer("step_000000002/rank_00000.safetensors")
-    w.write(b"x" * (16 << 20))            # parts 2..4 upload while writing (part 1 waits for commit)
+    w.write(b"x" * (16 << 20))            # parts 1..3 upload while writing (no reserved head)
     while w.parts_uploaded < 2:
         time.sleep(0.05)
     print("UPLOADING", w.upload_id, flush=True)

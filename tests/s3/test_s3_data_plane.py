@@ -117,6 +117,36 @@ def test_read_into_beyond_the_retry_budget_names_the_object(
     assert "run/step_1/shard" in str(cut.value)
 
 
+# -- uploads ---------------------------------------------------------------------------------------
+
+
+def _parts_on_server(server: S3Server, uri: str, key: str, upload_id: str) -> list[int]:
+    full = uri[len("s3://") :].split("/", 1)[1] + "/" + key
+    resp = server.client().list_parts(Bucket=_bucket(uri), Key=full, UploadId=upload_id)
+    return sorted(p["PartNumber"] for p in resp.get("Parts", []))
+
+
+@pytest.mark.parametrize("reserve", [0, 8])
+def test_part_one_waits_for_commit_only_when_a_head_is_reserved(s3_server: S3Server, s3_uri: str, reserve: int) -> None:
+    """Without a reserved head (uncompressed shards) part 1 is uploaded while writing, so the
+    upload's tail after the last byte is one part; with one it waits for ``commit(head)``.
+    What the server holds before commit is asked with ListParts."""
+    b = make_s3_backend(s3_server, s3_uri, **SMALL_PARTS)
+    data = os.urandom(3 * PART + 123)
+    head = b"H" * reserve
+    w = b.open_writer("obj", reserve_head=reserve)
+    w.write(data)  # three full parts; the 123 (+ reserve) bytes left stay for commit
+    expected_before = [1, 2, 3] if reserve == 0 else [2, 3]
+    deadline = time.monotonic() + 60
+    while w.parts_uploaded < len(expected_before) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert w.upload_id is not None
+    assert _parts_on_server(s3_server, s3_uri, "obj", w.upload_id) == expected_before
+    assert w.commit(head) == len(data) + reserve
+    assert w.parts_uploaded == 4 == b.stats["upload_part"]
+    assert b.read("obj") == head + data
+
+
 # -- the client boto3's configuration chain builds ------------------------------------------------
 
 

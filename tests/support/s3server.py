@@ -199,7 +199,9 @@ def _write_identities(path: Path, access_key: str, secret_key: str) -> None:
     )
 
 
-def _launch(weed: str, workdir: Path, ports: dict[str, int], config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+def _launch(
+    weed: str, workdir: Path, ports: dict[str, int], config: Path, log_path: Path, max_volumes: int = 100
+) -> subprocess.Popen[bytes]:
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
     p = ports
@@ -225,7 +227,7 @@ def _launch(weed: str, workdir: Path, ports: dict[str, int], config: Path, log_p
         f"-filer.localSocket={workdir / 'filer.sock'}",
         f"-s3.localSocket={workdir / 's3.sock'}",
         "-master.volumeSizeLimitMB=64",
-        "-volume.max=100",
+        f"-volume.max={max_volumes}",
         "-master.telemetry=false",
         "-volume.preStopSeconds=0",
         "-s3.autoCreateBucket=false",
@@ -262,10 +264,19 @@ def _wait_ready(server: S3Server, timeout: float) -> None:
 
 
 def start_seaweedfs(
-    workdir: Path, *, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY, timeout: float = 60.0, tries: int = 3
+    workdir: Path,
+    *,
+    access_key: str = ACCESS_KEY,
+    secret_key: str = SECRET_KEY,
+    timeout: float = 60.0,
+    tries: int = 3,
+    max_volumes: int = 100,
 ) -> S3Server:
     """Start ``weed server`` with an S3 gateway in ``workdir`` on free loopback ports and wait
-    until it stores objects. Raises :class:`S3ServerError` with the log tail on failure."""
+    until it stores objects. Raises :class:`S3ServerError` with the log tail on failure.
+
+    Volumes hold 64 MB each and there are at most ``max_volumes`` (deleted objects free no
+    volume until vacuumed): a benchmark that writes more than ~6 GB asks for more."""
     weed = find_weed()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -278,7 +289,7 @@ def start_seaweedfs(
     error: S3ServerError | None = None
     for attempt in range(tries):
         ports = dict(zip(_PORT_NAMES, _free_ports(len(_PORT_NAMES)), strict=True))
-        proc = _launch(weed, workdir, ports, config, log_path)
+        proc = _launch(weed, workdir, ports, config, log_path, max_volumes)
         server = S3Server(
             f"http://127.0.0.1:{ports['s3']}",
             access_key,

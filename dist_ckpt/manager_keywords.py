@@ -135,11 +135,13 @@ class ManagerKeywords:
                 checkpoint's file table refers to the file that holds it (frozen weights are
                 stored once). Content is hashed on the staged copy, in the background for async
                 saves.
-            async_save: Return from ``save()`` once tensors are staged; write and commit in the
-                background. ``"overlap"``: return before parameters and optimizer state are
-                copied (the copy runs during the next forward/backward; the tracked
-                optimizers' ``step()`` waits for it; a tensor changed in place before it is
-                copied fails the save, :class:`SnapshotInconsistent`).
+            async_save: Write and commit in the background. ``True``: ``save()`` returns
+                before the parameters a tracked optimizer updates and its state are copied
+                (the copy runs during the next forward/backward; that optimizer's ``step()``
+                waits for it; a tensor changed in place before the copy is joined fails the
+                save, :class:`SnapshotInconsistent`); everything else is copied inside
+                ``save()``. ``"staged"``: the whole copy inside ``save()``. ``"overlap"``: as
+                True, every tracked model's parameters deferred too.
             async_mode: Background worker: ``"thread"`` or ``"process"``.
             ddp_spread_writes: Under DDP, parameters and their optimizer state (the same on
                 every rank) are written by all ranks in balanced parts; buffers and everything

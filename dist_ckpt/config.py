@@ -68,7 +68,10 @@ class ManagerConfig:
     optimizer's ``step()`` waits for the copy if it is not done (everything else, e.g. a model no
     tracked optimizer updates, is copied inside ``save()``). A tracked tensor changed in place
     before the copy is joined fails that save, :class:`SnapshotInconsistent` (never a torn
-    snapshot; see :mod:`dist_ckpt.overlap` for what the check can miss). ``"staged"``: the whole
+    snapshot; see :mod:`dist_ckpt.overlap` for what the check can miss). The write starts once
+    the copy is joined: at that step, ``wait_staged()``, ``wait()``, the next ``save()`` or
+    ``close()`` (call ``wait_staged()`` after a save followed by a long pause without optimizer
+    steps, e.g. an evaluation, to have it committed meanwhile). ``"staged"``: the whole
     copy inside ``save()`` (for loops that change parameters in place outside
     ``optimizer.step()``). ``"overlap"``: like True, and every tracked model's parameters are
     deferred too (frozen weights included: only for loops where nothing else writes them)."""

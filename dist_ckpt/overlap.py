@@ -34,7 +34,8 @@ changes. With no such optimizer at all the save is simply staged (logged once, a
 Writes the version counter cannot see — through ``param.data`` (a tensor with a counter of its
 own), through raw pointers (custom kernels, NCCL into a parameter's storage) — are caught where
 they touch much of a tensor: the join also compares a sample of every deferred tensor (one
-element per 4 KiB, and the last) byte for byte with its staged copy. A write that changes only
+element per 4 KiB, and the last: :mod:`dist_ckpt.overlap_samples`), taken at ``save()``, byte
+for byte with the live tensor and with its staged copy. A write that changes only
 a few elements (a clamp of outliers, an in-place update of some rows) can slip between the
 samples: loops that write tracked parameters that way between ``save()`` and the next
 ``optimizer.step()`` must call ``mgr.wait_staged()`` first or use ``async_save="staged"``.
@@ -52,8 +53,9 @@ from typing import Any
 
 import torch
 
+from dist_ckpt.overlap_samples import Samples
+
 CHUNK_BYTES = 16 << 20  # copies run in pieces so a test (or a profiler) can act between them
-SAMPLE_EVERY_BYTES = 4096  # the join's content check: one element per page of each tensor
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +145,6 @@ class _Item:
     src: torch.Tensor
     dst: torch.Tensor
     version: int  # the source's version counter at save()
-    sample: torch.Tensor  # a sample of the source's bytes at save() (:func:`_sample`)
 
 
 class OverlapCopy:
@@ -159,7 +160,8 @@ class OverlapCopy:
 
     def __init__(self, step: int, sources: dict[str, torch.Tensor], views: dict[str, torch.Tensor]):
         self.step = step
-        self.items = tuple(_Item(fqn, src, views[fqn], src._version, _sample(src)) for fqn, src in sources.items())
+        self.items = tuple(_Item(fqn, src, views[fqn], src._version) for fqn, src in sources.items())
+        self._at_save = Samples([i.src for i in self.items])  # for writes no version counter counts
         self.nbytes = sum(i.src.numel() * i.src.element_size() for i in self.items)
         # CUDA: the copies must follow whatever the training stream queued before save()
         self._events = {}
@@ -230,7 +232,11 @@ class OverlapCopy:
             self.waited_s = time.perf_counter() - t0
             late = [i.fqn for i in self.items if i.src._version != i.version and i.fqn not in self._changed]
             if self._error is None:  # writes no version counter saw (param.data, raw pointers)
-                late += [i.fqn for i in self.items if i.fqn not in self._changed and i.fqn not in late and _differs(i)]
+                groups = self._at_save.groups
+                now = Samples([i.src for i in self.items], groups)
+                copied = Samples([i.dst for i in self.items], groups)
+                unseen = sorted(set(self._at_save.differing(now)) | set(self._at_save.differing(copied)))
+                late += [f for f in (self.items[j].fqn for j in unseen) if f not in self._changed and f not in late]
             self._changed.extend(late)
             self._joined.set()
 
@@ -255,23 +261,3 @@ class OverlapCopy:
             "mgr.wait_staged() before changing them elsewhere, or use async_save='staged' (the copy is taken "
             "inside save()).",
         )
-
-
-def _sample(t: torch.Tensor) -> torch.Tensor:
-    """One element per ``SAMPLE_EVERY_BYTES`` of ``t`` and its last, as bytes (a NaN equals
-    itself). A strided copy: cheap next to the staging copy; on CUDA it is queued on the
-    current stream, after the work that produced ``t``, and read only at the join."""
-    flat = t.detach().reshape(-1)
-    if flat.numel() == 0:
-        return flat.view(torch.uint8) if flat.element_size() == 1 else flat.new_empty(0, dtype=torch.uint8)
-    every = max(1, SAMPLE_EVERY_BYTES // max(1, flat.element_size()))
-    return torch.cat([flat[::every], flat[-1:]]).view(torch.uint8)
-
-
-def _differs(item: _Item) -> bool:
-    """Whether the source's sample now, or its staged copy's, differs from the sample taken at
-    ``save()``: a write no version counter counted (``param.data``, raw pointers) before the
-    copy, during it, or after it and before the join. Runs at the join, once per save (a CUDA
-    source: one small device-to-host read, which waits for the work queued before it)."""
-    at_save = item.sample.cpu()
-    return not (torch.equal(_sample(item.src).cpu(), at_save) and torch.equal(_sample(item.dst), at_save))

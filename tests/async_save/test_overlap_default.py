@@ -176,3 +176,21 @@ def test_an_optimizer_whose_step_skips_the_hooks_is_not_deferred() -> None:
     assert overlap_mod.prepare(State(), lambda: None, "overlap")  # explicit: as before
     State.objects = {"model": model, "optimizer": sgd}
     assert overlap_mod.prepare(State(), lambda: None, True) == overlap_mod.guarded([sgd])
+
+
+def test_samples_name_the_tensors_that_changed_and_a_nan_equals_itself() -> None:
+    from dist_ckpt.overlap_samples import Samples
+
+    tensors = [
+        torch.full((5000,), float("nan")),  # several pages of fp32
+        torch.arange(10, dtype=torch.int64),
+        torch.zeros(0),
+        torch.ones(3000, dtype=torch.bfloat16),
+        torch.zeros(4, dtype=torch.bool),
+    ]
+    at_save = Samples(tensors)
+    assert at_save.differing(Samples(tensors, at_save.groups)) == []
+    tensors[1][-1] = -1  # the last element is always sampled
+    tensors[3].data.mul_(0.5)  # every element
+    tensors[4][0] = True  # the first element is always sampled
+    assert at_save.differing(Samples(tensors, at_save.groups)) == [1, 3, 4]

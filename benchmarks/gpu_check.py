@@ -19,7 +19,7 @@ it prints one JSON object and commits nothing by itself. Sections:
   ratio of the step time without one.
 - ``overlap_staging``: ``async_save="overlap"`` with a CUDA model and AdamW: the loop's blocked
   time per save (the call plus the wait before the next optimizer step) against
-  ``async_save=True``, and each overlapped checkpoint equal to the parameters at its save().
+  ``async_save="staged"``, and each overlapped checkpoint equal to the parameters at its save().
 
 The timed sections (stall, compute_overlap, overlap_staging) are in gpu_timings.py.
 """

@@ -69,7 +69,7 @@ def stall_and_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    mgr = CheckpointManager(str(work / "ours"), async_save=True, keep_last=1)
+    mgr = CheckpointManager(str(work / "ours"), async_save="staged", keep_last=1)
     state = mgr.track(model=model)
     makers = {
         "dcp_blocking_staging": lambda: DefaultStager(
@@ -153,7 +153,7 @@ def compute_overlap(state_bytes: int, steps: int) -> dict[str, Any]:
 
     model = model_of_bytes(state_bytes, "cuda:0")
     work = tempfile.mkdtemp(prefix="gpu_overlap_")
-    mgr = CheckpointManager(work, async_save=True, keep_last=1)
+    mgr = CheckpointManager(work, async_save="staged", keep_last=1)
     state = mgr.track(model=model)
     mgr.save(0, state, force=True)
     mgr.wait()
@@ -175,7 +175,8 @@ def compute_overlap(state_bytes: int, steps: int) -> dict[str, Any]:
 
 def overlap_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
     """``async_save="overlap"`` with real CUDA compute: the loop's blocked time per save (the
-    call plus the wait before the next optimizer step) against ``async_save=True``, rounds
+    call plus the wait before the next optimizer step) against ``async_save="staged"`` (before
+    2026-11-27: ``True``, which meant staged then), rounds
     interleaved; and every overlapped checkpoint equals the state at its save() exactly.
 
     The host's blocked time alone undersells the overlap on a GPU: CUDA kernels are queued
@@ -201,7 +202,7 @@ def overlap_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
     opt.step()
     work = tempfile.mkdtemp(prefix="gpu_overlap_staging_")
     managers = {
-        mode: CheckpointManager(f"{work}/{mode}", async_save=True if mode == "blocking" else "overlap", keep_last=2)
+        mode: CheckpointManager(f"{work}/{mode}", async_save="staged" if mode == "blocking" else "overlap", keep_last=2)
         for mode in ("blocking", "overlap")
     }
     states = {mode: mgr.track(model=model, optimizer=opt) for mode, mgr in managers.items()}

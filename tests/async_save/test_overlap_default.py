@@ -194,3 +194,18 @@ def test_samples_name_the_tensors_that_changed_and_a_nan_equals_itself() -> None
     tensors[3].data.mul_(0.5)  # every element
     tensors[4][0] = True  # the first element is always sampled
     assert at_save.differing(Samples(tensors, at_save.groups)) == [1, 3, 4]
+
+
+def test_load_weights_right_after_a_save_joins_its_copy_first(tmp_path: Path) -> None:
+    """``load_weights`` writes into the module in place: the overlapped copy of the save before
+    it must be joined first (it was not: the save failed with SnapshotInconsistent)."""
+    mgr, state, model, opt, sched, expected_1 = _first_save(tmp_path, True)
+    step(model, opt, sched)
+    expected_2 = dump(model, opt)
+    mgr.save(2, state, force=True)
+    mgr.load_weights(model, which=1)  # e.g. evaluating an earlier checkpoint's weights
+    mgr.wait()
+    mgr.close()
+    assert committed_steps(tmp_path) == [1, 2]
+    assert_same(loaded(tmp_path, 2), expected_2)
+    assert torch.equal(model.a.weight, expected_1["m.a.weight"])

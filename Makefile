@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-unit test-slow demo bench soak clean
+.PHONY: setup test test-unit test-slow demo bench soak soak-overlap clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: setup
 
 soak: setup
 	$(PY) -m pytest -m soak tests/faults
+
+# the soak with overlapped staging (SOAK_ASYNC also takes staged or true)
+soak-overlap: setup
+	SOAK_ASYNC=overlap $(PY) -m pytest -m soak tests/faults
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -22,7 +22,8 @@ Methods:
 
 * ``copy_floor``: ``copy_`` of every parameter and optimizer-state tensor into preallocated
   buffers (the floor of a blocking staging copy);
-* ``ours_blocking``: ``CheckpointManager(async_save=True)`` (thread worker, local disk, fsync);
+* ``ours_blocking``: ``CheckpointManager(async_save="staged")`` (thread worker, local disk,
+  fsync; ``async_save=True`` before 2026-11-27, when True meant staged);
 * ``ours_overlap``: ``CheckpointManager(async_save="overlap")``;
 * ``dcp_reused_stager``: ``dcp.async_save`` with one ``DefaultStager(StagingOptions(False,
   False, False, False))`` reused across saves (staging storages reused; the options that
@@ -128,7 +129,7 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
     elif method.startswith("ours"):
         from dist_ckpt import CheckpointManager
 
-        mgr = CheckpointManager(str(root), async_save="overlap" if method == "ours_overlap" else True, keep_last=2)
+        mgr = CheckpointManager(str(root), async_save="overlap" if method == "ours_overlap" else "staged", keep_last=2)
         state = mgr.track(model=model, optimizer=opt)
         for i in range(saves):
             step()

@@ -17,9 +17,11 @@ it prints one JSON object and commits nothing by itself. Sections:
   device-to-host copy floor into a reused pinned buffer.
 - ``compute_overlap``: GPU step time (bf16 matmuls) while a background save is in flight, as a
   ratio of the step time without one.
-- ``overlap_staging``: ``async_save="overlap"`` with a CUDA model and AdamW: the loop's blocked
+- ``overlap_staging``: ``async_save=True`` (overlapped staging; ``"overlap"`` before
+  2026-11-27) with a CUDA model and AdamW: the loop's blocked
   time per save (the call plus the wait before the next optimizer step) against
-  ``async_save=True``, and each overlapped checkpoint equal to the parameters at its save().
+  ``async_save="staged"``, each overlapped checkpoint equal to the parameters at its save(), and
+  a write through ``param.data`` right after a save failing it (``SnapshotInconsistent``).
 
 The timed sections (stall, compute_overlap, overlap_staging) are in gpu_timings.py.
 """

@@ -69,7 +69,7 @@ def stall_and_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    mgr = CheckpointManager(str(work / "ours"), async_save=True, keep_last=1)
+    mgr = CheckpointManager(str(work / "ours"), async_save="staged", keep_last=1)
     state = mgr.track(model=model)
     makers = {
         "dcp_blocking_staging": lambda: DefaultStager(
@@ -153,7 +153,7 @@ def compute_overlap(state_bytes: int, steps: int) -> dict[str, Any]:
 
     model = model_of_bytes(state_bytes, "cuda:0")
     work = tempfile.mkdtemp(prefix="gpu_overlap_")
-    mgr = CheckpointManager(work, async_save=True, keep_last=1)
+    mgr = CheckpointManager(work, async_save="staged", keep_last=1)
     state = mgr.track(model=model)
     mgr.save(0, state, force=True)
     mgr.wait()
@@ -174,8 +174,10 @@ def compute_overlap(state_bytes: int, steps: int) -> dict[str, Any]:
 
 
 def overlap_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
-    """``async_save="overlap"`` with real CUDA compute: the loop's blocked time per save (the
-    call plus the wait before the next optimizer step) against ``async_save=True``, rounds
+    """Overlapped staging (``async_save=True``, since 2026-11-27; ``"overlap"`` before) with
+    real CUDA compute: the loop's blocked time per save (the
+    call plus the wait before the next optimizer step) against ``async_save="staged"`` (before
+    2026-11-27: ``True``, which meant staged then), rounds
     interleaved; and every overlapped checkpoint equals the state at its save() exactly.
 
     The host's blocked time alone undersells the overlap on a GPU: CUDA kernels are queued
@@ -201,7 +203,8 @@ def overlap_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
     opt.step()
     work = tempfile.mkdtemp(prefix="gpu_overlap_staging_")
     managers = {
-        mode: CheckpointManager(f"{work}/{mode}", async_save=True if mode == "blocking" else "overlap", keep_last=2)
+        # "overlap": the default, async_save=True (the same tensors deferred as "overlap" here)
+        mode: CheckpointManager(f"{work}/{mode}", async_save="staged" if mode == "blocking" else True, keep_last=2)
         for mode in ("blocking", "overlap")
     }
     states = {mode: mgr.track(model=model, optimizer=opt) for mode, mgr in managers.items()}
@@ -247,10 +250,25 @@ def overlap_staging(state_bytes: int, rounds: int) -> dict[str, Any]:
                 reader.restore(reader.track(model=probe, optimizer=popt), which=step)
                 reader.close()
                 exact.append(all(torch.equal(a, b) for a, b in zip(probe.parameters(), expected)))
+    # a write through param.data right after save(): no version counter counts it; the join's
+    # byte samples (taken on the training stream at save()) must, and fail the save
+    from dist_ckpt.errors import SnapshotInconsistent
+
+    step += 1
+    managers["overlap"].save(step, states["overlap"], force=True)
+    next(model.parameters()).data.mul_(0.5)
+    fwd_bwd()
+    opt.step()
+    try:
+        managers["overlap"].wait()
+        data_write = "not detected"
+    except SnapshotInconsistent:
+        data_write = "SnapshotInconsistent"
     for mgr in managers.values():
         mgr.close()
     shutil.rmtree(work, ignore_errors=True)
     return {
+        "param_data_write_after_save": data_write,
         "blocked_s_blocking": _median(blocked["blocking"]),
         "blocked_s_overlap": _median(blocked["overlap"]),
         "overlap_over_blocking": statistics.median(blocked["overlap"]) / statistics.median(blocked["blocking"]),

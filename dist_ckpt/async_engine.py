@@ -12,7 +12,8 @@ foreground consumes (:meth:`drain`: it raises the failure, or hands the result t
 ``on_consumed`` hook). Tests and benchmarks watch saves through
 ``observer`` (:class:`dist_ckpt.async_job.SaveObserver`).
 
-With ``async_save="overlap"`` the parameters and optimizer state are left out of that copy:
+With overlapped staging (``async_save=True`` or ``"overlap"``) the parameters and optimizer
+state are left out of that copy:
 the worker copies them during the next forward/backward and the tracked optimizers' step
 pre-hook joins it (:mod:`dist_ckpt.overlap`).
 
@@ -170,7 +171,7 @@ class AsyncEngine:
         return False
 
     def join_copy(self) -> None:
-        """``async_save="overlap"``: wait for the in-flight save's staging copy (only if it is
+        """Overlapped staging: wait for the in-flight save's staging copy (only if it is
         not done) and check it (the optimizer step pre-hook calls this; so do drain and exit)."""
         job = self._job
         if job is not None and job.copy is not None:
@@ -203,7 +204,7 @@ class AsyncEngine:
         """Stage ``state_dict`` and save it in the background as ``prefix`` (waits for the
         previous save first). Synchronous when the memory budget is exceeded on any rank.
         ``deferrable``: storages (:func:`dist_ckpt.overlap.deferrable`) whose tensors are
-        copied in the background, during the next forward/backward (``async_save="overlap"``)."""
+        copied in the background, during the next forward/backward (overlapped staging)."""
         t0 = time.perf_counter()
         self.drain()
         t1 = time.perf_counter()

@@ -75,7 +75,7 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)  # write / after_commit / agree seconds
     in_process: bool = False  # written by the writer process (else in this process, on the background group)
     fence: Fence | None = None  # rank 0: the run lock, checked right before COMMITTED (also in the writer process)
-    copy: OverlapCopy | None = None  # async_save="overlap": the deferred part of the staging copy
+    copy: OverlapCopy | None = None  # overlapped staging: the deferred part of the staging copy
     result: Any = None  # rank 0: what hooks.after_commit returned (consumed by hooks.on_consumed)
 
     @property
@@ -91,7 +91,7 @@ class SubmitTimings:
     wait_previous_s: float  # waiting for the previous save
     stage_s: float  # the staging copy (the part of it not deferred)
     bytes: int
-    deferred_bytes: int  # async_save="overlap": copied in the background
+    deferred_bytes: int  # overlapped staging: copied in the background
 
 
 class SaveObserver(Protocol):

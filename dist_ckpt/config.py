@@ -61,10 +61,20 @@ class ManagerConfig:
     copy, in the background for async saves."""
 
     async_save: bool | str = False
-    """Return from ``save()`` once tensors are staged; write and commit in the background.
-    ``"overlap"``: return before parameters and optimizer state are copied (the copy runs
-    during the next forward/backward; the tracked optimizers' ``step()`` waits for it; a
-    tensor changed in place before it is copied fails the save, :class:`SnapshotInconsistent`)."""
+    """Write and commit in the background; ``save()`` returns once the state is staged.
+    ``True``: overlapped staging where a tracked optimizer guards it — buffers, RNG and
+    non-tensor values are copied inside ``save()``; the parameters in a tracked optimizer's param
+    groups and its state are copied in the background during the next forward/backward, and that
+    optimizer's ``step()`` waits for the copy if it is not done (everything else, e.g. a model no
+    tracked optimizer updates, is copied inside ``save()``). A tracked tensor changed in place
+    before the copy is joined fails that save, :class:`SnapshotInconsistent` (never a torn
+    snapshot; see :mod:`dist_ckpt.overlap` for what the check can miss). The write starts once
+    the copy is joined: at that step, ``wait_staged()``, ``wait()``, the next ``save()`` or
+    ``close()`` (call ``wait_staged()`` after a save followed by a long pause without optimizer
+    steps, e.g. an evaluation, to have it committed meanwhile). ``"staged"``: the whole
+    copy inside ``save()`` (for loops that change parameters in place outside
+    ``optimizer.step()``). ``"overlap"``: like True, and every tracked model's parameters are
+    deferred too (frozen weights included: only for loops where nothing else writes them)."""
 
     async_mode: str = "thread"
     """Background worker: ``"thread"`` or ``"process"``."""
@@ -171,8 +181,8 @@ class ManagerConfig:
         if self.incremental and self.local_root is not None:
             # a promotion copies a step's own files; references into older local steps are not promoted yet
             raise ConfigError("incremental=True with local_root: not supported together yet; choose one of them")
-        if not (isinstance(self.async_save, bool) or self.async_save == "overlap"):
-            raise ConfigError(f"async_save={self.async_save!r}: expected True, False or 'overlap'")
+        if not (isinstance(self.async_save, bool) or self.async_save in ("staged", "overlap")):
+            raise ConfigError(f"async_save={self.async_save!r}: expected True, False, 'staged' or 'overlap'")
         for name in (
             "strict_config",
             "save_on_sigterm",

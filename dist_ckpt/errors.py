@@ -57,8 +57,8 @@ class CheckpointArgsError(ConfigError):
 
 
 class SnapshotInconsistent(CheckpointError):
-    """A tensor of an overlapped save (``async_save="overlap"``) changed in place before the
-    staging copy had it; the save is not committed (never a torn snapshot)."""
+    """A tensor of an overlapped save (``async_save=True`` or ``"overlap"``) changed in place
+    before the staging copy had it; the save is not committed (never a torn snapshot)."""
 
 
 def error_class(type_name: str) -> type[CheckpointError] | None:

@@ -281,7 +281,7 @@ class CheckpointManager(ManagerKeywords):
             self._tiers.wait_persisted()
 
     def wait_staged(self) -> None:
-        """``async_save="overlap"``: block until the in-flight save's staging copy is done (the
+        """Overlapped staging (``async_save=True``): block until the in-flight save's staging copy is done (the
         tracked optimizers' ``step()`` does this itself). Call it before changing parameters
         or optimizer state in place anywhere else; a no-op otherwise."""
         self._check_open()

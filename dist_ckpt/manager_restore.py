@@ -157,6 +157,8 @@ def load_model_weights(
     mgr: RestoringParts, module: nn.Module, which: Any, name: str | None, strict: bool
 ) -> LoadedWeights:
     """See :meth:`CheckpointManager.load_weights`."""
+    if mgr._engine is not None:  # the module may be tracked: its overlapped copy first
+        mgr._engine.join_copy()
     target = _target(mgr, which)
     if target is None:
         raise CheckpointNotFound(f"{mgr.root}: no committed checkpoint to load weights from")

@@ -91,9 +91,7 @@ def save_step(
         )
     if mgr._engine is not None and mgr.config.async_save:
         # returns once the tensors are staged; write, commit and the hooks run in the background
-        deferrable = (
-            overlap.prepare(state, mgr._engine.join_copy) if mgr.config.async_save == "overlap" else frozenset()
-        )
+        deferrable = overlap.prepare(state, mgr._engine.join_copy, mgr.config.async_save)
         mgr._engine.submit(step, prefix, sd, commit_info, hooks, fence, deferrable, spread)
         mgr._progress = progress
         return True

@@ -1,5 +1,6 @@
-"""Overlapped staging (``async_save="overlap"``): the staging copy runs during the next
-forward/backward instead of inside ``save()``.
+"""Overlapped staging (``async_save=True``, the default for async saves, and
+``async_save="overlap"``): the staging copy runs during the next forward/backward instead of
+inside ``save()``. ``async_save="staged"`` keeps the whole copy inside ``save()``.
 
 A training step does not modify its parameters or its optimizer state until
 ``optimizer.step()``. So ``save()`` copies only what may change before then — buffers
@@ -22,13 +23,27 @@ copy nor copying again could give one consistent state. A change after the copy 
 but before the join also fails the save (the counter cannot tell when it happened): the
 check errs on the side of no torn snapshot.
 
-Not seen by the version counter (so not covered; use ``async_save=True`` for such loops):
-in-place writes through ``param.data`` (a tensor with a counter of its own), writes by other
-processes or through raw pointers (custom kernels, NCCL into a parameter's storage).
+What is deferred (:func:`prepare`). ``"overlap"``: every tracked model's parameters and every
+tracked optimizer's state. ``True`` defers only what a step pre-hook guards: the parameters in
+the param groups of a tracked optimizer whose ``step()`` runs the hooks (the class's ``step``
+is wrapped by ``torch.optim.Optimizer``; a wrapper that never calls it gets no join) and those
+optimizers' state. A model nothing optimizes (an EMA copy, frozen weights, a model tracked
+without its optimizer) is copied inside ``save()``: nothing would join its copy before it
+changes. With no such optimizer at all the save is simply staged (logged once, at debug).
+
+Writes the version counter cannot see — through ``param.data`` (a tensor with a counter of its
+own), through raw pointers (custom kernels, NCCL into a parameter's storage) — are caught where
+they touch much of a tensor: the join also compares a sample of every deferred tensor (one
+element per 4 KiB, and the last: :mod:`dist_ckpt.overlap_samples`), taken at ``save()``, byte
+for byte with the live tensor and with its staged copy. A write that changes only
+a few elements (a clamp of outliers, an in-place update of some rows) can slip between the
+samples: loops that write tracked parameters that way between ``save()`` and the next
+``optimizer.step()`` must call ``mgr.wait_staged()`` first or use ``async_save="staged"``.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -38,7 +53,11 @@ from typing import Any
 
 import torch
 
+from dist_ckpt.overlap_samples import Samples
+
 CHUNK_BYTES = 16 << 20  # copies run in pieces so a test (or a profiler) can act between them
+
+log = logging.getLogger(__name__)
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -73,12 +92,51 @@ def hook_optimizers(optimizers: Iterable[torch.optim.Optimizer], join: Callable[
         _HOOKED[opt] = opt.register_step_pre_hook(lambda _opt, _args, _kwargs, _join=join: _join())
 
 
-def prepare(state: Any, join: Callable[[], None]) -> frozenset[int]:
-    """For one overlapped save of ``state`` (a TrainingState): hook its optimizers and return
-    the storages whose copy may be deferred."""
+def runs_step_hooks(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt.step()`` runs its step pre-hooks: ``torch.optim.Optimizer.__init__`` wraps
+    the class's ``step`` (and marks it ``hooked``); a subclass that skips it does not."""
+    return bool(getattr(type(opt).step, "hooked", False))
+
+
+def guarded(optimizers: Iterable[torch.optim.Optimizer]) -> frozenset[int]:
+    """Storage addresses of what a step pre-hook of these optimizers guards: the parameters of
+    their param groups and their per-parameter state (nothing else in a training step changes
+    them; ``optimizer.step()`` joins the copy before it does)."""
+    keys: set[int] = set()
+    for opt in optimizers:
+        for group in opt.param_groups:
+            keys.update(storage_key(p) for p in group["params"])
+        for per_param in opt.state.values():
+            keys.update(storage_key(v) for v in per_param.values() if isinstance(v, torch.Tensor))
+    keys.discard(0)
+    return frozenset(keys)
+
+
+_STAGED_LOGGED: set[str] = set()
+
+
+def prepare(state: Any, join: Callable[[], None], mode: bool | str) -> frozenset[int]:
+    """For one async save of ``state`` (a TrainingState) with ``async_save=mode``: hook its
+    optimizers and return the storages whose copy may be deferred (empty: staged in save())."""
+    if mode not in (True, "overlap"):
+        return frozenset()
     optimizers = [obj for name, obj in state.objects.items() if state.kinds[name] == "optimizer"]
-    hook_optimizers(optimizers, join)
-    return deferrable(state.models.values(), optimizers)
+    if mode == "overlap":
+        hook_optimizers(optimizers, join)
+        return deferrable(state.models.values(), optimizers)
+    hooked = [opt for opt in optimizers if runs_step_hooks(opt)]
+    hook_optimizers(hooked, join)
+    keys = guarded(hooked)
+    if not keys:
+        why = "unhooked optimizer" if optimizers else "no optimizer"
+        if why not in _STAGED_LOGGED:
+            _STAGED_LOGGED.add(why)
+            log.debug(
+                "async_save=True: %s: staged inside save() (overlapped staging needs a tracked "
+                "torch.optim.Optimizer whose step() runs its hooks, to join the copy before it changes anything)",
+                "no tracked optimizer" if not optimizers else "no tracked optimizer's step() runs step hooks",
+            )
+    return keys
 
 
 @dataclass(frozen=True)
@@ -103,6 +161,7 @@ class OverlapCopy:
     def __init__(self, step: int, sources: dict[str, torch.Tensor], views: dict[str, torch.Tensor]):
         self.step = step
         self.items = tuple(_Item(fqn, src, views[fqn], src._version) for fqn, src in sources.items())
+        self._at_save = Samples([i.src for i in self.items])  # for writes no version counter counts
         self.nbytes = sum(i.src.numel() * i.src.element_size() for i in self.items)
         # CUDA: the copies must follow whatever the training stream queued before save()
         self._events = {}
@@ -172,6 +231,12 @@ class OverlapCopy:
             self._copied.wait()
             self.waited_s = time.perf_counter() - t0
             late = [i.fqn for i in self.items if i.src._version != i.version and i.fqn not in self._changed]
+            if self._error is None:  # writes no version counter saw (param.data, raw pointers)
+                groups = self._at_save.groups
+                now = Samples([i.src for i in self.items], groups)
+                copied = Samples([i.dst for i in self.items], groups)
+                unseen = sorted(set(self._at_save.differing(now)) | set(self._at_save.differing(copied)))
+                late += [f for f in (self.items[j].fqn for j in unseen) if f not in self._changed and f not in late]
             self._changed.extend(late)
             self._joined.set()
 
@@ -190,8 +255,9 @@ class OverlapCopy:
         return (
             "SnapshotInconsistent",
             f"step {self.step}: {len(self._changed)} tracked tensor(s) changed in place between save() and the "
-            f"next optimizer step, before the overlapped staging copy had them: {names}. With "
-            "async_save='overlap', parameters and optimizer state may change only in optimizer.step() until the "
-            "copy is joined; nothing of this step was committed. Call mgr.wait_staged() before changing them "
-            "elsewhere, or use async_save=True (the copy is taken inside save()).",
+            f"next optimizer step, before the overlapped staging copy had them: {names}. With overlapped "
+            "staging (async_save=True or 'overlap'), parameters and optimizer state may change only in "
+            "optimizer.step() until the copy is joined; nothing of this step was committed. Call "
+            "mgr.wait_staged() before changing them elsewhere, or use async_save='staged' (the copy is taken "
+            "inside save()).",
         )

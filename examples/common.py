@@ -42,7 +42,12 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
         "--final-out", default=None, help="write final full parameters and optimizer state (safetensors, rank 0)"
     )
     p.add_argument("--loaded-out", default=None, help="write the state right after resuming (safetensors, rank 0)")
-    p.add_argument("--async", dest="async_save", action="store_true", help="save in the background (async_save=True)")
+    p.add_argument(
+        "--async",
+        dest="async_save",
+        action="store_true",
+        help="save in the background (async_save=True: overlapped staging where safe)",
+    )
     p.add_argument("--overlap", action="store_true", help="async save with overlapped staging (async_save='overlap')")
     p.add_argument("--async-mode", default="thread", choices=["thread", "process"], help="background worker of --async")
     p.add_argument("--save-on-sigterm", action="store_true", help="on SIGTERM: save the current step and exit with 143")

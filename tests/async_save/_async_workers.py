@@ -78,7 +78,9 @@ def failure_and_preemption(rank: int, world: int, root: str, kind: str, mode: st
     True on both; the final save commits; close() leaves no child or /dev/shm segment."""
     me, shm_before, kids_before = os.getpid(), shm_entries(), set(children_of(os.getpid()))
     backend = shard_faults(root, fail_at=3 if rank == 1 else None)
-    mgr = CheckpointManager(root, backend=backend, async_save=True, async_mode=mode, save_on_sigterm=True)
+    # "staged": parameters are changed in place right after save() (overlapped staging, the
+    # default, fails such a save instead: test_overlap_default.py)
+    mgr = CheckpointManager(root, backend=backend, async_save="staged", async_mode=mode, save_on_sigterm=True)
     writer_pid = mgr._engine.process.pid if mode == "process" else None
     model = _model(kind, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -197,5 +197,5 @@ def test_exact_resume_with_overlap(tmp_path: Path) -> None:
 def test_async_save_option_is_checked() -> None:
     from dist_ckpt.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="async_save='overlapped': expected True, False or 'overlap'"):
+    with pytest.raises(ConfigError, match="async_save='overlapped': expected True, False, 'staged' or 'overlap'"):
         CheckpointManager("/nonexistent/never-created", async_save="overlapped")

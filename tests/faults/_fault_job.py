@@ -44,10 +44,18 @@ def main() -> tuple[object, int]:
     p.add_argument("--keep-last", type=int, default=None)
     p.add_argument("--hold", type=float, default=0.0, help="seconds to sleep after each save (holding the run lock)")
     p.add_argument("--resume", action="store_true", help="restore('last') first and continue from there")
-    p.add_argument("--async-save", action="store_true")
+    p.add_argument(
+        "--async-save",
+        nargs="?",
+        const="true",
+        default="false",
+        choices=["true", "false", "staged", "overlap"],
+        help="async_save: bare or 'true' is True; 'staged' or 'overlap' that value",
+    )
     p.add_argument("--async-mode", default="thread")
     p.add_argument("--save-on-sigterm", action="store_true", help="save the current step and exit 143 on SIGTERM")
     args = p.parse_args()
+    async_save = {"true": True, "false": False}.get(args.async_save, args.async_save)
 
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
@@ -64,7 +72,7 @@ def main() -> tuple[object, int]:
         best=BEST,
         compression=args.compression,
         keep_last=args.keep_last,
-        async_save=args.async_save,
+        async_save=async_save,
         async_mode=args.async_mode,
         save_on_sigterm=args.save_on_sigterm,
     )
@@ -88,7 +96,7 @@ def main() -> tuple[object, int]:
             mark_returned(refs, pending)
         pending = None
         if saved and rank == 0:
-            if args.async_save:
+            if async_save:
                 pending = step
             else:
                 mark_returned(refs, step)

@@ -99,6 +99,9 @@ def test_background_writer_process_dies(tmp_path: Path, how: str) -> None:
     job = LocalJob(root, refs, backend=backend, async_save=True, async_mode="process")
     assert job.save(1) and job.save(2) and job.save(3)
     worker = job.mgr._engine.process.pid
+    # overlapped staging (the default): step 3's write starts once its copy is joined (by the
+    # next optimizer step, or here, with no step in between)
+    job.mgr.wait_staged()
     if how == "SIGKILL-from-outside":
         wait_for(lambda: _part_file(Path(root), 3), 60, "the writer process to write step 3")
         os.kill(worker, signal.SIGKILL)

@@ -2,6 +2,12 @@
 
 Not in the default run: ``make soak`` (``pytest -m soak tests/faults``). ``SOAK_CYCLES`` and
 ``SOAK_SEED`` override the cycle count and the random seed (printed, to replay a failure).
+``SOAK_ASYNC`` picks the save mode: unset or ``off`` synchronous saves; ``overlap``, ``staged``
+or ``true`` that ``async_save`` value (``make soak-overlap``). With an async mode each save's
+outcome is settled one training step later: the next ``train_step`` runs (its forward/backward
+while the overlapped staging copy runs, its ``optimizer.step()`` joining that copy) with the
+save's faults still armed, then ``mgr.wait()`` raises the save's failure — or returns, and only
+then is the save acknowledged. The child jobs of the real kills save with the same mode.
 
 One training job in this process (the faulty backend wrapper around a local run root, with
 retention ``keep_last=3`` and a best pointer) saves a new step every cycle while a random fault
@@ -31,12 +37,13 @@ from safetensors.torch import load_file
 from support.faulty_backend import FaultyBackend, Rule, SimulatedCrash
 
 from dist_ckpt import CheckpointManager
+from dist_ckpt.async_job import NoObserver, SubmitTimings
 from dist_ckpt.errors import CheckpointError
 from dist_ckpt.run_store import RunStore
 from dist_ckpt.verify import verify_run
 from storage_backends.local import LocalBackend
 
-pytestmark = [pytest.mark.soak, pytest.mark.timeout(3600), *QUIET]
+pytestmark = [pytest.mark.timeout(3600), *QUIET]
 KEEP_LAST = 3
 
 
@@ -71,9 +78,33 @@ REAL_KILL_POINTS = [
 ]
 
 
+_ASYNC_MODES: dict[str, bool | str] = {"off": False, "": False, "true": True, "staged": "staged", "overlap": "overlap"}
+
+
+def soak_async_mode() -> bool | str:
+    """``SOAK_ASYNC`` as an ``async_save`` value (a clear error for anything else)."""
+    raw = os.environ.get("SOAK_ASYNC", "off").strip().lower()
+    if raw not in _ASYNC_MODES:
+        raise pytest.UsageError(f"SOAK_ASYNC={raw!r}: expected one of {sorted(k for k in _ASYNC_MODES if k)}")
+    return _ASYNC_MODES[raw]
+
+
+@pytest.mark.soak
 def test_soak(tmp_path: Path, capsys) -> None:
-    cycles = int(os.environ.get("SOAK_CYCLES", "200"))
     seed = int(os.environ.get("SOAK_SEED", str(int(time.time()))))
+    soak(tmp_path, capsys, int(os.environ.get("SOAK_CYCLES", "200")), seed, soak_async_mode())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_short_soak_with_overlapped_staging(tmp_path: Path, capsys) -> None:
+    """40 cycles (under a minute alone) with ``async_save="overlap"``, in the slow run; the long
+    one is ``make soak-overlap``."""
+    soak(tmp_path, capsys, 40, int(os.environ.get("SOAK_SEED", str(int(time.time())))), "overlap")
+
+
+def soak(tmp_path: Path, capsys, cycles: int, seed: int, mode: bool | str) -> None:
+    child_async = [] if mode is False else ["--async-save", "true" if mode is True else str(mode)]
     rnd = random.Random(seed)
     root, refs_dir = str(tmp_path / "run"), tmp_path / "refs"
     refs: dict[int, dict] = {}  # step -> exact state saved (kept for every attempted step)
@@ -82,12 +113,19 @@ def test_soak(tmp_path: Path, capsys) -> None:
     verified = restarts = real_kills = 0
     model, opt = build()
     started = time.monotonic()
+    deferred: list[int] = []  # async: bytes each save left to the overlapped copy
+
+    class Observer(NoObserver):
+        def submitted(self, timings: SubmitTimings) -> None:
+            deferred.append(timings.deferred_bytes)
 
     def start() -> tuple[FaultyBackend, CheckpointManager, object]:
         nonlocal verified, restarts
         backend = FaultyBackend(LocalBackend(root), armed=True)
-        mgr = CheckpointManager(root, backend=backend, keep_last=KEEP_LAST, best=BEST)
+        mgr = CheckpointManager(root, backend=backend, keep_last=KEEP_LAST, best=BEST, async_save=mode)
         state = mgr.track(model=model, optimizer=opt)
+        if mgr._engine is not None:
+            mgr._engine.observer = Observer()
         info = mgr.restore(state)
         committed = committed_steps(backend.inner)
         assert (info.step if info else None) == (committed[-1] if committed else None), (seed, committed, info)
@@ -97,11 +135,38 @@ def test_soak(tmp_path: Path, capsys) -> None:
         restarts += 1
         return backend, mgr, state
 
+    def outcome(saved_step: int, name: str, call) -> None:
+        """Run ``call`` (a save, or the wait that settles an async one) and judge its outcome
+        against the fault ``name`` armed for ``saved_step``."""
+        nonlocal backend, mgr, state
+        try:
+            call()
+            acknowledged.append(saved_step)
+        except SimulatedCrash:
+            assert backend.dead  # killed outside DCP (manifest update, retention): nothing to check
+        except CheckpointError as e:
+            assert backend.injected, f"seed {seed}: save {saved_step} failed without a fault: {e!r}"
+            if not backend.dead:  # a real error (not the stand-in for a kill) names the run and object
+                assert root in str(e), f"seed {seed}: error does not name the run: {e}"
+        if backend.injected:
+            injected[name] += 1
+        if backend.dead:  # killed: the job restarts from the last committed checkpoint
+            backend, mgr, state = start()
+        elif acknowledged[-1:] == [saved_step] and (previous == "eio-manifest" or saved_step % 10 == 1):
+            # after a successful save the live manager's manifest agrees with the COMMITTED
+            # markers, even when the previous manifest update had failed (no restart needed)
+            problems = verify_run(backend.inner, quick=True).problems
+            assert problems == [], (seed, problems)
+
     backend, mgr, state = start()
     step, previous = 0, "none"
+    pending: tuple[int, str] | None = None  # async: the save not settled yet (its step, its fault)
     for cycle in range(cycles):
         step += 1
         p = f"step_{step:09d}"
+        if cycle % 20 == 19 and pending is not None:  # settled before this job hands the run over
+            outcome(*pending, mgr.wait)
+            previous, pending = pending[1], None
         if cycle % 20 == 19:  # a real kill: a child job resumes the run and dies mid-save
             if cycle % 40 == 19:  # first, while this job holds the run: a second job is refused
                 rc, out = run_job(tmp_path, root, [step], extra=["--resume"], name=f"second{cycle}")
@@ -114,7 +179,7 @@ def test_soak(tmp_path: Path, capsys) -> None:
                 root,
                 [step],
                 faults=[point],
-                extra=["--resume", "--keep-last", str(KEEP_LAST)],
+                extra=["--resume", "--keep-last", str(KEEP_LAST), *child_async],
                 name=f"kill{cycle}",
             )
             # (a retention crash point is only reached when retention has something to delete)
@@ -127,31 +192,29 @@ def test_soak(tmp_path: Path, capsys) -> None:
             backend, mgr, state = start()
             continue
         name = rnd.choice(list(_faults(p)))
-        loss = train_step(model, opt, step)
+        loss = train_step(model, opt, step)  # async: runs while the pending save copies and writes
+        if pending is not None:
+            before = state
+            outcome(*pending, mgr.wait)
+            previous, pending = pending[1], None
+            if state is not before:  # the restore replaced this step's training: train it again
+                loss = train_step(model, opt, step)
         refs[step] = flatten(model, opt)
         backend.clear()
         for rule in _faults(p)[name]:
             backend.add(rule)
-        try:
+        if mode is False:
+            outcome(step, name, lambda: _assert(mgr.save(step, state, metrics={"loss": loss}, force=True)))
+            previous = name
+            continue
+        try:  # returns once staged: the outcome is settled after the next training step
             assert mgr.save(step, state, metrics={"loss": loss}, force=True)
-            acknowledged.append(step)
-        except SimulatedCrash:
-            assert backend.dead  # killed outside DCP (manifest update, retention): nothing to check
-        except CheckpointError as e:
-            assert backend.injected, f"seed {seed}: save {step} failed without a fault: {e!r}"
-            if not backend.dead:  # a real error (not the stand-in for a kill) names the run and object
-                assert root in str(e), f"seed {seed}: error does not name the run: {e}"
-        if backend.injected:
-            injected[name] += 1
-        if backend.dead:  # killed: the job restarts from the last committed checkpoint
-            backend, mgr, state = start()
-        elif acknowledged[-1:] == [step] and (previous == "eio-manifest" or cycle % 10 == 0):
-            # after a successful save the live manager's manifest agrees with the COMMITTED
-            # markers, even when the previous manifest update had failed (no restart needed)
-            problems = verify_run(backend.inner, quick=True).problems
-            assert problems == [], (seed, problems)
-        previous = name
+            pending = (step, name)
+        except CheckpointError as e:  # nothing of a previous save is pending here: this save's own
+            raise AssertionError(f"seed {seed}: async save {step} raised at save(): {e!r}") from e
 
+    if pending is not None:
+        outcome(*pending, mgr.wait)
     mgr.close()
     backend, mgr, state = start()  # the final restart: gc + reconcile
     mgr.close()
@@ -175,9 +238,17 @@ def test_soak(tmp_path: Path, capsys) -> None:
     summary = (
         f"soak: {cycles} cycles, {sum(injected.values())} faults injected ({real_kills} real kills, "
         f"{restarts - 1} restarts), {verified} checkpoints verified, data lost = {len(lost)} "
-        f"[seed {seed}, {time.monotonic() - started:.0f}s]"
+        f"[async_save={mode!r}, seed {seed}, {time.monotonic() - started:.0f}s]"
     )
+    overlapped = sum(1 for b in deferred if b)
+    summary += f", {overlapped} of {len(deferred)} staged saves overlapped" if mode is not False else ""
     with capsys.disabled():
         print("\n" + summary)
         print("  faults: " + ", ".join(f"{k}={v}" for k, v in sorted(injected.items())))
     assert not lost, f"acknowledged saves lost: {lost} ({summary})"
+    if mode == "overlap":  # the soak exercised what it names: the copies ran in the background
+        assert overlapped == len(deferred) > 0, summary
+
+
+def _assert(saved: bool) -> None:
+    assert saved

@@ -33,10 +33,6 @@ DIGEST = struct.Struct("<I")
 _MIN_COMPRESS = 64  # smaller streams are stored raw: a zstd frame has ~20 bytes of overhead
 _MIN_GAIN = 64  # keep a zstd frame only if it saves >= 1/64 of the stream: near-random planes
 #                 stored raw decode at memcpy speed
-# A stream of 256 KiB or more is first tried on a sample (four 16 KiB slices spread over it):
-# where zstd gains less than 1/256 on the sample (the near-random mantissa planes of floats),
-# it is stored raw without compressing it whole (~4% of a BF16 chunk's encode).
-_PROBE_FROM, _PROBE_SLICE, _PROBE_GAIN = 256 * 1024, 16 * 1024, 256
 
 _local = threading.local()  # ZstdCompressor/ZstdDecompressor are not thread-safe: one per thread
 
@@ -71,21 +67,12 @@ def corrupt(index: int, what: str) -> CorruptCheckpoint:
 
 def pack_stream(data: np.ndarray, level: int) -> tuple[int, list[bytes | np.ndarray]]:
     """(mode, payload pieces) of one stream: mode 2 where zstd gains, raw otherwise."""
-    if data.size < _MIN_COMPRESS or _hopeless(data, level):
+    if data.size < _MIN_COMPRESS:
         return MODE_RAW, [data]
     frame = _cctx(level).compress(data)
     if DIGEST.size + len(frame) <= data.size - data.size // _MIN_GAIN:
         return MODE_ZSTD_XXH3, [_digest(data), frame]
     return MODE_RAW, [data]
-
-
-def _hopeless(data: np.ndarray, level: int) -> bool:
-    """Whether a large stream's sample shows zstd cannot gain on it (small streams: never)."""
-    if data.size < _PROBE_FROM:
-        return False
-    step = data.size // 4
-    sample = np.concatenate([data[k * step : k * step + _PROBE_SLICE] for k in range(4)])
-    return len(_cctx(level).compress(sample)) > sample.size - sample.size // _PROBE_GAIN
 
 
 def stored_size(data: np.ndarray, level: int) -> int:

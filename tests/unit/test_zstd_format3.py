@@ -167,35 +167,3 @@ def test_odd_lengths_escapes_and_misaligned_buffers_round_trip(
     codec.decode_into([c for c, _ in chunks], [r for _, r in chunks], dtype, out)
     assert bytes(out) == raw
     assert np.array_equal(np.frombuffer(out, np.uint8), np.frombuffer(raw, np.uint8))
-
-
-@pytest.mark.parametrize("kind", ["weights", "small_ints"])
-def test_large_streams_probed_on_a_sample_store_the_same_chunk(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A stream of 256 KiB or more is tried on a sample first: near-random mantissa planes are
-    stored raw without compressing them whole, compressible planes are still compressed, and
-    the chunk is the one the encoder writes without the probe, byte for byte."""
-    from dist_ckpt.format import zstd_stream
-
-    n = 1 << 19
-    gen = torch.Generator().manual_seed(3)
-    if kind == "weights":
-        raw, dtype = tensor_bytes((torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)), "BF16"
-    else:
-        raw, dtype = tensor_bytes(torch.randint(-300, 300, (n,), generator=gen, dtype=torch.int64)), "I64"
-    codec = ZstdCodec(chunk_bytes=1 << 23, threads=1)
-    probed = [c for c, _ in codec.encode(memoryview(raw), dtype)]
-    _, table, _ = split_chunk(probed[0])
-    modes = [mode for mode, _ in table[:-1]]  # the last stream is the (empty) tail
-    if kind == "weights":  # symbols (a frame), escapes, nibbles (n / 2 near-random bytes), quads
-        assert modes == [zch.MODE_ZSTD_XXH3, zch.MODE_ZSTD_XXH3, zch.MODE_RAW, zch.MODE_RAW]
-        assert table[2][1] >= 256 * 1024
-    else:  # 8 byte planes of n bytes: the low one is random, the others compress
-        assert modes == [zch.MODE_RAW] + [zch.MODE_ZSTD_XXH3] * 7
-    calls: list[int] = []
-    real = zstd_stream._hopeless
-    monkeypatch.setattr(zstd_stream, "_hopeless", lambda data, level: calls.append(data.size) or real(data, level))
-    assert [c for c, _ in codec.encode(memoryview(raw), dtype)] == probed
-    assert any(size >= 256 * 1024 for size in calls), "the probe did not run on the large streams"
-    monkeypatch.setattr(zstd_stream, "_hopeless", lambda data, level: False)
-    assert [c for c, _ in codec.encode(memoryview(raw), dtype)] == probed
-    assert _decode(probed, [len(raw)], dtype) == raw

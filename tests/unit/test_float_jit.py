@@ -15,6 +15,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_zstd_codec import TORCH_DTYPES, make_tensor, tensor_bytes
+from zstd_common import as_format_3
 
 from dist_ckpt.errors import CorruptCheckpoint
 from dist_ckpt.format import byte_group as bg
@@ -75,7 +76,7 @@ def test_every_exponent_escaped(dtype: str, n: int) -> None:
     _check_both_layouts(data, itemsize)
 
 
-@pytest.mark.parametrize("n", [2 * 16384, 3 * 16384 + 5 * 64 + 3, 16384 + 64 + 61])
+@pytest.mark.parametrize("n", [2 * 2**18, 3 * 2**18 + 5 * 64 + 3, 2**18 + 64 + 61])
 def test_bf16_merge_over_several_blocks_with_escapes_at_every_edge(n: int) -> None:
     """The BF16 layout-2 merge runs in blocks of MERGE_BLOCK elements and flags the 64-symbol
     groups that hold an escape: escapes (zeros, infinities, NaN, denormals, huge values) at
@@ -135,8 +136,8 @@ def _fixture_raw(dtype: str) -> bytes:
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16", "I64", "U8"])
 def test_format_1_fixtures_still_decode(dtype: str, use_numba: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks committed by the codec of format 1 decode to the values they were made from.
-    Today's encoder writes format 2: for dtypes whose transform did not change, the same bytes
-    but the version byte (and so the checksum); BF16/F32 chunks use layout 2 and are smaller."""
+    Today's encoder writes format 3: for dtypes whose transform did not change, the same streams
+    with format 3's checks (``as_format_3``); BF16/F32 chunks use layout 2 and are smaller."""
     monkeypatch.setattr(float_jit, "AVAILABLE", use_numba)
     raw_lens = json.loads((FIXTURES / "index.json").read_text())[dtype]
     stored = [(FIXTURES / f"{dtype}.{i}.chunk").read_bytes() for i in range(len(raw_lens))]
@@ -147,13 +148,12 @@ def test_format_1_fixtures_still_decode(dtype: str, use_numba: bool, monkeypatch
     codec.decode_into(stored, raw_lens, dtype, memoryview(out))
     assert bytes(out) == raw
     new = [c for c, _ in codec.encode(memoryview(raw), dtype)]
-    assert all(c[0] == zch.FORMAT_VERSION == 2 for c in new)
+    assert all(c[0] == zch.FORMAT_VERSION == 3 for c in new)
     if dtype in ("F32", "BF16"):
         assert all(c[1] in (zch.T_SPLIT, zch.T_SPLIT6) for c in new) and all(c[1] == zch.T_SPLIT for c in stored)
         assert sum(map(len, new)) <= sum(map(len, stored))
     else:
-        relabelled = [b"\x02" + c[1:-8] for c in stored]
-        assert new == [c + struct.pack("<Q", xxhash.xxh3_64_intdigest(c)) for c in relabelled]
+        assert new == [as_format_3(c) for c in stored]
 
 
 def _with_header(stored: bytes, version: int, transform: int) -> bytes:
@@ -162,7 +162,7 @@ def _with_header(stored: bytes, version: int, transform: int) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("version", "transform"), [(3, zch.T_SPLIT6), (0, zch.T_SPLIT6), (1, zch.T_SPLIT6), (2, zch.T_ROT_GROUP)]
+    ("version", "transform"), [(4, zch.T_SPLIT6), (0, zch.T_SPLIT6), (1, zch.T_SPLIT6), (3, zch.T_ROT_GROUP)]
 )
 def test_unknown_version_or_a_transform_of_the_other_version_is_refused(version: int, transform: int) -> None:
     raw = tensor_bytes(make_tensor("BF16", 300, 5, "normal"))
@@ -258,7 +258,7 @@ def test_each_chunk_takes_the_smaller_float_layout(
             for layout in (zch.T_SPLIT, zch.T_SPLIT6):
                 patch.setattr(zch, "_choose_split", lambda *args, layout=layout: layout)
                 ((forced[layout], _),) = list(codec.encode(memoryview(raw), dtype))
-                assert forced[layout][:2] == bytes([2, layout])
+                assert forced[layout][:2] == bytes([zch.FORMAT_VERSION, layout])
                 assert codec.decode_chunk(forced[layout], raw_len, dtype) == raw
         if part.numel() < 4096:
             assert chosen == forced[zch.T_SPLIT]

@@ -227,7 +227,7 @@ def test_corrupt_zstd_frame_is_caught_even_with_a_valid_trailer() -> None:
     stored, raw_len = chunks[0]
     head = struct.unpack_from("<BBBBIH", stored)
     table_end = zch.HEAD.size + head[3] * zch.STREAM.size
-    assert struct.unpack_from("<B", stored, zch.HEAD.size)[0] == zch.MODE_ZSTD  # stream 0 is a frame
+    assert struct.unpack_from("<B", stored, zch.HEAD.size)[0] == zch.MODE_ZSTD_XXH3  # stream 0 is a frame
     bad = bytearray(stored[:-8])
     bad[table_end + 20] ^= 0xFF  # inside stream 0's compressed data
     bad += struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(bad)))  # recompute the chunk checksum

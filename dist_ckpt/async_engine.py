@@ -13,9 +13,8 @@ foreground consumes (:meth:`drain`: it raises the failure, or hands the result t
 ``observer`` (:class:`dist_ckpt.async_job.SaveObserver`).
 
 With overlapped staging (``async_save=True`` or ``"overlap"``) the parameters and optimizer
-state are left out of that copy:
-the worker copies them during the next forward/backward and the tracked optimizers' step
-pre-hook joins it (:mod:`dist_ckpt.overlap`).
+state are left out of that copy: the worker copies them during the next forward/backward and
+the tracked optimizers' step pre-hook joins it (:mod:`dist_ckpt.overlap`).
 
 Worker: a thread (default), or with ``async_mode="process"`` a process started once per
 manager (:mod:`dist_ckpt.async_process`) that maps the staging buffer (shared memory, sent

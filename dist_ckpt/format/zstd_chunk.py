@@ -52,6 +52,7 @@ from contextlib import contextmanager
 import numpy as np
 import xxhash
 
+from dist_ckpt.errors import IncompatibleCheckpoint
 from dist_ckpt.format import byte_group as bg
 from dist_ckpt.format import dtypes as dt
 from dist_ckpt.format import float_jit
@@ -258,6 +259,11 @@ def _decode_chunk_into(
         what = f"checksum mismatch (expected xxh3_64 {want:016x}, found {found:016x}), truncated or altered"
         raise corrupt(index, what)
     version, t, isz, nstreams, hdr_raw, base = HEAD.unpack(body[: HEAD.size])
+    if version > max(READABLE_VERSIONS):  # a newer writer, not damage: say what to do
+        raise IncompatibleCheckpoint(
+            f"chunk {index}: zstd chunk format version {version}; this build of dist_ckpt reads versions "
+            f"{READABLE_VERSIONS}: the checkpoint was written by a newer dist_ckpt, upgrade to read it"
+        )
     if version not in READABLE_VERSIONS:
         raise corrupt(index, f"format version {version}, this build reads versions {READABLE_VERSIONS}")
     transform, itemsize = transform_of(dtype, version)

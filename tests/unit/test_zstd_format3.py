@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from test_zstd_codec import make_tensor, tensor_bytes
 from zstd_common import as_format_3, join_chunk, split_chunk
 
-from dist_ckpt.errors import CorruptCheckpoint
+from dist_ckpt.errors import CorruptCheckpoint, IncompatibleCheckpoint
 from dist_ckpt.format import float_jit
 from dist_ckpt.format import zstd_chunk as zch
 from dist_ckpt.format.zstd_codec import ZstdCodec
@@ -136,6 +136,18 @@ def test_a_mode_2_frame_in_a_format_2_chunk_is_refused(dtype: str) -> None:
     head, table, payloads = split_chunk(stored[0])
     with pytest.raises(CorruptCheckpoint, match=r"chunk 0: stream \d+ has mode 2"):
         ZstdCodec(threads=1).decode_chunk(join_chunk(bytes([2]) + head[1:], table, payloads), raw_lens[0], dtype)
+
+
+def test_a_chunk_of_a_newer_format_asks_for_an_upgrade_and_version_0_is_corruption() -> None:
+    """A format this build does not know yet was written by a newer dist_ckpt: the error says
+    so (not "damaged"); a version below every format is damage."""
+    stored, raw_lens = _stored(3, "BF16")
+    head, table, payloads = split_chunk(stored[0])
+    newer = join_chunk(bytes([max(zch.READABLE_VERSIONS) + 1]) + head[1:], table, payloads)
+    with pytest.raises(IncompatibleCheckpoint, match=r"chunk 0: zstd chunk format version \d+.*newer dist_ckpt"):
+        ZstdCodec(threads=1).decode_chunk(newer, raw_lens[0], "BF16")
+    with pytest.raises(CorruptCheckpoint, match=r"chunk 0: format version 0"):
+        ZstdCodec(threads=1).decode_chunk(join_chunk(bytes([0]) + head[1:], table, payloads), raw_lens[0], "BF16")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

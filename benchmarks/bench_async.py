@@ -100,6 +100,8 @@ def _summary(rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
         out["stall_s_loop_idle"] = worst("stall_s_loop_idle")
     if ranks[0].get("background_s_loop_idle"):
         out["background_s_loop_idle"] = worst("background_s_loop_idle", skip_first=False)
+    if ranks[0].get("call_to_commit_s_loop_idle"):
+        out["call_to_commit_s_loop_idle"] = worst("call_to_commit_s_loop_idle", skip_first=False)
     for key in ("background_parts", "background_parts_loop_idle"):
         if ranks[0].get(key):  # write_s: until COMMITTED is published; then the manifest, retention, the exchange
             parts = [p for rr in rounds for p in rr[0][key][1:]]
@@ -220,6 +222,9 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
             "background_over_raw_write_fsync": bg_idle / raw if raw else None,
             "target_background_over_raw_write_fsync": 1.3,
             "background_over_raw_write_fsync_while_training": bg / raw if raw else None,
+            "call_to_commit_over_raw_write_fsync": (
+                med(mode, "call_to_commit_s_loop_idle") / raw if raw and med(mode, "call_to_commit_s_loop_idle") else None
+            ),
             "stall_over_dcp_async_cached_stager_stall": stall / dcp_cached if dcp_cached else None,
             "peak_rss_mb_over_baseline": r[mode]["peak_rss_mb_over_baseline"],
             "rss_budget_mb_model_plus_staging_plus_10pct": rss_budget,

@@ -187,9 +187,7 @@ def launch(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any
     shutil.rmtree(workdir, ignore_errors=True)
     results: dict[str, Any] = {m: {"error": e} for m, e in failures.items()}
     results.update({m: _summary(rounds) for m, rounds in per_method.items() if rounds and m not in failures})
-    return results, [{"round": i, "targets": targets(rs)} for i, rs in enumerate(round_summaries)] + [
-        {"load": load}
-    ]
+    return results, [{"round": i, "targets": targets(rs)} for i, rs in enumerate(round_summaries)] + [{"load": load}]
 
 
 def per_round(rounds: list[dict[str, Any]], mode: str, key: str) -> dict[str, Any] | None:
@@ -223,7 +221,9 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
             "target_background_over_raw_write_fsync": 1.3,
             "background_over_raw_write_fsync_while_training": bg / raw if raw else None,
             "call_to_commit_over_raw_write_fsync": (
-                med(mode, "call_to_commit_s_loop_idle") / raw if raw and med(mode, "call_to_commit_s_loop_idle") else None
+                med(mode, "call_to_commit_s_loop_idle") / raw
+                if raw and med(mode, "call_to_commit_s_loop_idle")
+                else None
             ),
             "stall_over_dcp_async_cached_stager_stall": stall / dcp_cached if dcp_cached else None,
             "peak_rss_mb_over_baseline": r[mode]["peak_rss_mb_over_baseline"],
@@ -250,7 +250,11 @@ def main() -> None:
     load_before = os.getloadavg()
     results, rounds = launch(args)
     ratios = {
-        mode: {key: per_round(rounds, mode, key) for key in targets(results).get(mode, {}) if "_over_" in key and not key.startswith("target")}
+        mode: {
+            key: per_round(rounds, mode, key)
+            for key in targets(results).get(mode, {})
+            if "_over_" in key and not key.startswith("target")
+        }
         for mode in targets(results)
     }
     doc = {

@@ -48,7 +48,9 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(rank)
-    sys.path.insert(0, str(ROOT))
+    # BENCH_DIST_CKPT_TREE: another checkout's package (bench_async.py --baseline-tree), measured
+    # side by side with this one's
+    sys.path.insert(0, os.environ.get("BENCH_DIST_CKPT_TREE", str(ROOT)))
     import torch.distributed.checkpoint  # noqa: F401  (imports count in the baseline, not in the peak)
 
     import dist_ckpt  # noqa: F401
@@ -136,7 +138,23 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
             dist.barrier()
             path.unlink()
     elif method.startswith("ours"):
+        import gc
+        import threading
+
         from dist_ckpt import CheckpointManager
+
+        gc_pauses = {"s": 0.0, "t": 0.0}
+        main = threading.get_ident()
+
+        def gc_timer(phase: str, info: dict[str, Any]) -> None:  # collections in this thread only
+            if threading.get_ident() != main:
+                return
+            if phase == "start":
+                gc_pauses["t"] = time.perf_counter()
+            else:
+                gc_pauses["s"] += time.perf_counter() - gc_pauses["t"]
+
+        gc.callbacks.append(gc_timer)
 
         mode = method.split("_", 1)[1]
         mgr = CheckpointManager(str(root), async_save=True, async_mode=mode, keep_last=2)
@@ -148,8 +166,10 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
             mutate()
             dist.barrier()
             t = time.perf_counter()
+            gc_pauses["s"] = 0.0
             mgr.save(i, state, force=True)
             result["stall_s"].append(time.perf_counter() - t)
+            result.setdefault("gc_s_in_save", []).append(gc_pauses["s"])
             result["submit_breakdown"].append(observer.last_submit)
             job = engine._job
             during(job.done.is_set)
@@ -159,10 +179,16 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
         for i in range(saves, 2 * saves):  # the same, the loop idle meanwhile
             mutate()
             dist.barrier()
+            t, called = time.perf_counter(), time.monotonic()  # Job.finished is time.monotonic()
             mgr.save(i, state, force=True)
+            result.setdefault("stall_s_loop_idle", []).append(time.perf_counter() - t)
+            result.setdefault("submit_breakdown_loop_idle", []).append(observer.last_submit)
             job = engine._job
             mgr.wait()
             result.setdefault("background_s_loop_idle", []).append(job.finished - job.submitted)
+            # from the save() call: a rank that no longer waits for the others in save() (rank 0,
+            # the decision send) starts its job earlier and waits in the job's first collective
+            result.setdefault("call_to_commit_s_loop_idle", []).append(job.finished - called)
             result.setdefault("background_parts_loop_idle", []).append(job.timings)
         result["staging_mb"] = engine.stager.nbytes / 2**20
         result["staging_allocations"] = engine.stager.allocations

@@ -6,6 +6,15 @@ and every rank must learn the decision. ``broadcast_object_list`` would take two
 (sizes, then a pickle); here the decision travels as JSON in one broadcast of a fixed
 :data:`CAPACITY`-byte tensor. Only a decision that does not fit (hundreds of metrics) or an
 error on rank 0 takes a second, ``broadcast_object_list`` round (the manager's ``agree``).
+
+Rank 0 does not wait for that broadcast (CPU/gloo groups): it already holds the decision, and
+gloo's send completes only once every other rank has reached its own ``save()`` — under load,
+a late rank's scheduling delay, which the training loop of rank 0 would stall for on every
+call. Rank 0 posts the send and goes on (staging its tensors meanwhile); the send is waited
+for at the next decision on the same group and by :func:`settle_sends` (the manager's
+``close()``), so at most one is outstanding. The other ranks still wait for the decision
+before acting on it: no rank ever acts on a decision it has not received, and collectives
+stay in the same order on every rank (gloo matches them by their sequence in the group).
 """
 
 from __future__ import annotations
@@ -22,6 +31,10 @@ import torch.distributed as dist
 from dist_ckpt.progress import Progress
 
 CAPACITY = 1024
+# rank 0's decision sends not yet known to be complete, per group (None: the default group):
+# keyed by the group object's id (the group is held, so its id is never reused meanwhile): the
+# work, the buffer it sends from (which must outlive it) and the group
+_SENDS: dict[int, tuple[Any, torch.Tensor, dist.ProcessGroup]] = {}
 _HEADER = struct.Struct("<BI")  # status, payload length
 _INLINE, _FALLBACK = 1, 2
 
@@ -105,6 +118,13 @@ def share_decision(
             assert payload is not None
             buffer[_HEADER.size : _HEADER.size + len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     device = _device(group)
+    _wait_send(group)  # the previous decision's send (at most one outstanding per group)
+    if rank == 0 and device.type == "cpu" and status_of(buffer) == _INLINE:
+        # rank 0 holds the decision already: post the send and go on (see the module docstring)
+        work = dist.broadcast(buffer, src=src, group=group, async_op=True)
+        resolved = _resolved(group)
+        _SENDS[id(resolved)] = (work, buffer, resolved)
+        return outcome
     if device.type != "cpu":
         buffer = buffer.to(device)
     dist.broadcast(buffer, src=src, group=group)
@@ -119,3 +139,28 @@ def share_decision(
         return outcome
 
     return agree(again if rank == 0 else None)
+
+
+def status_of(buffer: torch.Tensor) -> int:
+    """The status byte rank 0 packed into a decision buffer."""
+    return int(buffer[0])
+
+
+def _resolved(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    from torch.distributed.distributed_c10d import _get_default_group
+
+    return group if group is not None else _get_default_group()
+
+
+def _wait_send(group: dist.ProcessGroup | None) -> None:
+    pending = _SENDS.pop(id(_resolved(group)), None)
+    if pending is not None:
+        pending[0].wait()
+
+
+def settle_sends(group: dist.ProcessGroup | None) -> None:
+    """Wait for rank 0's outstanding decision send on ``group`` (None: the default group), if
+    any: the manager's ``close()`` calls it, so a process group destroyed right after
+    ``close()`` never drops a decision another rank still waits for."""
+    if dist.is_available() and dist.is_initialized():
+        _wait_send(group)

@@ -19,6 +19,7 @@ from dist_ckpt import manifest as mf
 from dist_ckpt.api import release_codec_buffers, resolve_codec
 from dist_ckpt.commit_follow_up import CommitFollowUp, RunPolicy
 from dist_ckpt.config import ManagerConfig
+from dist_ckpt.decision import settle_sends
 from dist_ckpt.errors import (
     CheckpointError,
     ConfigError,
@@ -310,6 +311,8 @@ class CheckpointManager(ManagerKeywords):
         try:
             if self._engine is not None:
                 self._engine.close()  # waits for the in-flight save; raises its failure after cleaning up
+            if self._distributed:
+                settle_sends(self._pg)  # rank 0's last decision send (dist_ckpt.decision)
             if self._tiers is not None and wait_for_upload and not self.config.read_only:
                 self._tiers.wait_persisted()
         finally:

@@ -202,9 +202,11 @@ class LockFile:
                 time.sleep(0.01)
                 continue
             try:
+                # Not fsynced: the exclusion is the atomic O_EXCL create, and the file lives for
+                # the milliseconds of one critical section. After a crash a lock file (with or
+                # without its body) is stale and taken over by its mtime, as an fsynced one
+                # would be; its body only names the holder in messages.
                 os.write(fd, body)
-                if self._root.fsync:
-                    os.fsync(fd)
             finally:
                 os.close(fd)
             return self

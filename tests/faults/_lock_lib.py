@@ -120,10 +120,11 @@ def merged_refs(tmp: Path, sources: dict[int, Path]) -> Path:
 
 def files_under(root: Path) -> dict[str, tuple[int, int]]:
     """Every file below ``root`` but ``LOCK`` (whose heartbeat moves) and the heartbeat's own
-    temporary ``[.]LOCK.part-*`` (written, then renamed over LOCK: it may vanish between the
-    listing and its stat — CI saw that): size and mtime."""
+    transient files: its temporary ``[.]LOCK.part-*`` (written, then renamed over LOCK: it may
+    vanish between the listing and its stat — CI saw that) and ``LOCK.lock``, the lock file of
+    the heartbeat's compare-and-swap (held for the milliseconds of one renewal): size and mtime."""
     return {
         str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
         for p in sorted(root.rglob("*"))
-        if p.name != LOCK and not p.name.lstrip(".").startswith(LOCK + PART_MARK) and p.is_file()
+        if p.name not in (LOCK, f"{LOCK}.lock") and not p.name.lstrip(".").startswith(LOCK + PART_MARK) and p.is_file()
     }

@@ -240,3 +240,34 @@ def test_staging_folder_directory_syncs_are_left_to_publish(be, monkeypatch):
     dir_syncs.clear()
     be.create_if_absent("step_7/extra", b"{}")  # outside staging: synced at once
     assert dir_syncs == ["step_7"]
+
+
+def test_compare_and_swap_syncs_the_new_content_not_its_lock_file(be, monkeypatch):
+    """A compare-and-swap (the manifest, the run lock's heartbeat: three per save on rank 0)
+    makes the new content durable — its data, then its directory after the rename — but not the
+    lock file of its critical section: the exclusion is the O_EXCL create, and a lock file left
+    by a crash is stale by its mtime whatever its body holds (the test below takes one over)."""
+    import storage_backends.local as local
+    import storage_backends.local_io as local_io
+
+    version = be.compare_and_swap("manifest.json", b"v1", None)
+    synced: list[str] = []
+    real_fsync, real_fsync_dir = os.fsync, local_io.fsync_dir
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if not os.path.isdir(path):  # directories are counted by fsync_dir
+            synced.append(os.path.basename(path))
+        real_fsync(fd)
+
+    def fsync_dir(p: str) -> None:
+        synced.append(f"dir:{os.path.relpath(p, be.root)}")
+        real_fsync_dir(p)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for module in (local, local_io):
+        monkeypatch.setattr(module, "fsync_dir", fsync_dir)
+    be.compare_and_swap("manifest.json", b"v2", version)
+    assert be.read("manifest.json") == b"v2"
+    assert len(synced) == 2 and synced[0].startswith(".manifest.json") and synced[1] == "dir:.", synced
+    assert not any(name.endswith(".lock") for name in synced)

@@ -162,8 +162,8 @@ def _with_header(stored: bytes, version: int, transform: int) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("version", "transform"), [(4, zch.T_SPLIT6), (0, zch.T_SPLIT6), (1, zch.T_SPLIT6), (3, zch.T_ROT_GROUP)]
-)
+    ("version", "transform"), [(0, zch.T_SPLIT6), (1, zch.T_SPLIT6), (3, zch.T_ROT_GROUP)]
+)  # a version newer than this build's: test_zstd_format3 (IncompatibleCheckpoint, not damage)
 def test_unknown_version_or_a_transform_of_the_other_version_is_refused(version: int, transform: int) -> None:
     raw = tensor_bytes(make_tensor("BF16", 300, 5, "normal"))
     codec = ZstdCodec(threads=1)

@@ -162,6 +162,8 @@ class OverlapCopy:
         self.step = step
         self.items = tuple(_Item(fqn, src, views[fqn], src._version) for fqn, src in sources.items())
         self._at_save = Samples([i.src for i in self.items])  # for writes no version counter counts
+        self._at_save.queue_to_host()
+        self._at_join: Samples | None = None  # the live tensors' samples, taken by join()
         self.nbytes = sum(i.src.numel() * i.src.element_size() for i in self.items)
         # CUDA: the copies must follow whatever the training stream queued before save()
         self._events = {}
@@ -191,7 +193,19 @@ class OverlapCopy:
             self.copy_s = time.perf_counter() - t0
             self._copied.set()
         self._joined.wait()
+        if self._error is None and self._at_join is not None:
+            self._check_samples(self._at_join)
         return self.verdict()
+
+    def _check_samples(self, at_join: Samples) -> None:
+        """Here, not in join(): on CUDA the samples reach the host only once the training
+        stream's work queued before the join is done, and the training thread must not wait
+        for that. A tensor whose sample changed since ``save()`` (live at the join, or in the
+        copy) was written where no version counter saw it (``param.data``, raw pointers)."""
+        groups = self._at_save.groups
+        copied = Samples([i.dst for i in self.items], groups)
+        unseen = sorted(set(self._at_save.differing(at_join)) | set(self._at_save.differing(copied)))
+        self._changed += [f for f in (self.items[j].fqn for j in unseen) if f not in self._changed]
 
     def _copy_all(self) -> None:
         streams = {d: torch.cuda.Stream(d) for d in self._events}
@@ -231,12 +245,9 @@ class OverlapCopy:
             self._copied.wait()
             self.waited_s = time.perf_counter() - t0
             late = [i.fqn for i in self.items if i.src._version != i.version and i.fqn not in self._changed]
-            if self._error is None:  # writes no version counter saw (param.data, raw pointers)
-                groups = self._at_save.groups
-                now = Samples([i.src for i in self.items], groups)
-                copied = Samples([i.dst for i in self.items], groups)
-                unseen = sorted(set(self._at_save.differing(now)) | set(self._at_save.differing(copied)))
-                late += [f for f in (self.items[j].fqn for j in unseen) if f not in self._changed and f not in late]
+            if self._error is None:  # compared by the worker (run): writes no version counter saw
+                self._at_join = Samples([i.src for i in self.items], self._at_save.groups)
+                self._at_join.queue_to_host()
             self._changed.extend(late)
             self._joined.set()
 

@@ -24,7 +24,8 @@ Methods:
   buffers (the floor of a blocking staging copy);
 * ``ours_blocking``: ``CheckpointManager(async_save="staged")`` (thread worker, local disk,
   fsync; ``async_save=True`` before 2026-11-27, when True meant staged);
-* ``ours_overlap``: ``CheckpointManager(async_save="overlap")``;
+* ``ours_overlap``: ``CheckpointManager(async_save=True)``: overlapped staging, the default
+  since 2026-11-27 (it defers the same tensors as ``"overlap"``, used before, for this model);
 * ``dcp_reused_stager``: ``dcp.async_save`` with one ``DefaultStager(StagingOptions(False,
   False, False, False))`` reused across saves (staging storages reused; the options that
   help on CPU: pinned memory and non-blocking copies are for CUDA, shared memory for the
@@ -129,7 +130,7 @@ def worker(method: str, mb: int, saves: int, workdir: str, out: str) -> None:
     elif method.startswith("ours"):
         from dist_ckpt import CheckpointManager
 
-        mgr = CheckpointManager(str(root), async_save="overlap" if method == "ours_overlap" else "staged", keep_last=2)
+        mgr = CheckpointManager(str(root), async_save=True if method == "ours_overlap" else "staged", keep_last=2)
         state = mgr.track(model=model, optimizer=opt)
         for i in range(saves):
             step()

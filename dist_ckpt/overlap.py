@@ -260,12 +260,14 @@ class OverlapCopy:
             )
         if not self._changed:
             return None
-        names = ", ".join(self._changed[:10]) + (
-            f" (+{len(self._changed) - 10} more)" if len(self._changed) > 10 else ""
-        )
+        # in tracked order, not detection order (worker or join: a race), so the names shown
+        # first do not depend on timing
+        order = {item.fqn: k for k, item in enumerate(self.items)}
+        changed = sorted(set(self._changed), key=order.__getitem__)
+        names = ", ".join(changed[:10]) + (f" (+{len(changed) - 10} more)" if len(changed) > 10 else "")
         return (
             "SnapshotInconsistent",
-            f"step {self.step}: {len(self._changed)} tracked tensor(s) changed in place between save() and the "
+            f"step {self.step}: {len(changed)} tracked tensor(s) changed in place between save() and the "
             f"next optimizer step, before the overlapped staging copy had them: {names}. With overlapped "
             "staging (async_save=True or 'overlap'), parameters and optimizer state may change only in "
             "optimizer.step() until the copy is joined; nothing of this step was committed. Call "

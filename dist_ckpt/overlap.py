@@ -33,9 +33,10 @@ changes. With no such optimizer at all the save is simply staged (logged once, a
 
 Writes the version counter cannot see — through ``param.data`` (a tensor with a counter of its
 own), through raw pointers (custom kernels, NCCL into a parameter's storage) — are caught where
-they touch much of a tensor: the join also compares a sample of every deferred tensor (one
-element per 4 KiB, and the last: :mod:`dist_ckpt.overlap_samples`), taken at ``save()``, byte
-for byte with the live tensor and with its staged copy. A write that changes only
+they touch much of a tensor: a sample of every deferred tensor (one element per 4 KiB, and the
+last: :mod:`dist_ckpt.overlap_samples`), taken at ``save()``, is compared byte for byte with
+the live tensor's sample taken at the join and with its staged copy (by the worker, after the
+join: on CUDA the training thread never waits for the samples). A write that changes only
 a few elements (a clamp of outliers, an in-place update of some rows) can slip between the
 samples: loops that write tracked parameters that way between ``save()`` and the next
 ``optimizer.step()`` must call ``mgr.wait_staged()`` first or use ``async_save="staged"``.
@@ -127,15 +128,14 @@ def prepare(state: Any, join: Callable[[], None], mode: bool | str) -> frozenset
     hooked = [opt for opt in optimizers if runs_step_hooks(opt)]
     hook_optimizers(hooked, join)
     keys = guarded(hooked)
-    if not keys:
-        why = "unhooked optimizer" if optimizers else "no optimizer"
-        if why not in _STAGED_LOGGED:
-            _STAGED_LOGGED.add(why)
-            log.debug(
-                "async_save=True: %s: staged inside save() (overlapped staging needs a tracked "
-                "torch.optim.Optimizer whose step() runs its hooks, to join the copy before it changes anything)",
-                "no tracked optimizer" if not optimizers else "no tracked optimizer's step() runs step hooks",
-            )
+    why = "no tracked optimizer's step() runs step hooks" if optimizers else "no tracked optimizer"
+    if not keys and why not in _STAGED_LOGGED:
+        _STAGED_LOGGED.add(why)
+        log.debug(
+            "async_save=True: %s: staged inside save() (overlapped staging needs a tracked "
+            "torch.optim.Optimizer whose step() runs its hooks, to join the copy before it changes anything)",
+            why,
+        )
     return keys
 
 

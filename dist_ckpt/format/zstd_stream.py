@@ -65,18 +65,24 @@ def corrupt(index: int, what: str) -> CorruptCheckpoint:
 # --- encode -----------------------------------------------------------------------------------
 
 
+def _gaining_frame(data: np.ndarray, level: int) -> bytes | None:
+    """The zstd frame of ``data`` if it is worth storing (with its digest), else None."""
+    if data.size < _MIN_COMPRESS:
+        return None
+    frame = _cctx(level).compress(data)
+    return frame if DIGEST.size + len(frame) <= data.size - data.size // _MIN_GAIN else None
+
+
 def pack_stream(data: np.ndarray, level: int) -> tuple[int, list[bytes | np.ndarray]]:
     """(mode, payload pieces) of one stream: mode 2 where zstd gains, raw otherwise."""
-    if data.size < _MIN_COMPRESS:
-        return MODE_RAW, [data]
-    frame = _cctx(level).compress(data)
-    if DIGEST.size + len(frame) <= data.size - data.size // _MIN_GAIN:
-        return MODE_ZSTD_XXH3, [_digest(data), frame]
-    return MODE_RAW, [data]
+    frame = _gaining_frame(data, level)
+    return (MODE_RAW, [data]) if frame is None else (MODE_ZSTD_XXH3, [_digest(data), frame])
 
 
 def stored_size(data: np.ndarray, level: int) -> int:
-    return sum(len(piece) for piece in pack_stream(data, level)[1])
+    """What :func:`pack_stream` would store (the layout trial: no digest is computed)."""
+    frame = _gaining_frame(data, level)
+    return data.size if frame is None else DIGEST.size + len(frame)
 
 
 # --- decode -----------------------------------------------------------------------------------
